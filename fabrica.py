@@ -1,0 +1,2576 @@
+#!/usr/bin/env python3
+"""Declarative resources and reconciliation in one file: REST API, crash-safe store, events, controllers.
+
+fabrica.py gives a prototype Kubernetes-style resources (a Spec/Status split,
+resourceVersion, conditions) behind a Bottle REST API, keeps them in one
+pretty-printed JSON file per resource (atomic and durable writes), announces
+every change as a CloudEvent on an in-process bus and runs your ``reconcile``
+function in worker threads until each resource's status matches its spec.
+
+Quick example (``examples/quickstart.py`` holds the same code)::
+
+    import fabrica
+
+    app = fabrica.Fabrica(data_dir="./data")
+
+    @app.register("Greeting")
+    def reconcile(ctx, obj):
+        obj.status["message"] = "Hello, " + obj.spec.get("to", "world")
+        obj.set_condition("Ready", True, reason="Greeted")
+
+    if __name__ == "__main__":
+        app.serve(port=8080)
+
+Run it with ``python quickstart.py`` or ``python fabrica.py serve quickstart.py``,
+then ``python fabrica.py greeting create --spec '{"name": "hi", "to": "you"}'``.
+
+License: MIT.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = [
+    "Client",
+    "ConfigurationError",
+    "ConflictError",
+    "Fabrica",
+    "FabricaError",
+    "FileStore",
+    "NotFoundError",
+    "PatchError",
+    "PermanentError",
+    "PreconditionFailedError",
+    "Resource",
+    "Result",
+    "Store",
+    "TemporaryError",
+    "ValidationError",
+    "WorkQueue",
+    "apply_json_patch",
+    "apply_merge_patch",
+]
+
+import argparse
+import collections
+import contextlib
+import copy
+import errno
+import fcntl
+import hmac
+import importlib
+import importlib.util
+import io
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler
+
+import bottle
+
+logger = logging.getLogger("fabrica")
+store_log = logging.getLogger("fabrica.store")
+bus_log = logging.getLogger("fabrica.bus")
+ctl_log = logging.getLogger("fabrica.controller")
+http_log = logging.getLogger("fabrica.http")
+
+###############################################################################
+# Helpers ######################################################################
+###############################################################################
+#
+# Names, times and the strict JSON reader. Every byte that comes from a client
+# goes through read_json(); every name or uid goes through a fullmatch() below
+# before it is used anywhere, a path included.
+
+API_VERSION = "v1"
+SCHEMA_VERSION = "v1"
+MAX_BODY = 1 << 20
+MAX_DEPTH = 64
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
+PREFIX_RE = re.compile(r"[a-z0-9]+")
+KIND_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
+PLURAL_RE = re.compile(r"[a-z][a-z0-9]{0,62}")
+_QUALIFIED_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+RESERVED_PATHS = {"health", "apis", "events", "openapi.json", "docs", "metrics"}
+_UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data", "metadata"}
+
+
+def valid_name(name) -> bool:
+    """True for a Kubernetes DNS-1123 subdomain (also what every uid is)."""
+    return isinstance(name, str) and len(name) <= 253 and NAME_RE.fullmatch(name) is not None
+
+
+def _qualified_name_error(key) -> str | None:
+    """Why ``key`` is not a Kubernetes qualified name (label/annotation key), or None."""
+    if not isinstance(key, str) or not key:
+        return "must be a non-empty string"
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and (not prefix or not valid_name(prefix)):
+        return "prefix must be a DNS-1123 subdomain"
+    if len(name) > 63 or not _QUALIFIED_RE.fullmatch(name):
+        return "name part must be at most 63 alphanumeric characters, '-', '_' or '.', alphanumeric at both ends"
+    return None
+
+
+def pluralize(kind: str) -> str:
+    """``Rack`` -> ``racks``, ``Policy`` -> ``policies``, ``Box`` -> ``boxes``, ``Chassis`` -> ``chassis``."""
+    word = kind.lower()
+    if word in _UNCOUNTABLE:
+        return word
+    if word.endswith("y") and word[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return word[:-1] + "ies"
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    return word + "s"
+
+
+def singularize(plural: str) -> str:
+    """The inverse of pluralize() for the open server: ``widgets`` -> ``Widget``."""
+    word = plural
+    if word in _UNCOUNTABLE:
+        pass
+    elif word.endswith("ies"):
+        word = word[:-3] + "y"
+    elif word.endswith(("sses", "xes", "zes", "ches", "shes")):
+        word = word[:-2]
+    elif word.endswith("s") and not word.endswith("ss"):
+        word = word[:-1]
+    return word[:1].upper() + word[1:]
+
+
+def utcnow() -> str:
+    """The current time as RFC 3339 UTC with microseconds and ``Z``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _utc_seconds() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> float:
+    """Seconds since the epoch for an RFC 3339 UTC time such as utcnow() writes."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows a double")
+    return value
+
+
+def _bounded_int(text):
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"integer {text[:40]} is outside the signed 64-bit range")
+    return value
+
+
+def _unique_pairs(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+_SURROGATE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_float=_finite_float,
+                            parse_int=_bounded_int, parse_constant=_reject_constant)
+
+
+def _check_tree(value, depth=1):
+    """Depth cap and lone surrogates, walked only when the prefilters say it may matter."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            key.encode("utf-8")
+            _check_tree(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_tree(item, depth + 1)
+    elif isinstance(value, str):
+        value.encode("utf-8")
+
+
+def read_json(raw: bytes, *, want_object: bool = True):
+    """Parse a request body strictly; raise BadRequestError for anything that is not plain JSON.
+
+    Rejected: invalid UTF-8, a byte-order mark, syntax errors, NaN/Infinity,
+    duplicate keys, nesting deeper than 64, floats that overflow, integers
+    outside signed 64-bit, lone surrogate escapes, raw control characters in
+    strings, and (with ``want_object``) anything but an object at the top.
+    """
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise BadRequestError("malformed JSON: a byte-order mark is not allowed")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequestError(f"malformed JSON: invalid UTF-8 at byte {exc.start}") from None
+    if not text.strip():
+        raise BadRequestError("malformed JSON: the body is empty")
+    try:
+        value = _DECODER.decode(text)
+        if (text.count("[") + text.count("{") > MAX_DEPTH) or _SURROGATE_RE.search(text):
+            _check_tree(value)
+    except RecursionError:
+        raise BadRequestError(f"malformed JSON: nesting deeper than {MAX_DEPTH}") from None
+    except UnicodeEncodeError:
+        raise BadRequestError("malformed JSON: lone surrogate in a string") from None
+    except ValueError as exc:
+        raise BadRequestError(f"malformed JSON: {exc}") from None
+    if want_object and not isinstance(value, dict):
+        raise BadRequestError(f"malformed JSON: expected an object, got {type(value).__name__ if value is not None else 'null'}")
+    return value
+
+
+def dumps(value) -> str:
+    """Compact JSON for the wire."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def deepcopy_json(value):
+    """A fast deep copy for JSON-shaped values (dict, list, scalars)."""
+    if isinstance(value, dict):
+        return {k: deepcopy_json(v) if isinstance(v, (dict, list)) else v for k, v in value.items()}
+    if isinstance(value, list):
+        return [deepcopy_json(v) if isinstance(v, (dict, list)) else v for v in value]
+    return value
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+#
+# One FabricaError base carrying the HTTP status it maps to. The REST layer
+# turns any of them into {"error", "code", "details"}; the HTTP Client turns
+# such a body back into the same class, so both clients raise alike.
+
+
+class FabricaError(Exception):
+    """Base of every error fabrica raises on purpose; ``status`` is the HTTP code it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str = "", details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "code": self.status, "details": self.details}
+
+
+class BadRequestError(FabricaError):
+    status = 400
+
+
+class UnauthorizedError(FabricaError):
+    status = 401
+
+
+class ForbiddenError(FabricaError):
+    status = 403
+
+
+class NotFoundError(FabricaError):
+    status = 404
+
+
+class ConflictError(FabricaError):
+    status = 409
+
+
+class StaleError(ConflictError):
+    """The stored object moved on since it was read (a failed compare-and-swap)."""
+
+
+class GoneError(FabricaError):
+    status = 410
+
+
+class PreconditionFailedError(ConflictError):
+    """A stale ``If-Match`` (or ``If-None-Match: *`` on an existing object): re-read and retry."""
+
+    status = 412
+
+
+class PayloadTooLargeError(FabricaError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(FabricaError):
+    status = 415
+
+
+class ValidationError(FabricaError):
+    """The object, or a field of it, is invalid; ``details`` lists every failing field."""
+
+    status = 422
+
+
+class PatchError(ValidationError):
+    """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
+
+
+class InsufficientStorageError(FabricaError):
+    status = 507
+
+
+class StoreError(FabricaError):
+    """The store could not complete a write; the previous version is intact."""
+
+    status = 500
+
+
+class ConfigurationError(FabricaError):
+    """A wiring mistake in register()/Fabrica(): raised at once, never over HTTP."""
+
+
+class StoreLockedError(ConfigurationError):
+    """Another process holds the data dir (or database) lock."""
+
+
+class PermanentError(Exception):
+    """Raised by reconcile: recorded in conditions, not retried until the object changes."""
+
+
+class TemporaryError(Exception):
+    """Raised by reconcile: recorded in conditions, retried after exactly ``delay`` seconds."""
+
+    def __init__(self, message: str = "", delay: float = 60.0):
+        super().__init__(message)
+        self.delay = float(delay)
+
+
+_ERRORS_BY_STATUS = {cls.status: cls for cls in (
+    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, ConflictError, GoneError,
+    PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
+    InsufficientStorageError)}
+
+
+def error_for_status(status: int, message: str, details=None) -> FabricaError:
+    """The exception class that matches an HTTP status (used by the HTTP Client)."""
+    cls = _ERRORS_BY_STATUS.get(status, FabricaError)
+    err = cls(message, details)
+    err.status = status
+    return err
+
+
+###############################################################################
+# Resources ####################################################################
+###############################################################################
+#
+# A resource is a plain JSON dict in a fixed key order (apiVersion, kind,
+# schemaVersion, metadata, spec, status). Resource adds attribute helpers and
+# set_condition(); the store keeps plain dicts and never hands them out for
+# mutation: callers get copies.
+
+METADATA_KEYS = ("name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
+                 "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp")
+SERVER_MANAGED = ("uid", "createdAt", "updatedAt", "generation", "resourceVersion", "deletionTimestamp")
+CONDITION_STATUSES = ("True", "False", "Unknown")
+
+
+def new_object(kind: str, name: str, uid: str, *, spec=None, labels=None, annotations=None,
+               finalizers=None, owner_references=None, now: str | None = None) -> dict:
+    """A fresh envelope in wire key order, generation 1, not yet stored (no resourceVersion)."""
+    now = now or utcnow()
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "schemaVersion": SCHEMA_VERSION,
+        "metadata": {
+            "name": name,
+            "uid": uid,
+            "labels": dict(labels or {}),
+            "annotations": dict(annotations or {}),
+            "createdAt": now,
+            "updatedAt": now,
+            "generation": 1,
+            "resourceVersion": "0",
+            "finalizers": list(finalizers or []),
+            "ownerReferences": list(owner_references or []),
+            "deletionTimestamp": None,
+        },
+        "spec": spec if spec is not None else {},
+        "status": {},
+    }
+
+
+def normalize_object(obj: dict) -> dict:
+    """The same object with every envelope and metadata key present, in wire order."""
+    meta = obj.get("metadata") or {}
+    defaults = {"labels": {}, "annotations": {}, "finalizers": [], "ownerReferences": [],
+                "deletionTimestamp": None, "generation": 1}
+    metadata = {key: meta.get(key, defaults.get(key)) for key in METADATA_KEYS}
+    return {"apiVersion": obj.get("apiVersion", API_VERSION), "kind": obj.get("kind"),
+            "schemaVersion": obj.get("schemaVersion", SCHEMA_VERSION), "metadata": metadata,
+            "spec": obj.get("spec") if obj.get("spec") is not None else {},
+            "status": obj.get("status") if obj.get("status") is not None else {}}
+
+
+def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> str | None:
+    """Why a stored document is not a valid resource (checked at start-up recovery), or None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+        return "not a resource envelope (no metadata object)"
+    meta = obj["metadata"]
+    if kind is not None and obj.get("kind") != kind:
+        return f"kind {obj.get('kind')!r} does not match its directory ({kind})"
+    if not isinstance(obj.get("kind"), str) or not KIND_RE.fullmatch(obj["kind"]):
+        return "kind is missing or invalid"
+    if not isinstance(meta.get("uid"), str) or not UID_RE.fullmatch(meta["uid"]):
+        return "metadata.uid is missing or invalid"
+    if uid is not None and meta["uid"] != uid:
+        return f"file name does not match metadata.uid {meta['uid']!r}"
+    if not valid_name(meta.get("name")):
+        return "metadata.name is missing or not a DNS-1123 name"
+    rv = meta.get("resourceVersion")
+    if not isinstance(rv, str) or not rv.isdigit() or not rv.isascii():
+        return "metadata.resourceVersion is missing or not an integer string"
+    if not isinstance(meta.get("generation", 1), int) or isinstance(meta.get("generation"), bool):
+        return "metadata.generation is not an integer"
+    for key in ("spec", "status"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            return f"{key} is not an object"
+    for key in ("labels", "annotations"):
+        if not isinstance(meta.get(key, {}), dict):
+            return f"metadata.{key} is not an object"
+    return None
+
+
+class Resource(dict):
+    """A resource envelope: a JSON dict with attribute helpers.
+
+    ``obj.spec``/``obj.status``/``obj.labels`` are the live dicts inside the
+    envelope, so ``obj.status["phase"] = "Ready"`` edits the object.
+    """
+
+    kind = property(lambda self: self["kind"])
+    metadata = property(lambda self: self["metadata"])
+    name = property(lambda self: self["metadata"]["name"])
+    uid = property(lambda self: self["metadata"]["uid"])
+    labels = property(lambda self: self["metadata"]["labels"])
+    annotations = property(lambda self: self["metadata"]["annotations"])
+    generation = property(lambda self: self["metadata"]["generation"])
+    resource_version = property(lambda self: self["metadata"]["resourceVersion"])
+    finalizers = property(lambda self: self["metadata"]["finalizers"])
+    owner_references = property(lambda self: self["metadata"]["ownerReferences"])
+    deleting = property(lambda self: self["metadata"].get("deletionTimestamp") is not None)
+
+    @property
+    def spec(self) -> dict:
+        return self["spec"]
+
+    @property
+    def status(self) -> dict:
+        return self["status"]
+
+    def condition(self, type: str) -> dict | None:
+        """The condition of that type, or None."""
+        for cond in self["status"].get("conditions") or ():
+            if isinstance(cond, dict) and cond.get("type") == type:
+                return cond
+        return None
+
+    def set_condition(self, type: str, status, reason: str = "", message: str = "") -> bool:
+        """Set a condition; ``lastTransitionTime`` moves only when ``status`` changes.
+
+        ``status`` is a bool or "True"/"False"/"Unknown". Also sets the
+        condition's ``observedGeneration``. Returns whether anything changed.
+        """
+        if isinstance(status, bool):
+            status = "True" if status else "False"
+        if status not in CONDITION_STATUSES:
+            raise ValueError(f"condition status must be True, False or Unknown, not {status!r}")
+        conditions = self["status"].setdefault("conditions", [])
+        wanted = {"type": type, "status": status, "reason": reason, "message": message,
+                  "lastTransitionTime": None, "observedGeneration": self.generation}
+        current = self.condition(type)
+        if current is None:
+            wanted["lastTransitionTime"] = _utc_seconds()
+            conditions.append(wanted)
+            return True
+        wanted["lastTransitionTime"] = (current.get("lastTransitionTime") if current.get("status") == status
+                                        else _utc_seconds())
+        if all(current.get(k) == v for k, v in wanted.items()):
+            return False
+        current.clear()
+        current.update(wanted)
+        return True
+
+    def copy(self) -> Resource:
+        return Resource(deepcopy_json(self))
+
+
+class Result:
+    """What reconcile may return: ``Result(requeue=True)`` (rate limited) or ``Result(requeue_after=s)``."""
+
+    __slots__ = ("requeue", "requeue_after")
+
+    def __init__(self, requeue: bool = False, requeue_after: float | None = None):
+        if requeue_after is not None and requeue_after < 0:
+            raise ValueError("requeue_after must be >= 0")
+        self.requeue = requeue
+        self.requeue_after = requeue_after
+
+    def __repr__(self):
+        return f"Result(requeue={self.requeue!r}, requeue_after={self.requeue_after!r})"
+
+
+###############################################################################
+# Stores #######################################################################
+###############################################################################
+#
+# Store is the interface (get/find/list/create/replace/delete with an
+# expected resourceVersion) plus the in-memory index every embedded store
+# shares. One lock (self._lock) guards the index and the resourceVersion
+# counter and is held across persist -> index update -> on_commit, so commit
+# order, resourceVersion order and event order are the same order. on_commit
+# is fabrica's own publisher (non-blocking), never user code.
+
+
+class Store:
+    """The storage interface and the shared in-memory index.
+
+    Every method is thread-safe. Objects returned by get/find/list are the
+    stored ones: treat them as read-only (the REST layer serialises them, the
+    clients copy them). Subclasses implement _load(), _persist() and
+    _unpersist(); reads never touch the disk.
+    """
+
+    durable = True
+    shared = False          # True for stores several processes share (PostgreSQL)
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._objects: dict[str, dict[str, dict]] = {}     # kind -> uid -> object
+        self._names: dict[str, dict[str, str]] = {}        # kind -> name -> uid
+        self._plurals: dict[str, str] = {}                 # kind -> plural
+        self._rv = 0
+        self._opened = False
+        self.on_commit = None       # callable(action, old, new), called under the lock
+        self.quarantined: list[dict] = []
+        self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
+        self.writes = 0
+        self.write_failures = 0
+
+    # -- life cycle --------------------------------------------------------
+    def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
+        """Lock, recover and load. ``kinds`` maps kind -> plural; ``discover`` loads unknown kinds too."""
+        for kind, plural in kinds.items():
+            self.add_kind(kind, plural)
+        self._load(discover)
+        self._opened = True
+
+    def close(self) -> None:
+        self._opened = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def add_kind(self, kind: str, plural: str) -> None:
+        with self._lock:
+            self._objects.setdefault(kind, {})
+            self._names.setdefault(kind, {})
+            self._plurals[kind] = plural
+
+    @property
+    def resource_version(self) -> int:
+        """The newest committed resourceVersion."""
+        return self._rv
+
+    def health(self) -> dict:
+        return {"quarantined": list(self.quarantined)}
+
+    # -- reads -------------------------------------------------------------
+    def get(self, kind: str, uid: str) -> dict | None:
+        return self._objects.get(kind, {}).get(uid)
+
+    def find(self, kind: str, name: str) -> dict | None:
+        uid = self._names.get(kind, {}).get(name)
+        return None if uid is None else self._objects[kind].get(uid)
+
+    def resolve(self, kind: str, ref: str) -> dict | None:
+        """A uid first, then a name (SPEC §1)."""
+        objs = self._objects.get(kind)
+        if objs is None:
+            return None
+        obj = objs.get(ref)
+        if obj is None:
+            uid = self._names[kind].get(ref)
+            obj = None if uid is None else objs.get(uid)
+        return obj
+
+    def list(self, kind: str) -> list[dict]:
+        """Every object of a kind, sorted by name (a stable order for paging)."""
+        objs = self._objects.get(kind, {})
+        names = self._names.get(kind, {})
+        return [objs[names[n]] for n in sorted(names)]
+
+    def count(self, kind: str) -> int:
+        return len(self._objects.get(kind, {}))
+
+    # -- writes ------------------------------------------------------------
+    def create(self, obj: dict) -> dict:
+        """Store a new object and give it the next resourceVersion.
+
+        Raises ConflictError (reason ``uid`` in ``details``) when the uid or
+        the name is taken, StoreError/InsufficientStorageError on I/O errors.
+        """
+        kind, meta = obj["kind"], obj["metadata"]
+        with self._lock:
+            objs, names = self._objects[kind], self._names[kind]
+            if meta["uid"] in objs or meta["uid"] in names:
+                raise ConflictError(f"uid {meta['uid']} is taken", [{"field": "metadata.uid", "message": "taken"}])
+            if meta["name"] in names or (meta["name"] in objs and meta["name"] != meta["uid"]):
+                raise ConflictError(f"{kind} {meta['name']!r} already exists; choose another name",
+                                    [{"field": "metadata.name", "message": "already exists"}])
+            self._commit("created", None, obj)
+            objs[meta["uid"]] = obj
+            names[meta["name"]] = meta["uid"]
+            self._notify("created", None, obj)
+        return obj
+
+    def replace(self, obj: dict, expected_rv: str, action: str = "updated") -> dict:
+        """Replace an object if its stored resourceVersion is still ``expected_rv``.
+
+        Raises NotFoundError if it is gone and ConflictError if it moved on.
+        """
+        kind, uid = obj["kind"], obj["metadata"]["uid"]
+        with self._lock:
+            old = self._objects.get(kind, {}).get(uid)
+            self._check_current(kind, old, obj["metadata"]["name"], expected_rv)
+            self._commit(action, old, obj)
+            self._objects[kind][uid] = obj
+            self._notify(action, old, obj)
+        return obj
+
+    def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
+        """Delete an object; returns its last state carrying the delete's resourceVersion."""
+        with self._lock:
+            old = self._objects.get(kind, {}).get(uid)
+            self._check_current(kind, old, uid, expected_rv)
+            tomb = dict(old, metadata=dict(old["metadata"]))
+            self._commit("deleted", old, tomb)
+            del self._objects[kind][uid]
+            self._names[kind].pop(old["metadata"]["name"], None)
+            self._notify("deleted", old, tomb)
+        return tomb
+
+    def _check_current(self, kind, old, ref, expected_rv):
+        if old is None:
+            raise NotFoundError(f"{kind} {ref!r} not found")
+        if expected_rv is not None and old["metadata"]["resourceVersion"] != expected_rv:
+            raise StaleError(
+                f"{kind} {old['metadata']['name']!r} is at resourceVersion {old['metadata']['resourceVersion']}, "
+                f"the request expected {expected_rv}; re-read and retry")
+
+    def _commit(self, action: str, old: dict | None, new: dict) -> None:
+        """Assign the next resourceVersion and make the change durable (lock held)."""
+        rv = self._rv + 1
+        self._reserve(rv)
+        new["metadata"]["resourceVersion"] = str(rv)
+        try:
+            if action == "deleted":
+                self._unpersist(new)
+            else:
+                self._persist(old, new)
+        except OSError as exc:
+            self.write_failures += 1
+            name = f"{new['kind']} {new['metadata']['name']!r}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorageError(
+                    f"no space left to write {name}; the previous version is intact, free space and retry") from None
+            raise StoreError(f"could not write {name}: {exc.strerror or exc}; the previous version is intact") from None
+        self._rv = rv
+        self.writes += 1
+
+    def _notify(self, action, old, new):
+        if self.on_commit is not None:
+            self.on_commit(action, old, new)
+
+    # -- subclass hooks ----------------------------------------------------
+    def _load(self, discover: bool) -> None:
+        """Fill the index from durable storage (start-up)."""
+
+    def _reserve(self, rv: int) -> None:
+        """Make sure ``rv`` can never be handed out again after a restart."""
+
+    def _persist(self, old: dict | None, new: dict) -> None:
+        """Durably write ``new`` (replacing ``old``); raise OSError and leave ``old`` intact on failure."""
+
+    def _unpersist(self, tomb: dict) -> None:
+        """Durably remove the object ``tomb`` describes."""
+
+    def _index(self, obj: dict) -> None:
+        kind, meta = obj["kind"], obj["metadata"]
+        self._objects[kind][meta["uid"]] = obj
+        self._names[kind][meta["name"]] = meta["uid"]
+        self._rv = max(self._rv, int(meta["resourceVersion"]))
+
+
+class MemoryStore(Store):
+    """Keeps everything in memory only: for tests and throwaway runs."""
+
+    durable = False
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore(Store):
+    """One pretty-printed JSON file per resource: ``<data_dir>/<plural>/<uid>.json``.
+
+    Every write is a unique temp file in the same directory, write, flush,
+    fsync, os.replace, fsync of the directory, and only then acknowledged
+    (``durable=False`` skips both fsyncs). ``<data_dir>/.fabrica/`` holds the
+    lock file (flock, held for the life of the store), the resourceVersion
+    reservation and the quarantine of files start-up recovery could not use.
+    """
+
+    RV_BLOCK = 1000
+
+    def __init__(self, data_dir: str, *, durable: bool = True):
+        super().__init__()
+        self.data_dir = os.path.abspath(data_dir)
+        self.state_dir = os.path.join(self.data_dir, ".fabrica")
+        self.durable = durable
+        self._lock_fd = None
+        self._reserved = 0
+        self._dirs_made: set[str] = set()
+        self.temp_removed = 0
+
+    # -- life cycle --------------------------------------------------------
+    def open(self, kinds, *, discover=False):
+        os.makedirs(self.state_dir, exist_ok=True)
+        self._acquire_lock()
+        try:
+            super().open(kinds, discover=discover)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        super().close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)     # releases the flock
+            self._lock_fd = None
+
+    def _acquire_lock(self):
+        path = os.path.join(self.state_dir, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(f"data dir {self.data_dir} is locked by pid {holder}: another fabrica "
+                                   f"process is using it; stop it or choose another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    # -- recovery ----------------------------------------------------------
+    def _load(self, discover):
+        rv_file = os.path.join(self.state_dir, "resource-version")
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            with open(rv_file, encoding="ascii") as f:
+                self._rv = int(f.read().strip() or 0)
+        by_plural = {plural: kind for kind, plural in self._plurals.items()}
+        for entry in sorted(os.listdir(self.data_dir)):
+            path = os.path.join(self.data_dir, entry)
+            if entry.startswith(".") or not os.path.isdir(path) or os.path.islink(path):
+                continue
+            kind = by_plural.get(entry)
+            if kind is None and not discover:
+                store_log.warning("ignoring %s/: no registered kind has the plural %r", path, entry)
+                continue
+            self._load_dir(entry, kind)
+        self._reserved = self._rv
+        if self.quarantined:
+            store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
+                            os.path.join(self.state_dir, "quarantine"))
+        store_log.info("loaded %d object(s) from %s (resourceVersion %d, %d temp file(s) removed, %d quarantined)",
+                       sum(len(o) for o in self._objects.values()), self.data_dir, self._rv,
+                       self.temp_removed, len(self.quarantined))
+
+    def _load_dir(self, plural, kind):
+        directory = os.path.join(self.data_dir, plural)
+        for entry in sorted(os.listdir(directory)):
+            path = os.path.join(directory, entry)
+            if entry.startswith(".tmp-"):
+                os.unlink(path)         # never committed: the rename is the commit point
+                self.temp_removed += 1
+                continue
+            if not entry.endswith(".json") or os.path.isdir(path):
+                continue
+            reason, obj = self._read_file(path, entry[:-5], kind)
+            if reason is None and kind is None:
+                kind = obj["kind"]
+                if kind in self._plurals and self._plurals[kind] != plural:
+                    reason = f"kind {kind} belongs in {self._plurals[kind]}/"
+                else:
+                    self.add_kind(kind, plural)
+                    self.discovered[kind] = plural
+            if reason is None and obj["metadata"]["name"] in self._names[kind]:
+                reason = f"duplicate name {obj['metadata']['name']!r}"
+            if reason is None:
+                self._index(obj)
+            else:
+                self._quarantine(path, plural, entry, reason)
+
+    def _read_file(self, path, stem, kind):
+        if os.path.islink(path):
+            return "a symbolic link (not followed)", None
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            return f"unreadable: {exc.strerror}", None
+        if not raw:
+            return "empty file", None
+        try:
+            obj = read_json(raw)
+        except BadRequestError as exc:
+            return exc.message.replace("malformed JSON", "does not parse"), None
+        problem = envelope_problem(obj, kind, stem)
+        return problem, (None if problem else normalize_object(obj))
+
+    def _quarantine(self, path, plural, entry, reason):
+        qdir = os.path.join(self.state_dir, "quarantine", plural)
+        os.makedirs(qdir, exist_ok=True)
+        target, n = os.path.join(qdir, entry), 1
+        while os.path.exists(target):
+            target, n = os.path.join(qdir, f"{entry}.{n}"), n + 1
+        os.replace(path, target)
+        if self.durable:
+            _fsync_dir(qdir)
+            _fsync_dir(os.path.dirname(path))
+        item = {"path": os.path.relpath(path, self.data_dir), "reason": reason,
+                "quarantinedTo": os.path.relpath(target, self.data_dir)}
+        self.quarantined.append(item)
+        store_log.error("quarantined %s: %s (moved to %s)", item["path"], reason, item["quarantinedTo"])
+
+    # -- durable writes ----------------------------------------------------
+    def _path(self, obj) -> tuple[str, str]:
+        uid = obj["metadata"]["uid"]
+        if not UID_RE.fullmatch(uid):       # belt and braces: nothing outside the data dir
+            raise ValueError(f"refusing to build a path from uid {uid!r}")
+        directory = os.path.join(self.data_dir, self._plurals[obj["kind"]])
+        return directory, os.path.join(directory, uid + ".json")
+
+    def _ensure_dir(self, directory):
+        if directory not in self._dirs_made:
+            if not os.path.isdir(directory):
+                os.mkdir(directory)
+                if self.durable:
+                    _fsync_dir(self.data_dir)
+            self._dirs_made.add(directory)
+
+    def _atomic_write(self, directory, path, payload: bytes):
+        fd, tmp = _mkstemp(directory)
+        try:
+            try:
+                _write_all(fd, payload)
+                if self.durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self.durable:
+            try:
+                _fsync_dir(directory)
+            except OSError as exc:
+                exc.fabrica_renamed = True      # the new name is visible: the caller must undo it
+                raise
+
+    def _reserve(self, rv):
+        # resourceVersions are handed out from blocks reserved on disk first, so
+        # a restart (or a delete of the newest object) can never reuse one.
+        if rv > self._reserved:
+            block = rv + self.RV_BLOCK
+            self._atomic_write(self.state_dir, os.path.join(self.state_dir, "resource-version"),
+                               f"{block}\n".encode())
+            self._reserved = block
+
+    def _persist(self, old, new):
+        directory, path = self._path(new)
+        try:
+            self._ensure_dir(directory)
+        except FileNotFoundError:       # the kind directory vanished under us: make it again
+            self._dirs_made.discard(directory)
+            self._ensure_dir(directory)
+        try:
+            self._atomic_write(directory, path, _file_bytes(new))
+        except OSError as exc:
+            self._dirs_made.discard(directory)
+            if getattr(exc, "fabrica_renamed", False):
+                self._undo(path, old)
+            raise
+
+    def _unpersist(self, tomb):
+        directory, path = self._path(tomb)
+        os.unlink(path)
+        if self.durable:
+            try:
+                _fsync_dir(directory)
+            except OSError:
+                self._undo(path, self._objects[tomb["kind"]].get(tomb["metadata"]["uid"]))
+                raise
+
+    def _undo(self, path, old):
+        # The directory fsync failed after the rename/unlink: the outcome on disk
+        # is unknown, so put the previous version back (best effort) and report
+        # the write as failed; the index still holds the previous version.
+        try:
+            if old is None:
+                os.unlink(path)
+            else:
+                self._atomic_write(os.path.dirname(path), path, _file_bytes(old))
+        except OSError:
+            store_log.exception("could not restore %s after a failed write", path)
+
+
+def _file_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _mkstemp(directory):
+    # tempfile.mkstemp() without its per-call overhead: a random name, O_EXCL.
+    for _ in range(100):
+        name = os.path.join(directory, f".tmp-{os.urandom(6).hex()}.part")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), name
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "could not create a unique temp file")
+
+
+def _write_all(fd, payload):
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+###############################################################################
+# Bus ##########################################################################
+###############################################################################
+#
+# publish() is called by the store's commit hook, under the store lock, so
+# events enter the bus in resourceVersion order. It never blocks: each
+# subscriber has its own bounded queue and thread; a full queue drops the
+# event and marks a gap (the controller answers a gap with a full resync).
+# Handlers run in the subscriber's thread, never under a lock.
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """A regex for an event-type pattern: ``*`` is one segment, ``**`` zero or more, anywhere."""
+    parts = []
+    for seg in pattern.split("."):
+        if seg == "**":
+            parts.append(r"(?:\.[^.]+)*")
+        elif seg == "*":
+            parts.append(r"\.[^.]+")
+        elif seg and "*" not in seg:
+            parts.append(r"\." + re.escape(seg))
+        else:
+            raise ValueError(f"invalid event pattern {pattern!r}: segments are names, '*' or '**'")
+    regex = re.compile("".join(parts))
+    return regex
+
+
+def pattern_matches(regex: re.Pattern, event_type: str) -> bool:
+    return regex.fullmatch("." + event_type) is not None
+
+
+class Subscription:
+    """One subscriber: a bounded queue and a thread ``fabrica-bus-<name>`` calling ``handler(event)``.
+
+    Events arrive in publish order. A handler that raises is logged with its
+    traceback and the subscription keeps going. ``close()`` stops the thread
+    after the event in hand.
+    """
+
+    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000, name: str = "",
+                 on_gap=None, copy_events: bool = True):
+        self.pattern = pattern
+        self.handler = handler
+        self.name = name or getattr(handler, "__name__", "handler")
+        self.queue_size = queue_size
+        self.on_gap = on_gap
+        self.copy_events = copy_events
+        self.delivered = self.dropped = self.gaps = self.errors = 0
+        self._regex = compile_pattern(pattern)
+        self._matches: dict[str, bool] = {}
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition(threading.Lock())  # guards _queue, _gap, _closed
+        self._gap = False
+        self._closed = False
+        self._bus = bus
+        self._thread = threading.Thread(target=self._run, name=f"fabrica-bus-{self.name}", daemon=True)
+        self._thread.start()
+
+    def matches(self, event_type: str) -> bool:
+        hit = self._matches.get(event_type)
+        if hit is None:
+            hit = self._matches[event_type] = pattern_matches(self._regex, event_type)
+        return hit
+
+    def offer(self, event: dict) -> None:
+        """Queue an event without blocking; on overflow drop it and mark a gap."""
+        with self._cond:
+            if self._closed:
+                return
+            if len(self._queue) >= self.queue_size:
+                self.dropped += 1
+                self._gap = True
+            else:
+                self._queue.append(event)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._gap and not self._closed:
+                    self._cond.wait()
+                if self._closed and (not self._queue or self._bus._stopping):
+                    return
+                gap, self._gap = self._gap, False
+                event = self._queue.popleft() if self._queue else None
+            if gap:
+                self.gaps += 1
+                bus_log.warning("subscriber %s fell behind and lost events (a gap)", self.name)
+                if self.on_gap is not None:
+                    self._call(self.on_gap)
+            if event is not None:
+                self._call(self.handler, deepcopy_json(event) if self.copy_events else event)
+                self.delivered += 1
+
+    def _call(self, fn, *args):
+        try:
+            fn(*args)
+        except Exception:
+            self.errors += 1
+            bus_log.exception("subscriber %s raised; it keeps receiving events", self.name)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop receiving; the thread finishes what is queued (unless the bus is stopping) and exits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._bus._remove(self)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Bus:
+    """In-process publish/subscribe of CloudEvents dicts, with a ring buffer of recent events.
+
+    ``publish(event, position)`` is non-blocking and thread-safe; positions
+    are ``(resourceVersion, n)`` tuples and must be published in order.
+    """
+
+    def __init__(self, ring_size: int = 10000):
+        self._lock = threading.Lock()       # guards _subs and _ring
+        self._subs: tuple[Subscription, ...] = ()
+        self._ring: collections.deque = collections.deque(maxlen=ring_size)
+        self._stopping = False
+        self._evicted = None                 # position of the newest event pushed out of the ring
+        self.start_rv = 0                    # events at or before this were committed before we started
+        self.published = 0
+
+    def subscribe(self, pattern: str, handler, **options) -> Subscription:
+        sub = Subscription(self, pattern, handler, **options)
+        with self._lock:
+            self._subs = self._subs + (sub,)
+        return sub
+
+    def _remove(self, sub):
+        with self._lock:
+            self._subs = tuple(s for s in self._subs if s is not sub)
+
+    def publish(self, event: dict, position: tuple[int, int]) -> None:
+        with self._lock:
+            if len(self._ring) == self._ring.maxlen:
+                self._evicted = self._ring[0][0]
+            self._ring.append((position, event))
+            subs = self._subs
+            self.published += 1
+        event_type = event["type"]
+        for sub in subs:
+            if sub.matches(event_type):
+                sub.offer(event)
+
+    def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
+        """Every buffered event after ``position``; GoneError if one of them is not available.
+
+        An event is unavailable when it was evicted from the ring buffer or
+        was committed before this process started (``start_rv``).
+        """
+        with self._lock:
+            ring = list(self._ring)
+            evicted = self._evicted
+        if position < (self.start_rv, 0) or (evicted is not None and position < evicted):
+            raise GoneError(f"events after {format_position(position)} are no longer available; "
+                            "re-list and watch from now")
+        return [(pos, ev) for pos, ev in ring if pos > position]
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return self._subs
+
+    def stats(self) -> dict:
+        subs = self._subs
+        return {"published": self.published, "subscribers": len(subs),
+                "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs)}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every subscription; queued events are delivered within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for sub in self._subs:
+            sub.close(max(0.0, deadline - time.monotonic()))
+
+
+def format_position(position: tuple[int, int]) -> str:
+    rv, n = position
+    return f"{rv}.{n}" if n else str(rv)
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``"42"`` -> (42, 0), ``"42.1"`` -> (42, 1); BadRequestError otherwise."""
+    rv, _, n = text.strip().partition(".")
+    if not rv.isdigit() or not rv.isascii() or (n and (not n.isdigit() or not n.isascii())):
+        raise BadRequestError(f"invalid event id {text[:40]!r}: expected <resourceVersion> or <resourceVersion>.<n>")
+    return int(rv), int(n or 0)
+
+
+###############################################################################
+# REST API #####################################################################
+###############################################################################
+#
+# Bottle routes per kind over the Fabrica write operations. Every error is a
+# JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
+# Order of checks: auth and Host (before_request) -> route -> ref syntax ->
+# body size, type and JSON -> existence -> preconditions -> validation -> write.
+
+JSON_TYPE = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+SHORTHAND_PATCH = "application/shorthand-patch+json"
+PATCH_TYPES = {MERGE_PATCH: "merge", JSON_TYPE: "merge", "": "merge", JSON_PATCH: "json", SHORTHAND_PATCH: "shorthand"}
+ACCEPT_PATCH = ", ".join((MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH))
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(value: str) -> str:
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def etag_of(obj: dict) -> str:
+    return '"' + obj["metadata"]["resourceVersion"] + '"'
+
+
+def _etag_list(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def if_match_ok(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-Match with strong comparison (a weak tag never matches)."""
+    if header is None:
+        return True
+    tags = _etag_list(header)
+    return "*" in tags or etag_of(obj) in tags
+
+
+def if_none_match_hit(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-None-Match with weak comparison (for GET)."""
+    if header is None:
+        return False
+    tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
+    return "*" in tags or etag_of(obj) in tags
+
+
+class _ChunkedReader:
+    """Decodes a chunked request body for servers that pass it through raw; read() only."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        out = []
+        while not self.done and (size < 0 or size > 0):
+            if self.left == 0:
+                line = self.raw.readline(1024)
+                try:
+                    self.left = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise BadRequestError("malformed chunked body") from None
+                if self.left < 0:
+                    raise BadRequestError("malformed chunked body")
+                if self.left == 0:
+                    while self.raw.readline(1024).strip():
+                        pass
+                    self.done = True
+                    break
+            n = self.left if size < 0 else min(self.left, size)
+            data = self.raw.read(n)
+            if not data:
+                raise BadRequestError("the chunked body ended early")
+            out.append(data)
+            self.left -= len(data)
+            if size > 0:
+                size -= len(data)
+            if self.left == 0:
+                self.raw.readline(16)   # the CRLF after each chunk
+        return b"".join(out)
+
+
+def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
+    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it)."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        stream = environ["wsgi.input"]
+        if not environ.get("wsgi.input_terminated"):
+            stream = _ChunkedReader(stream)
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            environ["fabrica.close"] = True
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        return data
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit() or not length.isascii():
+        raise BadRequestError(f"invalid Content-Length {length[:20]!r}")
+    length = int(length)
+    if length > limit:
+        environ["fabrica.close"] = True
+        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+    data = environ["wsgi.input"].read(length) if length else b""
+    if len(data) != length:
+        raise BadRequestError("the request body is shorter than its Content-Length")
+    return data
+
+
+def _media_type(environ) -> str:
+    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+
+
+class RestAPI:
+    """Builds the Bottle routes of a Fabrica; one instance per app."""
+
+    def __init__(self, app: Fabrica):
+        self.app = app
+        self.wsgi = bottle.Bottle()
+        self.wsgi.default_error_handler = self._bottle_error
+        self.wsgi.add_hook("before_request", self._guard)
+        self.requests = collections.Counter()   # (route, method, code) -> count
+        self.wsgi.route("/health", "GET", self._endpoint(self.health))
+        self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
+
+    # -- plumbing ----------------------------------------------------------
+    def _guard(self):
+        app = self.app
+        environ = bottle.request.environ
+        if app._host_check:
+            host = _host_name(environ.get("HTTP_HOST", ""))
+            if host and not is_loopback(host):
+                raise self._error_response(ForbiddenError(
+                    f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
+                    "(serve with --host to bind elsewhere)"))
+        if app.token and environ.get("PATH_INFO") != "/health":
+            got = environ.get("HTTP_AUTHORIZATION", "")
+            if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
+                raise self._error_response(UnauthorizedError(
+                    "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
+                    {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+
+    def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
+        res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
+        res.content_type = JSON_TYPE
+        if err.status == 413:
+            res.set_header("Connection", "close")
+        return res
+
+    def _bottle_error(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = JSON_TYPE
+        if res.status_code >= 500:
+            message = "internal server error; the server log has the details"
+            if res.traceback:
+                http_log.error("unhandled error in %s %s:\n%s", bottle.request.method,
+                               bottle.request.path, res.traceback)
+        elif res.status_code == 404:
+            message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
+        elif res.status_code == 405:
+            message = f"method {bottle.request.method} is not allowed here; allowed: {res.headers.get('Allow', '')}"
+        else:
+            message = str(res.body) if isinstance(res.body, str) and res.body else res.status_line
+        return dumps({"error": message, "code": res.status_code, "details": []})
+
+    def _endpoint(self, fn):
+        def handler(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FabricaError as err:
+                extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
+                return self._error_response(err, extra)
+            except Exception:
+                http_log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+                return self._error_response(FabricaError("internal server error; the server log has the details"))
+        handler.__name__ = fn.__name__
+        return handler
+
+    @staticmethod
+    def _send(obj, status: int = 200, etag: bool = True) -> bytes:
+        res = bottle.response
+        res.status = status
+        res.content_type = JSON_TYPE
+        if etag:
+            res.set_header("ETag", etag_of(obj))
+        return dumps(obj).encode()
+
+    def _json_body(self, *, patch: bool = False) -> tuple[object, str]:
+        environ = bottle.request.environ
+        media = _media_type(environ)
+        if patch:
+            if media not in PATCH_TYPES:
+                raise UnsupportedMediaTypeError(
+                    f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
+        elif media not in ("", JSON_TYPE):
+            raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
+        raw = read_body(environ, self.app.max_body)
+        kind = PATCH_TYPES[media] if patch else "json"
+        return read_json(raw, want_object=kind != "json"), kind
+
+    def _kind(self, plural: str, *, create: bool = False):
+        info = self.app._by_plural.get(plural)
+        if info is None and self.app.open and create:
+            info = self.app._open_kind(plural, None)
+        if info is None:
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        return info
+
+    def _obj(self, info, ref: str) -> dict:
+        obj = self.app.store.resolve(info.kind, ref)
+        if obj is None:
+            if not valid_name(ref):
+                raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
+            raise NotFoundError(f"{info.kind} {ref!r} not found")
+        return obj
+
+    # -- routes ------------------------------------------------------------
+    def mount(self, plural: str) -> None:
+        """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
+        route, ep = self.wsgi.route, self._endpoint
+        if plural is None:
+            base, fixed = "/<plural:re:[a-z][a-z0-9]{0,62}>", {}
+        else:
+            base, fixed = "/" + plural, {"plural": plural}
+
+        def bind(fn):
+            return ep(lambda **kw: fn(**fixed, **kw)) if fixed else ep(fn)
+        route(base, "GET", bind(self.list))
+        route(base, "POST", bind(self.create))
+        route(base + "/<ref>", "GET", bind(self.get))
+        route(base + "/<ref>", "PUT", bind(self.update))
+        route(base + "/<ref>", "PATCH", bind(self.patch))
+        route(base + "/<ref>", "DELETE", bind(self.delete))
+        route(base + "/<ref>/status", "GET", bind(self.get_status))
+        route(base + "/<ref>/status", "PUT", bind(self.update_status))
+        route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
+
+    def list(self, plural):
+        info = self.app._by_plural.get(plural)
+        if info is None:
+            if self.app.open and plural not in RESERVED_PATHS:
+                return self._send([], etag=False)
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        items = self.app.store.list(info.kind)
+        res = bottle.response
+        res.set_header("X-Total-Count", str(len(items)))
+        return self._send(items, etag=False)
+
+    def create(self, plural):
+        if plural in RESERVED_PATHS:
+            raise NotFoundError(f"/{plural} is reserved")
+        body, _ = self._json_body()
+        info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
+        if info is None:
+            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None)
+        parsed = self.app._parse_body(info, body)
+        obj = self.app._create(info, parsed)
+        bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
+        return self._send(obj, 201)
+
+    def get(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        if if_none_match_hit(bottle.request.environ.get("HTTP_IF_NONE_MATCH"), obj):
+            bottle.response.status = 304
+            bottle.response.set_header("ETag", etag_of(obj))
+            return b""
+        return self._send(obj)
+
+    def _preconditions(self):
+        env = bottle.request.environ
+        return {"if_match": env.get("HTTP_IF_MATCH"), "if_none_match": env.get("HTTP_IF_NONE_MATCH")}
+
+    def update(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        parsed = self.app._parse_body(info, body, update=True)
+        obj = self.app._update(info, ref, parsed, **self._preconditions())
+        return self._send(obj)
+
+    def patch(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.app._patch(info, ref, body, kind, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    def delete(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        force = bottle.request.query.get("force", "").lower() in ("true", "1", "yes")
+        obj, gone = self.app._delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
+        if not gone:
+            return self._send(obj, 202)
+        return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
+                          etag=False)
+
+    def get_status(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        bottle.response.set_header("ETag", etag_of(obj))
+        return self._send(obj["status"], etag=False)
+
+    def update_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        obj = self.app._update_status(info, ref, body, **self._preconditions())
+        return self._send(obj)
+
+    def patch_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.app._patch(info, ref, body, kind, status=True, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    # -- global routes -----------------------------------------------------
+    def health(self):
+        return self._send(self.app.health(), etag=False)
+
+    def apis(self):
+        return self._send(self.app.discovery(), etag=False)
+
+
+###############################################################################
+# HTTP server ##################################################################
+###############################################################################
+#
+# The default server: one thread per connection (bounded), HTTP/1.1
+# keep-alive, a socket timeout per connection, a listen backlog of 1,024, JSON
+# error pages. Bottle's default wsgiref server is single-threaded and speaks
+# HTTP/1.0, so one slow client stalls everyone and every request reconnects.
+
+class _LimitedReader:
+    """wsgi.input for a Content-Length body: never reads past it."""
+
+    def __init__(self, raw, length: int):
+        self.raw = raw
+        self.left = length
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.raw.read(size)
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.raw.readline(size)
+        self.left -= len(data)
+        return data
+
+
+class _WSGIRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"fabrica/{__version__}"
+    timeout = 30                 # seconds a connection may stay silent (set on the socket)
+    idle = True
+
+    def setup(self):
+        super().setup()
+        with self.server._conns_changed:
+            self.server._conns[self.request] = self
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and not self.server.stopping:
+            self.handle_one_request()
+
+    def handle_one_request(self):
+        self.idle = True
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        self.idle = False
+        if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            self.send_error(414)
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if not self.parse_request():
+            return
+        try:
+            self._run_wsgi()
+        except (OSError, ValueError):
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib writes an HTML page here; fabrica answers JSON everywhere.
+        body = dumps({"error": message or self.responses.get(code, ("error",))[0], "code": code,
+                      "details": []}).encode()
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        http_log.debug("%s - %s", self.address_string(), format % args)
+
+    def _environ(self):
+        path, _, query = self.path.partition("?")
+        if path.startswith(("http://", "https://")):
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        env = {
+            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote(path, "latin-1"), "QUERY_STRING": query,
+            "SERVER_NAME": self.server.server_name, "SERVER_PORT": str(self.server.server_port),
+            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "wsgi.input_terminated": True,
+        }
+        for key, value in self.headers.items():
+            if "_" in key:
+                continue        # X_Foo would alias X-Foo in the environ: drop it, as nginx does
+            key = key.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            env[key] = env[key] + "," + value if key in env else value
+        if "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+            env["wsgi.input"] = _ChunkedReader(self.rfile)
+        else:
+            length = env.get("CONTENT_LENGTH", "0")
+            env["wsgi.input"] = _LimitedReader(self.rfile, int(length) if length.isdigit() else 0)
+        return env
+
+    def _run_wsgi(self):
+        env = self._environ()
+        state = {}
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and state.get("sent"):
+                raise exc_info[1].with_traceback(exc_info[2])
+            state["status"], state["headers"] = status, headers
+            return lambda data: self._write(state, data)
+
+        result = self.server.app(env, start_response)
+        try:
+            if isinstance(result, (list, tuple)):
+                body = b"".join(result)
+                self._write(state, body, length=len(body), last=True)
+            else:
+                for chunk in result:
+                    if chunk:
+                        self._write(state, chunk)
+                self._write(state, b"", last=True)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        reader = env["wsgi.input"]
+        if env.get("fabrica.close") or not isinstance(reader, _LimitedReader) or reader.left > 0:
+            # an unread body (or a chunked one) leaves the stream out of step: do not reuse it
+            if not (isinstance(reader, _ChunkedReader) and reader.done):
+                self.close_connection = True
+
+    def _write(self, state, data: bytes, *, length: int | None = None, last: bool = False):
+        if not state.get("sent"):
+            state["sent"] = True
+            code = int(state["status"][:3])
+            headers = state["headers"]
+            names = {k.lower() for k, _ in headers}
+            lines = [f"HTTP/1.1 {state['status']}\r\n"]
+            lines += [f"{k}: {v}\r\n" for k, v in headers]
+            if "server" not in names:
+                lines.append(f"Server: {self.server_version}\r\n")
+            no_body = code in (204, 304) or code < 200 or self.command == "HEAD"
+            state["chunked"] = False
+            if "content-length" not in names and not no_body:
+                if length is not None:
+                    lines.append(f"Content-Length: {length}\r\n")
+                else:
+                    lines.append("Transfer-Encoding: chunked\r\n")
+                    state["chunked"] = True
+            if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers) or \
+                    self.close_connection or self.server.stopping:
+                self.close_connection = True
+                if "connection" not in names:
+                    lines.append("Connection: close\r\n")
+            lines.append("\r\n")
+            state["no_body"] = no_body
+            head = "".join(lines).encode("latin-1")
+            if no_body:
+                self.wfile.write(head)
+                return
+            if not state["chunked"]:
+                self.wfile.write(head + data)
+                return
+            self.wfile.write(head)
+        if state["no_body"]:
+            return
+        if state["chunked"]:
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if last:
+                self.wfile.write(b"0\r\n\r\n")
+        elif data:
+            self.wfile.write(data)
+
+
+class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A bounded thread-per-connection WSGI server; ``stop()`` drains in-flight requests.
+
+    More than ``max_threads`` open connections are answered 503 at once.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+    block_on_close = False
+
+    def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0):
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.app = app
+        self.stopping = False
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._conns: dict[socket.socket, _WSGIRequestHandler] = {}
+        self._conns_changed = threading.Condition(threading.Lock())    # guards _conns
+        handler = type("WSGIRequestHandler", (_WSGIRequestHandler,), {"timeout": timeout})
+        super().__init__(address, handler)
+        self.server_name = host
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                body = dumps({"error": "server busy: too many open connections; retry", "code": 503,
+                              "details": []}).encode()
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_changed:
+                self._conns.pop(request, None)
+                self._conns_changed.notify_all()
+            self._slots.release()
+
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), close idle connections."""
+        self.stopping = True
+        self.shutdown()
+        self.server_close()
+        deadline = time.monotonic() + timeout
+        with self._conns_changed:
+            while self._conns and time.monotonic() < deadline:
+                for sock, handler in list(self._conns.items()):
+                    if handler.idle:        # waiting for a next request that will not come
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                self._conns_changed.wait(0.05)
+
+
+###############################################################################
+# Fabrica ######################################################################
+###############################################################################
+#
+# The facade: register() wires a kind into the store, the REST routes, the
+# bus and (with a reconcile function) a controller. Every write, REST or
+# app.client, goes through _create/_mutate/_delete: validation, server-
+# managed fields, compare-and-swap on resourceVersion, events.
+
+FINALIZER = "fabrica.io/finalize"
+_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
+_FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}
+_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion"}
+_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp", "ownerReferences"}
+_CAS_RETRIES = 50
+
+
+class KindInfo:
+    """What register() knows about one kind."""
+
+    def __init__(self, kind, plural, prefix, reconcile=None, **options):
+        self.kind, self.plural, self.prefix = kind, plural, prefix
+        self.reconcile = reconcile
+        self.spec = options.get("spec")
+        self.status = options.get("status")
+        self.validate = options.get("validate")
+        self.owns = list(options.get("owns") or ())
+        self.watches = dict(options.get("watches") or {})
+        self.finalize = options.get("finalize")
+        self.workers = int(options.get("workers", 1))
+        self.resync = options.get("resync", 600)
+        self.timeout = options.get("timeout")
+        history = options.get("history", False)
+        self.history = 0 if not history else (None if history is True else int(history))
+        self.history_on = bool(history)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "plural": self.plural, "prefix": self.prefix,
+                "patchTypes": [MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH],
+                "controller": self.reconcile is not None, "history": self.history_on,
+                "finalizer": self.finalize is not None}
+
+
+def _validation(field: str, message: str) -> ValidationError:
+    return ValidationError(f"{field} {message}", [{"field": field, "message": message}])
+
+
+def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
+    if not isinstance(value, dict):
+        return [{"field": field, "message": "must be an object of strings"}]
+    errors = []
+    for key, item in value.items():
+        problem = _qualified_name_error(key)
+        if problem:
+            errors.append({"field": f"{field}.{key}", "message": f"invalid key: {problem}"})
+        if not isinstance(item, str):
+            errors.append({"field": f"{field}.{key}", "message": "value must be a string"})
+        elif label_values and item and (len(item) > 63 or not _QUALIFIED_RE.fullmatch(item)):
+            errors.append({"field": f"{field}.{key}", "message": "label values are at most 63 alphanumeric "
+                           "characters, '-', '_' or '.', alphanumeric at both ends"})
+    return errors
+
+
+class Fabrica:
+    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+
+    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
+    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
+    opened by start() (or serve()), not here, so serve's flags can override it.
+    """
+
+    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
+                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
+                 event_source: str = "", ring_size: int = 10000, max_body: int = MAX_BODY,
+                 service: str = "fabrica", open: bool = False):
+        self.data_dir = data_dir
+        self.durable = durable
+        self.database_url = database_url
+        self.token = token or None
+        self.event_prefix = event_prefix
+        self.event_source = event_source
+        self.max_body = max_body
+        self.service = service
+        self.open = open
+        self.store = store
+        self.bus = Bus(ring_size)
+        self.kinds: dict[str, KindInfo] = {}
+        self._by_plural: dict[str, KindInfo] = {}
+        self._kind_lock = threading.Lock()          # guards open-server kind creation
+        self._started = False
+        self._host_check = False
+        self._controllers: dict[str, object] = {}
+        self.rest = RestAPI(self)
+        self.wsgi = self.rest.wsgi
+        self.client = LocalClient(self)
+        if open:
+            self.rest.mount(None)
+
+    # -- wiring --------------------------------------------------------------
+    def register(self, kind: str, reconcile=None, **options):
+        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
+
+        Works as a plain call and as a decorator (``@app.register("Rack")``).
+        Options: plural, prefix, spec, status, validate, owns, watches,
+        finalize, workers, resync, timeout, history. Raises
+        ConfigurationError when the kind exists, the app has started, or an
+        option is invalid.
+        """
+        if self._started:
+            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
+        info = self._declare(kind, reconcile, options)
+
+        def decorator(fn):
+            if info.reconcile is not None:
+                raise ConfigurationError(f"{kind} already has a reconcile function")
+            info.reconcile = fn
+            return fn
+        return reconcile if reconcile is not None else decorator
+
+    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
+        unknown = set(options) - {"plural", "prefix", "spec", "status", "validate", "owns", "watches",
+                                  "finalize", "workers", "resync", "timeout", "history"}
+        if unknown:
+            raise ConfigurationError(f"register({kind!r}): unknown option(s) {', '.join(sorted(unknown))}")
+        if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
+            raise ConfigurationError(f"kind {kind!r} must be CapWords letters and digits, like 'RackTemplate'")
+        plural = options.get("plural") or pluralize(kind)
+        prefix = options.get("prefix") or kind.lower()
+        if not PLURAL_RE.fullmatch(plural) or plural in RESERVED_PATHS:
+            raise ConfigurationError(f"plural {plural!r} for {kind} must be lower-case letters and digits, "
+                                     f"and not one of {sorted(RESERVED_PATHS)}")
+        if not PREFIX_RE.fullmatch(prefix):
+            raise ConfigurationError(f"prefix {prefix!r} for {kind} must be lower-case letters and digits")
+        if kind in self.kinds:
+            raise ConfigurationError(f"kind {kind} is already registered")
+        if plural in self._by_plural:
+            raise ConfigurationError(f"plural {plural!r} is already used by {self._by_plural[plural].kind}")
+        for name in ("validate", "finalize"):
+            if options.get(name) is not None and not callable(options[name]):
+                raise ConfigurationError(f"register({kind!r}): {name} must be callable")
+        if reconcile is not None and not callable(reconcile):
+            raise ConfigurationError(f"register({kind!r}): reconcile must be callable")
+        if int(options.get("workers", 1)) < 1:
+            raise ConfigurationError(f"register({kind!r}): workers must be >= 1")
+        options = {k: v for k, v in options.items() if k not in ("plural", "prefix")}
+        info = KindInfo(kind, plural, prefix, reconcile, **options)
+        self.kinds[kind] = info
+        self._by_plural[plural] = info
+        if self.store is not None and self.store._opened:
+            self.store.add_kind(kind, plural)
+        if mount:
+            self.rest.mount(plural)
+        return info
+
+    def _open_kind(self, plural: str, kind: str | None) -> KindInfo:
+        """The open server's kind for a plural, made at first create."""
+        with self._kind_lock:
+            info = self._by_plural.get(plural)
+            if info is None:
+                kind = kind or singularize(plural)
+                if not KIND_RE.fullmatch(kind) or kind in self.kinds:
+                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}",
+                                          [{"field": "kind", "message": "must be CapWords and not already served"}])
+                info = self._declare(kind, None, {"plural": plural}, mount=False)
+            return info
+
+    def resolve_kind(self, name: str) -> KindInfo:
+        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
+        info = self.kinds.get(name) or self._by_plural.get(name)
+        if info is None:
+            low = name.lower()
+            for candidate in self.kinds.values():
+                if low in (candidate.kind.lower(), candidate.plural):
+                    return candidate
+            raise NotFoundError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(self.kinds)) or 'none'}")
+        return info
+
+    # -- life cycle ------------------------------------------------------------
+    def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
+                        database_url: str | None = None) -> None:
+        """Override the store settings before start() (what ``serve``'s flags do)."""
+        if self._started:
+            raise ConfigurationError("configure_store() after start()")
+        if data_dir is not None:
+            self.data_dir, self.store, self.database_url = data_dir, None, None
+        if database_url is not None:
+            self.database_url, self.store = database_url, None
+        if durable is not None:
+            self.durable = durable
+            if self.store is not None:
+                self.store.durable = durable
+
+    def _make_store(self) -> Store:
+        if self.database_url:
+            raise ConfigurationError(
+                f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
+                f"fabrica {__version__}; use data_dir= (the JSON file store)")
+        return FileStore(self.data_dir, durable=self.durable)
+
+    def start(self) -> Fabrica:
+        """Open the store (lock, recovery, load) and start the bus and controllers; no HTTP."""
+        if self._started:
+            return self
+        if self.store is None:
+            self.store = self._make_store()
+        self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
+        for kind, plural in self.store.discovered.items():
+            if kind not in self.kinds:
+                self._declare(kind, None, {"plural": plural}, mount=not self.open)
+        self.bus.start_rv = self.store.resource_version
+        self.store.on_commit = self._on_commit
+        self._started = True
+        self._start_controllers()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop controllers (running reconciles get ctx.stopping), the bus, then close the store."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        self._stop_controllers(timeout)
+        self.bus.stop(max(0.1, deadline - time.monotonic()))
+        self.store.on_commit = None
+        self.store.close()
+        self._started = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _start_controllers(self):
+        """Start a controller per kind with a reconcile function (Controller section)."""
+
+    def _stop_controllers(self, timeout):
+        """Stop the controllers (Controller section)."""
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every queue is empty and nothing runs or is due within ``timeout``."""
+        return True
+
+    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000):
+        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``."""
+        return self.bus.subscribe(pattern, handler, queue_size=queue_size)
+
+    def health(self) -> dict:
+        store = self.store
+        quarantined = store.quarantined if store is not None else []
+        return {"status": "degraded" if quarantined else "healthy", "service": self.service,
+                "version": __version__, "kinds": sorted(self.kinds), "quarantined": quarantined,
+                "resourceVersion": str(store.resource_version) if store is not None else "0",
+                "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
+
+    def discovery(self) -> dict:
+        return {"apiVersion": API_VERSION, "kinds": [i.describe() for i in self.kinds.values()]}
+
+    def _require_started(self):
+        if not self._started:
+            raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
+
+    # -- events ------------------------------------------------------------------
+    def _on_commit(self, action: str, old: dict | None, new: dict) -> None:
+        """Publish the CloudEvents of one committed write (store lock held, so in rv order)."""
+        rv = int(new["metadata"]["resourceVersion"])
+        if old is None or action == "deleted":
+            update_type = "spec"
+        elif old["spec"] != new["spec"]:
+            update_type = "spec"
+        elif old["status"] != new["status"]:
+            update_type = "status"
+        else:
+            update_type = "metadata"
+        kind, meta = new["kind"], new["metadata"]
+        when = meta["updatedAt"] if action != "deleted" else utcnow()
+        base = f"{self.event_source}/resources/{kind}/{meta['uid']}"
+        event = {
+            "specversion": "1.0", "id": f"evt-{rv}", "type": f"{self.event_prefix}.{kind.lower()}.{action}",
+            "source": base, "subject": meta["uid"], "time": when, "datacontenttype": JSON_TYPE,
+            "resourcekind": kind, "resourceuid": meta["uid"], "action": action,
+            "resourceversion": str(rv), "sequence": str(rv),
+            "data": {"action": action, "resourceKind": kind, "resourceUID": meta["uid"],
+                     "resourceName": meta["name"], "changeTime": when, "updateType": update_type,
+                     "resource": new},
+        }
+        self.bus.publish(event, (rv, 0))
+        if action == "deleted":
+            return
+        before = {c.get("type"): c for c in ((old or {}).get("status", {}).get("conditions") or ())
+                  if isinstance(c, dict)}
+        n = 0
+        for cond in new["status"].get("conditions") or ():
+            if not isinstance(cond, dict) or not isinstance(cond.get("type"), str):
+                continue
+            prev = before.get(cond["type"], {}).get("status")
+            if prev == cond.get("status"):
+                continue
+            n += 1
+            ctype = cond["type"].lower()
+            self.bus.publish({
+                "specversion": "1.0", "id": f"evt-{rv}.{n}", "type": f"{self.event_prefix}.condition.{ctype}",
+                "source": f"{base}/conditions/{ctype}", "subject": meta["uid"], "time": when,
+                "datacontenttype": JSON_TYPE, "resourcekind": kind, "resourceuid": meta["uid"],
+                "conditiontype": cond["type"], "conditionstatus": str(cond.get("status")),
+                "resourceversion": str(rv), "sequence": f"{rv}.{n}",
+                "data": {"conditionType": cond["type"], "status": cond.get("status"),
+                         "previousStatus": prev or "Unknown", "reason": cond.get("reason", ""),
+                         "message": cond.get("message", ""),
+                         "transitionTime": cond.get("lastTransitionTime"), "resourceKind": kind,
+                         "resourceUID": meta["uid"]},
+            }, (rv, n))
+
+    # -- bodies ----------------------------------------------------------------
+    def _parse_body(self, info: KindInfo, body: dict, *, update: bool = False) -> dict:
+        """Split a flat or envelope body (SPEC §6.2) into name, labels, annotations, finalizers, spec."""
+        out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
+               "resource_version": None, "envelope": False}
+        if "metadata" in body or "spec" in body:
+            out["envelope"] = True
+            unknown = sorted(set(body) - _ENVELOPE_KEYS)
+            if unknown:
+                raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
+                                      "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
+                                      [{"field": k, "message": "unknown field"} for k in unknown])
+            meta = body.get("metadata", {})
+            if not isinstance(meta, dict):
+                raise BadRequestError("metadata must be a JSON object")
+            unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
+            if unknown:
+                raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
+                                      [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
+            if "spec" in body:
+                if not isinstance(body["spec"], dict):
+                    raise BadRequestError("spec must be a JSON object")
+                out["spec"] = body["spec"]
+            for key in ("name", "labels", "annotations", "finalizers"):
+                if key in meta:
+                    out[key] = meta[key]
+            if "resourceVersion" in meta:
+                out["resource_version"] = meta["resourceVersion"]
+        else:
+            out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
+            for key in ("name", "labels", "annotations"):
+                if key in body:
+                    out[key] = body[key]
+        if "apiVersion" in body and body["apiVersion"] != API_VERSION:
+            raise _validation("apiVersion", f"must be {API_VERSION!r}")
+        if "kind" in body and body["kind"] != info.kind:
+            raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+        errors = []
+        if out["name"] is not None and not valid_name(out["name"]):
+            errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
+                           "letters, digits, '-' and '.', alphanumeric at both ends, at most 253 characters"})
+        if out["labels"] is not None:
+            errors += _check_string_map(out["labels"], "metadata.labels", label_values=True)
+        if out["annotations"] is not None:
+            errors += _check_string_map(out["annotations"], "metadata.annotations", label_values=False)
+        if out["finalizers"] is not None:
+            if not isinstance(out["finalizers"], list) or any(
+                    not isinstance(f, str) or _qualified_name_error(f) for f in out["finalizers"]):
+                errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
+        rv = out["resource_version"]
+        if rv is not None and not isinstance(rv, str):
+            errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
+        if errors:
+            raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
+        return out
+
+    def _check_spec(self, info: KindInfo, spec) -> dict:
+        if not isinstance(spec, dict):
+            raise BadRequestError("spec must be a JSON object")
+        return spec
+
+    def _check_status(self, info: KindInfo, status) -> dict:
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
+        return status
+
+    def _run_validate(self, info: KindInfo, obj: dict) -> None:
+        if info.validate is None:
+            return
+        try:
+            info.validate(Resource(deepcopy_json(obj)))
+        except ValidationError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(str(exc)) from None
+
+    # -- writes ----------------------------------------------------------------
+    def _create(self, info: KindInfo, parsed: dict, *, owner: dict | None = None) -> dict:
+        self._require_started()
+        spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
+        finalizers = list(parsed["finalizers"] or [])
+        if info.finalize is not None and FINALIZER not in finalizers:
+            finalizers.append(FINALIZER)
+        owner_refs = []
+        if owner is not None:
+            owner_refs = [{"kind": owner["kind"], "uid": owner["metadata"]["uid"],
+                           "name": owner["metadata"]["name"], "controller": True}]
+        for _ in range(16):
+            uid = f"{info.prefix}-{os.urandom(4).hex()}"
+            obj = new_object(info.kind, parsed["name"] or uid, uid, spec=spec, labels=parsed["labels"],
+                             annotations=parsed["annotations"], finalizers=finalizers,
+                             owner_references=owner_refs)
+            self._run_validate(info, obj)
+            try:
+                return self.store.create(obj)
+            except ConflictError as exc:
+                if exc.details and exc.details[0]["field"] == "metadata.uid":
+                    continue        # a uid collision: draw another one
+                raise
+        raise ConflictError(f"could not draw a free uid for {info.kind}; retry")
+
+    def _mutate(self, info: KindInfo, ref: str, change, *, action: str = "updated", if_match=None,
+                if_none_match=None, expected_rv=None) -> dict:
+        """Read, apply ``change(new)`` to a copy, validate, and compare-and-swap; retried on races.
+
+        Returns the stored object (the current one, unwritten, when nothing changed).
+        """
+        self._require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f"{kind} {ref!r} not found")
+            name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
+            if if_none_match is not None and ("*" in _etag_list(if_none_match) or
+                                              etag_of(cur) in _etag_list(if_none_match)):
+                raise PreconditionFailedError(f"{kind} {name!r} exists (If-None-Match: {if_none_match})")
+            if not if_match_ok(if_match, cur):
+                raise PreconditionFailedError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                              f"If-Match: {if_match}; re-read and retry")
+            if expected_rv is not None and expected_rv != rv:
+                raise ConflictError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                    f"{expected_rv}; re-read and retry")
+            new = deepcopy_json(cur)
+            change(new)
+            meta, old_meta = new["metadata"], cur["metadata"]
+            for key in SERVER_MANAGED:
+                meta[key] = old_meta[key]
+            meta["ownerReferences"] = old_meta["ownerReferences"]
+            if new["spec"] != cur["spec"]:
+                meta["generation"] = old_meta["generation"] + 1
+            if new == cur:
+                return cur
+            self._run_validate(info, new)
+            meta["updatedAt"] = utcnow()
+            try:
+                if old_meta["deletionTimestamp"] and not meta["finalizers"]:
+                    return store.delete(kind, old_meta["uid"], rv)
+                return store.replace(new, rv, action)
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
+                                                  f"(If-Match: {if_match}); re-read and retry") from None
+                if expected_rv is not None:
+                    raise
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to update; retry")
+
+    def _update(self, info: KindInfo, ref: str, parsed: dict, **pre) -> dict:
+        spec = None if parsed["spec"] is None else self._check_spec(info, deepcopy_json(parsed["spec"]))
+
+        def change(new):
+            meta = new["metadata"]
+            if parsed["name"] is not None and parsed["name"] != meta["name"]:
+                raise _validation("metadata.name", f"is immutable (it is {meta['name']!r})")
+            if spec is not None:
+                new["spec"] = deepcopy_json(spec)
+            for key in ("labels", "annotations"):
+                if parsed[key] is not None:
+                    meta[key] = dict(parsed[key]) if parsed["envelope"] else {**meta[key], **parsed[key]}
+            if parsed["finalizers"] is not None:
+                meta["finalizers"] = list(parsed["finalizers"])
+        return self._mutate(info, ref, change, expected_rv=parsed["resource_version"], **pre)
+
+    def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
+               **pre) -> dict:
+        apply = {"merge": apply_merge_patch, "json": apply_json_patch, "shorthand": apply_shorthand_patch}.get(patch_type)
+        if apply is None:
+            raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
+        part = "status" if status else "spec"
+
+        def change(new):
+            result = apply(new[part], patch)
+            if not isinstance(result, dict):
+                raise PatchError(f"the patched {part} must be a JSON object",
+                                 [{"field": part, "message": "must be an object"}])
+            new[part] = (self._check_status if status else self._check_spec)(info, result)
+            if status:
+                self._keep_version(new)
+        return self._mutate(info, ref, change, action="patched", **pre)
+
+    def _update_status(self, info: KindInfo, ref: str, status, **pre) -> dict:
+        status = self._check_status(info, deepcopy_json(status))
+
+        def change(new):
+            new["status"] = deepcopy_json(status)
+            self._keep_version(new)
+        return self._mutate(info, ref, change, **pre)
+
+    def _keep_version(self, new):
+        """History kinds keep ``status.version`` across status writes (Spec history section)."""
+
+    def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None) -> tuple[dict, bool]:
+        """Delete now (True) or, with finalizers pending, mark deletionTimestamp (False)."""
+        self._require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f"{kind} {ref!r} not found")
+            meta = cur["metadata"]
+            if not if_match_ok(if_match, cur):
+                raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
+                                              f"{meta['resourceVersion']}, the request expected If-Match: "
+                                              f"{if_match}; re-read and retry")
+            try:
+                if meta["finalizers"] and not force:
+                    if meta["deletionTimestamp"]:
+                        return cur, False
+                    new = deepcopy_json(cur)
+                    new["metadata"]["deletionTimestamp"] = new["metadata"]["updatedAt"] = utcnow()
+                    return store.replace(new, meta["resourceVersion"], "updated"), False
+                tomb = store.delete(kind, meta["uid"], meta["resourceVersion"])
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
+                continue
+            self._collect_garbage(tomb)
+            return tomb, True
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
+
+    def _collect_garbage(self, tomb: dict) -> None:
+        """Delete the dependents of a deleted owner (Owners section)."""
+
+    def _select(self, info: KindInfo, *, selector: str | None = None, name: str | None = None) -> list[dict]:
+        """The objects of a kind matching a label selector and/or a name, by name."""
+        if name is not None:
+            obj = self.store.find(info.kind, name)
+            items = [] if obj is None else [obj]
+        else:
+            items = self.store.list(info.kind)
+        if selector:
+            sel = parse_selector(selector)
+            items = [o for o in items if sel.matches(o["metadata"]["labels"])]
+        return items
+
+    # -- serving -----------------------------------------------------------------
+    def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
+              token: str | None = None, max_threads: int = 256, quiet: bool = False) -> None:
+        """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
+
+        ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
+        one, or a Bottle adapter ("waitress", "cheroot", "gunicorn") when installed.
+        """
+        if token:
+            self.token = token
+        self._host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
+        self.start()
+        try:
+            if server in (None, "", "fabrica", "auto"):
+                self._serve_builtin(host, port, max_threads)
+            else:
+                self._serve_adapter(server, host, port, quiet)
+        finally:
+            self.stop()
+
+    def _serve_builtin(self, host, port, max_threads):
+        httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads)
+        self.httpd = httpd
+        stopping = threading.Event()
+
+        def on_signal(signum, frame):
+            if not stopping.is_set():
+                stopping.set()
+                http_log.info("signal %d: stopping (finishing in-flight requests)", signum)
+                threading.Thread(target=httpd.stop, name="fabrica-http-stop", daemon=True).start()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        http_log.info("fabrica %s listening on http://%s:%d (data: %s)", __version__, shown,
+                      httpd.server_port, getattr(self.store, "data_dir", type(self.store).__name__))
+        try:
+            httpd.serve_forever(poll_interval=0.2)
+        finally:
+            if not stopping.is_set():
+                httpd.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _serve_adapter(self, name, host, port, quiet):
+        adapter = bottle.server_names.get(name)
+        if adapter is None:
+            raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
+
+        def on_signal(signum, frame):
+            raise KeyboardInterrupt
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+        http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
+        try:
+            bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True)
+        except ImportError as exc:
+            raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
+        except KeyboardInterrupt:
+            pass
+
+
+###############################################################################
+# Clients ######################################################################
+###############################################################################
+#
+# app.client (in process) and Client (HTTP) have the same methods and raise
+# the same exceptions. Both hand out Resource copies: editing one never
+# touches the store until it is written back.
+
+
+class LocalClient:
+    """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
+
+    def __init__(self, app: Fabrica):
+        self._app = app
+
+    def _info(self, kind: str) -> KindInfo:
+        return self._app.resolve_kind(kind)
+
+    def _out(self, obj) -> Resource:
+        return Resource(deepcopy_json(obj))
+
+    def get(self, kind: str, ref: str) -> Resource:
+        """The object (uid or name); NotFoundError if missing."""
+        info = self._info(kind)
+        self._app._require_started()
+        obj = self._app.store.resolve(info.kind, ref)
+        if obj is None:
+            raise NotFoundError(f"{info.kind} {ref!r} not found")
+        return self._out(obj)
+
+    def list(self, kind: str, selector: str | None = None, limit: int | None = None) -> list[Resource]:
+        """Every object of a kind, by name; ``selector`` is a label selector."""
+        info = self._info(kind)
+        self._app._require_started()
+        items = self._app._select(info, selector=selector)
+        if limit is not None:
+            items = items[:limit]
+        return [self._out(o) for o in items]
+
+    def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
+               annotations: dict | None = None, owner: dict | None = None,
+               finalizers: list | None = None) -> Resource:
+        """Create an object; ``owner`` sets ownerReferences (409 if the owner is gone or being deleted)."""
+        info = self._info(kind)
+        parsed = self._app._parse_body(info, {"metadata": {
+            k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
+                              ("finalizers", finalizers)) if v is not None}, "spec": spec or {}})
+        return self._out(self._app._create(info, parsed, owner=owner))
+
+    def update(self, obj: dict) -> Resource:
+        """PUT the envelope (spec, labels, annotations, finalizers) guarded by its resourceVersion.
+
+        A stale one raises PreconditionFailedError.
+        """
+        info = self._info(obj["kind"])
+        meta = obj["metadata"]
+        body = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations", "finalizers") if k in meta},
+                "spec": obj.get("spec", {})}
+        parsed = self._app._parse_body(info, body, update=True)
+        rv = meta.get("resourceVersion")
+        return self._out(self._app._update(info, meta["uid"] if meta.get("uid") else meta["name"], parsed,
+                                           if_match=f'"{rv}"' if rv else None))
+
+    def patch(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
+        """Patch the spec with a merge patch, a JSON Patch (``type="json"``) or a shorthand patch."""
+        return self._out(self._app._patch(self._info(kind), ref, patch, type))
+
+    def update_status(self, kind: str, ref: str, status: dict) -> Resource:
+        """Replace the status (no generation bump)."""
+        return self._out(self._app._update_status(self._info(kind), ref, status))
+
+    def patch_status(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
+        return self._out(self._app._patch(self._info(kind), ref, patch, type, status=True))
+
+    def delete(self, kind: str, ref: str, force: bool = False) -> Resource | None:
+        """Delete; returns None when gone, or the object when finalizers are pending (a 202)."""
+        obj, gone = self._app._delete(self._info(kind), ref, force=force)
+        return None if gone else self._out(obj)
+
+
+###############################################################################
+# CLI ##########################################################################
+###############################################################################
+#
+# python fabrica.py serve [APP] ...; the library logs, only main() prints.
+
+
+def load_app(spec: str) -> Fabrica:
+    """Load a Fabrica from ``module:attr`` or ``path/to/file.py[:attr]`` with importlib (no eval)."""
+    target, _, attr = spec.partition(":")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"app file {target!r} not found")
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        name = os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(target)
+    if attr:
+        app = getattr(module, attr, None)
+    else:
+        app = getattr(module, "app", None)
+        if not isinstance(app, Fabrica):
+            app = next((v for v in vars(module).values() if isinstance(v, Fabrica)), None)
+    if not isinstance(app, Fabrica):
+        raise ConfigurationError(f"{spec!r} holds no Fabrica instance" + (f" named {attr!r}" if attr else ""))
+    return app
+
+
+def _env(name: str, default=None):
+    return os.environ.get("FABRICA_" + name, default)
+
+
+def _serve_parser(sub):
+    p = sub.add_parser("serve", help="run the REST API, the bus and the controllers")
+    p.add_argument("app", nargs="?", help="module:attr or path/to/file.py[:attr] holding a Fabrica "
+                                          "(default: an open server where any kind can be created)")
+    p.add_argument("--data-dir", default=_env("DATA_DIR"), help="JSON file store directory (default ./data)")
+    p.add_argument("--database-url", default=_env("DATABASE_URL"))
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8080")))
+    p.add_argument("--token", default=_env("TOKEN"), help="require 'Authorization: Bearer TOKEN'")
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "0")) or None,
+                   help="reconcile workers per kind (overrides the app)")
+    p.add_argument("--no-fsync", action="store_true", default=_env("NO_FSYNC", "") not in ("", "0", "false"),
+                   help="skip fsync: faster, but a power loss can lose acknowledged writes")
+    p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), waitress, "
+                                                                  "cheroot, gunicorn")
+    p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    return p
+
+
+def _cmd_serve(args) -> int:
+    app = load_app(args.app) if args.app else Fabrica(open=True)
+    if args.data_dir or args.database_url:
+        app.configure_store(data_dir=args.data_dir, database_url=args.database_url)
+    if args.no_fsync:
+        app.configure_store(durable=False)
+    if args.workers:
+        for info in app.kinds.values():
+            info.workers = args.workers
+    app.serve(args.host, args.port, server=args.server, token=args.token, max_threads=args.max_threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``serve`` (and, with a kind, the client verbs)."""
+    parser = argparse.ArgumentParser(prog="fabrica", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fabrica {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return _cmd_serve(args)
+    except StoreLockedError as exc:
+        print(f"fabrica: {exc}", file=sys.stderr)
+        return 1
+    except ConfigurationError as exc:
+        print(f"fabrica: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fabrica: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("fabrica", sys.modules[__name__])   # APP files import this same module
+    sys.exit(main())
