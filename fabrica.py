@@ -55,7 +55,10 @@ import argparse
 import collections
 import contextlib
 import copy
+import dataclasses
 import errno
+import heapq
+import itertools
 import fcntl
 import hmac
 import importlib
@@ -73,8 +76,12 @@ import socketserver
 import sys
 import threading
 import time
+import types
+import typing
 import urllib.parse
 from datetime import datetime, timezone
+from collections import deque
+from collections.abc import Callable, Hashable
 from http.server import BaseHTTPRequestHandler
 
 import bottle
@@ -103,7 +110,6 @@ UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
 PREFIX_RE = re.compile(r"[a-z0-9]+")
 KIND_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
 PLURAL_RE = re.compile(r"[a-z][a-z0-9]{0,62}")
-_QUALIFIED_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 RESERVED_PATHS = {"health", "apis", "events", "openapi.json", "docs", "metrics"}
 _UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data", "metadata"}
 
@@ -111,18 +117,6 @@ _UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data",
 def valid_name(name) -> bool:
     """True for a Kubernetes DNS-1123 subdomain (also what every uid is)."""
     return isinstance(name, str) and len(name) <= 253 and NAME_RE.fullmatch(name) is not None
-
-
-def _qualified_name_error(key) -> str | None:
-    """Why ``key`` is not a Kubernetes qualified name (label/annotation key), or None."""
-    if not isinstance(key, str) or not key:
-        return "must be a non-empty string"
-    prefix, _, name = key.rpartition("/")
-    if "/" in key and (not prefix or not valid_name(prefix)):
-        return "prefix must be a DNS-1123 subdomain"
-    if len(name) > 63 or not _QUALIFIED_RE.fullmatch(name):
-        return "name part must be at most 63 alphanumeric characters, '-', '_' or '.', alphanumeric at both ends"
-    return None
 
 
 def pluralize(kind: str) -> str:
@@ -537,6 +531,1052 @@ class Result:
 
     def __repr__(self):
         return f"Result(requeue={self.requeue!r}, requeue_after={self.requeue_after!r})"
+
+
+###############################################################################
+# Patches #####################################################################
+###############################################################################
+# The three PATCH content types of SPEC §6.4 as pure functions: JSON Merge
+# Patch (RFC 7386), JSON Patch (RFC 6902 over RFC 6901 pointers) and the
+# dotted shorthand. None mutates its arguments, and no result shares an
+# object with them: each works on a deep copy and copies every value it
+# takes from a patch. Failures raise PatchError (422) naming op and path.
+
+_ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
+_BAD_ESCAPE = re.compile(r"~(?![01])")
+_JSON_PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
+
+
+def apply_merge_patch(doc, patch):
+    """Return *doc* with the JSON Merge Patch (RFC 7386) *patch* applied.
+
+    An object patch is merged member by member and a null member removes
+    that key; any other patch, arrays included, replaces the target whole.
+    Every JSON value is a valid merge patch, so this never raises. *doc*
+    and *patch* are not mutated and share nothing with the result.
+    """
+    return _merge(copy.deepcopy(doc), patch)
+
+
+def _merge(target, patch):
+    # target is a private copy by now, so it is updated in place.
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merge(target.get(key), value)
+    return target
+
+
+def merge_patch_diff(a, b):
+    """Return a merge patch *p* such that ``apply_merge_patch(a, p) == b``.
+
+    Objects are diffed member by member, with null for each removed key;
+    arrays and scalars that differ are replaced whole. true and 1 differ,
+    1 and 1.0 do not (JSON equality).
+
+    Merge patch cannot express a null value, since null means "remove":
+    the round trip holds only if *b* has no null below its top level (a
+    null member of *b* comes out absent, a null inside a new object is
+    dropped). Neither argument is mutated.
+    """
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return copy.deepcopy(b)
+    patch = {key: None for key in a if key not in b}
+    for key, value in b.items():
+        if key not in a:
+            patch[key] = copy.deepcopy(value)
+        elif not _json_equal(a[key], value):
+            patch[key] = merge_patch_diff(a[key], value)
+    return patch
+
+
+def apply_json_patch(doc, ops):
+    """Return *doc* with the JSON Patch (RFC 6902) *ops* applied.
+
+    *ops* is a list of operation objects, each with a string "op" (add,
+    remove, replace, move, copy or test) and an RFC 6901 "path"; members
+    other than those the op uses are ignored. The patch is atomic: it
+    applies to a deep copy, so *doc* and *ops* are never mutated and a
+    failure leaves nothing half done.
+
+    Raises PatchError naming the failing operation and path, e.g.
+    "op 2 (remove): path '/a/b' does not exist", with the same message in
+    ``details`` under the field "patch[2]".
+    """
+    if not isinstance(ops, list):
+        raise PatchError(f"a JSON Patch must be an array of operations, not {_json_kind(ops)}")
+    result = copy.deepcopy(doc)
+    for index, op in enumerate(ops):
+        try:
+            result = _apply_operation(result, op)
+        except PatchError as exc:
+            name = op.get("op") if isinstance(op, dict) else None
+            label = f"op {index} ({name})" if isinstance(name, str) else f"op {index}"
+            details = [{"field": f"patch[{index}]", "message": exc.message}]
+            raise PatchError(f"{label}: {exc.message}", details) from None
+    return result
+
+
+def _apply_operation(doc, op):
+    """Apply one operation to *doc* in place; return the (maybe new) root."""
+    if not isinstance(op, dict):
+        raise PatchError(f"an operation must be an object, not {_json_kind(op)}")
+    name = op.get("op")
+    if name not in _JSON_PATCH_OPS:
+        raise PatchError(f"'op' must be one of {', '.join(_JSON_PATCH_OPS)}, not {_brief(name)}")
+    path = _pointer_member(op, "path")
+    if name in ("add", "replace", "test") and "value" not in op:
+        raise PatchError("missing 'value' member")
+
+    if name == "add":
+        return _add(doc, path, copy.deepcopy(op["value"]))
+    if name == "remove":
+        _remove(doc, path)
+        return doc
+    if name == "replace":
+        if not path:
+            return copy.deepcopy(op["value"])
+        parent, key = _locate(doc, path)
+        parent[key] = copy.deepcopy(op["value"])
+        return doc
+    if name == "test":
+        actual = _walk(doc, path)
+        if not _json_equal(actual, op["value"]):
+            raise PatchError(f"test failed: '{op['path']}' is {_brief(actual)}, "
+                             f"not {_brief(op['value'])}")
+        return doc
+
+    source = _pointer_member(op, "from")
+    if name == "copy":
+        return _add(doc, path, copy.deepcopy(_walk(doc, source)))
+    if source == path:
+        _walk(doc, source)  # a no-op move still needs an existing "from"
+        return doc
+    if path[:len(source)] == source:
+        raise PatchError(f"cannot move '{op['from']}' into its own child '{op['path']}'")
+    return _add(doc, path, _remove(doc, source))
+
+
+def _pointer_member(op, member) -> list[str]:
+    if member not in op:
+        raise PatchError(f"missing '{member}' member")
+    if not isinstance(op[member], str):
+        raise PatchError(f"'{member}' must be a string, not {_json_kind(op[member])}")
+    return _parse_pointer(op[member])
+
+
+def _add(doc, tokens, value):
+    if not tokens:
+        return value
+    parent = _walk(doc, tokens[:-1])
+    key = tokens[-1]
+    if isinstance(parent, dict):
+        parent[key] = value
+    elif isinstance(parent, list):
+        parent.insert(_array_index(parent, key, tokens, insert=True), value)
+    else:
+        raise PatchError(f"cannot add '{_format_pointer(tokens)}': "
+                         f"its parent is {_json_kind(parent)}, not an object or array")
+    return doc
+
+
+def _remove(doc, tokens):
+    """Remove and return the value at *tokens*."""
+    if not tokens:
+        raise PatchError("cannot remove the whole document")
+    parent, key = _locate(doc, tokens)
+    return parent.pop(key)
+
+
+def _locate(doc, tokens):
+    """Return (container, key or index) of the existing value at *tokens*."""
+    parent = _walk(doc, tokens[:-1])
+    key = tokens[-1]
+    if isinstance(parent, list):
+        return parent, _array_index(parent, key, tokens)
+    if isinstance(parent, dict) and key in parent:
+        return parent, key
+    raise PatchError(f"path '{_format_pointer(tokens)}' does not exist")
+
+
+def resolve_pointer(doc, pointer: str):
+    """Return the value the JSON Pointer (RFC 6901) *pointer* designates.
+
+    "" is the whole document; "~1" and "~0" unescape to "/" and "~". The
+    value is returned as is, not copied. Raises PatchError if the pointer
+    is malformed or designates nothing.
+    """
+    if not isinstance(pointer, str):
+        raise PatchError(f"a JSON pointer must be a string, not {_json_kind(pointer)}")
+    return _walk(doc, _parse_pointer(pointer))
+
+
+def _parse_pointer(pointer: str) -> list[str]:
+    if not pointer:
+        return []
+    if not pointer.startswith("/"):
+        raise PatchError(f"JSON pointer '{pointer}' must be empty or start with '/'")
+    if _BAD_ESCAPE.search(pointer):
+        raise PatchError(f"JSON pointer '{pointer}' has a '~' not followed by '0' or '1'")
+    # "~01" is "~1", not "/": unescape ~1 before ~0 (RFC 6901 §4).
+    return [token.replace("~1", "/").replace("~0", "~") for token in pointer[1:].split("/")]
+
+
+def _format_pointer(tokens) -> str:
+    return "".join("/" + token.replace("~", "~0").replace("/", "~1") for token in tokens)
+
+
+def _walk(doc, tokens):
+    node = doc
+    for depth, token in enumerate(tokens):
+        if isinstance(node, list):
+            node = node[_array_index(node, token, tokens[:depth + 1])]
+        elif isinstance(node, dict) and token in node:
+            node = node[token]
+        else:
+            raise PatchError(f"path '{_format_pointer(tokens[:depth + 1])}' does not exist")
+    return node
+
+
+def _array_index(array: list, token: str, tokens, *, insert: bool = False) -> int:
+    """Return the index *token* designates in *array*.
+
+    Only add may use "-" (past the end) or the index len(array).
+    """
+    if insert and token == "-":
+        return len(array)
+    where = _format_pointer(tokens)
+    if token == "-":
+        raise PatchError(f"path '{where}': '-' (past the end of the array) is only valid for add")
+    if not _ARRAY_INDEX.fullmatch(token):
+        raise PatchError(f"path '{where}': '{token}' is not an array index")
+    index = int(token)
+    if index < len(array) or (insert and index == len(array)):
+        return index
+    if insert:
+        raise PatchError(f"path '{where}': index {index} is past the end of the array "
+                         f"({len(array)} items)")
+    raise PatchError(f"path '{where}' does not exist (the array has {len(array)} items)")
+
+
+def _json_equal(a, b) -> bool:
+    """JSON equality: 1 == 1.0, but true != 1; object member order is ignored."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_json_equal, a, b))
+    return type(a) is type(b) and a == b
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def apply_shorthand_patch(doc, patch):
+    """Return *doc* with a shorthand patch such as ``{"a.b": 1, "c": None}`` applied.
+
+    Each key is a dot-separated path of object members. A non-null value
+    sets the member, creating intermediate objects where they are missing
+    or null; a null value removes the member, and removing a path that
+    does not exist is not an error. Keys apply in sorted order, so
+    ``{"a": None, "a.b": 1}`` always gives ``{"a": {"b": 1}}``. Member names
+    that contain "." cannot be addressed.
+
+    Raises PatchError if *doc* or *patch* is not an object, a key has an
+    empty segment ("a..b", ".a"), or a set passes through a value that is
+    not an object. *doc* and *patch* are never mutated.
+    """
+    if not isinstance(patch, dict):
+        raise PatchError(f"a shorthand patch must be an object, not {_json_kind(patch)}")
+    if not isinstance(doc, dict):
+        raise PatchError(f"a shorthand patch applies to an object, not {_json_kind(doc)}")
+    for path in patch:
+        if not isinstance(path, str) or "" in path.split("."):
+            raise PatchError(f"invalid shorthand path {_brief(path)}: expected names joined by '.'")
+    result = copy.deepcopy(doc)
+    for path in sorted(patch):
+        *parents, leaf = path.split(".")
+        if patch[path] is None:
+            _shorthand_remove(result, parents, leaf)
+            continue
+        node = result
+        for depth, name in enumerate(parents):
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                raise PatchError(f"cannot set '{path}': '{'.'.join(parents[:depth + 1])}' "
+                                 f"is {_json_kind(child)}, not an object")
+            node = child
+        node[leaf] = copy.deepcopy(patch[path])
+    return result
+
+
+def _shorthand_remove(node, parents, leaf):
+    for name in parents:
+        node = node.get(name)
+        if not isinstance(node, dict):
+            return
+    node.pop(leaf, None)
+
+
+###############################################################################
+# Label selectors #############################################################
+###############################################################################
+# Kubernetes label selectors (SPEC §6.5), parsed as apimachinery's
+# labels.Parse parses them, quirks included, except that the integer
+# comparisons "<" and ">" are rejected. A Selector is plain data: matching
+# needs only the labels dict, and index_candidates tells a store which
+# label-index lookups can narrow a search before matching.
+
+# "==" and "!=" come before their one-character prefixes. Whitespace, the
+# only text no alternative matches, is what findall() skips.
+_SELECTOR_TOKEN = re.compile(r"==|!=|[=!(),<>]|[^ \t\r\n=!(),<>]+")
+_SELECTOR_SYMBOLS = frozenset({"==", "!=", "=", "!", "(", ")", ",", "<", ">"})
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+@dataclasses.dataclass
+class Selector:
+    """A parsed label selector: the AND of its requirements.
+
+    Each requirement is ``(key, op, values)`` with op one of "=", "!=",
+    "in", "notin", "exists" and "!" ("==" is stored as "="); values is a
+    frozenset, empty for "exists" and "!". "!=" and "notin" also match
+    objects without the key. A selector with no requirements matches
+    everything.
+    """
+
+    requirements: list[tuple[str, str, frozenset[str]]] = dataclasses.field(default_factory=list)
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Return True if *labels* satisfy every requirement."""
+        for key, op, values in self.requirements:
+            if op == "exists":
+                ok = key in labels
+            elif op == "!":
+                ok = key not in labels
+            elif op in ("=", "in"):
+                ok = key in labels and labels[key] in values
+            else:  # "!=", "notin"
+                ok = key not in labels or labels[key] not in values
+            if not ok:
+                return False
+        return True
+
+    def index_candidates(self) -> list[tuple[str, frozenset[str] | None]]:
+        """Return the requirements a label index can answer.
+
+        ``(key, values)`` for "=" and "in" (the label has one of values),
+        ``(key, None)`` for "exists". Every matching object is in the
+        intersection of these lookups, which must still be filtered with
+        matches(); an empty list means the store has to scan.
+        """
+        return [(key, None if op == "exists" else values)
+                for key, op, values in self.requirements if op in ("=", "in", "exists")]
+
+
+def parse_selector(text: str) -> Selector:
+    """Parse a Kubernetes label selector such as ``app=web,tier in (a,b),!canary``.
+
+    Same language as apimachinery's labels.Parse: "," is AND; "k=v",
+    "k==v", "k!=v", "k in (a,b)", "k notin (a)", "k" (exists) and "!k"
+    (does not exist); spaces, tabs and newlines around tokens are ignored.
+    As in Kubernetes, "" selects everything, "k=" and "k in ()" match the
+    empty value, "(a,,b)" includes it, and "in"/"notin" are keywords only
+    where an operator is expected ("in=x" is a key named "in"). Keys must
+    be label keys ([prefix/]name) and values label values. Not supported:
+    the integer operators "<" and ">".
+
+    Raises BadRequestError("invalid label selector '<text>': <reason>").
+    """
+    if not isinstance(text, str):
+        raise BadRequestError(f"invalid label selector: expected a string, "
+                              f"not {type(text).__name__}")
+    return _SelectorParser(text).parse()
+
+
+class _SelectorParser:
+    """Recursive descent over the selector's tokens; "" stands for the end."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _SELECTOR_TOKEN.findall(text)
+        self.pos = 0
+
+    def peek(self) -> str:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else ""
+
+    def take(self) -> str:
+        token = self.peek()
+        self.pos += 1
+        return token
+
+    def error(self, reason: str) -> BadRequestError:
+        return BadRequestError(f"invalid label selector '{self.text}': {reason}",
+                               [{"field": "labelSelector", "message": reason}])
+
+    def parse(self) -> Selector:
+        requirements = []
+        if self.peek():
+            requirements.append(self.requirement())
+            while (token := self.take()) == ",":
+                requirements.append(self.requirement())
+            if token:
+                raise self.error(f"found '{token}', expected ',' or end of string")
+        return Selector(requirements)
+
+    def requirement(self) -> tuple[str, str, frozenset[str]]:
+        negated = self.peek() == "!"
+        if negated:
+            self.take()
+        key = self.take()
+        if not _is_word(key):
+            raise self.error(f"found {_shown(key)}, expected a label key")
+        self.check(_label_key_problem(key))
+        if self.peek() in ("", ","):
+            return key, "!" if negated else "exists", frozenset()
+        if negated:
+            raise self.error(f"found '{self.peek()}', expected ',' or end of string after '!{key}'")
+        op = self.take()
+        if op in ("in", "notin"):
+            values = self.value_set()
+        elif op in ("=", "==", "!="):
+            values = frozenset({self.exact_value()})
+        elif op in ("<", ">"):
+            raise self.error(f"operator '{op}' is not supported; use =, ==, !=, in or notin")
+        else:
+            raise self.error(f"found {_shown(op)} after '{key}', expected =, ==, !=, in or notin")
+        for value in sorted(values):
+            self.check(_label_value_problem(value, "value"))
+        return key, "=" if op == "==" else op, values
+
+    def exact_value(self) -> str:
+        if self.peek() in ("", ","):
+            return ""
+        value = self.take()
+        if not _is_word(value):
+            raise self.error(f"found '{value}', expected a value")
+        return value
+
+    def value_set(self) -> frozenset[str]:
+        token = self.take()
+        if token != "(":
+            raise self.error(f"found {_shown(token)}, expected '('")
+        if self.peek() == ")":
+            self.take()
+            return frozenset({""})
+        # Mirrors apimachinery's parseIdentifiersList, quirks included: a
+        # leading, doubled or trailing comma adds the empty value, yet
+        # "(,,)" and "(a,,)" are errors there and so here.
+        values = set()
+        while True:
+            token = self.take()
+            if token == ",":
+                if not values:
+                    values.add("")
+                if self.peek() == ")":
+                    self.take()
+                    values.add("")
+                    return frozenset(values)
+                if self.peek() == ",":
+                    self.take()
+                    values.add("")
+            elif _is_word(token):
+                values.add(token)
+                if self.peek() == ")":
+                    self.take()
+                    return frozenset(values)
+                if self.peek() != ",":
+                    raise self.error(f"found {_shown(self.peek())}, expected ',' or ')'")
+            else:
+                raise self.error(f"found {_shown(token)}, expected a value, ',' or ')'")
+
+    def check(self, problem: str | None):
+        if problem:
+            raise self.error(problem)
+
+
+def _is_word(token: str) -> bool:
+    return bool(token) and token not in _SELECTOR_SYMBOLS
+
+
+def _shown(token: str) -> str:
+    return f"'{token}'" if token else "end of string"
+
+
+def _label_key_problem(key: str) -> str | None:
+    """Why *key* is not a Kubernetes qualified name ([prefix/]name), or None."""
+    prefix, slash, name = key.rpartition("/")
+    if "/" in prefix:
+        return f"key '{key}' has more than one '/'"
+    if slash and not prefix:
+        return f"key '{key}' has an empty prefix before '/'"
+    if len(prefix) > 253 or (prefix and not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        return (f"key prefix '{prefix}' must be a DNS subdomain: lowercase letters, "
+                f"digits, '-' and '.', at most 253 characters")
+    if not name:
+        return f"key '{key}' has an empty name"
+    return _label_value_problem(name, "key name")
+
+
+def _label_value_problem(value: str, what: str) -> str | None:
+    """Why *value* is not a label value (which may be empty), or None."""
+    if len(value) > 63:
+        return f"{what} '{value}' is longer than 63 characters"
+    if value and not _LABEL_NAME.fullmatch(value):
+        return (f"{what} '{value}' must be letters, digits, '-', '_' or '.', "
+                f"and start and end with a letter or digit")
+    return None
+
+
+###############################################################################
+# JSON Schema ##################################################################
+###############################################################################
+#
+# The draft 2020-12 subset that spec and status schemas may use: checked once
+# (_check_schema), defaults filled on a private copy (_with_defaults), then
+# EVERY error listed as {"field": "spec.a[0].b", "message"}. Either engine,
+# ours or the jsonschema package, decides what fails; _keyword_errors words
+# the messages for both, so fields and words agree.
+
+SCHEMA_TYPES = ("string", "integer", "number", "boolean", "object", "array", "null")
+# Keywords that only annotate: accepted, kept for OpenAPI, never asserted.
+# "format" is an annotation in 2020-12 (jsonschema asserts it only on request).
+SCHEMA_ANNOTATIONS = frozenset({
+    "title", "description", "default", "examples", "format", "deprecated",
+    "readOnly", "writeOnly", "$schema", "$id", "$comment",
+})
+SCHEMA_KEYWORDS = frozenset({
+    "type", "properties", "required", "additionalProperties", "enum", "const",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+    "maxLength", "pattern", "items", "minItems", "maxItems", "anyOf",
+}) | SCHEMA_ANNOTATIONS
+
+
+def _child(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _error(field: str, message: str) -> dict:
+    return {"field": field, "message": message}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_type(value, expected: str | list) -> bool:
+    """JSON Schema's type test: bool is no number, 1.0 is an integer."""
+    if isinstance(expected, list):
+        return any(_is_type(value, name) for name in expected)
+    if expected == "integer":
+        return _is_number(value) and (isinstance(value, int) or value.is_integer())
+    checks = {"string": str, "number": (int, float), "boolean": bool,
+              "object": dict, "array": list, "null": type(None)}
+    return isinstance(value, checks[expected]) and (expected != "number" or _is_number(value))
+
+
+def _json_type(value) -> str:
+    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _is_type(value, name):
+            return name
+    return type(value).__name__
+
+
+def _admits(schema, value) -> bool:
+    if isinstance(schema, bool):
+        return schema
+    return "type" not in schema or _is_type(value, schema["type"])
+
+
+def _anyof_branch(branches: list, value) -> int | None:
+    """The one anyOf branch whose "type" admits value, or None (none or several).
+
+    Its errors are the ones worth reporting: for `X | None` given a wrong
+    object, the user wants the object's fields, not "matches no branch".
+    """
+    admitting = [i for i, branch in enumerate(branches) if _admits(branch, value)]
+    return admitting[0] if len(admitting) == 1 else None
+
+
+def _type_message(expected, value) -> str:
+    names = expected if isinstance(expected, list) else [expected]
+    return f"must be of type {' or '.join(names)}, not {_json_type(value)}"
+
+
+def _schema_errors(schema, value, path: str) -> typing.Iterator[dict]:
+    """The builtin engine: yield every error of value, in the schema's keyword order."""
+    if schema is True:
+        return
+    if schema is False:
+        yield _error(path, "is not allowed")
+        return
+    for keyword, expected in schema.items():
+        yield from _keyword_errors(keyword, expected, value, path, schema)
+
+
+def _keyword_errors(keyword, expected, value, path, schema) -> typing.Iterator[dict]:
+    """Errors of one keyword of schema on value (its children included)."""
+    number, string = _is_number(value), isinstance(value, str)
+    array, obj = isinstance(value, list), isinstance(value, dict)
+    match keyword:
+        case "type" if not _is_type(value, expected):
+            yield _error(path, _type_message(expected, value))
+        case "enum" if not any(_json_equal(value, item) for item in expected):
+            yield _error(path, f"must be one of {json.dumps(expected)}")
+        case "const" if not _json_equal(value, expected):
+            yield _error(path, f"must be equal to {json.dumps(expected)}")
+        case "minimum" if number and value < expected:
+            yield _error(path, f"must be >= {expected}")
+        case "maximum" if number and value > expected:
+            yield _error(path, f"must be <= {expected}")
+        case "exclusiveMinimum" if number and value <= expected:
+            yield _error(path, f"must be > {expected}")
+        case "exclusiveMaximum" if number and value >= expected:
+            yield _error(path, f"must be < {expected}")
+        case "minLength" if string and len(value) < expected:
+            yield _error(path, f"must be at least {expected} characters long")
+        case "maxLength" if string and len(value) > expected:
+            yield _error(path, f"must be at most {expected} characters long")
+        case "pattern" if string and not re.search(expected, value):
+            yield _error(path, f"must match the pattern {expected!r}")
+        case "minItems" if array and len(value) < expected:
+            yield _error(path, f"must have at least {expected} items")
+        case "maxItems" if array and len(value) > expected:
+            yield _error(path, f"must have at most {expected} items")
+        case "required" if obj:
+            for name in expected:
+                if name not in value:
+                    yield _error(_child(path, name), "is required")
+        case "properties" if obj:
+            for name, sub in expected.items():
+                if name in value:
+                    yield from _schema_errors(sub, value[name], _child(path, name))
+        case "additionalProperties" if obj:
+            known = schema.get("properties", {})
+            for name in value:
+                if name in known:
+                    continue
+                if expected is False:
+                    hint = f"; known fields: {', '.join(known)}" if known else ""
+                    yield _error(_child(path, name), "unknown field" + hint)
+                else:
+                    yield from _schema_errors(expected, value[name], _child(path, name))
+        case "items" if array:
+            if expected is False and value:
+                yield _error(path, "must be an empty array")
+            elif expected is not False:
+                for index, item in enumerate(value):
+                    yield from _schema_errors(expected, item, _child(path, index))
+        case "anyOf":
+            failures = []
+            for branch in expected:
+                failures.append(list(_schema_errors(branch, value, path)))
+                if not failures[-1]:
+                    return
+            index = _anyof_branch(expected, value)
+            if index is not None:
+                yield from failures[index]
+            else:
+                # No branch admitting the value's type means each has a "type": name them.
+                names = [] if any(_admits(b, value) for b in expected) else [
+                    name for b in expected if isinstance(b, dict)
+                    for name in (b["type"] if isinstance(b["type"], list) else [b["type"]])]
+                yield _error(path, _type_message(names, value) if names
+                             else "must match at least one of the allowed schemas")
+
+
+def _jsonschema():
+    """The jsonschema module when importable and new enough (draft 2020-12), else None."""
+    try:
+        import jsonschema
+    except ImportError:
+        return None
+    return jsonschema if hasattr(jsonschema, "Draft202012Validator") else None
+
+
+def schema_engine() -> str:
+    """Schema's default engine: "jsonschema" when that package (4.0+) imports, else "builtin"."""
+    return "jsonschema" if _jsonschema() else "builtin"
+
+
+def _converted_errors(error, root: str) -> typing.Iterator[dict]:
+    """Turn one jsonschema ValidationError into ours (same fields and words as the builtin)."""
+    path = root
+    for key in error.absolute_path:
+        path = _child(path, key)
+    if error.validator == "anyOf":
+        index = _anyof_branch(error.validator_value, error.instance)
+        if index is not None:
+            for sub in error.context:
+                if sub.relative_schema_path[0] == index:
+                    yield from _converted_errors(sub, root)
+            return
+    if error.validator in (None, "not"):    # a `false` schema, see _jsonschema_form()
+        yield _error(path, "is not allowed")
+        return
+    ours = list(_keyword_errors(error.validator, error.validator_value,
+                                error.instance, path, error.schema))
+    yield from ours or [_error(path, error.message)]
+
+
+def _jsonschema_form(schema):
+    """Copy of schema for jsonschema, with {"not": {}} for each `false` property schema.
+
+    jsonschema (4.x) reports a value under a `false` property schema without
+    the property in its path; the equivalent "not" keeps it.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    if "properties" in schema:
+        schema["properties"] = {name: {"not": {}} if sub is False else _jsonschema_form(sub)
+                                for name, sub in schema["properties"].items()}
+    for keyword in ("additionalProperties", "items"):
+        if keyword in schema:
+            schema[keyword] = _jsonschema_form(schema[keyword])
+    if "anyOf" in schema:
+        schema["anyOf"] = [_jsonschema_form(branch) for branch in schema["anyOf"]]
+    return schema
+
+
+def _with_defaults(schema, value):
+    """Fill missing properties that have a "default", in place in value (which the caller owns).
+
+    Recurses into present objects, list items and additionalProperties values;
+    a filled default is walked too. For anyOf the first branch that value
+    satisfies once defaulted gives the defaults. Returns the (maybe new) value.
+    """
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            value[name] = _with_defaults(properties.get(name, extra), item)
+        for name, sub in properties.items():
+            if name not in value and isinstance(sub, dict) and "default" in sub:
+                value[name] = _with_defaults(sub, copy.deepcopy(sub["default"]))
+    elif isinstance(value, list):
+        value[:] = [_with_defaults(schema.get("items"), item) for item in value]
+    for branch in schema.get("anyOf", ()):
+        trial = _with_defaults(branch, copy.deepcopy(value))
+        if not any(_schema_errors(branch, trial, "")):
+            return trial
+    return value
+
+
+_EXPECTED = {
+    "type": f"a type name or a list of distinct ones from {', '.join(SCHEMA_TYPES)}",
+    "properties": "an object mapping field names to schemas",
+    "required": "a list of field names",
+    "enum": "a non-empty list",
+    "anyOf": "a non-empty list of schemas",
+    "pattern": "a valid regular expression",
+    "title": "a string", "description": "a string", "examples": "a list",
+    **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"), "a number"),
+    **dict.fromkeys(("minLength", "maxLength", "minItems", "maxItems"), "a non-negative integer"),
+}
+
+
+def _check_schema(schema, where: str = "#") -> None:
+    """Raise ConfigurationError unless schema is in the supported subset and its defaults validate.
+
+    where names the spot in messages ("#/properties/size" for dicts,
+    "Rack.size" for dataclass fields).
+    """
+    if isinstance(schema, bool):
+        return
+    if not isinstance(schema, dict):
+        raise ConfigurationError(f"invalid schema at {where}: a schema must be a dict or a "
+                                 f"boolean, not {type(schema).__name__}")
+    for keyword, value in schema.items():
+        at = f"{where}/{keyword}"
+        ok = True
+        match keyword:
+            case "type":
+                names = [value] if isinstance(value, str) else value
+                ok = (isinstance(names, list) and bool(names)
+                      and all(isinstance(n, str) and n in SCHEMA_TYPES for n in names)
+                      and len(set(names)) == len(names))
+            case "properties":
+                ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+                for name, sub in value.items() if ok else ():
+                    _check_schema(sub, f"{at}/{name}")
+            case "additionalProperties" | "items":
+                _check_schema(value, at)
+            case "required":
+                ok = isinstance(value, list) and all(isinstance(n, str) for n in value)
+            case "enum" | "anyOf":
+                ok = isinstance(value, list) and bool(value)
+                for index, sub in enumerate(value) if ok and keyword == "anyOf" else ():
+                    _check_schema(sub, f"{at}/{index}")
+            case "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum":
+                ok = _is_number(value)
+            case "minLength" | "maxLength" | "minItems" | "maxItems":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            case "pattern":
+                try:
+                    re.compile(value)
+                except (TypeError, re.error):
+                    ok = False
+            case "title" | "description":
+                ok = isinstance(value, str)
+            case "examples":
+                ok = isinstance(value, list)
+            case _ if keyword in SCHEMA_KEYWORDS or str(keyword).startswith("x-"):
+                pass
+            case _:
+                raise ConfigurationError(
+                    f"invalid schema at {where}: unsupported keyword {keyword!r}; supported: "
+                    f"{', '.join(sorted(SCHEMA_KEYWORDS))} and x-* extensions")
+        if not ok:
+            raise ConfigurationError(f"invalid schema at {at}: must be {_EXPECTED[keyword]}, "
+                                     f"not {value!r}")
+    if schema.get("additionalProperties") is False:
+        unknown = [n for n in schema.get("required", []) if n not in schema.get("properties", {})]
+        if unknown:
+            raise ConfigurationError(f"invalid schema at {where}: required {unknown} are not in "
+                                     f"properties, and additionalProperties is false")
+    if "default" in schema:
+        default = _with_defaults(schema, copy.deepcopy(schema["default"]))
+        errors = list(_schema_errors(schema, default, "default"))
+        if errors:
+            raise ConfigurationError(
+                f"invalid schema at {where}: the default {schema['default']!r} does not "
+                f"validate ({errors[0]['field']}: {errors[0]['message']})", details=errors)
+
+
+###############################################################################
+# Schemas ######################################################################
+###############################################################################
+#
+# Schema is what register() keeps per kind for spec and status: built from a
+# dataclass (via schema_from_dataclass), a JSON-Schema dict or None, checked
+# once, immutable afterwards. Dataclass types map to the subset above; what
+# cannot be mapped is a ConfigurationError naming Class.field.
+
+_SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}
+_LITERALS = (str, int, float, bool, type(None))
+
+
+def schema_from_dataclass(cls) -> dict:
+    """Return the JSON Schema (draft 2020-12 subset) of a dataclass type.
+
+    Annotations are resolved with typing.get_type_hints, so modules using
+    ``from __future__ import annotations`` work (types must be importable
+    from the dataclass's module, not local to a function). Mapping:
+    str/int/float/bool, list[X], dict[str, X], X | None and Optional[X]
+    (nullable), X | Y (anyOf), Literal[...] (enum), nested dataclasses
+    (inline objects), typing.Any (anything). Fields without a default are
+    "required"; a default or default_factory() (called once per call here)
+    becomes "default"; unknown fields are refused (additionalProperties
+    false). Schema keywords in field(metadata=...) ("minimum", "pattern",
+    "description", ...) are merged into the field's schema; other metadata
+    keys are left to their owners. Raises ConfigurationError naming the field
+    for an unsupported annotation, a recursive dataclass, a default that is
+    not JSON data or does not validate, or malformed metadata.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ConfigurationError(f"{cls!r} is not a dataclass type")
+    return _dataclass_schema(cls, ())
+
+
+def _dataclass_schema(cls: type, seen: tuple) -> dict:
+    if cls in seen:
+        chain = " -> ".join(c.__qualname__ for c in (*seen, cls))
+        raise ConfigurationError(f"dataclass {cls.__qualname__} contains itself ({chain}); "
+                                 f"recursion is not supported (no $ref), use dict or Any there")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot resolve the annotations of {cls.__qualname__}: {exc}; "
+                                 f"define the types at module level") from exc
+    properties, required = {}, []
+    for f in dataclasses.fields(cls):
+        where = f"{cls.__qualname__}.{f.name}"
+        prop = _annotation_schema(hints.get(f.name, typing.Any), where, (*seen, cls))
+        prop.update({k: v for k, v in f.metadata.items() if k in SCHEMA_KEYWORDS})
+        if f.default is not dataclasses.MISSING:
+            prop["default"] = _json_data(f.default, where)
+        elif f.default_factory is not dataclasses.MISSING:
+            prop["default"] = _json_data(f.default_factory(), where)
+        else:
+            required.append(f.name)
+        _check_schema(prop, where)
+        properties[f.name] = prop
+    schema = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    schema["additionalProperties"] = False
+    return schema
+
+
+def _annotation_schema(tp, where: str, seen: tuple) -> dict:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return {}
+    if tp in _SCALARS:
+        return {"type": _SCALARS[tp]}
+    if tp is type(None):
+        return {"type": "null"}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _dataclass_schema(tp, seen)
+    if tp is list or origin is list and len(args) <= 1:
+        schema = {"type": "array"}
+        if args:
+            schema["items"] = _annotation_schema(args[0], where, seen)
+        return schema
+    if tp is dict or origin is dict and (not args or args[0] is str):
+        schema = {"type": "object"}
+        if args:
+            schema["additionalProperties"] = _annotation_schema(args[1], where, seen)
+        return schema
+    if origin is typing.Literal and all(type(a) in _LITERALS for a in args):
+        return {"enum": list(args)}
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        subs = [_annotation_schema(a, where, seen) for a in members]
+        schema = subs[0] if len(subs) == 1 else {"anyOf": subs}
+        return _nullable(schema) if len(members) < len(args) else schema
+    name = getattr(tp, "__qualname__", None) if isinstance(tp, type) else None
+    raise ConfigurationError(
+        f"{where}: unsupported annotation {name or tp!r}; use str, int, float, bool, list[X], "
+        f"dict[str, X], X | None, Literal[...], typing.Any or a dataclass")
+
+
+def _nullable(schema: dict) -> dict:
+    """schema that also admits null, kept flat where JSON Schema allows it."""
+    if not schema:
+        return schema
+    if isinstance(schema.get("type"), str):
+        return {**schema, "type": [schema["type"], "null"]}
+    if list(schema) == ["enum"]:
+        return {"enum": [*schema["enum"], None]}
+    if list(schema) == ["anyOf"]:
+        return {"anyOf": [*schema["anyOf"], {"type": "null"}]}
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _json_data(value, where: str):
+    """A dataclass field default as JSON data (dataclass instances as dicts, tuples as lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_data(item, where) for item in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json_data(v, where) for k, v in value.items()}
+    raise ConfigurationError(f"{where}: the default {value!r} is not JSON data")
+
+
+class Schema:
+    """A compiled spec or status schema; immutable after construction, so thread-safe.
+
+    ``Schema(definition, engine=None)``: definition is a dataclass type, a
+    JSON-Schema dict (deep-copied, checked eagerly against the supported
+    subset) or None (any object). engine is "builtin", "jsonschema" or None
+    for schema_engine(). Raises ConfigurationError for a malformed schema, an
+    unsupported dataclass annotation or an unavailable engine.
+
+    ``.json`` is the JSON-Schema dict (fit for OpenAPI 3.1; treat it as
+    read-only), ``.engine`` the engine in use.
+    """
+
+    def __init__(self, definition=None, engine: str | None = None):
+        engine = engine or schema_engine()
+        if engine not in ("builtin", "jsonschema"):
+            raise ConfigurationError(f"unknown schema engine {engine!r}; "
+                                     f"use 'builtin' or 'jsonschema'")
+        if engine == "jsonschema" and not _jsonschema():
+            raise ConfigurationError("the jsonschema engine needs the jsonschema package (4.0+): "
+                                     "pip install jsonschema, or use engine='builtin'")
+        if isinstance(definition, Schema):
+            schema = definition.json
+        elif definition is None:
+            schema = {"type": "object"}
+        elif isinstance(definition, type) and dataclasses.is_dataclass(definition):
+            schema = schema_from_dataclass(definition)
+        elif isinstance(definition, dict):
+            schema = copy.deepcopy(definition)
+            _check_schema(schema)
+        else:
+            raise ConfigurationError(f"a schema must be a dataclass type, a JSON-Schema dict or "
+                                     f"None, not {type(definition).__name__}")
+        self.json = schema
+        self.engine = engine
+        self._validator = None
+        if engine == "jsonschema":
+            self._validator = _jsonschema().Draft202012Validator(_jsonschema_form(schema))
+
+    def __repr__(self) -> str:
+        return f"Schema({self.json!r}, engine={self.engine!r})"
+
+    def validate(self, value, path: str = "spec") -> tuple[object, list[dict]]:
+        """Return (value with defaults filled in, errors); never raises for bad data.
+
+        The result is a new object (value is deep-copied, never mutated; a
+        dataclass instance is turned into a dict first). Defaults are filled
+        before validation, deep-copied, into present objects and into missing
+        properties that have a "default". errors lists every failure as
+        {"field": "spec.items[2].name", "message": "..."}: a missing required
+        field and an unknown field are reported at their own path.
+        """
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        value = _with_defaults(self.json, copy.deepcopy(value))
+        if self._validator is None:
+            found = _schema_errors(self.json, value, path)
+        else:
+            found = (e for error in self._validator.iter_errors(value)
+                     for e in _converted_errors(error, path))
+        errors, seen = [], set()
+        for error in found:             # jsonschema repeats "required" per missing name
+            if (error["field"], error["message"]) not in seen:
+                seen.add((error["field"], error["message"]))
+                errors.append(error)
+        return value, errors
+
+    def check(self, value, path: str = "spec"):
+        """Return validate()'s defaulted value, or raise ValidationError (422; details: errors)."""
+        value, errors = self.validate(value, path)
+        if errors:
+            shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
+            more = "; ..." if len(errors) > 3 else ""
+            count = f" ({len(errors)} errors)" if len(errors) > 1 else ""
+            raise ValidationError(f"{path} is invalid: {shown}{more}{count}", details=errors)
+        return value
 
 
 ###############################################################################
@@ -1039,6 +2079,7 @@ class Subscription:
         self._queue: collections.deque = collections.deque()
         self._cond = threading.Condition(threading.Lock())  # guards _queue, _gap, _closed
         self._gap = False
+        self._busy = False
         self._closed = False
         self._bus = bus
         self._thread = threading.Thread(target=self._run, name=f"fabrica-bus-{self.name}", daemon=True)
@@ -1065,6 +2106,10 @@ class Subscription:
     def pending(self) -> int:
         return len(self._queue)
 
+    def idle(self) -> bool:
+        """Nothing queued and no handler running."""
+        return not self._queue and not self._busy and not self._gap
+
     def _run(self):
         while True:
             with self._cond:
@@ -1074,6 +2119,7 @@ class Subscription:
                     return
                 gap, self._gap = self._gap, False
                 event = self._queue.popleft() if self._queue else None
+                self._busy = True
             if gap:
                 self.gaps += 1
                 bus_log.warning("subscriber %s fell behind and lost events (a gap)", self.name)
@@ -1082,6 +2128,7 @@ class Subscription:
             if event is not None:
                 self._call(self.handler, deepcopy_json(event) if self.copy_events else event)
                 self.delivered += 1
+            self._busy = False
 
     def _call(self, fn, *args):
         try:
@@ -1185,6 +2232,691 @@ def parse_position(text: str) -> tuple[int, int]:
     if not rv.isdigit() or not rv.isascii() or (n and (not n.isdigit() or not n.isascii())):
         raise BadRequestError(f"invalid event id {text[:40]!r}: expected <resourceVersion> or <resourceVersion>.<n>")
     return int(rv), int(n or 0)
+
+
+###############################################################################
+# Controller ###################################################################
+###############################################################################
+#
+# One Controller per kind with a reconcile function: a WorkQueue keyed by
+# (kind, uid), `workers` threads, and a housekeeping thread for the periodic
+# resync and the reconcile timeout watchdog. Events only enqueue keys; the
+# worker reads the object fresh at dequeue time and calls reconcile with no
+# lock held. Correctness never depends on events: the start-up list and the
+# resync re-derive everything (level-based).
+
+class WorkQueue:
+    """A rate-limited, delaying, de-duplicating work queue (client-go semantics).
+
+    Keys are hashable ``(kind, uid)`` tuples.  The guarantees:
+
+    * A key is queued at most once: ``add`` while it is queued only merges the reason.
+    * A key is never handed to two workers at once: ``add`` while it is being
+      processed marks it dirty, and ``done`` puts it back in the queue exactly once.
+    * Reasons are coalesced per pending run (ordered, no duplicates) and returned
+      by ``get`` together with the key.
+
+    All methods are thread-safe.  Only ``get`` (until a key is ready),
+    ``wait_until`` and ``stop`` (joining the timer thread) block.  Due times
+    are measured on the injected ``clock``; blocking timeouts are real seconds.
+    """
+
+    _HEARTBEAT = 1.0  # the timer thread re-checks at least this often (seconds)
+
+    def __init__(self, name: str = "", *, clock: Callable[[], float] = time.monotonic,
+                 base_delay: float = 0.005, max_delay: float = 300.0,
+                 qps: float = 10.0, burst: int = 100) -> None:
+        self.name = name
+        self._clock = clock
+        self._base_delay = base_delay
+        self._max_delay = max_delay
+        self._qps = qps
+        self._burst = max(1, burst)  # a bucket smaller than one token could never be reserved
+        # One lock, one condition: every waiter (getters, the timer thread,
+        # wait_until) re-checks its own predicate, so every state change uses
+        # notify_all() -- notify() could wake the wrong kind of waiter.
+        #
+        # Invariant, guarded by _cond:
+        #   every key is in at most one of: _queue (=> also in _dirty), _processing;
+        #   _dirty ∩ _processing = keys re-added while running (done() re-queues them),
+        #   so len(_dirty) - len(_queue) = number of running keys owed another run;
+        #   _reasons[key] = reasons for the key's next run (exists only while dirty);
+        #   _waiting[key] = (due, seq) of the key's one live heap entry; heap
+        #   entries that don't match it are stale and skipped (lazy deletion).
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Hashable] = deque()
+        self._dirty: set[Hashable] = set()
+        self._processing: set[Hashable] = set()
+        self._reasons: dict[Hashable, dict[str, None]] = {}  # dict = ordered set
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._waiting: dict[Hashable, tuple[float, int]] = {}
+        self._waiting_reasons: dict[Hashable, dict[str, None]] = {}
+        self._seq = itertools.count()  # heap tie-breaker: keys themselves are never compared
+        self._failures: dict[Hashable, int] = {}
+        self._tokens = float(self._burst)
+        self._last_refill: float | None = None
+        self._changes = 0  # bumped on every state change; lets wait_until avoid lost wakeups
+        self._shutting_down = False
+        self._drain = False
+        self._timer: threading.Thread | None = None
+
+    # -- internals; all called with the lock held -------------------------------
+
+    def _changed(self) -> None:
+        self._changes += 1
+        self._cond.notify_all()
+
+    def _add_locked(self, key: Hashable, reasons) -> None:
+        if self._shutting_down:
+            return
+        pending = self._reasons.setdefault(key, {})
+        for r in reasons:
+            if r is not None:
+                pending[r] = None
+        if key in self._dirty:
+            return  # already queued, or will be re-queued by done()
+        self._dirty.add(key)
+        if key not in self._processing:
+            self._queue.append(key)
+        self._changed()
+
+    def _prune_locked(self) -> None:
+        while self._heap:
+            due, seq, key = self._heap[0]
+            if self._waiting.get(key) == (due, seq):
+                return
+            heapq.heappop(self._heap)
+
+    def _fire_due_locked(self) -> int:
+        now = self._clock()
+        fired = 0
+        while True:
+            self._prune_locked()
+            if not self._heap or self._heap[0][0] > now:
+                return fired
+            _, _, key = heapq.heappop(self._heap)
+            del self._waiting[key]
+            self._add_locked(key, self._waiting_reasons.pop(key, ()))
+            fired += 1
+
+    def _add_after_locked(self, key: Hashable, delay: float, reason: str | None) -> None:
+        if self._shutting_down:
+            return
+        if delay <= 0:
+            self._add_locked(key, (reason,))
+            return
+        if reason is not None:
+            self._waiting_reasons.setdefault(key, {})[reason] = None
+        due = self._clock() + delay
+        current = self._waiting.get(key)
+        if current is not None and current[0] <= due:
+            return  # keep the earliest due time; the reason was still merged
+        entry = (due, next(self._seq))
+        self._waiting[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+        self._changed()  # the timer may need to wake earlier
+
+    def _when_locked(self, key: Hashable) -> float:
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        # 2.0 ** 1024 overflows a float; long before that we are at max_delay anyway.
+        backoff = self._max_delay if failures >= 1024 else min(
+            self._base_delay * 2.0 ** failures, self._max_delay)
+        return max(backoff, self._reserve_locked())
+
+    def _reserve_locked(self) -> float:
+        """Reserve one token like golang.org/x/time/rate Reserve: tokens may go
+        negative, and the delay is how long until the reserved token exists."""
+        if self._qps <= 0 or self._qps == float("inf"):
+            return 0.0  # no overall limit
+        now = self._clock()
+        if self._last_refill is None:
+            self._last_refill = now
+        elapsed = max(0.0, now - self._last_refill)
+        tokens = min(float(self._burst), self._tokens + elapsed * self._qps) - 1.0
+        self._tokens, self._last_refill = tokens, now
+        return 0.0 if tokens >= 0 else -tokens / self._qps
+
+    # -- producers ---------------------------------------------------------------
+
+    def add(self, key: Hashable, reason: str | None = None) -> None:
+        """Queue ``key`` (or merge ``reason`` if already pending). Ignored after shutdown."""
+        with self._cond:
+            self._add_locked(key, (reason,))
+
+    def add_after(self, key: Hashable, delay: float, reason: str | None = None) -> None:
+        """Add ``key`` once ``delay`` seconds (on the clock) have passed.
+
+        Per key only the earliest due time is kept; reasons are merged either way.
+        """
+        with self._cond:
+            self._add_after_locked(key, delay, reason)
+
+    def add_rate_limited(self, key: Hashable, reason: str | None = None) -> float:
+        """Count a failure for ``key`` and add it after ``when(key)``; return that delay."""
+        with self._cond:
+            delay = self._when_locked(key)
+            self._add_after_locked(key, delay, reason)
+            return delay
+
+    def when(self, key: Hashable) -> float:
+        """Count a failure for ``key`` and return max(per-key backoff, token-bucket delay)."""
+        with self._cond:
+            return self._when_locked(key)
+
+    def forget(self, key: Hashable) -> None:
+        """Reset ``key``'s failure count (call after a successful run)."""
+        with self._cond:
+            self._failures.pop(key, None)
+
+    def num_requeues(self, key: Hashable) -> int:
+        with self._cond:
+            return self._failures.get(key, 0)
+
+    # -- consumers ---------------------------------------------------------------
+
+    def get(self, timeout: float | None = None) -> tuple[Hashable, list[str]] | None:
+        """Block until a key is ready, mark it processing and return ``(key, reasons)``.
+
+        Returns None after ``timeout`` real seconds (``timeout <= 0`` never blocks),
+        or once shut down -- immediately without drain; with drain when nothing is
+        queued and no running key is owed a re-run by ``done``.
+        The caller must call ``done(key)`` when finished.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._shutting_down and not self._drain:
+                    return None
+                if self._queue:
+                    break
+                # len(dirty) > len(queue): some running key will be re-queued by done().
+                if self._shutting_down and len(self._dirty) == len(self._queue):
+                    return None
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self._cond.wait(remaining)
+            key = self._queue.popleft()
+            self._dirty.discard(key)
+            self._processing.add(key)
+            reasons = list(self._reasons.pop(key, ()))
+            self._changed()
+            return key, reasons
+
+    def done(self, key: Hashable) -> None:
+        """Mark ``key`` finished; if it was added meanwhile, queue it again (once)."""
+        with self._cond:
+            if key not in self._processing:
+                return  # a stray/double done() must not queue a pending key twice
+            self._processing.discard(key)
+            if key in self._dirty:
+                self._queue.append(key)
+            self._changed()
+
+    # -- introspection -----------------------------------------------------------
+
+    def is_pending(self, key: Hashable) -> bool:
+        """True if ``key`` is queued or owed a re-run (delayed-only keys don't count)."""
+        with self._cond:
+            return key in self._dirty
+
+    def is_processing(self, key: Hashable) -> bool:
+        with self._cond:
+            return key in self._processing
+
+    def __len__(self) -> int:
+        """Number of keys ready in the FIFO."""
+        with self._cond:
+            return len(self._queue)
+
+    def delayed_count(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def next_due(self) -> float | None:
+        """Earliest due time of a delayed key, on the injected clock, or None."""
+        with self._cond:
+            self._prune_locked()
+            return self._heap[0][0] if self._heap else None
+
+    def idle(self, within: float = 0.0) -> bool:
+        """True if nothing is queued or processing and nothing is due within ``within``."""
+        with self._cond:
+            if self._queue or self._processing:
+                return False
+            self._prune_locked()
+            return not self._heap or self._heap[0][0] > self._clock() + within
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``predicate()`` is true (return True) or ``timeout`` real
+        seconds pass (return False).  The predicate runs without the lock held, so
+        it may call this queue; it is re-checked after every state change and at
+        least every 50 ms (it may depend on things outside the queue)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                seen = self._changes
+            if predicate():
+                return True
+            with self._cond:
+                wait = 0.05
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    wait = min(wait, remaining)
+                if self._changes == seen:  # otherwise re-check straight away
+                    self._cond.wait(wait)
+
+    # -- timer and lifecycle -----------------------------------------------------
+
+    def fire_due(self) -> int:
+        """One timer iteration: queue every delayed key that is due; return how many."""
+        with self._cond:
+            return self._fire_due_locked()
+
+    def _run_timer(self) -> None:
+        with self._cond:
+            while not self._shutting_down:
+                self._fire_due_locked()
+                wait = self._HEARTBEAT
+                if self._heap:  # _fire_due_locked left a live entry on top
+                    wait = min(wait, max(0.0, self._heap[0][0] - self._clock()))
+                # Woken early by add_after (an earlier item) or shutdown.
+                self._cond.wait(wait)
+
+    def start(self) -> None:
+        """Start the single timer thread (idempotent; no-op after shutdown)."""
+        with self._cond:
+            if self._timer is not None or self._shutting_down:
+                return
+            self._timer = threading.Thread(target=self._run_timer, daemon=True,
+                                           name=f"fabrica-{self.name}-timer")
+            self._timer.start()
+
+    def shutdown(self, drain: bool = False) -> None:
+        """Stop accepting adds and wake every waiter.  Delayed keys are dropped.
+
+        With ``drain`` ``get`` keeps handing out queued keys until none are left.
+        Only the first call decides ``drain``.
+        """
+        with self._cond:
+            if self._shutting_down:
+                return
+            self._shutting_down = True
+            self._drain = drain
+            self._heap.clear()
+            self._waiting.clear()
+            self._waiting_reasons.clear()
+            self._changed()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """``shutdown()`` (keeping an earlier drain choice) and join the timer thread."""
+        self.shutdown()
+        with self._cond:
+            timer = self._timer
+        if timer is not None and timer is not threading.current_thread():
+            timer.join(timeout)
+
+    def __enter__(self) -> WorkQueue:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_ERROR_MESSAGE_MAX = 1024
+_FRAMEWORK_REASONS = ("ReconcileError", "ReconcileSuccess")
+
+
+class Context:
+    """What reconcile gets besides the object: ``client``, ``log``, ``reasons``, ``stopping``, ``deleting``."""
+
+    def __init__(self, app: Fabrica, kind: str, key, reasons, deleting: bool):
+        self.app = app
+        self.client = app.client
+        self.kind = kind
+        self.key = key
+        self.reasons = list(reasons)
+        self.deleting = deleting
+        self.stopping = threading.Event()
+        self.log = logging.getLogger(f"fabrica.controller.{kind.lower()}")
+
+
+class _Run:
+    __slots__ = ("key", "ctx", "started", "stalled")
+
+    def __init__(self, key, ctx, started):
+        self.key, self.ctx, self.started, self.stalled = key, ctx, started, False
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= _ERROR_MESSAGE_MAX else text[:_ERROR_MESSAGE_MAX - 1] + "…"
+
+
+class Controller:
+    """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
+
+    ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
+    one iteration of the housekeeping loop, so tests can drive them by hand.
+    """
+
+    def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
+        self.app = app
+        self.info = info
+        self.kind = info.kind
+        self.clock = clock
+        self.queue = WorkQueue(info.kind.lower(), clock=clock, max_delay=max_delay)
+        self._lock = threading.Lock()           # guards _runs, _threads, _stalled
+        self._runs: dict[object, _Run] = {}
+        self._threads: list[threading.Thread] = []
+        self._stalled = 0
+        self._seq = 0
+        self._stop = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+        self._subscription: Subscription | None = None
+        self._next_resync = None
+        self.reconciles = self.errors = self.retries = self.resyncs = 0
+        self.durations: list[float] = []        # recent reconcile durations (seconds), bounded
+        self.duration_sum = 0.0
+
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> None:
+        app, info = self.app, self.info
+        patterns = {info.kind} | set(info.owns) | set(info.watches)
+        self._subscription = app.bus.subscribe(
+            f"{app.event_prefix}.*.*", self._on_event, queue_size=1_000_000, name=f"{self.kind.lower()}-controller",
+            on_gap=lambda: self.resync("gap"), copy_events=False)
+        self._kinds_of_interest = {k.lower() for k in patterns}
+        self.resync("startup")
+        self.queue.start()
+        self._schedule_resync()
+        for _ in range(info.workers):
+            self._spawn_worker()
+        self._housekeeper = threading.Thread(target=self._housekeep_loop, daemon=True,
+                                             name=f"fabrica-{self.kind.lower()}-housekeeper")
+        self._housekeeper.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work; running reconciles get ctx.stopping and ``timeout`` to finish."""
+        self._stop.set()
+        if self._subscription is not None:
+            self._subscription.close(0)
+        self.queue.shutdown()
+        with self._lock:
+            for run in self._runs.values():
+                run.ctx.stopping.set()
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads + [self._housekeeper]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.queue.stop(max(0.0, deadline - time.monotonic()))
+        still = [t.name for t in threads if t.is_alive()]
+        if still:
+            ctl_log.warning("%s: %d reconcile(s) still running after %.1fs: %s", self.kind, len(still),
+                            timeout, ", ".join(still))
+
+    def _spawn_worker(self) -> None:
+        with self._lock:
+            self._seq += 1
+            thread = threading.Thread(target=self._worker_loop, daemon=True,
+                                      name=f"fabrica-{self.kind.lower()}-worker-{self._seq}")
+            self._threads.append(thread)
+        thread.start()
+
+    def _worker_loop(self) -> None:
+        me = threading.current_thread()
+        try:
+            while not self._stop.is_set():
+                self.process_next(timeout=0.5)
+                with self._lock:
+                    # a replacement worker retires once the stalled run it stood in for has ended
+                    if len(self._threads) > self.info.workers + self._stalled:
+                        return
+        finally:
+            with self._lock:
+                self._threads.remove(me)
+
+    # -- triggers ------------------------------------------------------------------
+    def _on_event(self, event: dict) -> None:
+        kind = event.get("resourcekind")
+        if not kind or kind.lower() not in self._kinds_of_interest or "action" not in event:
+            return      # condition events and kinds we do not care about
+        data = event["data"]
+        obj = data["resource"]
+        info = self.info
+        if kind == info.kind and (event["action"] in ("created", "deleted") or data["updateType"] != "status"):
+            self.queue.add((kind, data["resourceUID"]), event["type"])
+        if kind in info.owns:
+            for ref in obj["metadata"].get("ownerReferences") or ():
+                if ref.get("kind") == info.kind and ref.get("uid"):
+                    self.queue.add((info.kind, ref["uid"]), f"owned {kind} {data['resourceName']} {event['action']}")
+        mapper = info.watches.get(kind)
+        if mapper is not None:
+            try:
+                refs = mapper(Resource(deepcopy_json(obj))) or ()
+                for ref in refs:
+                    self._add_ref(ref, f"watched {kind} {data['resourceName']} {event['action']}")
+            except Exception:
+                ctl_log.exception("%s: watches[%r] raised for %s", self.kind, kind, data["resourceName"])
+
+    def _add_ref(self, ref, reason):
+        if isinstance(ref, dict):
+            ref = ref.get("metadata", {}).get("uid") or ref.get("uid")
+        obj = self.app.store.resolve(self.kind, ref) if isinstance(ref, str) else None
+        if obj is not None:
+            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
+
+    def resync(self, reason: str = "resync") -> int:
+        """Queue every object of the kind (start-up list, periodic resync, bus gap)."""
+        objs = self.app.store.list(self.kind)
+        for obj in objs:
+            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
+        if reason != "startup":
+            self.resyncs += 1
+        return len(objs)
+
+    def _schedule_resync(self):
+        period = self.info.resync
+        if period:
+            jitter = 1.0 + (int.from_bytes(os.urandom(2), "big") / 65535.0 - 0.5) * 0.2   # ±10 %
+            self._next_resync = self.clock() + period * jitter
+
+    def _housekeep_loop(self) -> None:
+        while not self._stop.is_set():
+            self.housekeep()
+            self._stop.wait(self._housekeep_interval())
+
+    def _housekeep_interval(self) -> float:
+        waits = [1.0]
+        if self.info.timeout:
+            waits.append(max(0.01, self.info.timeout / 4))
+        if self._next_resync is not None:
+            waits.append(max(0.01, self._next_resync - self.clock()))
+        return min(waits)
+
+    def housekeep(self) -> None:
+        """One iteration: a due resync, and the timeout watchdog."""
+        now = self.clock()
+        if self._next_resync is not None and now >= self._next_resync:
+            self.resync("resync")
+            self._schedule_resync()
+        timeout = self.info.timeout
+        if not timeout:
+            return
+        with self._lock:
+            late = [run for run in self._runs.values() if not run.stalled and now - run.started > timeout]
+            for run in late:
+                run.stalled = True
+                self._stalled += 1
+        for run in late:
+            run.ctx.stopping.set()
+            ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
+                          "marked Stalled (Python cannot stop the thread; other keys go on)",
+                          self.kind, run.key[1], timeout)
+            self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
+                                  f"reconcile ran longer than {timeout}s")
+            with self._lock:
+                spawn = len(self._threads) < self.info.workers + self._stalled
+            if spawn:
+                self._spawn_worker()
+
+    # -- execution -----------------------------------------------------------------
+    def process_next(self, timeout: float | None = 0.5) -> bool:
+        """Take one key, reconcile it, and mark it done; False if nothing came within ``timeout``."""
+        item = self.queue.get(timeout)
+        if item is None:
+            return False
+        key, reasons = item
+        try:
+            self._process(key, reasons)
+        except Exception:
+            ctl_log.exception("%s %s: controller error (the key is retried)", self.kind, key[1])
+            self.queue.add_rate_limited(key, "controller error")
+        finally:
+            self.queue.done(key)
+        return True
+
+    def _process(self, key, reasons) -> None:
+        app, info = self.app, self.info
+        stored = app.store.get(*key)
+        if stored is None:
+            self.queue.forget(key)      # deleted: never reconcile what no longer exists
+            return
+        deleting = stored["metadata"]["deletionTimestamp"] is not None
+        if deleting:
+            if info.finalize is None or FINALIZER not in stored["metadata"]["finalizers"]:
+                self.queue.forget(key)
+                return
+            fn = info.finalize
+        else:
+            fn = info.reconcile
+        obj = Resource(deepcopy_json(stored))
+        ctx = Context(app, self.kind, key, reasons, deleting)
+        run = _Run(key, ctx, self.clock())
+        with self._lock:
+            self._runs[key] = run
+        started = time.perf_counter()
+        outcome, error = "ok", None
+        try:
+            result = fn(ctx, obj)
+        except PermanentError as exc:
+            outcome, error = "permanent", exc
+        except TemporaryError as exc:
+            outcome, error = "temporary", exc
+        except Exception as exc:
+            outcome, error = "error", exc
+            ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name, fn.__name__)
+        finally:
+            with self._lock:
+                self._runs.pop(key, None)
+                if run.stalled:
+                    self._stalled -= 1
+            self._observe(time.perf_counter() - started)
+        if outcome != "ok":
+            self.errors += 1
+            self._record_failure(key, stored, error)
+            if outcome == "permanent":
+                self.queue.forget(key)
+            elif outcome == "temporary":
+                self.queue.forget(key)
+                self.queue.add_after(key, error.delay, "TemporaryError")
+            else:
+                self.retries += 1
+                self.queue.add_rate_limited(key, "retry after error")
+            return
+        if deleting:
+            self._finalized(key, stored)
+            return
+        wrote = self._write_status(key, stored, obj, run.stalled)
+        if wrote is False:
+            return      # conflict: re-queued rate limited (or already pending)
+        if isinstance(result, (int, float)) and not isinstance(result, bool):
+            result = Result(requeue_after=float(result))
+        if isinstance(result, Result) and result.requeue and not result.requeue_after:
+            self.queue.add_rate_limited(key, "requeue")
+        elif isinstance(result, Result) and result.requeue_after is not None:
+            self.queue.forget(key)
+            self.queue.add_after(key, result.requeue_after, "requeue_after")
+        else:
+            self.queue.forget(key)
+
+    def _observe(self, seconds: float) -> None:
+        self.reconciles += 1
+        self.duration_sum += seconds
+        self.durations.append(seconds)
+        if len(self.durations) > 1024:
+            del self.durations[:512]
+
+    def _write_status(self, key, stored, obj, stalled) -> bool | None:
+        """Write reconcile's status edits as a status-only write guarded by the rv it read."""
+        status = obj.status
+        if not isinstance(status, dict):
+            raise ValidationError(f"reconcile left status as {type(status).__name__}; it must stay a dict")
+        generation = stored["metadata"]["generation"]
+        status["observedGeneration"] = generation
+        conditions = status.get("conditions") or []
+        for cond in conditions:
+            if isinstance(cond, dict) and cond.get("reason") == "ReconcileError" and cond.get("type") == "Ready":
+                # the reconciler did not set Ready itself: replace the framework's error condition
+                obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
+        if not stalled:
+            stall = obj.condition("Stalled")
+            if stall is not None and stall.get("reason") == "ReconcileTimeout":
+                status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        if status == stored["status"]:
+            return None
+        try:
+            self.app._mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
+                             expected_rv=stored["metadata"]["resourceVersion"])
+            return True
+        except NotFoundError:
+            return None     # deleted meanwhile: drop the write, never re-create
+        except ConflictError:
+            if not self.queue.is_pending(key):
+                self.queue.add_rate_limited(key, "status conflict")
+            return False
+
+    def _record_failure(self, key, stored, error) -> None:
+        message = _error_text(error)
+        self._write_condition(key, "Ready", "False", "ReconcileError", message)
+
+    def _write_condition(self, key, type, status, reason, message) -> None:
+        def change(new):
+            res = Resource(new)
+            res.set_condition(type, status, reason=reason, message=message)
+        try:
+            self.app._mutate(self.info, key[1], change)
+        except (NotFoundError, ConflictError):
+            pass
+        except FabricaError:
+            ctl_log.exception("%s %s: could not record condition %s", self.kind, key[1], type)
+
+    def _finalized(self, key, stored) -> None:
+        def change(new):
+            new["metadata"]["finalizers"] = [f for f in new["metadata"]["finalizers"] if f != FINALIZER]
+        try:
+            self.app._mutate(self.info, key[1], change)
+            self.queue.forget(key)
+        except NotFoundError:
+            self.queue.forget(key)
+
+    # -- introspection ----------------------------------------------------------
+    def idle(self, within: float = 0.0) -> bool:
+        sub = self._subscription
+        return (sub is None or sub.idle()) and self.queue.idle(within) and not self._runs
+
+    def stats(self) -> dict:
+        return {"queued": len(self.queue), "delayed": self.queue.delayed_count(), "running": len(self._runs),
+                "reconciles": self.reconciles, "errors": self.errors, "retries": self.retries,
+                "resyncs": self.resyncs, "workers": len(self._threads)}
 
 
 ###############################################################################
@@ -1799,14 +3531,30 @@ _META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimesta
 _CAS_RETRIES = 50
 
 
+_FRAMEWORK_STATUS = {
+    "conditions": {"type": "array", "items": {"type": "object"}},
+    "observedGeneration": {"type": "integer"},
+    "version": {"type": "string"},
+}
+
+
+def _with_framework_status(definition) -> dict:
+    """A status schema that also admits the fields fabrica writes (conditions, observedGeneration, version)."""
+    schema = deepcopy_json(Schema(definition).json)
+    if isinstance(schema.get("properties"), dict):
+        for key, sub in _FRAMEWORK_STATUS.items():
+            schema["properties"].setdefault(key, sub)
+    return schema
+
+
 class KindInfo:
     """What register() knows about one kind."""
 
     def __init__(self, kind, plural, prefix, reconcile=None, **options):
         self.kind, self.plural, self.prefix = kind, plural, prefix
         self.reconcile = reconcile
-        self.spec = options.get("spec")
-        self.status = options.get("status")
+        self.spec = None if options.get("spec") is None else Schema(options["spec"])
+        self.status = None if options.get("status") is None else Schema(_with_framework_status(options["status"]))
         self.validate = options.get("validate")
         self.owns = list(options.get("owns") or ())
         self.watches = dict(options.get("watches") or {})
@@ -1834,14 +3582,15 @@ def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
         return [{"field": field, "message": "must be an object of strings"}]
     errors = []
     for key, item in value.items():
-        problem = _qualified_name_error(key)
+        problem = _label_key_problem(key)
         if problem:
-            errors.append({"field": f"{field}.{key}", "message": f"invalid key: {problem}"})
+            errors.append({"field": f"{field}.{key}", "message": problem})
         if not isinstance(item, str):
             errors.append({"field": f"{field}.{key}", "message": "value must be a string"})
-        elif label_values and item and (len(item) > 63 or not _QUALIFIED_RE.fullmatch(item)):
-            errors.append({"field": f"{field}.{key}", "message": "label values are at most 63 alphanumeric "
-                           "characters, '-', '_' or '.', alphanumeric at both ends"})
+        elif label_values:
+            problem = _label_value_problem(item, "value")
+            if problem:
+                errors.append({"field": f"{field}.{key}", "message": problem})
     return errors
 
 
@@ -1856,7 +3605,8 @@ class Fabrica:
     def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
                  database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
                  event_source: str = "", ring_size: int = 10000, max_body: int = MAX_BODY,
-                 service: str = "fabrica", open: bool = False):
+                 service: str = "fabrica", open: bool = False, clock=time.monotonic):
+        self.clock = clock
         self.data_dir = data_dir
         self.durable = durable
         self.database_url = database_url
@@ -2015,14 +3765,44 @@ class Fabrica:
         self.stop()
 
     def _start_controllers(self):
-        """Start a controller per kind with a reconcile function (Controller section)."""
+        for info in self.kinds.values():
+            if info.reconcile is not None or info.finalize is not None:
+                controller = Controller(self, info, clock=self.clock)
+                self._controllers[info.kind] = controller
+                controller.start()
 
     def _stop_controllers(self, timeout):
-        """Stop the controllers (Controller section)."""
+        deadline = time.monotonic() + timeout
+        controllers, self._controllers = list(self._controllers.values()), {}
+        for controller in controllers:
+            controller._stop.set()
+            controller.queue.shutdown()
+        for controller in controllers:
+            controller.stop(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def controllers(self) -> dict[str, Controller]:
+        return dict(self._controllers)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every queue is empty and nothing runs or is due within ``timeout``."""
-        return True
+        """Block until every queue is empty, no reconcile runs and nothing is due within ``timeout``.
+
+        Returns False if that did not happen within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        wake = threading.Event()
+        while True:
+            left = deadline - time.monotonic()
+            if all(c.idle(max(0.0, left)) for c in self._controllers.values()):
+                quiet += 1          # twice in a row: an event in flight between checks would show
+                if quiet >= 2:
+                    return True
+            else:
+                quiet = 0
+            if left <= 0:
+                return False
+            wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
 
     def subscribe(self, pattern: str, handler, *, queue_size: int = 10000):
         """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``."""
@@ -2141,7 +3921,7 @@ class Fabrica:
             errors += _check_string_map(out["annotations"], "metadata.annotations", label_values=False)
         if out["finalizers"] is not None:
             if not isinstance(out["finalizers"], list) or any(
-                    not isinstance(f, str) or _qualified_name_error(f) for f in out["finalizers"]):
+                    not isinstance(f, str) or not f or _label_key_problem(f) for f in out["finalizers"]):
                 errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
         rv = out["resource_version"]
         if rv is not None and not isinstance(rv, str):
@@ -2151,14 +3931,15 @@ class Fabrica:
         return out
 
     def _check_spec(self, info: KindInfo, spec) -> dict:
+        """The spec with defaults filled in; ValidationError (422) listing every failing field."""
         if not isinstance(spec, dict):
             raise BadRequestError("spec must be a JSON object")
-        return spec
+        return spec if info.spec is None else info.spec.check(spec, "spec")
 
     def _check_status(self, info: KindInfo, status) -> dict:
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
-        return status
+        return status if info.status is None else info.status.check(status, "status")
 
     def _run_validate(self, info: KindInfo, obj: dict) -> None:
         if info.validate is None:

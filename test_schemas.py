@@ -1,0 +1,535 @@
+from __future__ import annotations   # the dataclasses below are resolved with get_type_hints
+
+import copy
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import pytest
+
+from fabrica import (ConfigurationError, Schema, ValidationError, schema_engine,
+                         schema_from_dataclass)
+
+try:
+    import jsonschema  # noqa: F401
+    HAVE_JSONSCHEMA = True
+except ImportError:
+    HAVE_JSONSCHEMA = False
+
+ENGINES = ["builtin", pytest.param("jsonschema", marks=pytest.mark.skipif(
+    not HAVE_JSONSCHEMA, reason="jsonschema not installed"))]
+DROP = object()     # in a table patch: remove this key from the valid value
+
+
+# --- dataclasses under test (module level, so get_type_hints can resolve them) ---
+
+@dataclass
+class Chassis:
+    bladeCount: int = field(metadata={"minimum": 1, "maximum": 42, "description": "blades"})
+    model: str = "x1"
+
+
+@dataclass
+class Port:
+    name: str
+    speed: int = 10
+
+
+@dataclass
+class Rack:
+    name: str = field(metadata={"pattern": "^[a-z]", "minLength": 2, "maxLength": 8})
+    height: float
+    enabled: bool
+    count: int
+    tags: list[str]
+    ports: list[Port]
+    labels: dict[str, int]
+    note: Optional[str]
+    owner: str | None
+    phase: Literal["Pending", "Ready"]
+    chassis: Chassis
+    spare: Optional[Chassis] = None
+    anything: Any = None
+    location: str = "dc1"
+    zones: list[str] = field(default_factory=lambda: ["a"])
+    backup: Chassis = field(default_factory=lambda: Chassis(bladeCount=2))
+    flavor: int | str = 0
+    untyped: list = field(default_factory=list)
+    free: dict = field(default_factory=dict)
+
+
+VALID_RACK = {
+    "name": "rack01", "height": 2.5, "enabled": True, "count": 3, "tags": ["x"],
+    "ports": [{"name": "p0"}], "labels": {"env": 1}, "note": None, "owner": "ops",
+    "phase": "Ready", "chassis": {"bladeCount": 4},
+}
+
+# (id, patch applied to VALID_RACK, failing fields)
+DATACLASS_CASES = [
+    ("str", {"owner": "x"}, []),
+    ("str-bad", {"location": 5}, ["spec.location"]),
+    ("int", {"count": 0}, []),
+    ("int-as-1.0", {"count": 1.0}, []),
+    ("int-bad-float", {"count": 1.5}, ["spec.count"]),
+    ("int-bad-bool", {"count": True}, ["spec.count"]),
+    ("float", {"height": 3}, []),
+    ("float-bad", {"height": "tall"}, ["spec.height"]),
+    ("float-bad-bool", {"height": False}, ["spec.height"]),
+    ("bool", {"enabled": False}, []),
+    ("bool-bad", {"enabled": 1}, ["spec.enabled"]),
+    ("list", {"tags": []}, []),
+    ("list-bad", {"tags": "x"}, ["spec.tags"]),
+    ("list-bad-item", {"tags": ["a", "b", 3]}, ["spec.tags[2]"]),
+    ("list-of-dataclass-bad", {"ports": [{"name": "p0"}, {"speed": 1}]}, ["spec.ports[1].name"]),
+    ("bare-list", {"untyped": [1, "a", None]}, []),
+    ("bare-list-bad", {"untyped": {}}, ["spec.untyped"]),
+    ("dict", {"labels": {}}, []),
+    ("dict-bad", {"labels": []}, ["spec.labels"]),
+    ("dict-bad-value", {"labels": {"a": 1, "b": "2"}}, ["spec.labels.b"]),
+    ("bare-dict", {"free": {"a": [1]}}, []),
+    ("bare-dict-bad", {"free": 1}, ["spec.free"]),
+    ("optional", {"note": "hi"}, []),
+    ("optional-bad", {"note": 1}, ["spec.note"]),
+    ("pipe-none", {"owner": None}, []),
+    ("pipe-none-bad", {"owner": []}, ["spec.owner"]),
+    ("literal", {"phase": "Pending"}, []),
+    ("literal-bad", {"phase": "Gone"}, ["spec.phase"]),
+    ("union", {"flavor": "big"}, []),
+    ("union-bad", {"flavor": 1.5}, ["spec.flavor"]),
+    ("any", {"anything": {"deep": [1]}}, []),
+    ("nested", {"chassis": {"bladeCount": 1, "model": "m"}}, []),
+    ("nested-bad", {"chassis": {"bladeCount": "4"}}, ["spec.chassis.bladeCount"]),
+    ("nested-missing", {"chassis": DROP}, ["spec.chassis"]),
+    ("nested-unknown", {"chassis": {"bladeCount": 4, "color": "red"}}, ["spec.chassis.color"]),
+    ("optional-nested", {"spare": {"bladeCount": 42}}, []),
+    ("optional-nested-bad", {"spare": {"bladeCount": 43}}, ["spec.spare.bladeCount"]),
+    ("optional-nested-wrong-type", {"spare": 7}, ["spec.spare"]),
+    ("metadata-minimum", {"chassis": {"bladeCount": 0}}, ["spec.chassis.bladeCount"]),
+    ("metadata-maximum", {"backup": {"bladeCount": 43}}, ["spec.backup.bladeCount"]),
+    ("metadata-pattern", {"name": "Rack"}, ["spec.name"]),
+    ("metadata-minLength", {"name": "r"}, ["spec.name"]),
+    ("metadata-maxLength", {"name": "rack-number-1"}, ["spec.name"]),
+    ("required", {"name": DROP}, ["spec.name"]),
+    ("defaults-may-be-omitted", {}, []),       # VALID_RACK sets no defaulted field
+    ("unknown-field", {"colour": "red"}, ["spec.colour"]),
+]
+
+
+def patched(base, patch):
+    value = copy.deepcopy(base)
+    for key, item in patch.items():
+        if item is DROP:
+            value.pop(key)
+        else:
+            value[key] = item
+    return value
+
+
+def fields(errors):
+    return [e["field"] for e in errors]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("patch, expected", [c[1:] for c in DATACLASS_CASES],
+                         ids=[c[0] for c in DATACLASS_CASES])
+def test_dataclass_table(engine, patch, expected):
+    _, errors = Schema(Rack, engine=engine).validate(patched(VALID_RACK, patch))
+    assert fields(errors) == expected
+    assert all(isinstance(e["message"], str) and e["message"] for e in errors)
+
+
+# --- schema keywords: each case wraps its schema as property "x" ---
+
+def prop(schema, **outer):
+    return {"type": "object", "properties": {"x": schema}, **outer}
+
+
+KEYWORD_CASES = [
+    # (id, schema, value, failing fields)
+    ("type-string", prop({"type": "string"}), {"x": "a"}, []),
+    ("type-string-bad", prop({"type": "string"}), {"x": 1}, ["spec.x"]),
+    ("type-integer", prop({"type": "integer"}), {"x": 2.0}, []),
+    ("type-integer-bad", prop({"type": "integer"}), {"x": 2.5}, ["spec.x"]),
+    ("type-integer-bool", prop({"type": "integer"}), {"x": False}, ["spec.x"]),
+    ("type-number", prop({"type": "number"}), {"x": 1}, []),
+    ("type-number-bad", prop({"type": "number"}), {"x": True}, ["spec.x"]),
+    ("type-boolean", prop({"type": "boolean"}), {"x": True}, []),
+    ("type-boolean-bad", prop({"type": "boolean"}), {"x": 0}, ["spec.x"]),
+    ("type-object", prop({"type": "object"}), {"x": {}}, []),
+    ("type-object-bad", prop({"type": "object"}), {"x": []}, ["spec.x"]),
+    ("type-array", prop({"type": "array"}), {"x": []}, []),
+    ("type-array-bad", prop({"type": "array"}), {"x": {}}, ["spec.x"]),
+    ("type-null", prop({"type": "null"}), {"x": None}, []),
+    ("type-null-bad", prop({"type": "null"}), {"x": 0}, ["spec.x"]),
+    ("type-list", prop({"type": ["string", "null"]}), {"x": None}, []),
+    ("type-list-bad", prop({"type": ["string", "null"]}), {"x": 1}, ["spec.x"]),
+    ("type-root-bad", {"type": "object"}, [], ["spec"]),
+    ("properties", prop(prop({"type": "integer"})), {"x": {"x": 1}}, []),
+    ("properties-bad", prop(prop({"type": "integer"})), {"x": {"x": "1"}}, ["spec.x.x"]),
+    ("required", prop({}, required=["x"]), {"x": 1}, []),
+    ("required-bad", prop({}, required=["x", "y"]), {}, ["spec.x", "spec.y"]),
+    ("required-nested-bad", prop({"type": "object", "required": ["a"]}), {"x": {}}, ["spec.x.a"]),
+    ("additionalProperties-false", prop({}, additionalProperties=False), {"x": 1}, []),
+    ("additionalProperties-false-bad", prop({}, additionalProperties=False),
+     {"x": 1, "y": 2, "z": 3}, ["spec.y", "spec.z"]),
+    ("additionalProperties-schema", {"additionalProperties": {"type": "integer"}}, {"a": 1}, []),
+    ("additionalProperties-schema-bad", {"additionalProperties": {"type": "integer"}},
+     {"a": 1, "b": "2"}, ["spec.b"]),
+    ("additionalProperties-true", {"type": "object", "additionalProperties": True}, {"a": 1}, []),
+    ("enum", prop({"enum": ["a", 1, None]}), {"x": 1.0}, []),
+    ("enum-bad", prop({"enum": ["a", 1, None]}), {"x": "b"}, ["spec.x"]),
+    ("enum-bool-is-not-1", prop({"enum": [1]}), {"x": True}, ["spec.x"]),
+    ("const", prop({"const": {"a": [1]}}), {"x": {"a": [1]}}, []),
+    ("const-bad", prop({"const": {"a": [1]}}), {"x": {"a": [2]}}, ["spec.x"]),
+    ("const-bool-bad", prop({"const": False}), {"x": 0}, ["spec.x"]),
+    ("minimum", prop({"minimum": 1}), {"x": 1}, []),
+    ("minimum-bad", prop({"minimum": 1}), {"x": 0.5}, ["spec.x"]),
+    ("minimum-ignores-strings", prop({"minimum": 1}), {"x": "0"}, []),
+    ("maximum", prop({"maximum": 5}), {"x": 5}, []),
+    ("maximum-bad", prop({"maximum": 5}), {"x": 6}, ["spec.x"]),
+    ("exclusiveMinimum", prop({"exclusiveMinimum": 0}), {"x": 0.1}, []),
+    ("exclusiveMinimum-bad", prop({"exclusiveMinimum": 0}), {"x": 0}, ["spec.x"]),
+    ("exclusiveMaximum", prop({"exclusiveMaximum": 10}), {"x": 9}, []),
+    ("exclusiveMaximum-bad", prop({"exclusiveMaximum": 10}), {"x": 10}, ["spec.x"]),
+    ("minLength", prop({"minLength": 2}), {"x": "ab"}, []),
+    ("minLength-bad", prop({"minLength": 2}), {"x": "a"}, ["spec.x"]),
+    ("maxLength", prop({"maxLength": 2}), {"x": "\u00e9\u00e9"}, []),
+    ("maxLength-bad", prop({"maxLength": 2}), {"x": "abc"}, ["spec.x"]),
+    ("pattern-search", prop({"pattern": "b+"}), {"x": "abbc"}, []),
+    ("pattern-bad", prop({"pattern": "^b"}), {"x": "abc"}, ["spec.x"]),
+    ("items", prop({"items": {"type": "string"}}), {"x": ["a", "b"]}, []),
+    ("items-bad", prop({"items": {"type": "string"}}), {"x": ["a", 2, "c", None]},
+     ["spec.x[1]", "spec.x[3]"]),
+    ("items-nested-bad", prop({"items": prop({"type": "integer"})}),
+     {"x": [{"x": 1}, {"x": "a"}]}, ["spec.x[1].x"]),
+    ("minItems", prop({"minItems": 1}), {"x": [0]}, []),
+    ("minItems-bad", prop({"minItems": 1}), {"x": []}, ["spec.x"]),
+    ("maxItems", prop({"maxItems": 1}), {"x": [0]}, []),
+    ("maxItems-bad", prop({"maxItems": 1}), {"x": [0, 1]}, ["spec.x"]),
+    ("anyOf", prop({"anyOf": [{"type": "string"}, {"minimum": 3}]}), {"x": 4}, []),
+    ("anyOf-bad", prop({"anyOf": [{"type": "string"}, {"type": "integer"}]}), {"x": 1.5},
+     ["spec.x"]),
+    ("anyOf-one-candidate-bad",
+     prop({"anyOf": [prop({"type": "integer"}), {"type": "null"}]}), {"x": {"x": "a"}},
+     ["spec.x.x"]),
+    ("anyOf-two-candidates-bad", prop({"anyOf": [{"minimum": 5}, {"maximum": 0}]}), {"x": 3},
+     ["spec.x"]),
+    ("false-schema", prop(False), {}, []),
+    ("false-schema-bad", prop(False), {"x": 1}, ["spec.x"]),
+    ("items-false-bad", prop({"items": False}), {"x": [1]}, ["spec.x"]),
+    ("annotations-ignored", prop({"title": "X", "description": "d", "format": "email",
+                                  "examples": ["no"], "x-kubernetes": 1, "default": "b"}),
+     {"x": "not-an-email"}, []),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("schema, value, expected", [c[1:] for c in KEYWORD_CASES],
+                         ids=[c[0] for c in KEYWORD_CASES])
+def test_keyword_table(engine, schema, value, expected):
+    _, errors = Schema(schema, engine=engine).validate(value)
+    assert fields(errors) == expected
+
+
+AGREEMENT_CASES = [(c[0], c[1], c[2]) for c in KEYWORD_CASES] + [
+    (c[0], Rack, patched(VALID_RACK, c[1])) for c in DATACLASS_CASES]
+
+
+@pytest.mark.skipif(not HAVE_JSONSCHEMA, reason="jsonschema not installed")
+@pytest.mark.parametrize("schema, value", [c[1:] for c in AGREEMENT_CASES],
+                         ids=[c[0] for c in AGREEMENT_CASES])
+def test_engines_agree_word_for_word(schema, value, monkeypatch):
+    builtin = Schema(schema, engine="builtin").validate(value)
+    calls = []
+    real = jsonschema.Draft202012Validator.iter_errors
+    monkeypatch.setattr(jsonschema.Draft202012Validator, "iter_errors",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    assert Schema(schema, engine="jsonschema").validate(value) == builtin
+    assert calls, "the jsonschema engine did not ask jsonschema"
+
+
+def test_messages():
+    schema = Schema({"properties": {"x": {"type": "integer", "minimum": 1}, "y": {}},
+                     "required": ["x", "y"], "additionalProperties": False}, engine="builtin")
+    assert schema.validate({"x": 0, "z": 1})[1] == [
+        {"field": "spec.x", "message": "must be >= 1"},
+        {"field": "spec.y", "message": "is required"},
+        {"field": "spec.z", "message": "unknown field; known fields: x, y"},
+    ]
+    _, errors = Schema(Rack, engine="builtin").validate(patched(VALID_RACK, {"note": 1}))
+    assert errors == [{"field": "spec.note",
+                       "message": "must be of type string or null, not integer"}]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_error_is_listed_and_check_raises(engine):
+    bad = patched(VALID_RACK, {"name": DROP, "count": "3", "tags": [1],
+                               "chassis": {"bladeCount": 0}, "extra": 1})
+    schema = Schema(Rack, engine=engine)
+    _, errors = schema.validate(bad, path="status")
+    assert sorted(fields(errors)) == sorted(["status.name", "status.count", "status.tags[0]",
+                                             "status.chassis.bladeCount", "status.extra"])
+    with pytest.raises(ValidationError) as info:
+        schema.check(bad, path="status")
+    assert info.value.status == 422
+    assert info.value.details == errors
+    assert info.value.message.startswith("status is invalid: ")
+    assert info.value.message.endswith("; ... (5 errors)")
+    assert f"{errors[0]['field']}: {errors[0]['message']}" in info.value.message
+
+
+def test_check_single_error_message_and_success():
+    schema = Schema(prop({"type": "integer"}), engine="builtin")
+    with pytest.raises(ValidationError, match=r"^spec is invalid: spec.x: must be of type integer, "
+                                              r"not string$"):
+        schema.check({"x": "1"})
+    assert schema.check({"x": 1}) == {"x": 1}
+
+
+# --- defaults ---
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dataclass_defaults_filled_and_input_untouched(engine):
+    value = patched(VALID_RACK, {"spare": {"bladeCount": 3}})
+    before = copy.deepcopy(value)
+    result, errors = Schema(Rack, engine=engine).validate(value)
+    assert errors == []
+    assert value == before
+    assert result["location"] == "dc1" and result["zones"] == ["a"]
+    assert result["backup"] == {"bladeCount": 2, "model": "x1"}
+    assert result["chassis"] == {"bladeCount": 4, "model": "x1"}        # nested, present
+    assert result["spare"] == {"bladeCount": 3, "model": "x1"}          # through X | None
+    assert result["ports"] == [{"name": "p0", "speed": 10}]             # list items
+    assert result["spare"] is not None and result["untyped"] == [] and result["free"] == {}
+    result["tags"].append("mutated")
+    result["zones"].append("mutated")
+    assert value == before and Schema(Rack).validate(value)[0]["zones"] == ["a"]
+
+
+def test_schema_defaults_deep_copied_and_only_into_present_or_defaulted_objects():
+    schema = Schema({
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"n": {"type": "integer", "default": 1}}},
+            "b": {"type": "object", "default": {}, "properties": {"m": {"default": [1]}}},
+            "c": {"type": "array", "items": {"properties": {"k": {"default": "z"}}}},
+            "d": {"additionalProperties": {"properties": {"k": {"default": 0}}}},
+        },
+    })
+    first, errors = schema.validate({"c": [{}, {"k": "y"}, 5], "d": {"p": {}}})
+    assert errors == []
+    assert first == {"c": [{"k": "z"}, {"k": "y"}, 5], "d": {"p": {"k": 0}}, "b": {"m": [1]}}
+    assert "a" not in first                 # missing, no default of its own
+    first["b"]["m"].append(2)
+    assert schema.validate({})[0]["b"] == {"m": [1]}
+    assert schema.json["properties"]["b"]["properties"]["m"]["default"] == [1]
+    assert schema.validate({"a": {}})[0]["a"] == {"n": 1}
+
+
+def test_anyof_defaults_come_from_the_branch_that_fits():
+    schema = Schema(prop({"anyOf": [
+        {"type": "object", "properties": {"kind": {"const": "a"}, "n": {"default": 1}},
+         "required": ["kind"]},
+        {"type": "object", "properties": {"kind": {"const": "b"}, "m": {"default": 2}},
+         "required": ["kind"]},
+    ]}))
+    assert schema.validate({"x": {"kind": "b"}}) == ({"x": {"kind": "b", "m": 2}}, [])
+    assert schema.validate({"x": {"kind": "a"}}) == ({"x": {"kind": "a", "n": 1}}, [])
+
+
+def test_dataclass_instance_is_accepted():
+    result = Schema(Chassis).check(Chassis(bladeCount=3))
+    assert result == {"bladeCount": 3, "model": "x1"}
+
+
+# --- schema_from_dataclass output ---
+
+@dataclass
+class Small:
+    n: int = field(default=1, metadata={"minimum": 0, "unit": "ignored: not a schema keyword"})
+    maybe: Optional[Port] = None
+    mode: Literal["a", "b"] | None = None
+    both: int | str = 0
+    names: typing.List[str] = field(default_factory=list)
+    table: typing.Dict[str, float] = field(default_factory=dict)
+    other: Any = None
+
+
+def test_schema_from_dataclass_shape():
+    port = {"type": "object",
+            "properties": {"name": {"type": "string"}, "speed": {"type": "integer", "default": 10}},
+            "required": ["name"], "additionalProperties": False}
+    assert schema_from_dataclass(Small) == {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "default": 1},
+            "maybe": {**port, "type": ["object", "null"], "default": None},
+            "mode": {"enum": ["a", "b", None], "default": None},
+            "both": {"anyOf": [{"type": "integer"}, {"type": "string"}], "default": 0},
+            "names": {"type": "array", "items": {"type": "string"}, "default": []},
+            "table": {"type": "object", "additionalProperties": {"type": "number"}, "default": {}},
+            "other": {"default": None},
+        },
+        "additionalProperties": False,
+    }
+    assert schema_from_dataclass(Port)["required"] == ["name"]
+
+
+def test_default_factory_called_once_per_call():
+    calls = []
+
+    @dataclass
+    class Counted:
+        tags: list = field(default_factory=lambda: calls.append(1) or ["t"])
+
+    assert schema_from_dataclass(Counted)["properties"]["tags"]["default"] == ["t"]
+    Schema(Counted).validate({})
+    Schema(Counted).validate({})
+    assert len(calls) == 3          # once per schema built, never per validation
+
+
+# --- configuration errors ---
+
+@dataclass
+class HasSet:
+    ids: set[int]
+
+
+@dataclass
+class HasTuple:
+    pair: tuple[int, int]
+
+
+class Plain:
+    pass
+
+
+@dataclass
+class HasClass:
+    thing: Plain
+
+
+@dataclass
+class HasIntKeys:
+    table: dict[int, str]
+
+
+@dataclass
+class HasNestedBad:
+    inner: list[HasSet]
+
+
+@dataclass
+class Node:
+    children: list[Node]
+
+
+@dataclass
+class Unresolvable:
+    x: NoSuchType  # noqa: F821
+
+
+@dataclass
+class BadDefault:
+    when: str = field(default_factory=object)
+
+
+@dataclass
+class WrongDefault:
+    n: int = "one"
+
+
+@dataclass
+class BadMetadata:
+    n: int = field(metadata={"minimum": "1"})
+
+
+@pytest.mark.parametrize("cls, words", [
+    (HasSet, ["HasSet.ids", "set[int]"]),
+    (HasTuple, ["HasTuple.pair", "tuple[int, int]"]),
+    (HasClass, ["HasClass.thing", "Plain"]),
+    (HasIntKeys, ["HasIntKeys.table", "dict[int, str]"]),
+    (HasNestedBad, ["HasSet.ids"]),
+    (Node, ["Node -> Node", "recursion is not supported"]),
+    (Unresolvable, ["Unresolvable", "NoSuchType"]),
+    (BadDefault, ["BadDefault.when", "not JSON data"]),
+    (WrongDefault, ["WrongDefault.n", "default 'one' does not validate"]),
+    (BadMetadata, ["BadMetadata.n", "must be a number"]),
+    (Plain, ["not a dataclass"]),
+])
+def test_dataclass_configuration_errors(cls, words):
+    with pytest.raises(ConfigurationError) as info:
+        schema_from_dataclass(cls)
+    for word in words:
+        assert word in info.value.message
+    with pytest.raises(ConfigurationError):
+        Schema(cls)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "str"}, ["#/type"]),
+    ({"type": []}, ["#/type"]),
+    ({"type": ["string", "string"]}, ["#/type"]),
+    ({"required": "name"}, ["#/required", "list of field names"]),
+    ({"properties": ["a"]}, ["#/properties"]),
+    ({"properties": {"a": {"type": "strnig"}}}, ["#/properties/a/type"]),
+    ({"properties": {"a": 1}}, ["#/properties/a", "dict or a boolean"]),
+    ({"additionalProperties": "no"}, ["#/additionalProperties"]),
+    ({"items": [{"type": "string"}]}, ["#/items"]),
+    ({"items": {"minItems": -1}}, ["#/items/minItems", "non-negative integer"]),
+    ({"enum": []}, ["#/enum"]),
+    ({"anyOf": [{"type": "x"}]}, ["#/anyOf/0/type"]),
+    ({"minimum": "1"}, ["#/minimum", "a number"]),
+    ({"maxLength": 1.5}, ["#/maxLength"]),
+    ({"pattern": "("}, ["#/pattern", "regular expression"]),
+    ({"description": 3}, ["#/description"]),
+    ({"oneOf": [{}]}, ["unsupported keyword 'oneOf'"]),
+    ({"properties": {"a": {"type": "integer", "default": "1"}}}, ["#/properties/a", "default"]),
+    ({"required": ["a"], "properties": {}, "additionalProperties": False}, ["['a']"]),
+])
+def test_malformed_schema_dicts(schema, words):
+    with pytest.raises(ConfigurationError) as info:
+        Schema(schema, engine="builtin")
+    for word in words:
+        assert word in info.value.message
+
+
+def test_not_a_schema_and_unknown_engine():
+    with pytest.raises(ConfigurationError, match="dataclass type, a JSON-Schema dict or None"):
+        Schema("string")
+    with pytest.raises(ConfigurationError, match="unknown schema engine"):
+        Schema({}, engine="fast")
+
+
+# --- Schema object and engines ---
+
+def test_none_means_any_object_and_json_is_a_copy():
+    assert Schema(None).json == {"type": "object"}
+    assert Schema(None).validate({"a": [1]}) == ({"a": [1]}, [])
+    assert fields(Schema(None).validate([1])[1]) == ["spec"]
+    original = prop({"type": "integer"})
+    schema = Schema(original)
+    original["properties"]["x"]["type"] = "string"
+    assert schema.validate({"x": 1})[1] == []
+    assert Schema(schema).json == schema.json
+
+
+def test_engine_selection(monkeypatch):
+    assert schema_engine() == ("jsonschema" if HAVE_JSONSCHEMA else "builtin")
+    assert Schema({}).engine == schema_engine()
+    assert Schema({}, engine="builtin").engine == "builtin"
+    monkeypatch.setitem(sys.modules, "jsonschema", None)     # makes `import jsonschema` fail
+    assert schema_engine() == "builtin"
+    assert Schema({}).engine == "builtin"
+    with pytest.raises(ConfigurationError, match="pip install jsonschema"):
+        Schema({}, engine="jsonschema")
+
+
+def test_dataclass_fields_resolve_under_future_annotations():
+    # This module uses `from __future__ import annotations`: every hint is a string.
+    assert isinstance(Rack.__annotations__["tags"], str)
+    assert dataclasses.is_dataclass(Rack)
+    assert schema_from_dataclass(Rack)["properties"]["tags"] == {"type": "array",
+                                                                 "items": {"type": "string"}}
