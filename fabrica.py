@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 import argparse
+import base64
+import bisect
 import collections
 import contextlib
 import copy
@@ -1608,10 +1610,13 @@ class Store:
         self._objects: dict[str, dict[str, dict]] = {}     # kind -> uid -> object
         self._names: dict[str, dict[str, str]] = {}        # kind -> name -> uid
         self._plurals: dict[str, str] = {}                 # kind -> plural
+        self._sorted: dict[str, list[str]] = {}            # kind -> names, sorted (paging order)
+        self._labels: dict[str, dict[str, dict[str, set[str]]]] = {}   # kind -> key -> value -> uids
         self._rv = 0
         self._opened = False
         self.on_commit = None       # callable(action, old, new), called under the lock
         self.quarantined: list[dict] = []
+        self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
         self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
         self.writes = 0
         self.write_failures = 0
@@ -1637,6 +1642,8 @@ class Store:
         with self._lock:
             self._objects.setdefault(kind, {})
             self._names.setdefault(kind, {})
+            self._sorted.setdefault(kind, [])
+            self._labels.setdefault(kind, {})
             self._plurals[kind] = plural
 
     @property
@@ -1668,15 +1675,93 @@ class Store:
 
     def list(self, kind: str) -> list[dict]:
         """Every object of a kind, sorted by name (a stable order for paging)."""
-        objs = self._objects.get(kind, {})
-        names = self._names.get(kind, {})
-        return [objs[names[n]] for n in sorted(names)]
+        return self.query(kind)[0]
+
+    def query(self, kind: str, selector: Selector | None = None, *, name: str | None = None,
+              after: str | None = None, limit: int | None = None) -> tuple[list[dict], int, str | None]:
+        """Objects of a kind by name: (page, total matching, name to continue after or None).
+
+        ``after`` resumes after that name, so a walk through pages returns every
+        object that existed for the whole walk exactly once. A selector with an
+        equality, ``in`` or exists requirement is answered from the label index.
+        Reads take snapshots (list/set copies are atomic) instead of the lock.
+        """
+        objs = self._objects.get(kind)
+        if objs is None:
+            return [], 0, None
+        if name is not None:
+            obj = self.find(kind, name)
+            items = [] if obj is None or (selector and not selector.matches(obj["metadata"]["labels"])) else [obj]
+        elif selector is not None and selector.index_candidates():
+            uids = None
+            index = self._labels[kind]
+            for key, values in selector.index_candidates():
+                by_value = index.get(key, {})
+                found = set()
+                for value in (list(by_value) if values is None else values):
+                    found |= set(by_value.get(value, ()))
+                uids = found if uids is None else uids & found
+            items = [o for o in map(objs.get, uids) if o is not None and selector.matches(o["metadata"]["labels"])]
+            items.sort(key=lambda o: o["metadata"]["name"])
+        else:
+            names = self._names[kind]
+            items = [o for o in (objs.get(names.get(n, "")) for n in list(self._sorted[kind])) if o is not None]
+            if selector is not None:
+                items = [o for o in items if selector.matches(o["metadata"]["labels"])]
+        total = len(items)
+        if after is not None:
+            keys = [o["metadata"]["name"] for o in items]
+            items = items[bisect.bisect_right(keys, after):]
+        more = None
+        if limit is not None and len(items) > limit:
+            items = items[:limit]
+            more = items[-1]["metadata"]["name"]
+        return items, total, more
 
     def count(self, kind: str) -> int:
         return len(self._objects.get(kind, {}))
 
     # -- writes ------------------------------------------------------------
-    def create(self, obj: dict) -> dict:
+    # -- spec history ------------------------------------------------------
+    def versions(self, kind: str, uid: str) -> list[dict]:
+        """Spec snapshots of an object, oldest first."""
+        found = dict(self._history.get((kind, uid), {}))
+        return [found[v] for v in sorted(found, key=int)]
+
+    def get_version(self, kind: str, uid: str, version_id: str) -> dict | None:
+        return self._history.get((kind, uid), {}).get(version_id)
+
+    def delete_version(self, kind: str, uid: str, version_id: str) -> bool:
+        """Forget one snapshot; False if there was none."""
+        with self._lock:
+            found = self._history.get((kind, uid), {})
+            if version_id not in found:
+                return False
+            self._write_guard(f"{kind} {uid} version {version_id}", self._unpersist_version, kind, uid, version_id)
+            del found[version_id]
+            return True
+
+    def prune_versions(self, kind: str, uid: str, keep: int | None) -> None:
+        """Keep the newest ``keep`` snapshots; None keeps all; 0 drops every one."""
+        with self._lock:
+            found = self._history.get((kind, uid), {})
+            ids = sorted(found, key=int)
+            for version_id in ids[:len(ids) - keep] if keep else ids if keep == 0 else ():
+                self._write_guard(f"{kind} {uid} version {version_id}", self._unpersist_version, kind, uid,
+                                  version_id)
+                del found[version_id]
+            if not found:
+                self._history.pop((kind, uid), None)
+
+    def _write_guard(self, what, fn, *args):
+        try:
+            fn(*args)
+        except OSError as exc:
+            self.write_failures += 1
+            cls = InsufficientStorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+            raise cls(f"could not write {what}: {exc.strerror or exc}") from None
+
+    def create(self, obj: dict, snapshot: dict | None = None) -> dict:
         """Store a new object and give it the next resourceVersion.
 
         Raises ConflictError (reason ``uid`` in ``details``) when the uid or
@@ -1690,13 +1775,14 @@ class Store:
             if meta["name"] in names or (meta["name"] in objs and meta["name"] != meta["uid"]):
                 raise ConflictError(f"{kind} {meta['name']!r} already exists; choose another name",
                                     [{"field": "metadata.name", "message": "already exists"}])
-            self._commit("created", None, obj)
+            self._commit("created", None, obj, snapshot)
             objs[meta["uid"]] = obj
             names[meta["name"]] = meta["uid"]
+            self._indexes(kind, None, obj)
             self._notify("created", None, obj)
         return obj
 
-    def replace(self, obj: dict, expected_rv: str, action: str = "updated") -> dict:
+    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None) -> dict:
         """Replace an object if its stored resourceVersion is still ``expected_rv``.
 
         Raises NotFoundError if it is gone and ConflictError if it moved on.
@@ -1705,8 +1791,9 @@ class Store:
         with self._lock:
             old = self._objects.get(kind, {}).get(uid)
             self._check_current(kind, old, obj["metadata"]["name"], expected_rv)
-            self._commit(action, old, obj)
+            self._commit(action, old, obj, snapshot)
             self._objects[kind][uid] = obj
+            self._indexes(kind, old, obj)
             self._notify(action, old, obj)
         return obj
 
@@ -1719,6 +1806,7 @@ class Store:
             self._commit("deleted", old, tomb)
             del self._objects[kind][uid]
             self._names[kind].pop(old["metadata"]["name"], None)
+            self._indexes(kind, old, None)
             self._notify("deleted", old, tomb)
         return tomb
 
@@ -1730,16 +1818,29 @@ class Store:
                 f"{kind} {old['metadata']['name']!r} is at resourceVersion {old['metadata']['resourceVersion']}, "
                 f"the request expected {expected_rv}; re-read and retry")
 
-    def _commit(self, action: str, old: dict | None, new: dict) -> None:
-        """Assign the next resourceVersion and make the change durable (lock held)."""
+    def _commit(self, action: str, old: dict | None, new: dict, snapshot: dict | None = None) -> None:
+        """Assign the next resourceVersion and make the change durable (lock held).
+
+        A spec-history ``snapshot`` is written first and removed again if the
+        object write fails, so a stored version never lacks its snapshot.
+        """
         rv = self._rv + 1
         self._reserve(rv)
         new["metadata"]["resourceVersion"] = str(rv)
+        kind, uid = new["kind"], new["metadata"]["uid"]
         try:
-            if action == "deleted":
-                self._unpersist(new)
-            else:
-                self._persist(old, new)
+            if snapshot is not None:
+                self._persist_version(kind, uid, snapshot)
+            try:
+                if action == "deleted":
+                    self._unpersist(new)
+                else:
+                    self._persist(old, new)
+            except OSError:
+                if snapshot is not None:
+                    with contextlib.suppress(OSError):
+                        self._unpersist_version(kind, uid, snapshot["versionId"])
+                raise
         except OSError as exc:
             self.write_failures += 1
             name = f"{new['kind']} {new['metadata']['name']!r}"
@@ -1749,6 +1850,8 @@ class Store:
             raise StoreError(f"could not write {name}: {exc.strerror or exc}; the previous version is intact") from None
         self._rv = rv
         self.writes += 1
+        if snapshot is not None:
+            self._history.setdefault((kind, uid), {})[snapshot["versionId"]] = snapshot
 
     def _notify(self, action, old, new):
         if self.on_commit is not None:
@@ -1767,11 +1870,47 @@ class Store:
     def _unpersist(self, tomb: dict) -> None:
         """Durably remove the object ``tomb`` describes."""
 
+    def _persist_version(self, kind: str, uid: str, snapshot: dict) -> None:
+        """Durably store one spec snapshot."""
+
+    def _unpersist_version(self, kind: str, uid: str, version_id: str) -> None:
+        """Durably remove one spec snapshot."""
+
     def _index(self, obj: dict) -> None:
+        """Add a loaded object to the index (start-up; no event)."""
         kind, meta = obj["kind"], obj["metadata"]
         self._objects[kind][meta["uid"]] = obj
         self._names[kind][meta["name"]] = meta["uid"]
+        self._indexes(kind, None, obj)
         self._rv = max(self._rv, int(meta["resourceVersion"]))
+
+    def _indexes(self, kind: str, old: dict | None, new: dict | None) -> None:
+        """Keep the sorted names and the label index in step (lock held)."""
+        names, index = self._sorted[kind], self._labels[kind]
+        if old is None or new is None:
+            name = (new or old)["metadata"]["name"]
+            at = bisect.bisect_left(names, name)
+            if new is not None:
+                names.insert(at, name)
+            elif at < len(names) and names[at] == name:
+                del names[at]
+        old_labels = old["metadata"]["labels"] if old else {}
+        new_labels = new["metadata"]["labels"] if new else {}
+        if old_labels == new_labels:
+            return
+        uid = (new or old)["metadata"]["uid"]
+        for key, value in old_labels.items():
+            if new_labels.get(key) != value:
+                uids = index.get(key, {}).get(value)
+                if uids is not None:
+                    uids.discard(uid)
+                    if not uids:
+                        del index[key][value]
+                        if not index[key]:
+                            del index[key]
+        for key, value in new_labels.items():
+            if old_labels.get(key) != value:
+                index.setdefault(key, {}).setdefault(value, set()).add(uid)
 
 
 class MemoryStore(Store):
@@ -1856,6 +1995,7 @@ class FileStore(Store):
                 store_log.warning("ignoring %s/: no registered kind has the plural %r", path, entry)
                 continue
             self._load_dir(entry, kind)
+        self._load_history()
         self._reserved = self._rv
         if self.quarantined:
             store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
@@ -1991,6 +2131,43 @@ class FileStore(Store):
             except OSError:
                 self._undo(path, self._objects[tomb["kind"]].get(tomb["metadata"]["uid"]))
                 raise
+
+    def _history_dir(self, kind: str, uid: str) -> str:
+        if not UID_RE.fullmatch(uid):
+            raise ValueError(f"refusing to build a path from uid {uid!r}")
+        return os.path.join(self.state_dir, "history", self._plurals[kind], uid)
+
+    def _persist_version(self, kind, uid, snapshot):
+        directory = self._history_dir(kind, uid)
+        os.makedirs(directory, exist_ok=True)
+        self._atomic_write(directory, os.path.join(directory, f"{int(snapshot['versionId'])}.json"),
+                           _file_bytes(snapshot))
+
+    def _unpersist_version(self, kind, uid, version_id):
+        directory = self._history_dir(kind, uid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, f"{int(version_id)}.json"))
+            if self.durable:
+                _fsync_dir(directory)
+
+    def _load_history(self):
+        root = os.path.join(self.state_dir, "history")
+        by_plural = {plural: kind for kind, plural in self._plurals.items()}
+        for plural in (os.listdir(root) if os.path.isdir(root) else ()):
+            kind = by_plural.get(plural)
+            for uid in (os.listdir(os.path.join(root, plural)) if kind else ()):
+                directory = os.path.join(root, plural, uid)
+                for entry in os.listdir(directory):
+                    path = os.path.join(directory, entry)
+                    if entry.startswith(".tmp-"):
+                        os.unlink(path)
+                        continue
+                    try:
+                        with open(path, "rb") as f:
+                            snap = read_json(f.read())
+                        self._history.setdefault((kind, uid), {})[str(int(snap["versionId"]))] = snap
+                    except (OSError, BadRequestError, KeyError, TypeError, ValueError):
+                        self._quarantine(path, f"history-{plural}", entry, "unreadable spec snapshot")
 
     def _undo(self, path, old):
         # The directory fsync failed after the rename/unlink: the outcome on disk
@@ -3039,6 +3216,21 @@ def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
     return data
 
 
+def encode_continue(name: str) -> str:
+    """The opaque, URL-safe continue token for a page that ended at ``name``."""
+    return base64.urlsafe_b64encode(b"n:" + name.encode()).rstrip(b"=").decode()
+
+
+def decode_continue(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raw = ""
+    if not raw.startswith("n:") or not valid_name(raw[2:]):
+        raise BadRequestError(f"malformed continue token {token[:40]!r}; start the list again without it")
+    return raw[2:]
+
+
 def _media_type(environ) -> str:
     return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
@@ -3165,6 +3357,10 @@ class RestAPI:
         route(base + "/<ref>/status", "GET", bind(self.get_status))
         route(base + "/<ref>/status", "PUT", bind(self.update_status))
         route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
+        route(base + "/<ref>/versions", "GET", bind(self.versions))
+        route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
+        route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
+        route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
 
     def list(self, plural):
         info = self.app._by_plural.get(plural)
@@ -3172,9 +3368,25 @@ class RestAPI:
             if self.app.open and plural not in RESERVED_PATHS:
                 return self._send([], etag=False)
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        items = self.app.store.list(info.kind)
+        query = bottle.request.query
+        selector = query.get("labelSelector")
+        limit, token, name = query.get("limit"), query.get("continue"), query.get("name")
+        if limit is not None:
+            if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
+                raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
+            limit = int(limit)
+        items, total, more = self.app.store.query(
+            info.kind, parse_selector(selector) if selector else None, name=name,
+            after=decode_continue(token) if token is not None else None, limit=limit)
         res = bottle.response
-        res.set_header("X-Total-Count", str(len(items)))
+        res.set_header("X-Total-Count", str(total))
+        if more is not None:
+            token = encode_continue(more)
+            res.set_header("X-Continue", token)
+            params = {"limit": str(limit), "continue": token}
+            if selector:
+                params["labelSelector"] = selector
+            res.set_header("Link", f'</{info.plural}?{urllib.parse.urlencode(params)}>; rel="next"')
         return self._send(items, etag=False)
 
     def create(self, plural):
@@ -3248,6 +3460,33 @@ class RestAPI:
         obj = self.app._patch(info, ref, body, kind, status=True, **self._preconditions())
         bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
         return self._send(obj)
+
+    def _history(self, plural, ref):
+        info = self._kind(plural)
+        if not info.history_on:
+            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
+        return info, self._obj(info, ref)
+
+    def versions(self, plural, ref):
+        info, obj = self._history(plural, ref)
+        return self._send(self.app.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
+
+    def get_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        snap = self.app.store.get_version(info.kind, obj["metadata"]["uid"], vid)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send(snap, etag=False)
+
+    def delete_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        if not self.app.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send({"message": "version deleted", "uid": vid}, etag=False)
+
+    def restore_version(self, plural, ref, vid):
+        info, _ = self._history(plural, ref)
+        return self._send(self.app._restore(info, ref, vid, **self._preconditions()))
 
     # -- global routes -----------------------------------------------------
     def health(self):
@@ -3967,9 +4206,13 @@ class Fabrica:
             obj = new_object(info.kind, parsed["name"] or uid, uid, spec=spec, labels=parsed["labels"],
                              annotations=parsed["annotations"], finalizers=finalizers,
                              owner_references=owner_refs)
+            snapshot = None
+            if info.history_on:
+                obj["status"]["version"] = "1"
+                snapshot = self._snapshot(obj)
             self._run_validate(info, obj)
             try:
-                return self.store.create(obj)
+                return self.store.create(obj, snapshot)
             except ConflictError as exc:
                 if exc.details and exc.details[0]["field"] == "metadata.uid":
                     continue        # a uid collision: draw another one
@@ -4004,16 +4247,25 @@ class Fabrica:
             for key in SERVER_MANAGED:
                 meta[key] = old_meta[key]
             meta["ownerReferences"] = old_meta["ownerReferences"]
+            snapshot = None
             if new["spec"] != cur["spec"]:
                 meta["generation"] = old_meta["generation"] + 1
+                if info.history_on:
+                    new["status"]["version"] = str(meta["generation"])
+                    snapshot = self._snapshot(new)
+            elif info.history_on and "version" in cur["status"]:
+                new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
             if new == cur:
                 return cur
             self._run_validate(info, new)
             meta["updatedAt"] = utcnow()
             try:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
-                    return store.delete(kind, old_meta["uid"], rv)
-                return store.replace(new, rv, action)
+                    return self._remove(info, old_meta["uid"], rv)
+                stored = store.replace(new, rv, action, snapshot)
+                if snapshot is not None and info.history:
+                    store.prune_versions(kind, old_meta["uid"], info.history)
+                return stored
             except StaleError:
                 if if_match is not None:
                     raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
@@ -4051,8 +4303,6 @@ class Fabrica:
                 raise PatchError(f"the patched {part} must be a JSON object",
                                  [{"field": part, "message": "must be an object"}])
             new[part] = (self._check_status if status else self._check_spec)(info, result)
-            if status:
-                self._keep_version(new)
         return self._mutate(info, ref, change, action="patched", **pre)
 
     def _update_status(self, info: KindInfo, ref: str, status, **pre) -> dict:
@@ -4060,11 +4310,34 @@ class Fabrica:
 
         def change(new):
             new["status"] = deepcopy_json(status)
-            self._keep_version(new)
         return self._mutate(info, ref, change, **pre)
 
-    def _keep_version(self, new):
-        """History kinds keep ``status.version`` across status writes (Spec history section)."""
+    @staticmethod
+    def _snapshot(obj: dict) -> dict:
+        meta = obj["metadata"]
+        return {"versionId": str(meta["generation"]), "createdAt": utcnow(), "uid": meta["uid"],
+                "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
+                "spec": deepcopy_json(obj["spec"])}
+
+    def _remove(self, info: KindInfo, uid: str, rv: str) -> dict:
+        """Delete an object now, then its spec history and dependents."""
+        tomb = self.store.delete(info.kind, uid, rv)
+        if info.history_on:
+            try:
+                self.store.prune_versions(info.kind, uid, 0)
+            except FabricaError:
+                store_log.exception("could not remove the spec history of %s %s", info.kind, uid)
+        self._collect_garbage(tomb)
+        return tomb
+
+    def _restore(self, info: KindInfo, ref: str, version_id: str, **pre) -> dict:
+        """Write a stored spec snapshot back as a new, validated spec write."""
+        obj = self.store.resolve(info.kind, ref)
+        snap = None if obj is None else self.store.get_version(info.kind, obj["metadata"]["uid"], version_id)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
+        spec = self._check_spec(info, deepcopy_json(snap["spec"]))
+        return self._mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), **pre)
 
     def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None) -> tuple[dict, bool]:
         """Delete now (True) or, with finalizers pending, mark deletionTimestamp (False)."""
@@ -4086,29 +4359,14 @@ class Fabrica:
                     new = deepcopy_json(cur)
                     new["metadata"]["deletionTimestamp"] = new["metadata"]["updatedAt"] = utcnow()
                     return store.replace(new, meta["resourceVersion"], "updated"), False
-                tomb = store.delete(kind, meta["uid"], meta["resourceVersion"])
+                return self._remove(info, meta["uid"], meta["resourceVersion"]), True
             except StaleError:
                 if if_match is not None:
                     raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
-                continue
-            self._collect_garbage(tomb)
-            return tomb, True
         raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
 
     def _collect_garbage(self, tomb: dict) -> None:
         """Delete the dependents of a deleted owner (Owners section)."""
-
-    def _select(self, info: KindInfo, *, selector: str | None = None, name: str | None = None) -> list[dict]:
-        """The objects of a kind matching a label selector and/or a name, by name."""
-        if name is not None:
-            obj = self.store.find(info.kind, name)
-            items = [] if obj is None else [obj]
-        else:
-            items = self.store.list(info.kind)
-        if selector:
-            sel = parse_selector(selector)
-            items = [o for o in items if sel.matches(o["metadata"]["labels"])]
-        return items
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
@@ -4207,9 +4465,7 @@ class LocalClient:
         """Every object of a kind, by name; ``selector`` is a label selector."""
         info = self._info(kind)
         self._app._require_started()
-        items = self._app._select(info, selector=selector)
-        if limit is not None:
-            items = items[:limit]
+        items = self._app.store.query(info.kind, parse_selector(selector) if selector else None, limit=limit)[0]
         return [self._out(o) for o in items]
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
@@ -4251,6 +4507,34 @@ class LocalClient:
         """Delete; returns None when gone, or the object when finalizers are pending (a 202)."""
         obj, gone = self._app._delete(self._info(kind), ref, force=force)
         return None if gone else self._out(obj)
+
+    def _history(self, kind, ref):
+        info = self._info(kind)
+        if not info.history_on:
+            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
+        return info, self.get(info.kind, ref).uid
+
+    def versions(self, kind: str, ref: str) -> list[dict]:
+        """The spec snapshots of an object (``history=`` kinds), oldest first."""
+        info, uid = self._history(kind, ref)
+        return deepcopy_json(self._app.store.versions(info.kind, uid))
+
+    def get_version(self, kind: str, ref: str, version_id: str) -> dict:
+        info, uid = self._history(kind, ref)
+        snap = self._app.store.get_version(info.kind, uid, str(version_id))
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
+        return deepcopy_json(snap)
+
+    def delete_version(self, kind: str, ref: str, version_id: str) -> None:
+        info, uid = self._history(kind, ref)
+        if not self._app.store.delete_version(info.kind, uid, str(version_id)):
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
+
+    def restore_version(self, kind: str, ref: str, version_id: str) -> Resource:
+        """Write that version's spec back as a new spec write."""
+        info, _ = self._history(kind, ref)
+        return self._out(self._app._restore(info, ref, str(version_id)))
 
 
 ###############################################################################
