@@ -1612,6 +1612,7 @@ class Store:
         self._plurals: dict[str, str] = {}                 # kind -> plural
         self._sorted: dict[str, list[str]] = {}            # kind -> names, sorted (paging order)
         self._labels: dict[str, dict[str, dict[str, set[str]]]] = {}   # kind -> key -> value -> uids
+        self._owned: dict[tuple[str, str], set[tuple[str, str]]] = {}    # owner (kind, uid) -> dependents
         self._rv = 0
         self._opened = False
         self.on_commit = None       # callable(action, old, new), called under the lock
@@ -1761,14 +1762,22 @@ class Store:
             cls = InsufficientStorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
             raise cls(f"could not write {what}: {exc.strerror or exc}") from None
 
-    def create(self, obj: dict, snapshot: dict | None = None) -> dict:
+    def dependents(self, kind: str, uid: str) -> list[tuple[str, str]]:
+        """(kind, uid) of every object whose ownerReferences name this one."""
+        return sorted(self._owned.get((kind, uid), ()))
+
+    def create(self, obj: dict, snapshot: dict | None = None, guard=None) -> dict:
         """Store a new object and give it the next resourceVersion.
 
         Raises ConflictError (reason ``uid`` in ``details``) when the uid or
         the name is taken, StoreError/InsufficientStorageError on I/O errors.
+        ``guard()`` runs under the lock first (fabrica's owner check), so what
+        it checks cannot change before the commit.
         """
         kind, meta = obj["kind"], obj["metadata"]
         with self._lock:
+            if guard is not None:
+                guard()
             objs, names = self._objects[kind], self._names[kind]
             if meta["uid"] in objs or meta["uid"] in names:
                 raise ConflictError(f"uid {meta['uid']} is taken", [{"field": "metadata.uid", "message": "taken"}])
@@ -1894,11 +1903,18 @@ class Store:
                 names.insert(at, name)
             elif at < len(names) and names[at] == name:
                 del names[at]
+        uid = (new or old)["metadata"]["uid"]
+        old_refs = old["metadata"]["ownerReferences"] if old else []
+        new_refs = new["metadata"]["ownerReferences"] if new else []
+        if old_refs != new_refs:
+            for ref in old_refs:
+                self._owned.get((ref.get("kind"), ref.get("uid")), set()).discard((kind, uid))
+            for ref in new_refs:
+                self._owned.setdefault((ref.get("kind"), ref.get("uid")), set()).add((kind, uid))
         old_labels = old["metadata"]["labels"] if old else {}
         new_labels = new["metadata"]["labels"] if new else {}
         if old_labels == new_labels:
             return
-        uid = (new or old)["metadata"]["uid"]
         for key, value in old_labels.items():
             if new_labels.get(key) != value:
                 uids = index.get(key, {}).get(value)
@@ -2973,6 +2989,9 @@ class Controller:
                 self.queue.forget(key)
                 return
             fn = info.finalize
+        elif info.reconcile is None:
+            self.queue.forget(key)      # a kind with only a finalizer: nothing to do until deletion
+            return
         else:
             fn = info.reconcile
         obj = Resource(deepcopy_json(stored))
@@ -3983,6 +4002,7 @@ class Fabrica:
         self.bus.start_rv = self.store.resource_version
         self.store.on_commit = self._on_commit
         self._started = True
+        self._sweep_orphans()
         self._start_controllers()
         return self
 
@@ -4197,22 +4217,35 @@ class Fabrica:
         finalizers = list(parsed["finalizers"] or [])
         if info.finalize is not None and FINALIZER not in finalizers:
             finalizers.append(FINALIZER)
-        owner_refs = []
+        owner_refs, guard = [], None
         if owner is not None:
-            owner_refs = [{"kind": owner["kind"], "uid": owner["metadata"]["uid"],
-                           "name": owner["metadata"]["name"], "controller": True}]
+            owner_kind, owner_uid = owner["kind"], owner["metadata"]["uid"]
+            owner_refs = [{"kind": owner_kind, "uid": owner_uid, "name": owner["metadata"]["name"],
+                           "controller": True}]
+
+            def guard():
+                # under the store lock: a reconcile racing its owner's delete cannot leave an orphan
+                current = self.store.get(owner_kind, owner_uid)
+                if current is None or current["metadata"]["deletionTimestamp"]:
+                    raise ConflictError(f"cannot create a {info.kind} owned by {owner_kind} "
+                                        f"{owner['metadata']['name']!r}: the owner is gone or being deleted")
+        status = {}
+        if info.status is not None:
+            status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
+            status = {} if errors else status
         for _ in range(16):
             uid = f"{info.prefix}-{os.urandom(4).hex()}"
             obj = new_object(info.kind, parsed["name"] or uid, uid, spec=spec, labels=parsed["labels"],
                              annotations=parsed["annotations"], finalizers=finalizers,
                              owner_references=owner_refs)
+            obj["status"] = deepcopy_json(status)
             snapshot = None
             if info.history_on:
                 obj["status"]["version"] = "1"
                 snapshot = self._snapshot(obj)
             self._run_validate(info, obj)
             try:
-                return self.store.create(obj, snapshot)
+                return self.store.create(obj, snapshot, guard)
             except ConflictError as exc:
                 if exc.details and exc.details[0]["field"] == "metadata.uid":
                     continue        # a uid collision: draw another one
@@ -4366,7 +4399,36 @@ class Fabrica:
         raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
 
     def _collect_garbage(self, tomb: dict) -> None:
-        """Delete the dependents of a deleted owner (Owners section)."""
+        """Delete the dependents of a deleted owner, recursively; each publishes its own event.
+
+        Dependents with finalizers get deletionTimestamp and go when their
+        finalizers are done; start() sweeps orphans a crash may have left.
+        """
+        for kind, uid in self.store.dependents(tomb["kind"], tomb["metadata"]["uid"]):
+            info = self.kinds.get(kind)
+            if info is None:
+                continue
+            try:
+                self._delete(info, uid)
+            except NotFoundError:
+                pass
+            except FabricaError:
+                store_log.exception("garbage collection could not delete %s %s", kind, uid)
+
+    def _sweep_orphans(self) -> int:
+        """Delete every object whose controlling owner no longer exists (after a crash mid-cascade)."""
+        count = 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.list(info.kind):
+                for ref in obj["metadata"]["ownerReferences"]:
+                    if ref.get("controller") and self.store.get(ref.get("kind"), ref.get("uid")) is None:
+                        with contextlib.suppress(NotFoundError, ConflictError):
+                            self._delete(info, obj["metadata"]["uid"])
+                            count += 1
+                        break
+        if count:
+            logger.warning("deleted %d orphan(s) whose owner was gone", count)
+        return count
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,

@@ -1,0 +1,915 @@
+"""Core guarantees of fabrica.py: resource model, stores, recovery, I/O faults, locks, HTTP hardening.
+
+Classes follow fabrica.py's section order (Resources, Stores, REST API, HTTP
+server, CLI) so a failure points to a banner. In-process REST tests call
+``app.wsgi`` directly; the crash, lock, concurrency and bad-input tests run
+``python fabrica.py serve`` as a real subprocess on port 0. Every wait polls
+a condition with a timeout; the only bare sleep is the randomised delay
+before a SIGKILL.
+
+Stdlib + pytest + hypothesis only.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import http.client
+import io
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fabrica
+
+ROOT = Path(__file__).resolve().parent
+FABRICA_PY = ROOT / "fabrica.py"
+MIB = 1 << 20
+ENVELOPE_KEYS = ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"]
+METADATA_KEYS = ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
+                 "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"]
+RFC3339_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+###############################################################################
+# Helpers
+###############################################################################
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        pause.wait(interval)
+
+
+def call(app, method: str, path: str, body=None, headers=None, ctype: str | None = "application/json"):
+    """One in-process request through ``app.wsgi``: (status, headers with lower-case names, JSON or None).
+
+    ``body`` may be bytes (sent as is), str (UTF-8) or anything JSON-serialisable.
+    """
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    path, _, query = path.partition("?")
+    if body is None:
+        raw = b""
+    elif isinstance(body, bytes):
+        raw = body
+    elif isinstance(body, str):
+        raw = body.encode("utf-8")
+    else:
+        raw = json.dumps(body).encode("utf-8")
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query,
+                    "wsgi.input": io.BytesIO(raw), "CONTENT_LENGTH": str(len(raw))})
+    if ctype is not None and body is not None:
+        environ["CONTENT_TYPE"] = ctype
+    for key, value in (headers or {}).items():
+        environ["HTTP_" + key.upper().replace("-", "_")] = value
+    seen = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        seen["status"] = int(status[:3])
+        seen["headers"] = {k.lower(): v for k, v in response_headers}
+
+    result = app.wsgi(environ, start_response)
+    try:
+        data = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    assert b"Traceback" not in data, data
+    return seen["status"], seen["headers"], (json.loads(data) if data else None)
+
+
+def assert_error(status, body, expected):
+    """An error answer: the exact status and a JSON body with a string ``error`` and ``code``."""
+    assert status == expected, body
+    assert isinstance(body, dict), body
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert body.get("code") == expected, body
+
+
+def data_files(data_dir, pattern="*.json"):
+    return sorted(p for p in Path(data_dir).rglob(pattern) if ".fabrica" not in p.parts)
+
+
+def temp_files(data_dir):
+    return sorted(p for p in Path(data_dir).rglob(".tmp-*"))
+
+
+def make_app(data_dir, **options) -> fabrica.Fabrica:
+    app = fabrica.Fabrica(data_dir=str(data_dir), **options)
+    app.register("Rack")
+    app.register("Chassis", prefix="ch")
+    return app
+
+
+@pytest.fixture
+def app(tmp_path):
+    application = make_app(tmp_path / "data")
+    with application:
+        yield application
+
+
+class EventLog:
+    """Collects every event of an app; ``barrier()`` proves all earlier events were delivered."""
+
+    def __init__(self, app):
+        self.app = app
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+        self.sub = app.subscribe("io.fabrica.**", self._on_event)
+
+    def _on_event(self, event):
+        with self._lock:
+            self.events.append(event)
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self.events)
+
+    def barrier(self, kind="Rack"):
+        """Write a marker object and wait for its event: every event published before it has arrived."""
+        marker = self.app.client.create(kind, spec={"marker": True})
+        rv = marker["metadata"]["resourceVersion"]
+        assert wait_until(lambda: any(e["resourceversion"] == rv for e in self.snapshot()), 5), \
+            "the marker event never arrived"
+        self.app.client.delete(kind, marker.uid)
+        return rv
+
+    def for_uid(self, uid, action=None) -> list[dict]:
+        return [e for e in self.snapshot()
+                if e["data"]["resourceUID"] == uid and e.get("action") in (action or e.get("action"),)]
+
+
+class Server:
+    """``python fabrica.py serve`` as a subprocess on port 0; the port is read from its log."""
+
+    def __init__(self, data_dir, *args: str):
+        self.data_dir = str(data_dir)
+        self.args = list(args)
+        self.proc: subprocess.Popen | None = None
+        self.port = None
+        self.lines: list[str] = []
+
+    def start(self, timeout: float = 10.0) -> Server:
+        self.lines = []
+        self.port = None
+        found = threading.Event()
+        cmd = [sys.executable, str(FABRICA_PY), "serve", "--data-dir", self.data_dir, "--port", "0", *self.args]
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, errors="replace")
+
+        def pump(stream, lines):
+            for line in stream:
+                lines.append(line)
+                match = re.search(r"listening on http://\S+?:(\d+)", line)
+                if match and self.port is None:
+                    self.port = int(match.group(1))
+                    found.set()
+            found.set()     # EOF: the process is gone
+        threading.Thread(target=pump, args=(self.proc.stderr, self.lines), daemon=True).start()
+        found.wait(timeout)
+        if self.port is None:
+            self.kill()
+            pytest.fail(f"server did not start within {timeout}s:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def connection(self, timeout: float = 5.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout: float = 5.0):
+        """One request on a fresh connection: (status, headers, JSON or None)."""
+        conn = self.connection(timeout)
+        try:
+            return http_call(conn, method, path, body, headers)
+        finally:
+            conn.close()
+
+    def signal(self, signum):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def http_call(conn, method, path, body=None, headers=None):
+    """A request on an http.client connection (kept open): (status, headers, JSON or None)."""
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+    if body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    conn.request(method, path, body=body, headers=headers)
+    res = conn.getresponse()
+    data = res.read()
+    assert b"Traceback" not in data, data
+    return res.status, res.headers, (json.loads(data) if data else None)
+
+
+@pytest.fixture
+def servers():
+    """Start servers with ``servers(data_dir, *args)``; every one still running is killed at teardown."""
+    started: list[Server] = []
+
+    def start(data_dir, *args):
+        server = Server(data_dir, *args).start()
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.kill()
+
+
+def raw_request(port: int, data: bytes, *, method: str = "GET", timeout: float = 5.0):
+    """Send raw bytes on a new socket and parse one response: (status, headers, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        res = http.client.HTTPResponse(sock, method=method)
+        res.begin()
+        return res.status, res.headers, res.read()
+
+
+def build_request(port, method, path, body: bytes | None = None, headers=None, *,
+                  ctype: str | None = "application/json", host: str | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Connection: close"]
+    if body is not None:
+        if ctype is not None:
+            lines.append(f"Content-Type: {ctype}")
+        lines.append(f"Content-Length: {len(body)}")
+    for key, value in (headers or {}).items():
+        lines.append(f"{key}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+###############################################################################
+# Resources
+###############################################################################
+
+class TestResourceModel:
+    def test_envelope_key_order_and_times(self, app):
+        status, headers, obj = call(app, "POST", "/racks", {"name": "rack-01", "labels": {"env": "prod"},
+                                                            "location": "dc1"})
+        assert status == 201, obj
+        for got in (obj, call(app, "GET", "/racks/rack-01")[2], app.client.get("Rack", "rack-01")):
+            assert list(got) == ENVELOPE_KEYS
+            assert list(got["metadata"]) == METADATA_KEYS
+            meta = got["metadata"]
+            assert RFC3339_Z.fullmatch(meta["createdAt"]) and RFC3339_Z.fullmatch(meta["updatedAt"])
+            assert meta["generation"] == 1 and meta["deletionTimestamp"] is None
+            assert isinstance(meta["resourceVersion"], str) and meta["resourceVersion"].isdigit()
+            assert got["apiVersion"] == "v1" and got["kind"] == "Rack" and got["schemaVersion"] == "v1"
+            assert got["spec"] == {"location": "dc1"} and got["status"] == {}
+            assert meta["labels"] == {"env": "prod"}
+
+    def test_uid_format_and_name_defaults_to_uid(self, app):
+        seen = set()
+        for _ in range(20):
+            status, _, obj = call(app, "POST", "/racks", {"size": 1})
+            assert status == 201, obj
+            uid = obj["metadata"]["uid"]
+            assert re.fullmatch(r"rack-[0-9a-f]{8}", uid), uid
+            assert obj["metadata"]["name"] == uid
+            seen.add(uid)
+        assert len(seen) == 20
+        status, _, obj = call(app, "POST", "/chassis", {"name": "c1"})
+        assert status == 201, obj
+        assert re.fullmatch(r"ch-[0-9a-f]{8}", obj["metadata"]["uid"])
+
+    def test_names_are_unique_per_kind(self, app):
+        assert call(app, "POST", "/racks", {"name": "dup"})[0] == 201
+        status, _, body = call(app, "POST", "/racks", {"name": "dup", "other": True})
+        assert_error(status, body, 409)
+        status, _, body = call(app, "POST", "/racks", {"metadata": {"name": "dup"}, "spec": {}})
+        assert_error(status, body, 409)
+        assert len(call(app, "GET", "/racks")[2]) == 1
+        assert call(app, "POST", "/chassis", {"name": "dup"})[0] == 201     # another kind: fine
+
+    def test_generation_bumps_only_on_spec_changes(self, app):
+        obj = call(app, "POST", "/racks", {"name": "g", "a": 1})[2]
+        assert obj["metadata"]["generation"] == 1
+        rv = int(obj["metadata"]["resourceVersion"])
+
+        status, _, obj = call(app, "PUT", "/racks/g", {"labels": {"x": "y"}, "a": 1})
+        assert status == 200 and obj["metadata"]["generation"] == 1, obj
+        assert int(obj["metadata"]["resourceVersion"]) > rv and obj["metadata"]["labels"] == {"x": "y"}
+        rv = int(obj["metadata"]["resourceVersion"])
+
+        status, _, obj = call(app, "PUT", "/racks/g/status", {"phase": "Ready"})
+        assert status == 200 and obj["metadata"]["generation"] == 1, obj
+        assert obj["status"] == {"phase": "Ready"} and int(obj["metadata"]["resourceVersion"]) > rv
+
+        status, _, obj = call(app, "PUT", "/racks/g", {"a": 2})
+        assert status == 200 and obj["metadata"]["generation"] == 2, obj
+        assert obj["status"] == {"phase": "Ready"}      # a spec write keeps the status
+
+        status, _, obj = call(app, "PATCH", "/racks/g", {"b": 3}, ctype="application/merge-patch+json")
+        assert status == 200 and obj["metadata"]["generation"] == 3 and obj["spec"] == {"a": 2, "b": 3}, obj
+
+        status, _, obj = call(app, "PUT", "/racks/g", {"metadata": {"annotations": {"n": "v"}}, "spec": {"a": 2, "b": 3}})
+        assert status == 200 and obj["metadata"]["generation"] == 3, obj
+
+    def test_resource_version_strictly_increases_store_wide(self, app):
+        rvs = []
+
+        def rv_of(answer):
+            status, _, obj = answer
+            assert status in (200, 201), obj
+            rvs.append(int(obj["metadata"]["resourceVersion"]))
+        rv_of(call(app, "POST", "/racks", {"name": "a"}))
+        rv_of(call(app, "POST", "/chassis", {"name": "a"}))
+        rv_of(call(app, "PUT", "/racks/a", {"x": 1}))
+        rv_of(call(app, "PUT", "/chassis/a/status", {"phase": "x"}))
+        rv_of(call(app, "PATCH", "/racks/a", {"y": 2}))
+        rv_of(call(app, "PUT", "/racks/a", {"metadata": {"labels": {"k": "v"}}}))
+        status, _, body = call(app, "DELETE", "/chassis/a")
+        assert status == 200 and body["uid"].startswith("ch-"), body
+        rvs.append(app.store.resource_version)
+        rv_of(call(app, "POST", "/chassis", {"name": "a"}))
+        assert all(b > a for a, b in zip(rvs, rvs[1:])), rvs
+        assert app.store.resource_version == rvs[-1]
+
+    def test_resource_version_never_reused_across_delete_and_restart(self, tmp_path):
+        data = tmp_path / "data"
+        first = make_app(data)
+        with first:
+            old = call(first, "POST", "/racks", {"name": "x", "v": 1})[2]
+            old_etag = '"' + old["metadata"]["resourceVersion"] + '"'
+            assert call(first, "DELETE", "/racks/x")[0] == 200
+            highest = first.store.resource_version
+            assert highest > int(old["metadata"]["resourceVersion"])
+        second = make_app(data)
+        with second:
+            assert call(second, "GET", "/racks/x")[0] == 404
+            status, headers, new = call(second, "POST", "/racks", {"name": "x", "v": 2})
+            assert status == 201, new
+            assert int(new["metadata"]["resourceVersion"]) > highest
+            assert headers["etag"] != old_etag
+            # ABA: the pre-delete ETag must not match the re-created object
+            status, _, body = call(second, "PUT", "/racks/x", {"v": 3}, headers={"If-Match": old_etag})
+            assert_error(status, body, 412)
+
+    def test_server_managed_fields_in_a_body_are_ignored(self, app):
+        forged = {"uid": "rack-deadbeef", "createdAt": "2000-01-01T00:00:00Z", "updatedAt": "2000-01-01T00:00:00Z",
+                  "generation": 42, "resourceVersion": "999999", "deletionTimestamp": "2000-01-01T00:00:00Z"}
+        status, _, obj = call(app, "POST", "/racks", {"metadata": {"name": "m", **forged}, "spec": {"a": 1}})
+        assert status == 201, obj
+        meta = obj["metadata"]
+        assert meta["uid"] != "rack-deadbeef" and re.fullmatch(r"rack-[0-9a-f]{8}", meta["uid"])
+        assert meta["createdAt"] != forged["createdAt"] and meta["updatedAt"] != forged["updatedAt"]
+        assert meta["generation"] == 1 and meta["deletionTimestamp"] is None
+        assert meta["resourceVersion"] != "999999"
+        current = dict(meta)
+
+        forged.pop("resourceVersion")       # a stale one is a 409, tested in TestConcurrencyHeaders
+        status, _, obj = call(app, "PUT", "/racks/m", {"metadata": {"name": "m", **forged}, "spec": {"a": 2}})
+        assert status == 200, obj
+        meta = obj["metadata"]
+        assert meta["uid"] == current["uid"] and meta["createdAt"] == current["createdAt"]
+        assert meta["generation"] == 2 and meta["deletionTimestamp"] is None
+        assert meta["updatedAt"] != forged["updatedAt"]
+        assert app.client.get("Rack", "m")["metadata"] == meta
+        assert call(app, "GET", f"/racks/{current['uid']}")[0] == 200
+        assert call(app, "GET", "/racks/rack-deadbeef")[0] == 404
+
+    def test_noop_put_answers_200_same_rv_and_publishes_nothing(self, app):
+        log = EventLog(app)
+        obj = call(app, "POST", "/racks", {"name": "n", "labels": {"a": "b"}, "x": 1})[2]
+        rv, uid = obj["metadata"]["resourceVersion"], obj["metadata"]["uid"]
+        log.barrier()
+        before = len(log.for_uid(uid))
+        path = Path(app.store.data_dir) / "racks" / f"{uid}.json"
+        mtime = path.stat().st_mtime_ns
+        for body in ({"x": 1}, {"labels": {"a": "b"}, "x": 1}, {"metadata": {"labels": {"a": "b"}}, "spec": {"x": 1}}):
+            status, headers, same = call(app, "PUT", "/racks/n", body)
+            assert status == 200, same
+            assert same["metadata"]["resourceVersion"] == rv and headers["etag"] == f'"{rv}"'
+            assert same == obj
+        status, _, same = call(app, "PUT", "/racks/n/status", {})
+        assert status == 200 and same["metadata"]["resourceVersion"] == rv
+        log.barrier()
+        assert len(log.for_uid(uid)) == before, "a no-op write published an event"
+        assert path.stat().st_mtime_ns == mtime, "a no-op write touched the file"
+        assert app.client.get("Rack", "n")["metadata"]["resourceVersion"] == rv
+
+    def test_flat_and_envelope_bodies(self, app):
+        status, _, body = call(app, "POST", "/racks", {"metadata": {"name": "e"}, "spec": {}, "extra": 1})
+        assert_error(status, body, 422)
+        status, _, obj = call(app, "POST", "/racks", {"metadata": {"name": "e", "labels": {"a": "1", "b": "2"}},
+                                                      "spec": {"s": 1}, "status": {"phase": "Forged"}})
+        assert status == 201 and obj["status"] == {} and obj["spec"] == {"s": 1}, obj
+        status, _, obj = call(app, "POST", "/racks", {"name": "f", "status": {"phase": "Forged"}, "s": 1})
+        assert status == 201 and obj["status"] == {} and obj["spec"] == {"s": 1}, obj
+
+        # flat PUT merges labels
+        status, _, obj = call(app, "PUT", "/racks/e", {"labels": {"c": "3"}, "s": 1})
+        assert status == 200 and obj["metadata"]["labels"] == {"a": "1", "b": "2", "c": "3"}, obj
+        # envelope PUT replaces them (that is how a label is removed); status is ignored
+        status, _, obj = call(app, "PUT", "/racks/e", {"metadata": {"labels": {"a": "1"}}, "spec": {"s": 2},
+                                                       "status": {"phase": "Forged"}})
+        assert status == 200 and obj["metadata"]["labels"] == {"a": "1"} and obj["status"] == {}, obj
+        assert obj["spec"] == {"s": 2}
+        status, _, body = call(app, "PUT", "/racks/e", {"spec": {"s": 3}, "bogus": True})
+        assert_error(status, body, 422)
+        assert app.client.get("Rack", "e")["spec"] == {"s": 2}
+        # apiVersion/kind must match the URL
+        status, _, body = call(app, "POST", "/racks", {"kind": "Chassis", "metadata": {"name": "k"}, "spec": {}})
+        assert_error(status, body, 422)
+        assert call(app, "POST", "/racks", {"apiVersion": "v1", "kind": "Rack", "metadata": {"name": "k"},
+                                            "spec": {}})[0] == 201
+
+    def test_location_and_etag_on_201(self, app):
+        status, headers, obj = call(app, "POST", "/racks", {"name": "loc"})
+        assert status == 201
+        assert headers["etag"] == '"' + obj["metadata"]["resourceVersion"] + '"'
+        location = headers["location"]
+        assert location.endswith(f"/racks/{obj['metadata']['uid']}"), location
+        status, headers, again = call(app, "GET", location[location.index("/racks/"):])
+        assert status == 200 and again == obj and headers["etag"] == f'"{obj["metadata"]["resourceVersion"]}"'
+
+    def test_ref_is_a_uid_or_a_name(self, app):
+        obj = call(app, "POST", "/racks", {"name": "byname", "v": 1})[2]
+        uid = obj["metadata"]["uid"]
+        for ref in (uid, "byname"):
+            status, _, got = call(app, "GET", f"/racks/{ref}")
+            assert status == 200 and got["metadata"]["uid"] == uid
+            status, headers, got = call(app, "GET", f"/racks/{ref}/status")
+            assert status == 200 and got == {} and headers["etag"] == f'"{obj["metadata"]["resourceVersion"]}"'
+        assert call(app, "PUT", f"/racks/{uid}", {"v": 2})[2]["spec"] == {"v": 2}
+        assert call(app, "PUT", "/racks/byname", {"v": 3})[2]["spec"] == {"v": 3}
+        assert app.client.get("Rack", uid)["spec"] == {"v": 3} == app.client.get("Rack", "byname")["spec"]
+        # a uid is tried first: an object named like another's uid is only reachable by its uid
+        status, _, other = call(app, "POST", "/racks", {"name": uid[:-1] + ("0" if uid[-1] != "0" else "1")})
+        assert status == 201, other
+        assert call(app, "DELETE", "/racks/byname")[0] == 200
+        assert call(app, "GET", f"/racks/{uid}")[0] == 404
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=st.one_of(
+        st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,20}[a-z0-9])?", fullmatch=True),
+        st.text(alphabet="aZ09-._/é\n %", max_size=12),
+        st.integers(min_value=250, max_value=256).map(lambda n: "a" * n)))
+    def test_create_accepts_exactly_dns1123_names(self, app, name):
+        status, _, body = call(app, "POST", "/racks", {"metadata": {"name": name}, "spec": {}})
+        if len(name) <= 253 and NAME_RE.fullmatch(name):
+            assert status == 201, body
+            assert body["metadata"]["name"] == name
+            assert call(app, "DELETE", f"/racks/{body['metadata']['uid']}")[0] == 200
+        else:
+            assert_error(status, body, 422)
+
+
+###############################################################################
+# Stores
+###############################################################################
+
+class _StoreMaker:
+    """``maker()`` opens a store (again, on the same dir, for file stores) with kinds Rack and Chassis."""
+
+    def __init__(self, kind: str, data_dir: Path):
+        self.kind, self.data_dir = kind, data_dir
+        self.opened: list = []
+
+    def __call__(self):
+        self.close()
+        if self.kind == "memory":
+            if self.opened:
+                pytest.fail("a memory store cannot be reopened")
+            store = fabrica.MemoryStore()
+        else:
+            store = fabrica.FileStore(str(self.data_dir), durable=self.kind == "file")
+        store.open({"Rack": "racks", "Chassis": "chassis"})
+        self.opened.append(store)
+        return store
+
+    def close(self):
+        for store in self.opened:
+            store.close()
+
+
+@pytest.fixture(params=["file", "file-nofsync", "memory"])
+def store_factory(request, tmp_path):
+    maker = _StoreMaker(request.param, tmp_path / "store")
+    yield maker
+    maker.close()
+
+
+@pytest.fixture(params=["file", "file-nofsync"])
+def file_store_factory(request, tmp_path):
+    maker = _StoreMaker(request.param, tmp_path / "store")
+    yield maker
+    maker.close()
+
+
+def new(kind, name, uid, **spec):
+    return fabrica.new_object(kind, name, uid, spec=dict(spec))
+
+
+class StoreConformance:
+    """The store interface, run over every store (collected as TestStoreConformance)."""
+
+    def test_create_get_find_resolve(self, store_factory):
+        store = store_factory()
+        created = store.create(new("Rack", "r1", "rack-00000001", a=1))
+        rv = created["metadata"]["resourceVersion"]
+        assert isinstance(rv, str) and int(rv) >= 1
+        assert store.resource_version == int(rv)
+        assert store.get("Rack", "rack-00000001")["spec"] == {"a": 1}
+        assert store.find("Rack", "r1")["metadata"]["uid"] == "rack-00000001"
+        assert store.resolve("Rack", "rack-00000001")["metadata"]["name"] == "r1"
+        assert store.resolve("Rack", "r1")["metadata"]["uid"] == "rack-00000001"
+        assert store.get("Rack", "r1") is None and store.find("Rack", "rack-00000001") is None
+        assert store.get("Chassis", "rack-00000001") is None and store.resolve("Chassis", "r1") is None
+        assert store.resolve("Rack", "nope") is None
+
+    def test_create_conflicts_on_name_and_uid(self, store_factory):
+        store = store_factory()
+        store.create(new("Rack", "r1", "rack-00000001"))
+        with pytest.raises(fabrica.ConflictError):
+            store.create(new("Rack", "r1", "rack-00000002"))
+        with pytest.raises(fabrica.ConflictError):
+            store.create(new("Rack", "r2", "rack-00000001"))
+        store.create(new("Chassis", "r1", "chassis-00000001"))      # names are per kind
+        assert [o["metadata"]["name"] for o in store.list("Rack")] == ["r1"]
+
+    def test_replace_with_expected_rv(self, store_factory):
+        store = store_factory()
+        first = copy.deepcopy(store.create(new("Rack", "r1", "rack-00000001", v=1)))
+        rv1 = first["metadata"]["resourceVersion"]
+        second = copy.deepcopy(first)
+        second["spec"] = {"v": 2}
+        stored = store.replace(second, rv1)
+        rv2 = stored["metadata"]["resourceVersion"]
+        assert int(rv2) > int(rv1) and store.get("Rack", "rack-00000001")["spec"] == {"v": 2}
+        stale = copy.deepcopy(first)
+        stale["spec"] = {"v": 3}
+        with pytest.raises(fabrica.StaleError):
+            store.replace(stale, rv1)
+        assert issubclass(fabrica.StaleError, fabrica.ConflictError)
+        assert store.get("Rack", "rack-00000001")["spec"] == {"v": 2}
+        assert store.resource_version == int(rv2)
+        ghost = new("Rack", "ghost", "rack-0000000f")
+        with pytest.raises(fabrica.NotFoundError):
+            store.replace(ghost, "1")
+
+    def test_delete_with_expected_rv(self, store_factory):
+        store = store_factory()
+        obj = store.create(new("Rack", "r1", "rack-00000001"))
+        rv = obj["metadata"]["resourceVersion"]
+        with pytest.raises(fabrica.StaleError):
+            store.delete("Rack", "rack-00000001", str(int(rv) + 100))
+        assert store.get("Rack", "rack-00000001") is not None
+        tomb = store.delete("Rack", "rack-00000001", rv)
+        assert int(tomb["metadata"]["resourceVersion"]) > int(rv)
+        assert store.resource_version == int(tomb["metadata"]["resourceVersion"])
+        assert store.get("Rack", "rack-00000001") is None and store.find("Rack", "r1") is None
+        with pytest.raises(fabrica.NotFoundError):
+            store.delete("Rack", "rack-00000001")
+        store.create(new("Rack", "r1", "rack-00000002"))        # the name is free again
+        assert store.find("Rack", "r1")["metadata"]["uid"] == "rack-00000002"
+
+    def test_list_sorted_by_name_and_rv_monotonic(self, store_factory):
+        store = store_factory()
+        names = ["m", "a", "z.z", "b-1", "0", "b"]
+        rvs = []
+        for i, name in enumerate(names):
+            rvs.append(int(store.create(new("Rack", name, f"rack-{i:08x}"))["metadata"]["resourceVersion"]))
+            rvs.append(int(store.create(new("Chassis", name, f"chassis-{i:08x}"))["metadata"]["resourceVersion"]))
+        for kind in ("Rack", "Chassis"):
+            assert [o["metadata"]["name"] for o in store.list(kind)] == sorted(names)
+        victim = copy.deepcopy(store.find("Rack", "m"))
+        victim["status"] = {"phase": "x"}
+        rvs.append(int(store.replace(victim, victim["metadata"]["resourceVersion"])["metadata"]["resourceVersion"]))
+        rvs.append(int(store.delete("Chassis", "chassis-00000000")["metadata"]["resourceVersion"]))
+        assert all(b > a for a, b in zip(rvs, rvs[1:])), rvs
+        assert store.resource_version == rvs[-1]
+
+    # -- file stores only -------------------------------------------------------
+    def test_file_layout_is_one_pretty_json_per_resource(self, file_store_factory):
+        store = file_store_factory()
+        store.create(new("Rack", "r1", "rack-00000001", a={"b": [1, 2]}))
+        store.create(new("Chassis", "c1", "chassis-00000001"))
+        path = file_store_factory.data_dir / "racks" / "rack-00000001.json"
+        text = path.read_text("utf-8")
+        assert text.startswith("{\n  "), text[:40]          # pretty-printed (indented)
+        doc = json.loads(text)
+        assert doc == store.get("Rack", "rack-00000001")
+        assert list(doc) == ENVELOPE_KEYS and list(doc["metadata"]) == METADATA_KEYS
+        assert (file_store_factory.data_dir / "chassis" / "chassis-00000001.json").is_file()
+        assert [p.name for p in data_files(file_store_factory.data_dir)] == \
+            ["chassis-00000001.json", "rack-00000001.json"]
+        assert not temp_files(file_store_factory.data_dir)
+
+    def test_reopen_loads_the_same_objects(self, file_store_factory):
+        store = file_store_factory()
+        for i in range(5):
+            store.create(new("Rack", f"r{i}", f"rack-{i:08x}", i=i))
+        replaced = copy.deepcopy(store.find("Rack", "r2"))
+        replaced["spec"] = {"i": 22}
+        store.replace(replaced, replaced["metadata"]["resourceVersion"])
+        store.delete("Rack", "rack-00000004")
+        before = {o["metadata"]["uid"]: copy.deepcopy(o) for o in store.list("Rack")}
+        rv = store.resource_version
+        again = file_store_factory()
+        assert {o["metadata"]["uid"]: o for o in again.list("Rack")} == before
+        assert again.resource_version >= rv
+        created = again.create(new("Rack", "r4", "rack-00000009"))
+        assert int(created["metadata"]["resourceVersion"]) > rv
+
+
+TestStoreConformance = StoreConformance    # pytest collects Test* names only
+
+
+class TestStartupRecovery:
+    """a3: temp files are removed; unusable files are quarantined (never deleted) and reported."""
+
+    def test_recovery_corpus(self, tmp_path):
+        data = tmp_path / "data"
+        seed = make_app(data)
+        with seed:
+            good = call(seed, "POST", "/racks", {"name": "good", "v": 1})[2]
+        racks = data / "racks"
+        good_path = racks / f"{good['metadata']['uid']}.json"
+        good_bytes = good_path.read_bytes()
+        bad = {
+            "rack-00000001.json": b"",                                  # zero bytes
+            "rack-00000002.json": good_bytes[: len(good_bytes) // 2],  # truncated
+            "rack-00000003.json": good_bytes,                           # name != metadata.uid
+        }
+        for name, content in bad.items():
+            (racks / name).write_bytes(content)
+        temp = racks / ".tmp-0123456789ab.part"
+        temp.write_bytes(good_bytes[:10])
+
+        app = make_app(data)
+        with app:
+            assert not temp.exists(), "a leftover temp file was not removed"
+            for name in bad:
+                assert not (racks / name).exists(), f"{name} is still in the data dir"
+            quarantine = data / ".fabrica" / "quarantine"
+            moved = sorted(p.read_bytes() for p in quarantine.rglob("*") if p.is_file())
+            assert moved == sorted(bad.values()), "a bad file was deleted or altered instead of quarantined"
+
+            status, _, got = call(app, "GET", "/racks/good")
+            assert status == 200 and got == good
+            assert [o["metadata"]["name"] for o in call(app, "GET", "/racks")[2]] == ["good"]
+            assert good_path.read_bytes() == good_bytes
+
+            status, _, health = call(app, "GET", "/health")
+            assert status == 200 and health["status"] == "degraded", health
+            listed = json.dumps(health["quarantined"])
+            assert len(health["quarantined"]) == 3, health
+            for name in bad:
+                assert name in listed, (name, health["quarantined"])
+            # the store keeps working after recovery
+            assert call(app, "PUT", "/racks/good", {"v": 2})[0] == 200
+
+
+###############################################################################
+# Stores: I/O errors and the process lock
+###############################################################################
+
+class _Fault:
+    """Replace ``os.<name>`` so that its ``nth`` call (and, if ``persistent``, every later one) raises."""
+
+    def __init__(self, monkeypatch, name: str, err: int, nth: int, persistent: bool = False):
+        self.real = getattr(os, name)
+        self.name, self.err, self.nth, self.persistent = name, err, nth, persistent
+        self.calls = 0
+        self.fired = 0
+        self.monkeypatch = monkeypatch
+        monkeypatch.setattr(os, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.nth or (self.persistent and self.calls > self.nth):
+            self.fired += 1
+            raise OSError(self.err, os.strerror(self.err))
+        return self.real(*args, **kwargs)
+
+    def remove(self):
+        self.monkeypatch.setattr(os, self.name, self.real)
+
+
+class TestIOErrors:
+    """a4: a failed write answers 500/507, keeps the old version, publishes nothing and bumps no rv."""
+
+    @pytest.mark.parametrize("persistent", [False, True], ids=["once", "always"])
+    @pytest.mark.parametrize("first_write", [False, True], ids=["warm", "first-write-after-start"])
+    @pytest.mark.parametrize("nth", [1, 2, 3, 4])
+    @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+    @pytest.mark.parametrize("target", ["fsync", "replace"])
+    def test_fault_during_put(self, tmp_path, monkeypatch, target, err, nth, first_write, persistent):
+        data = tmp_path / "data"
+        app = make_app(data)
+        app.start()
+        try:
+            old = call(app, "POST", "/racks", {"name": "r", "v": 1})[2]
+            call(app, "POST", "/racks", {"name": "other"})
+            if first_write:     # the write also has to reserve resourceVersions on disk
+                app.stop()
+                app = make_app(data)
+                app.start()
+            log = EventLog(app)
+            uid = old["metadata"]["uid"]
+            path = data / "racks" / f"{uid}.json"
+            old_bytes = path.read_bytes()
+            rv_before = app.store.resource_version
+
+            fault = _Fault(monkeypatch, target, err, nth, persistent)
+            status, headers, body = call(app, "PUT", "/racks/r", {"v": 2})
+            fault.remove()
+
+            if not fault.fired:
+                assert status == 200, body
+                assert body["spec"] == {"v": 2}
+            else:
+                assert_error(status, body, 507 if err == errno.ENOSPC else 500)
+                assert "Traceback" not in body["error"]
+                status, _, current = call(app, "GET", "/racks/r")
+                assert status == 200 and current == old, "GET does not return the previous version"
+                assert app.store.resource_version == rv_before, "a failed write moved resourceVersion"
+                if persistent:      # nothing can be written: the file is the old or the new version
+                    assert json.loads(path.read_bytes())["spec"] in ({"v": 1}, {"v": 2})
+                else:
+                    assert path.read_bytes() == old_bytes, "the file does not hold the previous version"
+            assert not temp_files(data), temp_files(data)
+
+            # the fault is gone: the next write succeeds without a restart
+            status, _, body = call(app, "PUT", "/racks/r", {"v": 3})
+            assert status == 200, body
+            assert call(app, "GET", "/racks/r")[2]["spec"] == {"v": 3}
+            assert json.loads(path.read_bytes())["spec"] == {"v": 3}
+            assert int(body["metadata"]["resourceVersion"]) > rv_before
+            log.barrier()
+            specs = [e["data"]["resource"]["spec"] for e in log.for_uid(uid)]
+            assert specs == ([{"v": 3}] if fault.fired else [{"v": 2}, {"v": 3}]), specs
+            assert not temp_files(data)
+        finally:
+            app.stop()
+
+    def test_every_fault_point_of_a_put_is_covered(self, tmp_path, monkeypatch):
+        """The loop above must reach past the last fallible call of a PUT (else it proves nothing)."""
+        app = make_app(tmp_path / "data")
+        with app:
+            call(app, "POST", "/racks", {"name": "r"})
+            counts = {}
+            for name in ("fsync", "replace"):
+                fault = _Fault(monkeypatch, name, errno.EIO, nth=10 ** 9)
+                assert call(app, "PUT", "/racks/r", {"n": name})[0] == 200
+                fault.remove()
+                counts[name] = fault.calls
+        assert counts["fsync"] == 2, counts        # the temp file, then its directory
+        assert counts["replace"] == 1, counts
+
+
+class TestStoreLock:
+    """b4: one process per data dir."""
+
+    def test_second_store_in_process_is_refused(self, tmp_path):
+        first = fabrica.FileStore(str(tmp_path))
+        first.open({})
+        try:
+            with pytest.raises(fabrica.StoreLockedError, match=rf"\b{os.getpid()}\b"):
+                fabrica.FileStore(str(tmp_path)).open({})
+        finally:
+            first.close()
+        again = fabrica.FileStore(str(tmp_path))
+        again.open({})          # released on close
+        again.close()
+
+    def test_second_serve_exits_naming_the_holder(self, tmp_path, servers):
+        data = tmp_path / "data"
+        first = servers(data)
+        assert first.request("POST", "/widgets", {"name": "w"})[0] == 201
+        before = {str(p): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        started = time.monotonic()
+        second = subprocess.run([sys.executable, str(FABRICA_PY), "serve", "--data-dir", str(data), "--port", "0"],
+                                cwd=str(ROOT), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        elapsed = time.monotonic() - started
+        assert second.returncode != 0, second.stderr
+        assert elapsed < 2.0, elapsed
+        assert re.search(rf"\b{first.proc.pid}\b", second.stderr), second.stderr
+        assert "Traceback" not in second.stderr, second.stderr
+        after = {str(p): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+        assert after == before, "the refused server changed files"
+        status, _, health = first.request("GET", "/health")
+        assert status == 200 and health["status"] == "healthy"
+        assert first.request("GET", "/widgets/w")[0] == 200
+
+
+###############################################################################
+# REST API
+###############################################################################
+
+STALE = '"1"'       # the object's first resourceVersion; every case moves it on first
+
+
+def _b2_cases():
+    """(id, method, path, body, headers, expected status) for an object 'p' whose ETag is not STALE."""
+    return [
+        ("put-stale-if-match", "PUT", "/racks/p", {"v": 9}, {"If-Match": STALE}, 412),
+        ("put-weak-current-if-match", "PUT", "/racks/p", {"v": 9}, {"If-Match": "W/{etag}"}, 412),
+        ("put-if-none-match-star", "PUT", "/racks/p", {"v": 9}, {"If-None-Match": "*"}, 412),
+        ("put-envelope-stale-rv", "PUT", "/racks/p", {"metadata": {"resourceVersion": "1"}, "spec": {"v": 9}},
+         {}, 409),
+        ("patch-stale-if-match", "PATCH", "/racks/p", {"v": 9}, {"If-Match": STALE}, 412),
+        ("delete-stale-if-match", "DELETE", "/racks/p", None, {"If-Match": STALE}, 412),
+        ("status-put-stale-if-match", "PUT", "/racks/p/status", {"phase": "x"}, {"If-Match": STALE}, 412),
+        ("status-patch-stale-if-match", "PATCH", "/racks/p/status", {"phase": "x"}, {"If-Match": STALE}, 412),
+        ("missing-object-if-match", "PUT", "/racks/absent", {"v": 9}, {"If-Match": STALE}, 404),
+        ("missing-object-if-match-star", "DELETE", "/racks/absent", None, {"If-Match": "*"}, 404),
+        ("post-duplicate", "POST", "/racks", {"name": "p"}, {}, 409),
+        ("get-if-none-match-current", "GET", "/racks/p", None, {"If-None-Match": "{etag}"}, 304),
+        ("get-if-none-match-weak-current", "GET", "/racks/p", None, {"If-None-Match": "W/{etag}"}, 304),
+        ("get-if-none-match-list", "GET", "/racks/p", None, {"If-None-Match": '"0", {etag}'}, 304),
+        ("get-if-none-match-stale", "GET", "/racks/p", None, {"If-None-Match": STALE}, 200),
+        ("put-if-match-current", "PUT", "/racks/p", {"v": 9}, {"If-Match": "{etag}"}, 200),
+        ("put-if-match-list", "PUT", "/racks/p", {"v": 9}, {"If-Match": '"0", {etag}'}, 200),
+        ("put-if-match-star", "PUT", "/racks/p", {"v": 9}, {"If-Match": "*"}, 200),
+        ("put-envelope-current-rv", "PUT", "/racks/p", {"metadata": {"resourceVersion": "{rv}"},
+                                                        "spec": {"v": 9}}, {}, 200),
+        ("delete-if-match-current", "DELETE", "/racks/p", None, {"If-Match": "{etag}"}, 200),
+    ]
+
+
+class TestConcurrencyHeaders:
+    """b2: ETag, If-Match, If-None-Match and metadata.resourceVersion, table-driven."""
+
+    @pytest.mark.parametrize("case", _b2_cases(), ids=[c[0] for c in _b2_cases()])
+    def test_precondition(self, app, case):
+        _, method, path, body, headers, expected = case
+        assert call(app, "POST", "/racks", {"name": "p", "v": 0})[2]["metadata"]["resourceVersion"] == "1"
+        status, h, current = call(app, "PUT", "/racks/p", {"v": 1})
+        assert status == 200 and h["etag"] != STALE, current
+        etag, rv = h["etag"], current["metadata"]["resourceVersion"]
+        log = EventLog(app)
+
+        def fill(value):
+            if isinstance(value, str):
+                return value.replace("{etag}", etag).replace("{rv}", rv)
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            return value
+        status, h, answer = call(app, method, path, fill(body), fill(headers))
+        if expected == 304:
+            assert status == 304 and answer is None, answer
+            assert h["etag"] == etag
+        elif expected >= 400:
+            assert_error(status, answer, expected)
+            assert call(app, "GET", "/racks/p")[2] == current, "a refused request changed the object"
+            log.barrier()
+            assert not log.for_uid(current["metadata"]["uid"]), "a refused request published an event"
+        else:
+            assert status == expected, answer
+            if method == "GET":
+                assert answer == current and h["etag"] == etag
+            elif method == "PUT":
+                assert answer["spec"] == {"v": 9} and h["etag"] == f'"{answer["metadata"]["resourceVersion"]}"'
+                assert int(answer["metadata"]["resourceVersion"]) > int(rv)
+            else:
+                assert call(app, "GET", "/racks/p")[0] == 404
+
+    def test_etag_on_every_single_object_response(self, app):
+        checks = [
+            call(app, "POST", "/racks", {"name": "e"}),
+            call(app, "GET", "/racks/e"),
+            call(app, "PUT", "/racks/e", {"a": 1}),
+            call(app, "PATCH", "/racks/e", {"b": 2}, ctype="application/merge-patch+json"),
+            call(app, "PUT", "/racks/e/status", {"phase": "x"}),
+            call(app, "PATCH", "/racks/e/status", {"n": 1}, ctype="application/merge-patch+json"),
+        ]
+        for status, headers, obj in checks:
+            assert status in (200, 201), obj
+            assert headers["etag"] == f'"{obj["metadata"]["resourceVersion"]}"'
+        status, headers, st_body = call(app, "GET", "/racks/e/status")
+        assert status == 200 and st_body == {"phase": "x", "n": 1}
+        assert headers["etag"] == checks[-1][1]["etag"]
