@@ -72,6 +72,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -1821,7 +1822,7 @@ class Store:
 
     def _check_current(self, kind, old, ref, expected_rv):
         if old is None:
-            raise NotFoundError(f"{kind} {ref!r} not found")
+            raise NotFoundError(f'{kind} "{ref}" not found')
         if expected_rv is not None and old["metadata"]["resourceVersion"] != expected_rv:
             raise StaleError(
                 f"{kind} {old['metadata']['name']!r} is at resourceVersion {old['metadata']['resourceVersion']}, "
@@ -2274,6 +2275,7 @@ class Subscription:
         self._gap = False
         self._busy = False
         self._closed = False
+        self._drain = False
         self._bus = bus
         self._thread = threading.Thread(target=self._run, name=f"fabrica-bus-{self.name}", daemon=True)
         self._thread.start()
@@ -2308,7 +2310,7 @@ class Subscription:
             with self._cond:
                 while not self._queue and not self._gap and not self._closed:
                     self._cond.wait()
-                if self._closed and (not self._queue or self._bus._stopping):
+                if self._closed and (not self._queue or not self._drain):
                     return
                 gap, self._gap = self._gap, False
                 event = self._queue.popleft() if self._queue else None
@@ -2330,10 +2332,11 @@ class Subscription:
             self.errors += 1
             bus_log.exception("subscriber %s raised; it keeps receiving events", self.name)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop receiving; the thread finishes what is queued (unless the bus is stopping) and exits."""
+    def close(self, timeout: float | None = None, *, drain: bool = False) -> None:
+        """Stop receiving; the thread exits after the event in hand (or, with ``drain``, after the queue)."""
         with self._cond:
             self._closed = True
+            self._drain = drain
             self._cond.notify()
         self._bus._remove(self)
         if threading.current_thread() is not self._thread:
@@ -2344,6 +2347,59 @@ class Subscription:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Tap:
+    """A subscription without a thread: the consumer pulls events with ``get(timeout)``.
+
+    Used by ``GET /events`` and ``watch()``, whose consumer already has a
+    thread. On overflow the tap stops taking events and ``overflowed`` is
+    set: the consumer must end the stream (a client resumes from its last id).
+    """
+
+    def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, kind: str | None = None):
+        self._bus = bus
+        self._regex = compile_pattern(pattern)
+        self._kind = kind
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition(threading.Lock())     # guards _queue, overflowed, closed
+        self.queue_size = queue_size
+        self.overflowed = False
+        self.closed = False
+        self.dropped = self.gaps = 0
+
+    def matches(self, event_type: str) -> bool:
+        return pattern_matches(self._regex, event_type)
+
+    def offer(self, event: dict) -> None:
+        if self._kind is not None and event.get("resourcekind") != self._kind:
+            return
+        with self._cond:
+            if self.closed or self.overflowed:
+                return
+            if len(self._queue) >= self.queue_size:
+                self.overflowed = True
+                self.dropped += 1
+                self.gaps += 1
+            else:
+                self._queue.append(event)
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> dict | None:
+        """The next event, or None after ``timeout`` (or once closed/overflowed and drained)."""
+        with self._cond:
+            if not self._queue and not self.closed:
+                self._cond.wait(timeout)
+            return self._queue.popleft() if self._queue else None
+
+    def idle(self) -> bool:
+        return not self._queue
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        self._bus._remove(self)
 
 
 class Bus:
@@ -2357,7 +2413,6 @@ class Bus:
         self._lock = threading.Lock()       # guards _subs and _ring
         self._subs: tuple[Subscription, ...] = ()
         self._ring: collections.deque = collections.deque(maxlen=ring_size)
-        self._stopping = False
         self._evicted = None                 # position of the newest event pushed out of the ring
         self.start_rv = 0                    # events at or before this were committed before we started
         self.published = 0
@@ -2367,6 +2422,13 @@ class Bus:
         with self._lock:
             self._subs = self._subs + (sub,)
         return sub
+
+    def tap(self, pattern: str, *, queue_size: int = 10000, kind: str | None = None) -> Tap:
+        """A thread-less subscription (see Tap)."""
+        tap = Tap(self, pattern, queue_size=queue_size, kind=kind)
+        with self._lock:
+            self._subs = self._subs + (tap,)
+        return tap
 
     def _remove(self, sub):
         with self._lock:
@@ -2411,7 +2473,10 @@ class Bus:
         """Close every subscription; queued events are delivered within ``timeout``."""
         deadline = time.monotonic() + timeout
         for sub in self._subs:
-            sub.close(max(0.0, deadline - time.monotonic()))
+            if isinstance(sub, Subscription):
+                sub.close(max(0.0, deadline - time.monotonic()), drain=True)
+            else:
+                sub.close()
 
 
 def format_position(position: tuple[int, int]) -> str:
@@ -2816,8 +2881,7 @@ class Controller:
         self._subscription: Subscription | None = None
         self._next_resync = None
         self.reconciles = self.errors = self.retries = self.resyncs = 0
-        self.durations: list[float] = []        # recent reconcile durations (seconds), bounded
-        self.duration_sum = 0.0
+        self.durations = Histogram()
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
@@ -3046,10 +3110,7 @@ class Controller:
 
     def _observe(self, seconds: float) -> None:
         self.reconciles += 1
-        self.duration_sum += seconds
-        self.durations.append(seconds)
-        if len(self.durations) > 1024:
-            del self.durations[:512]
+        self.durations.observe(seconds)
 
     def _write_status(self, key, stored, obj, stalled) -> bool | None:
         """Write reconcile's status edits as a status-only write guarded by the rv it read."""
@@ -3254,6 +3315,53 @@ def _media_type(environ) -> str:
     return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
 
+def _sse_frame(position, event) -> bytes:
+    return f"id: {format_position(position)}\nevent: {event['type']}\ndata: {dumps(event)}\n\n".encode()
+
+
+def _peer_closed(sock) -> bool:
+    """True when the client hung up (readable with nothing to read)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, sum and count (thread-safe enough under the GIL)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, buckets=BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        lines, total = [], 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            total += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        lines.append(f"{name}_sum{{{labels}}} {self.sum!r}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
+        return lines
+
+
+def _prom_escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 class RestAPI:
     """Builds the Bottle routes of a Fabrica; one instance per app."""
 
@@ -3262,26 +3370,71 @@ class RestAPI:
         self.wsgi = bottle.Bottle()
         self.wsgi.default_error_handler = self._bottle_error
         self.wsgi.add_hook("before_request", self._guard)
+        self.wsgi.add_hook("after_request", self._after)
         self.requests = collections.Counter()   # (route, method, code) -> count
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.keepalive = 15.0                   # seconds between SSE keep-alive comments
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
+        self.wsgi.route("/events", "GET", self._endpoint(self.events))
+        self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
+        self.wsgi.route("/<path:path>", "OPTIONS", self._endpoint(self.preflight))
 
     # -- plumbing ----------------------------------------------------------
     def _guard(self):
         app = self.app
         environ = bottle.request.environ
+        environ["fabrica.t0"] = time.perf_counter()
         if app._host_check:
             host = _host_name(environ.get("HTTP_HOST", ""))
             if host and not is_loopback(host):
                 raise self._error_response(ForbiddenError(
                     f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
                     "(serve with --host to bind elsewhere)"))
-        if app.token and environ.get("PATH_INFO") != "/health":
+        if app.token and environ.get("PATH_INFO") != "/health" and not (
+                app.cors and environ["REQUEST_METHOD"] == "OPTIONS"):
             got = environ.get("HTTP_AUTHORIZATION", "")
             if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
                 raise self._error_response(UnauthorizedError(
                     "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
                     {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+
+    def _after(self):
+        environ = bottle.request.environ
+        route = environ.get("bottle.route")
+        rule = route.rule if route is not None else "unmatched"
+        method = environ.get("REQUEST_METHOD", "")
+        self.requests[(rule, method, bottle.response.status_code)] += 1
+        started = environ.get("fabrica.t0")
+        if started is not None:
+            hist = self.latency.get((rule, method))
+            if hist is None:
+                hist = self.latency.setdefault((rule, method), Histogram())
+            hist.observe(time.perf_counter() - started)
+        cors = self.app.cors
+        if cors and environ.get("HTTP_ORIGIN") == cors:
+            res = bottle.response
+            res.set_header("Access-Control-Allow-Origin", cors)
+            res.set_header("Vary", "Origin")
+            res.set_header("Access-Control-Expose-Headers",
+                           "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
+
+    def preflight(self, path):
+        """CORS preflight (only with --cors); without CORS an OPTIONS is a 405 like any unknown method."""
+        cors = self.app.cors
+        env = bottle.request.environ
+        if not cors:
+            raise bottle.HTTPError(405, "Method not allowed.", Allow="GET, POST, PUT, PATCH, DELETE")
+        res = bottle.response
+        res.status = 204
+        if env.get("HTTP_ORIGIN") == cors:
+            res.set_header("Access-Control-Allow-Origin", cors)
+            res.set_header("Vary", "Origin")
+            res.set_header("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS")
+            res.set_header("Access-Control-Allow-Headers",
+                           "Authorization, Content-Type, If-Match, If-None-Match, Last-Event-ID")
+            res.set_header("Access-Control-Max-Age", "600")
+        return b""
 
     def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
         res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
@@ -3353,7 +3506,7 @@ class RestAPI:
         if obj is None:
             if not valid_name(ref):
                 raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
-            raise NotFoundError(f"{info.kind} {ref!r} not found")
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
         return obj
 
     # -- routes ------------------------------------------------------------
@@ -3416,7 +3569,13 @@ class RestAPI:
         if info is None:
             info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None)
         parsed = self.app._parse_body(info, body)
-        obj = self.app._create(info, parsed)
+        owner = None
+        if parsed["owner"] is not None:
+            kind, uid = parsed["owner"]
+            owner = self.app.store.get(kind, uid) if isinstance(kind, str) and isinstance(uid, str) else None
+            if owner is None:
+                raise ConflictError(f"owner {kind} {uid!r} does not exist")
+        obj = self.app._create(info, parsed, owner=owner)
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
 
@@ -3513,6 +3672,66 @@ class RestAPI:
 
     def apis(self):
         return self._send(self.app.discovery(), etag=False)
+
+    def events(self):
+        """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
+        env = bottle.request.environ
+        query = bottle.request.query
+        pattern = query.get("type") or "**"
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        kind = query.get("kind") or None
+        if kind is not None:
+            kind = self.app.resolve_kind(kind).kind
+        since = env.get("HTTP_LAST_EVENT_ID") or query.get("since")
+        position = parse_position(since) if since else None
+        bus = self.app.bus
+        tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
+        try:
+            backlog = [] if position is None else [
+                (pos, ev) for pos, ev in bus.since(position)
+                if tap.matches(ev["type"]) and (kind is None or ev.get("resourcekind") == kind)]
+        except FabricaError:
+            tap.close()
+            raise
+        res = bottle.response
+        res.content_type = "text/event-stream; charset=utf-8"
+        res.set_header("Cache-Control", "no-cache")
+        res.set_header("X-Accel-Buffering", "no")
+        return self._stream(tap, backlog, position or (0, 0), env)
+
+    def _stream(self, tap: Tap, backlog, last, env):
+        sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
+        keepalive = self.keepalive
+        quiet_since = time.monotonic()
+        try:
+            yield b": stream open\n\n"
+            for pos, event in backlog:
+                yield _sse_frame(pos, event)
+                last = pos
+            while self.app._started and not (server is not None and server.stopping):
+                event = tap.get(timeout=min(1.0, keepalive))
+                if event is None:
+                    if tap.overflowed or tap.closed or _peer_closed(sock):
+                        return      # a client resumes with Last-Event-ID
+                    if time.monotonic() - quiet_since >= keepalive:
+                        quiet_since = time.monotonic()
+                        yield b": keep-alive\n\n"
+                    continue
+                pos = parse_position(event["sequence"])
+                if pos <= last:
+                    continue        # already sent from the backlog
+                last = pos
+                quiet_since = time.monotonic()
+                yield _sse_frame(pos, event)
+        finally:
+            tap.close()
+
+    def metrics(self):
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return self.app.metrics_text().encode()
 
 
 ###############################################################################
@@ -3617,7 +3836,7 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
             "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
             "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
             "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-            "wsgi.input_terminated": True,
+            "wsgi.input_terminated": True, "fabrica.socket": self.connection, "fabrica.server": self.server,
         }
         for key, value in self.headers.items():
             if "_" in key:
@@ -3784,8 +4003,8 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 FINALIZER = "fabrica.io/finalize"
 _ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
 _FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}
-_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion"}
-_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp", "ownerReferences"}
+_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
+_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
 _CAS_RETRIES = 50
 
 
@@ -3863,12 +4082,13 @@ class Fabrica:
     def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
                  database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
                  event_source: str = "", ring_size: int = 10000, max_body: int = MAX_BODY,
-                 service: str = "fabrica", open: bool = False, clock=time.monotonic):
+                 service: str = "fabrica", open: bool = False, clock=time.monotonic, cors: str | None = None):
         self.clock = clock
         self.data_dir = data_dir
         self.durable = durable
         self.database_url = database_url
         self.token = token or None
+        self.cors = cors or None
         self.event_prefix = event_prefix
         self.event_source = event_source
         self.max_body = max_body
@@ -4075,6 +4295,58 @@ class Fabrica:
                 "resourceVersion": str(store.resource_version) if store is not None else "0",
                 "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
 
+    def metrics_text(self) -> str:
+        """Everything /metrics shows, in the Prometheus text exposition format."""
+        out = []
+
+        def family(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+        rest, store, bus = self.rest, self.store, self.bus
+        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
+               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{m}",code="{c}"}} {n}'
+                for (r, m, c), n in sorted(rest.requests.items())])
+        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
+               [line for (r, m), h in sorted(rest.latency.items())
+                for line in h.render("fabrica_http_request_duration_seconds",
+                                     f'route="{_prom_escape(r)}",method="{m}"')])
+        family("fabrica_store_writes_total", "counter", "Committed store writes.",
+               [f"fabrica_store_writes_total {store.writes if store else 0}"])
+        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
+               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
+        stats = bus.stats()
+        family("fabrica_events_published_total", "counter", "Events published on the bus.",
+               [f"fabrica_events_published_total {stats['published']}"])
+        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
+               [f"fabrica_events_dropped_total {stats['dropped']}"])
+        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
+               [f"fabrica_event_gaps_total {stats['gaps']}"])
+        kinds = sorted(self.kinds)
+        ctls = self._controllers
+        per_kind = {
+            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
+            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
+            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
+            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
+        }
+        for name, (kind, help_text, get) in per_kind.items():
+            family(name, kind, help_text, [f'{name}{{kind="{k}"}} {get(ctls[k])}' for k in kinds if k in ctls])
+        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
+               [line for k in kinds if k in ctls
+                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds", f'kind="{k}"')])
+        objects, not_ready = [], []
+        for k in kinds:
+            items = store.list(k) if store is not None else []
+            objects.append(f'fabrica_objects{{kind="{k}"}} {len(items)}')
+            pending = sum(1 for o in items if not any(
+                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in o["status"].get("conditions") or ()))
+            not_ready.append(f'fabrica_objects_not_ready{{kind="{k}"}} {pending}')
+        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind.", not_ready)
+        return "\n".join(out) + "\n"
+
     def discovery(self) -> dict:
         return {"apiVersion": API_VERSION, "kinds": [i.describe() for i in self.kinds.values()]}
 
@@ -4137,7 +4409,7 @@ class Fabrica:
     def _parse_body(self, info: KindInfo, body: dict, *, update: bool = False) -> dict:
         """Split a flat or envelope body (SPEC §6.2) into name, labels, annotations, finalizers, spec."""
         out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
-               "resource_version": None, "envelope": False}
+               "resource_version": None, "envelope": False, "owner": None}
         if "metadata" in body or "spec" in body:
             out["envelope"] = True
             unknown = sorted(set(body) - _ENVELOPE_KEYS)
@@ -4159,6 +4431,11 @@ class Fabrica:
             for key in ("name", "labels", "annotations", "finalizers"):
                 if key in meta:
                     out[key] = meta[key]
+            refs = meta.get("ownerReferences")
+            if refs and not update:
+                if not isinstance(refs, list) or not isinstance(refs[0], dict):
+                    raise _validation("metadata.ownerReferences", "must be a list of {kind, uid}")
+                out["owner"] = (refs[0].get("kind"), refs[0].get("uid"))
             if "resourceVersion" in meta:
                 out["resource_version"] = meta["resourceVersion"]
         else:
@@ -4263,7 +4540,7 @@ class Fabrica:
         for _ in range(_CAS_RETRIES):
             cur = store.resolve(kind, ref)
             if cur is None:
-                raise NotFoundError(f"{kind} {ref!r} not found")
+                raise NotFoundError(f'{kind} "{ref}" not found')
             name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
             if if_none_match is not None and ("*" in _etag_list(if_none_match) or
                                               etag_of(cur) in _etag_list(if_none_match)):
@@ -4379,7 +4656,7 @@ class Fabrica:
         for _ in range(_CAS_RETRIES):
             cur = store.resolve(kind, ref)
             if cur is None:
-                raise NotFoundError(f"{kind} {ref!r} not found")
+                raise NotFoundError(f'{kind} "{ref}" not found')
             meta = cur["metadata"]
             if not if_match_ok(if_match, cur):
                 raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
@@ -4520,7 +4797,7 @@ class LocalClient:
         self._app._require_started()
         obj = self._app.store.resolve(info.kind, ref)
         if obj is None:
-            raise NotFoundError(f"{info.kind} {ref!r} not found")
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
         return self._out(obj)
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None) -> list[Resource]:
@@ -4599,6 +4876,238 @@ class LocalClient:
         return self._out(self._app._restore(info, ref, str(version_id)))
 
 
+class ConnectionFailedError(FabricaError):
+    """The HTTP Client could not reach the server (no HTTP status)."""
+
+    status = 0
+
+
+_PATCH_MEDIA = {"merge": MERGE_PATCH, "json": JSON_PATCH, "shorthand": SHORTHAND_PATCH}
+
+
+class Client:
+    """The HTTP client: the same methods and exceptions as ``app.client``, stdlib only.
+
+    One keep-alive connection per thread. Errors raise the FabricaError
+    subclass of the HTTP status, carrying the server's message and details;
+    an unreachable server raises ConnectionFailedError.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, timeout: float = 30.0):
+        parts = urllib.parse.urlsplit(base_url if "://" in base_url else "http://" + base_url)
+        if parts.scheme not in ("http", "https"):
+            raise ConfigurationError(f"unsupported URL scheme in {base_url!r}")
+        self.base_url = f"{parts.scheme}://{parts.netloc}"
+        self._scheme, self._netloc, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._local = threading.local()
+        self._plurals: dict[str, str] = {}
+
+    # -- transport ---------------------------------------------------------------
+    def _connection(self, fresh: bool = False, timeout: float | None = None):
+        import http.client
+        conn = None if fresh else getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._netloc, timeout=timeout or self.timeout)
+            if timeout is None:
+                self._local.conn = conn
+        return conn
+
+    def _headers(self, extra=None) -> dict:
+        headers = {"Accept": JSON_TYPE}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None,
+                content_type: str = JSON_TYPE):
+        """One request; returns (status, headers, decoded JSON or None). Raises on 4xx/5xx."""
+        import http.client
+        payload = None if body is None else dumps(body).encode()
+        hdrs = self._headers(headers)
+        if payload is not None:
+            hdrs["Content-Type"] = content_type
+        for attempt in (1, 2):
+            conn = self._connection()
+            reused = getattr(conn, "sock", None) is not None
+            try:
+                conn.request(method, self._prefix + path, payload, hdrs)
+                res = conn.getresponse()
+                data = res.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                conn.close()
+                self._local.conn = None
+                if reused and attempt == 1:
+                    continue        # the server closed an idle keep-alive connection: once more
+                raise ConnectionFailedError(f"cannot connect to {self.base_url}: {exc}") from None
+            except OSError as exc:
+                conn.close()
+                self._local.conn = None
+                raise ConnectionFailedError(f"cannot connect to {self.base_url}: {exc.strerror or exc}") from None
+        if res.getheader("Connection", "").lower() == "close":
+            conn.close()
+            self._local.conn = None
+        value = None
+        if data and "json" in (res.getheader("Content-Type") or ""):
+            value = json.loads(data)
+        if res.status >= 400:
+            if isinstance(value, dict) and "error" in value:
+                raise error_for_status(res.status, value["error"], value.get("details"))
+            raise error_for_status(res.status, f"HTTP {res.status} {res.reason}")
+        return res.status, res, value
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- kinds -------------------------------------------------------------------
+    def kinds(self) -> list[dict]:
+        """The server's discovery document (GET /apis): kind, plural, prefix, ..."""
+        return self.request("GET", "/apis")[2]["kinds"]
+
+    def _plural(self, kind: str) -> str:
+        low = kind.lower()
+        plural = self._plurals.get(low)
+        if plural is None:
+            for info in self.kinds():
+                self._plurals[info["kind"].lower()] = self._plurals[info["plural"]] = info["plural"]
+            plural = self._plurals.get(low)
+            if plural is None:
+                raise NotFoundError(f"the server has no kind {kind!r}; `kinds` lists them")
+        return plural
+
+    def _ref(self, kind, ref) -> str:
+        return f"/{self._plural(kind)}/{urllib.parse.quote(str(ref), safe='')}"
+
+    # -- the app.client methods --------------------------------------------------
+    def get(self, kind: str, ref: str) -> Resource:
+        return Resource(self.request("GET", self._ref(kind, ref))[2])
+
+    def list(self, kind: str, selector: str | None = None, limit: int | None = None) -> list[Resource]:
+        """Objects by name; without ``limit`` every page is fetched (following ``continue``)."""
+        params = {}
+        if selector:
+            params["labelSelector"] = selector
+        params["limit"] = str(limit or 500)
+        out = []
+        while True:
+            _, res, items = self.request("GET", f"/{self._plural(kind)}?{urllib.parse.urlencode(params)}")
+            out.extend(Resource(i) for i in items)
+            token = res.getheader("X-Continue")
+            if limit is not None or not token:
+                return out
+            params["continue"] = token
+
+    def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
+               annotations: dict | None = None, owner: dict | None = None,
+               finalizers: list | None = None) -> Resource:
+        meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
+                                  ("finalizers", finalizers)) if v is not None}
+        if owner is not None:
+            meta["ownerReferences"] = [{"kind": owner["kind"], "uid": owner["metadata"]["uid"]}]
+        return Resource(self.request("POST", f"/{self._plural(kind)}", {"metadata": meta, "spec": spec or {}})[2])
+
+    def update(self, obj: dict) -> Resource:
+        meta = obj["metadata"]
+        body = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations", "finalizers") if k in meta},
+                "spec": obj.get("spec", {})}
+        headers = {"If-Match": f'"{meta["resourceVersion"]}"'} if meta.get("resourceVersion") else {}
+        return Resource(self.request("PUT", self._ref(obj["kind"], meta.get("uid") or meta["name"]), body,
+                                     headers)[2])
+
+    def patch(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
+        return Resource(self.request("PATCH", self._ref(kind, ref), patch, content_type=self._media(type))[2])
+
+    def update_status(self, kind: str, ref: str, status: dict) -> Resource:
+        return Resource(self.request("PUT", self._ref(kind, ref) + "/status", status)[2])
+
+    def patch_status(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
+        return Resource(self.request("PATCH", self._ref(kind, ref) + "/status", patch,
+                                     content_type=self._media(type))[2])
+
+    def delete(self, kind: str, ref: str, force: bool = False) -> Resource | None:
+        status, _, body = self.request("DELETE", self._ref(kind, ref) + ("?force=true" if force else ""))
+        return Resource(body) if status == 202 else None
+
+    def versions(self, kind: str, ref: str) -> list[dict]:
+        return self.request("GET", self._ref(kind, ref) + "/versions")[2]
+
+    def get_version(self, kind: str, ref: str, version_id: str) -> dict:
+        return self.request("GET", self._ref(kind, ref) + f"/versions/{urllib.parse.quote(str(version_id))}")[2]
+
+    def delete_version(self, kind: str, ref: str, version_id: str) -> None:
+        self.request("DELETE", self._ref(kind, ref) + f"/versions/{urllib.parse.quote(str(version_id))}")
+
+    def restore_version(self, kind: str, ref: str, version_id: str) -> Resource:
+        path = self._ref(kind, ref) + f"/versions/{urllib.parse.quote(str(version_id))}/restore"
+        return Resource(self.request("POST", path)[2])
+
+    @staticmethod
+    def _media(type: str) -> str:
+        if type not in _PATCH_MEDIA:
+            raise ValueError(f"patch type must be merge, json or shorthand, not {type!r}")
+        return _PATCH_MEDIA[type]
+
+    def watch(self, pattern: str = "**", since: str | None = None, kind: str | None = None,
+              *, reconnect: bool = True, idle_timeout: float = 60.0):
+        """Iterate CloudEvents from GET /events; after a dropped connection it reconnects with Last-Event-ID.
+
+        Raises GoneError when the server no longer has the events after ``since``.
+        """
+        import http.client
+        last = since
+        params = {"type": pattern}
+        if kind:
+            params["kind"] = kind
+        while True:
+            conn = self._connection(fresh=True, timeout=idle_timeout)
+            headers = self._headers({"Accept": "text/event-stream"})
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                conn.request("GET", f"{self._prefix}/events?{urllib.parse.urlencode(params)}", headers=headers)
+                res = conn.getresponse()
+                if res.status >= 400:
+                    body = json.loads(res.read() or b"{}")
+                    raise error_for_status(res.status, body.get("error", f"HTTP {res.status}"), body.get("details"))
+                event_id, data = None, []
+                while True:
+                    line = res.fp.readline()
+                    if not line:
+                        break           # the server closed the stream
+                    line = line.decode("utf-8").rstrip("\r\n")
+                    if not line:
+                        if data:
+                            event = json.loads("\n".join(data))
+                            last = event_id or last
+                            yield event
+                        event_id, data = None, []
+                    elif line.startswith("id:"):
+                        event_id = line[3:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip(" "))
+            except (OSError, http.client.HTTPException) as exc:
+                if not reconnect:
+                    raise ConnectionFailedError(f"event stream from {self.base_url} broke: {exc}") from None
+            finally:
+                conn.close()
+            if not reconnect:
+                return
+            time.sleep(0.2)     # reconnect pause (client side; no busy loop against a down server)
+
+
 ###############################################################################
 # CLI ##########################################################################
 ###############################################################################
@@ -4673,29 +5182,326 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line: ``serve`` (and, with a kind, the client verbs)."""
-    parser = argparse.ArgumentParser(prog="fabrica", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"fabrica {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _serve_parser(sub)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+_GLOBAL_FLAGS = {"--server": "server", "--token": "token", "-o": "output", "--output": "output"}
+
+
+def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
+    """Take the client's global flags (--server URL, --token T, -o FORMAT) from anywhere in argv."""
+    found, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in _GLOBAL_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise _UsageError(f"{name} needs a value")
+                value, i = argv[i + 1], i + 1
+            found[_GLOBAL_FLAGS[name]] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return found, rest
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _age(created: str | None) -> str:
+    if not created:
+        return "-"
+    seconds = max(0, int(time.time() - parse_time(created)))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _render(value, fmt: str) -> str:
+    """Objects, lists of objects or plain JSON in table/json/yaml/name form."""
+    if fmt == "json":
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    if fmt == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise _UsageError("-o yaml needs PyYAML: pip install PyYAML (or use -o json)") from None
+        return yaml.safe_dump(value, sort_keys=False, allow_unicode=True).rstrip()
+    items = value if isinstance(value, list) else [value]
+    is_obj = all(isinstance(i, dict) and isinstance(i.get("metadata"), dict) for i in items)
+    if fmt == "name":
+        if not is_obj:
+            return "\n".join(str(i.get("name", i.get("versionId", i))) if isinstance(i, dict) else str(i)
+                             for i in items)
+        return "\n".join(f"{i['kind'].lower()}/{i['metadata']['name']}" for i in items)
+    if not is_obj or not items:
+        if not items:
+            return "No resources found."
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    phase = any("phase" in (i.get("status") or {}) for i in items)
+    rows = [["NAME", "UID", "PHASE" if phase else "READY", "AGE"]]
+    for i in items:
+        status = i.get("status") or {}
+        if phase:
+            state = status.get("phase", "-")
+        else:
+            ready = next((c for c in status.get("conditions") or () if isinstance(c, dict) and c.get("type") == "Ready"),
+                         None)
+            state = ready.get("status", "-") if ready else "-"
+        rows.append([i["metadata"]["name"], i["metadata"]["uid"], state, _age(i["metadata"].get("createdAt"))])
+    return _table(rows)
+
+
+def _json_arg(text: str, what: str):
     try:
-        return _cmd_serve(args)
-    except StoreLockedError as exc:
-        print(f"fabrica: {exc}", file=sys.stderr)
-        return 1
-    except ConfigurationError as exc:
-        print(f"fabrica: {exc}", file=sys.stderr)
+        return json.loads(text)
+    except ValueError as exc:
+        raise _UsageError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _body_arg(args, required: bool = True):
+    if getattr(args, "spec", None) is not None:
+        return _json_arg(args.spec, "--spec")
+    if getattr(args, "file", None):
+        if args.file == "-":
+            return _json_arg(sys.stdin.read(), "standard input")
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return _json_arg(f.read(), args.file)
+        except OSError as exc:
+            raise _UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    if not required:
+        return None
+    if sys.stdin.isatty():
+        raise _UsageError("give the body with --spec JSON, -f FILE or on standard input")
+    return _json_arg(sys.stdin.read(), "standard input")
+
+
+def _shorthand(sets: list[str], unsets: list[str]) -> dict:
+    patch = {}
+    for item in sets or ():
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _UsageError(f"--set wants key.path=value, not {item!r}")
+        try:
+            patch[key] = json.loads(value)
+        except ValueError:
+            patch[key] = value      # not JSON: a plain string
+    for key in unsets or ():
+        patch[key] = None
+    return patch
+
+
+def _kind_parser(kind: str) -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog=f"fabrica {kind}", description=f"Client verbs for {kind}.")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB")
+    verbs.required = True
+    v = verbs.add_parser("list", help="list objects")
+    v.add_argument("-l", "--selector", help="label selector, e.g. env=prod,tier!=db")
+    v.add_argument("--limit", type=int)
+    verbs.add_parser("get", help="show one object").add_argument("ref")
+    for name in ("create", "update"):
+        v = verbs.add_parser(name, help=f"{name} from --spec JSON, -f FILE or stdin")
+        if name == "update":
+            v.add_argument("ref")
+        v.add_argument("--spec", help="the body: flat ({\"name\": ..., <spec fields>}) or an envelope")
+        v.add_argument("-f", "--file", help="read the body from FILE ('-' = stdin)")
+    v = verbs.add_parser("patch", help="patch the spec")
+    v.add_argument("ref")
+    v.add_argument("--spec", help="a JSON merge patch")
+    v.add_argument("--json-patch", help="RFC 6902 operations (a JSON array)")
+    v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    v.add_argument("--unset", action="append", metavar="KEY.PATH")
+    v = verbs.add_parser("delete", help="delete (202 while finalizers are pending)")
+    v.add_argument("ref")
+    v.add_argument("--force", action="store_true", help="delete now, skipping finalizers")
+    v = verbs.add_parser("status", help="show, replace (--spec) or patch (--set/--unset) the status")
+    v.add_argument("ref")
+    v.add_argument("--spec")
+    v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
+    v.add_argument("--unset", action="append", metavar="KEY.PATH")
+    v = verbs.add_parser("versions", help="spec history: list, or get|delete|restore ID")
+    v.add_argument("ref")
+    v.add_argument("action", nargs="?", choices=("list", "get", "delete", "restore"), default="list")
+    v.add_argument("id", nargs="?")
+    v = verbs.add_parser("watch", help="follow this kind's events")
+    v.add_argument("ref", nargs="?")
+    return p
+
+
+def _cmd_kind(client: Client, kind: str, argv: list[str], out) -> int:
+    args = _kind_parser(kind).parse_args(argv)
+    info = next((k for k in client.kinds() if kind.lower() in (k["kind"].lower(), k["plural"])), None)
+    if info is None:
+        raise NotFoundError(f'the server has no kind "{kind}"; `python fabrica.py kinds` lists them')
+    kind, plural, verb = info["kind"], info["plural"], args.verb
+    ref = getattr(args, "ref", None)
+    path = f"/{plural}/{urllib.parse.quote(ref, safe='')}" if ref else f"/{plural}"
+    if verb == "list":
+        out(client.list(kind, selector=args.selector, limit=args.limit))
+    elif verb == "get":
+        out(client.get(kind, ref))
+    elif verb == "create":
+        out(client.request("POST", path, _body_arg(args))[2])
+    elif verb == "update":
+        out(client.request("PUT", path, _body_arg(args))[2])
+    elif verb == "patch":
+        given = [x for x in (args.spec, args.json_patch, args.set or args.unset) if x]
+        if len(given) != 1:
+            raise _UsageError("patch wants exactly one of --spec, --json-patch, or --set/--unset")
+        if args.spec:
+            out(client.patch(kind, ref, _json_arg(args.spec, "--spec")))
+        elif args.json_patch:
+            out(client.patch(kind, ref, _json_arg(args.json_patch, "--json-patch"), type="json"))
+        else:
+            out(client.patch(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
+    elif verb == "delete":
+        pending = client.delete(kind, ref, force=args.force)
+        if pending is None:
+            out({"message": f'{kind} "{ref}" deleted', "uid": ref}, text=f'{kind} "{ref}" deleted')
+        else:
+            out(pending, text=f'{kind} "{ref}" is being deleted; waiting for finalizers: '
+                              f'{", ".join(pending.finalizers)}')
+    elif verb == "status":
+        if args.spec:
+            out(client.update_status(kind, ref, _json_arg(args.spec, "--spec")))
+        elif args.set or args.unset:
+            out(client.patch_status(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
+        else:
+            out(client.request("GET", path + "/status")[2], text=None)
+    elif verb == "versions":
+        if args.action != "list" and not args.id:
+            raise _UsageError(f"versions {args.action} needs a version id")
+        if args.action == "list":
+            out(client.versions(kind, ref), text=_table([["VERSION", "CREATED", "NAME"]] + [
+                [v["versionId"], v["createdAt"], v["name"]] for v in client.versions(kind, ref)]))
+        elif args.action == "get":
+            out(client.get_version(kind, ref, args.id), text=None)
+        elif args.action == "delete":
+            client.delete_version(kind, ref, args.id)
+            out({"message": "version deleted", "uid": args.id}, text=f"version {args.id} deleted")
+        else:
+            out(client.restore_version(kind, ref, args.id))
+    elif verb == "watch":
+        for event in client.watch(f"**", kind=kind):
+            data = event.get("data", {})
+            if ref and ref not in (data.get("resourceUID"), data.get("resourceName")):
+                continue
+            out(event, text=f"{event['type']}  {data.get('resourceName', '')}  rv={event.get('resourceversion')}",
+                stream=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: ``serve``, ``kinds``, ``events`` and ``<kind> <verb>``; returns the exit code.
+
+    Exit codes: 0 success, 1 the server answered 4xx/5xx, 2 usage, 3 cannot connect.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        parser = _ArgumentParser(prog="fabrica")
+        _serve_parser(parser.add_subparsers(dest="command"))
+        try:
+            args = parser.parse_args(argv)
+        except _UsageError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        try:
+            return _cmd_serve(args)
+        except StoreLockedError as exc:
+            print(f"fabrica: {exc}", file=sys.stderr)
+            return 1
+        except FabricaError as exc:
+            print(f"fabrica: {exc.message}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"fabrica: cannot serve: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    if argv[0] == "--version":
+        print(f"fabrica {__version__}")
+        return 0
+    try:
+        flags, argv = _split_globals(argv)
+        server = flags.get("server") or _env("SERVER", "http://127.0.0.1:8080")
+        fmt = flags.get("output") or ("table" if sys.stdout.isatty() else "json")
+        if fmt not in ("table", "json", "yaml", "name"):
+            raise _UsageError(f"-o must be table, json, yaml or name, not {fmt!r}")
+        client = Client(server, token=flags.get("token") or _env("TOKEN"))
+
+        def out(value, text: str | None = "", stream: bool = False):
+            if fmt == "table" and text:
+                print(text)
+            elif fmt == "table" and text is None:
+                print(json.dumps(value, indent=2, ensure_ascii=False))
+            else:
+                print(_render(value, "json" if stream and fmt == "table" else fmt))
+            sys.stdout.flush()
+        command, rest = argv[0], argv[1:]
+        if command == "kinds":
+            kinds = client.kinds()
+            out(kinds, text=_table([["KIND", "PLURAL", "PREFIX", "CONTROLLER", "HISTORY"]] + [
+                [k["kind"], k["plural"], k["prefix"], str(k["controller"]).lower(), str(k["history"]).lower()]
+                for k in kinds]))
+            return 0
+        if command == "events":
+            p = _ArgumentParser(prog="fabrica events", description="Follow the server's events (SSE).")
+            p.add_argument("--type", default="**", help="event type pattern (* one segment, ** any)")
+            p.add_argument("--kind")
+            p.add_argument("--since", help="resume after this event id")
+            args = p.parse_args(rest)
+            for event in client.watch(args.type, since=args.since, kind=args.kind):
+                out(event, text=f"{event['type']}  {event.get('data', {}).get('resourceName', '')}  "
+                                f"rv={event.get('resourceversion')}", stream=True)
+            return 0
+        return _cmd_kind(client, command, rest, out)
+    except _UsageError as exc:
+        text = str(exc)
+        print(text if text.startswith("fabrica") else f"fabrica: {text}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"fabrica: {exc}", file=sys.stderr)
+    except ConnectionFailedError:
+        print(f"fabrica: cannot connect to {server}: is the server running? (python fabrica.py serve)",
+              file=sys.stderr)
+        return 3
+    except FabricaError as exc:
+        detail = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in exc.details if isinstance(d, dict))
+        print(f"fabrica: {exc.message}" + (f" ({detail})" if detail and detail not in exc.message else ""),
+              file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+_USAGE = """usage: python fabrica.py serve [APP] [--data-dir DIR] [--host H] [--port P] [--token T] ...
+       python fabrica.py kinds
+       python fabrica.py events [--type PATTERN] [--kind KIND] [--since ID]
+       python fabrica.py KIND list [-l SELECTOR] [--limit N]
+       python fabrica.py KIND get REF
+       python fabrica.py KIND create [--spec JSON | -f FILE | -]
+       python fabrica.py KIND update REF [--spec JSON | -f FILE]
+       python fabrica.py KIND patch REF (--spec JSON | --json-patch OPS | --set k.a=v ... | --unset k ...)
+       python fabrica.py KIND delete REF [--force]
+       python fabrica.py KIND status REF [--set k=v ... | --spec JSON]
+       python fabrica.py KIND versions REF [get ID | delete ID | restore ID]
+       python fabrica.py KIND watch [REF]
+global flags: --server URL (env FABRICA_SERVER), --token T (env FABRICA_TOKEN), -o table|json|yaml|name
+exit codes: 0 ok, 1 the server said no (4xx/5xx), 2 usage, 3 cannot connect"""
 
 
 if __name__ == "__main__":
