@@ -5165,6 +5165,7 @@ def _serve_parser(sub):
     p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), waitress, "
                                                                   "cheroot, gunicorn")
     p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")))
+    p.add_argument("--cors", default=_env("CORS"), help="allow this browser origin (CORS is off by default)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     return p
 
@@ -5178,6 +5179,8 @@ def _cmd_serve(args) -> int:
     if args.workers:
         for info in app.kinds.values():
             info.workers = args.workers
+    if args.cors:
+        app.cors = args.cors
     app.serve(args.host, args.port, server=args.server, token=args.token, max_threads=args.max_threads)
     return 0
 
