@@ -1756,7 +1756,8 @@ class Store:
         with self._lock:
             found = self._history.get((kind, uid), {})
             ids = sorted(found, key=int)
-            for version_id in ids[:len(ids) - keep] if keep else ids if keep == 0 else ():
+            drop = ids if keep == 0 else ids[:max(0, len(ids) - keep)] if keep else []
+            for version_id in drop:
                 self._write_guard(f"{kind} {uid} version {version_id}", self._unpersist_version, kind, uid,
                                   version_id)
                 del found[version_id]
@@ -3188,7 +3189,14 @@ class Controller:
         if deleting:
             self._finalized(key, stored)
             return
-        wrote = self._write_status(key, stored, obj, run.stalled)
+        try:
+            wrote = self._write_status(key, stored, obj, run.stalled)
+        except ValidationError as exc:
+            self.errors += 1
+            self.retries += 1
+            self._record_failure(key, stored, exc)
+            self.queue.add_rate_limited(key, "invalid status")
+            return
         if wrote is False:
             return      # conflict: re-queued rate limited (or already pending)
         if isinstance(result, (int, float)) and not isinstance(result, bool):
@@ -3221,8 +3229,9 @@ class Controller:
             stall = obj.condition("Stalled")
             if stall is not None and stall.get("reason") == "ReconcileTimeout":
                 status["conditions"] = [c for c in status["conditions"] if c is not stall]
-        if status == stored["status"]:
+        if _json_equal(status, stored["status"]):
             return None
+        status = self.app._check_status(self.info, status)     # ValidationError: recorded like a failure
         try:
             self.app._mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
                              expected_rv=stored["metadata"]["resourceVersion"])
@@ -4550,6 +4559,8 @@ class Fabrica:
         rv = out["resource_version"]
         if rv is not None and not isinstance(rv, str):
             errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
+        if errors and out["spec"] is not None and info.spec is not None and isinstance(out["spec"], dict):
+            errors += info.spec.validate(out["spec"], "spec")[1]      # list every failing field at once
         if errors:
             raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
         return out
@@ -4561,9 +4572,26 @@ class Fabrica:
         return spec if info.spec is None else info.spec.check(spec, "spec")
 
     def _check_status(self, info: KindInfo, status) -> dict:
+        """The status with defaults; the fields fabrica writes are checked apart from the user's schema."""
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
-        return status if info.status is None else info.status.check(status, "status")
+        if info.status is None:
+            return status
+        own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
+        errors = []
+        if "conditions" in own and not (isinstance(own["conditions"], list) and
+                                        all(isinstance(c, dict) for c in own["conditions"])):
+            errors.append({"field": "status.conditions", "message": "must be a list of objects"})
+        if "observedGeneration" in own and (not isinstance(own["observedGeneration"], int)
+                                            or isinstance(own["observedGeneration"], bool)):
+            errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
+        rest, more = info.status.validate({k: v for k, v in status.items() if k not in own}, "status")
+        errors += more
+        if errors:
+            raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
+                                                                    for e in errors[:3]), errors)
+        rest.update(own)
+        return rest
 
     def _run_validate(self, info: KindInfo, obj: dict) -> None:
         if info.validate is None:
@@ -4647,14 +4675,14 @@ class Fabrica:
                 meta[key] = old_meta[key]
             meta["ownerReferences"] = old_meta["ownerReferences"]
             snapshot = None
-            if new["spec"] != cur["spec"]:
+            if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
                 meta["generation"] = old_meta["generation"] + 1
                 if info.history_on:
                     new["status"]["version"] = str(meta["generation"])
                     snapshot = self._snapshot(new)
             elif info.history_on and "version" in cur["status"]:
                 new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
-            if new == cur:
+            if _json_equal(new, cur):
                 return cur
             self._run_validate(info, new)
             meta["updatedAt"] = utcnow()
@@ -4811,6 +4839,8 @@ class Fabrica:
         try:
             if server in (None, "", "fabrica", "auto"):
                 self._serve_builtin(host, port, max_threads)
+            elif server == "granian":
+                self._serve_granian(host, port, max_threads)
             else:
                 self._serve_adapter(server, host, port, quiet)
         finally:
@@ -4840,6 +4870,28 @@ class Fabrica:
                 httpd.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _serve_granian(self, host, port, max_threads):
+        """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
+
+        granian normally runs WSGI apps in worker processes; its thread-worker
+        server is made for free-threaded Pythons and refuses a GIL build, a
+        check we skip: the worker is a thread that calls into this process's
+        app like any other WSGI server thread.
+        """
+        try:
+            from granian.constants import Interfaces
+            from granian.server.mt import MTServer
+        except ImportError:
+            raise ConfigurationError("--server granian needs granian: pip install granian") from None
+
+        class InProcessGranian(MTServer):
+            def _check_gil(self):
+                pass
+        server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
+                                  workers=1, blocking_threads=max(1, min(max_threads, 64)), log_enabled=False)
+        http_log.info("fabrica %s listening on http://%s:%d via granian", __version__, host, port)
+        server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
 
     def _serve_adapter(self, name, host, port, quiet):
         adapter = bottle.server_names.get(name)
@@ -5251,8 +5303,8 @@ def _serve_parser(sub):
                    help="reconcile workers per kind (overrides the app)")
     p.add_argument("--no-fsync", action="store_true", default=_env("NO_FSYNC", "") not in ("", "0", "false"),
                    help="skip fsync: faster, but a power loss can lose acknowledged writes")
-    p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), waitress, "
-                                                                  "cheroot, gunicorn")
+    p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), granian, "
+                                                                  "waitress, cheroot, gunicorn")
     p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")))
     p.add_argument("--cors", default=_env("CORS"), help="allow this browser origin (CORS is off by default)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
