@@ -3587,8 +3587,8 @@ class RestAPI:
         elif media not in ("", JSON_TYPE):
             raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
         raw = read_body(environ, self.app.max_body)
-        kind = PATCH_TYPES[media] if patch else "json"
-        return read_json(raw, want_object=kind != "json"), kind
+        # a merge patch may be any JSON value and a JSON Patch is an array; other bodies are objects
+        return read_json(raw, want_object=not patch), PATCH_TYPES[media] if patch else "json"
 
     def _kind(self, plural: str, *, create: bool = False):
         info = self.app._by_plural.get(plural)
