@@ -276,7 +276,7 @@ class FabricaError(Exception):
         self.details = list(details or [])
 
     def to_json(self) -> dict:
-        return {"error": self.message, "code": self.status, "details": self.details}
+        return {"error": self.message, "code": self.status, "details": self.details, "reason": type(self).__name__}
 
 
 class BadRequestError(FabricaError):
@@ -367,9 +367,12 @@ _ERRORS_BY_STATUS = {cls.status: cls for cls in (
     InsufficientStorageError)}
 
 
-def error_for_status(status: int, message: str, details=None) -> FabricaError:
-    """The exception class that matches an HTTP status (used by the HTTP Client)."""
+def error_for_status(status: int, message: str, details=None, reason: str | None = None) -> FabricaError:
+    """The exception class for an error body (used by the HTTP Client): by ``reason``, else by status."""
     cls = _ERRORS_BY_STATUS.get(status, FabricaError)
+    named = globals().get(reason) if isinstance(reason, str) and reason.endswith("Error") else None
+    if isinstance(named, type) and issubclass(named, cls) and named.status == status:
+        cls = named
     err = cls(message, details)
     err.status = status
     return err
@@ -3478,6 +3481,8 @@ class RestAPI:
         self.keepalive = 15.0                   # seconds between SSE keep-alive comments
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
+        self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
+        self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
         self.wsgi.route("/events", "GET", self._endpoint(self.events))
         self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
 
@@ -3607,7 +3612,7 @@ class RestAPI:
         return obj
 
     # -- routes ------------------------------------------------------------
-    def mount(self, plural: str) -> None:
+    def mount(self, plural: str | None, history: bool = False) -> None:
         """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
         route, ep = self.wsgi.route, self._endpoint
         if plural is None:
@@ -3626,16 +3631,15 @@ class RestAPI:
         route(base + "/<ref>/status", "GET", bind(self.get_status))
         route(base + "/<ref>/status", "PUT", bind(self.update_status))
         route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
-        route(base + "/<ref>/versions", "GET", bind(self.versions))
-        route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
-        route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
-        route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
+        if history:
+            route(base + "/<ref>/versions", "GET", bind(self.versions))
+            route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
+            route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
+            route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
 
     def list(self, plural):
         info = self.app._by_plural.get(plural)
-        if info is None:
-            if self.app.open and plural not in RESERVED_PATHS:
-                return self._send([], etag=False)
+        if info is None and not (self.app.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         query = bottle.request.query
         selector = query.get("labelSelector")
@@ -3645,7 +3649,7 @@ class RestAPI:
                 raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
             limit = int(limit)
         items, total, more = self.app.store.query(
-            info.kind, parse_selector(selector) if selector else None, name=name,
+            info.kind if info else "", parse_selector(selector) if selector else None, name=name,
             after=decode_continue(token) if token is not None else None, limit=limit)
         res = bottle.response
         res.set_header("X-Total-Count", str(total))
@@ -3770,6 +3774,16 @@ class RestAPI:
     def apis(self):
         return self._send(self.app.discovery(), etag=False)
 
+    def openapi(self):
+        return self._send(openapi_document(self.app), etag=False)
+
+    def docs(self):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        # the page is self-contained: the policy makes sure it fetches nothing but this server's JSON
+        bottle.response.set_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'; connect-src 'self'")
+        return DOCS_HTML
+
     def events(self):
         """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
         env = bottle.request.environ
@@ -3829,6 +3843,536 @@ class RestAPI:
     def metrics(self):
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
         return self.app.metrics_text().encode()
+
+
+# -- OpenAPI and /docs ---------------------------------------------------------
+#
+# openapi_document(app) describes every route the app serves as an OpenAPI
+# 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
+# they are). It is rebuilt per request: cheap, and always true to app.kinds.
+# DOCS_HTML is the offline /docs page: inline CSS and JS, nothing fetched
+# but /openapi.json and the GETs a person tries.
+
+_OA_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_OA_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_OA_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+_OA_ERRORS = {
+    "304": "Not modified: If-None-Match matched the current ETag (no body)",
+    "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
+    "401": "Missing or wrong bearer token",
+    "404": "No such object, kind or version",
+    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, or the object changes too fast",
+    "410": "Gone: events after that position are no longer available",
+    "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
+    "413": "The request body is over the limit (1 MiB by default)",
+    "415": "Unsupported Content-Type",
+    "422": "Validation failed; details lists every failing field",
+    "500": "The store could not complete the write; the previous version is intact",
+    "507": "No space left for the write; the previous version is intact",
+}
+
+
+_OA_SUFFIXES = ("", "Spec", "Status", "Create", "Version", "Versions")
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_json(schema: dict) -> dict:
+    return {JSON_TYPE: {"schema": schema}}
+
+
+def _oa_responses(ok: dict, codes: str, token: bool) -> dict:
+    """ok (status -> response object) plus the Error responses named in ``codes``."""
+    out = dict(ok)
+    for code in codes.split() + (["401"] if token else []):
+        if code == "304":
+            out[code] = {"description": _OA_ERRORS[code], "headers": {"ETag": _oa_ref("ETag", "headers")}}
+        else:
+            out[code] = {"description": _OA_ERRORS[code], "content": _oa_json(_oa_ref("Error"))}
+    return dict(sorted(out.items()))
+
+
+def _oa_ok(description: str, schema: dict | None = None, headers=(), media: str = JSON_TYPE) -> dict:
+    res = {"description": description}
+    if headers:
+        res["headers"] = {h: _oa_ref(h.replace("-", ""), "headers") for h in headers}
+    if schema is not None:
+        res["content"] = {media: {"schema": schema}}
+    return res
+
+
+def _oa_schema(schema: Schema | None, what: str) -> dict:
+    if schema is None:
+        return {"type": "object", "description": f"any JSON object (the kind declares no {what} schema)"}
+    out = deepcopy_json(schema.json)
+    for key in ("$schema", "$id"):
+        out.pop(key, None)
+    return out
+
+
+def _oa_flat(kind: str | None, spec: dict) -> dict:
+    """The flat create/PUT form: name, labels, annotations beside the spec fields (SPEC §6.2)."""
+    reserved = {"name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                "apiVersion": {"const": API_VERSION}, "kind": {"const": kind} if kind else {"type": "string"}}
+    flat = {"title": "flat form", "type": "object"}
+    simple = set(spec) <= {"type", "properties", "required", "additionalProperties", "title", "description"}
+    if not simple or spec.get("type", "object") != "object":
+        flat["properties"] = reserved
+        flat["description"] = "name, labels and annotations beside the spec fields"
+        return flat
+    skip = set(_FLAT_RESERVED) | {"metadata", "spec"}
+    flat["properties"] = {**{k: v for k, v in (spec.get("properties") or {}).items() if k not in skip}, **reserved}
+    required = [r for r in spec.get("required", ()) if r not in skip]
+    if required:
+        flat["required"] = required
+    if "additionalProperties" in spec:
+        flat["additionalProperties"] = spec["additionalProperties"]
+    return flat
+
+
+def _oa_kind_schemas(info: KindInfo | None, name: str) -> dict:
+    """Components <name>Spec, <name>Status, <name>, <name>Create (and <name>Version) of one kind.
+
+    ``name`` is the kind's name unless that collides (see openapi_document); ``info=None`` gives
+    the generic resource of an open server's other plurals.
+    """
+    spec = _oa_schema(info.spec if info else None, "spec")
+    status = _oa_schema(info.status if info else None, "status")
+    status.setdefault("description", "written by controllers; conditions: see Condition")
+    kind_const = {"const": info.kind} if info is not None else {"type": "string"}
+    envelope = {
+        "title": "envelope form", "type": "object",
+        "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                       "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMetaWrite"),
+                       "spec": _oa_ref(name + "Spec"),
+                       "status": {"description": "ignored here: status is written only through /status"}},
+        "additionalProperties": False,
+        "anyOf": [{"required": ["metadata"]}, {"required": ["spec"]}],
+    }
+    schemas = {
+        name + "Spec": spec,
+        name + "Status": status,
+        name: {
+            "type": "object",
+            "required": ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"],
+            "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                           "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMeta"),
+                           "spec": _oa_ref(name + "Spec"), "status": _oa_ref(name + "Status")},
+        },
+        name + "Create": {
+            "description": "Create or PUT body: the flat form ({name, labels, annotations, <spec fields>}) "
+                           "or the envelope form ({metadata, spec}); a top-level metadata or spec key "
+                           "selects the envelope form.",
+            "anyOf": [_oa_flat(info.kind if info else None, spec), envelope],
+        },
+    }
+    if info is not None and info.history_on:
+        schemas[name + "Version"] = {"allOf": [_oa_ref("Version"),
+                                               {"properties": {"spec": _oa_ref(name + "Spec")}}]}
+    return schemas
+
+
+def _oa_patch_body(target: str) -> dict:
+    merge = {"type": "object", "description": f"RFC 7386 merge patch of the {target}"}
+    return {"required": True, "description": f"A patch of the {target}; the Content-Type picks the format",
+            "content": {MERGE_PATCH: {"schema": merge}, JSON_TYPE: {"schema": merge},
+                        JSON_PATCH: {"schema": _oa_ref("JSONPatch")},
+                        SHORTHAND_PATCH: {"schema": {"type": "object", "description":
+                                          "dotted paths to values; null removes the path"}}}}
+
+
+def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, token: bool,
+                   open_kind: bool = False) -> dict:
+    """The path items of one kind: ``name`` names its components and operations, ``label`` is for
+    people, ``base`` is "/<plural>" (or "/{plural}" for an open server's other plurals)."""
+    ref, K = _oa_ref("Ref", "parameters"), _oa_ref(name)
+    pre = [_oa_ref("IfMatch", "parameters"), _oa_ref("IfNoneMatch", "parameters")]
+    lead = [_oa_ref("Plural", "parameters")] if open_kind else []
+
+    def op(op_id, summary, responses, codes, params=(), body=None):
+        verb, _, suffix = op_id.partition("*")
+        o = {"tags": [tag], "summary": summary, "operationId": verb + name + suffix}
+        if params:
+            o["parameters"] = list(params)
+        if body is not None:
+            o["requestBody"] = body
+        o["responses"] = _oa_responses(responses, codes, token)
+        return o
+
+    create_body = {"required": True, "content": _oa_json(_oa_ref(name + "Create"))}
+    write = "400 404 409 412 413 415 422 500 507"
+    nf = " 404" if open_kind else ""     # a plural that is reserved or not a plural
+    obj_etag = _oa_ok(f"The {label}", K, ("ETag",))
+    patched = _oa_ok(f"The patched {label}", K, ("ETag", "Accept-Patch"))
+    paths = {
+        base: {"parameters": lead, **{
+            "get": op("list", f"List {label} objects (ordered by name)",
+                      {"200": _oa_ok("The matching objects", {"type": "array", "items": K},
+                                     ("X-Total-Count", "X-Continue", "Link"))}, "400" + nf,
+                      [_oa_ref(p, "parameters") for p in ("LabelSelector", "Name", "Limit", "Continue")]),
+            "post": op("create", f"Create a {label}",
+                       {"201": _oa_ok(f"The new {label}", K, ("Location", "ETag"))},
+                       "400 409 413 415 422 500 507" + nf, body=create_body)}},
+        base + "/{ref}": {"parameters": lead + [ref], **{
+            "get": op("get", f"Get a {label}", {"200": obj_etag}, "304 400 404",
+                      [_oa_ref("IfNoneMatchGet", "parameters")]),
+            "put": op("replace", f"Replace the spec (and labels) of a {label}; never creates",
+                      {"200": obj_etag}, write, pre, create_body),
+            "patch": op("patch", f"Patch the spec of a {label}", {"200": patched}, write,
+                        [pre[0]], _oa_patch_body("spec")),
+            "delete": op("delete", f"Delete a {label}",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse")),
+                          "202": _oa_ok("Finalizers are pending: marked for deletion", K, ("ETag",))},
+                         "400 404 409 412 500 507", [pre[0], _oa_ref("Force", "parameters")])}},
+        base + "/{ref}/status": {"parameters": lead + [ref], **{
+            "get": op("get*Status", f"Get the status of a {label}",
+                      {"200": _oa_ok("The status object", _oa_ref(name + "Status"), ("ETag",))}, "400 404"),
+            "put": op("replace*Status", f"Replace the status of a {label} (the bare status object)",
+                      {"200": obj_etag}, write, pre,
+                      {"required": True, "content": _oa_json(_oa_ref(name + "Status"))}),
+            "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
+                        _oa_patch_body("status"))}},
+    }
+    if history:
+        vid = _oa_ref("VersionId", "parameters")
+        V = _oa_ref(name + "Version")
+        paths[base + "/{ref}/versions"] = {"parameters": lead + [ref], "get": op(
+            "list*Versions", f"List the spec versions of a {label}, oldest first",
+            {"200": _oa_ok("The snapshots", {"type": "array", "items": V})}, "400 404")}
+        paths[base + "/{ref}/versions/{versionId}"] = {"parameters": lead + [ref, vid], **{
+            "get": op("get*Version", "Get one spec version", {"200": _oa_ok("The snapshot", V)}, "400 404"),
+            "delete": op("delete*Version", "Delete one spec version",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse"))}, "400 404 500 507")}}
+        paths[base + "/{ref}/versions/{versionId}/restore"] = {"parameters": lead + [ref, vid], "post": op(
+            "restore*Version", "Write that version's spec back as a new, validated spec write",
+            {"200": obj_etag}, "400 404 409 412 422 500 507", pre)}
+    for item in paths.values():
+        if not item["parameters"]:
+            del item["parameters"]
+    return paths
+
+
+def _oa_components() -> dict:
+    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
+    time = {"type": "string", "format": "date-time"}
+    header = lambda description, schema, required=False: {  # noqa: E731
+        "description": description, "required": required, "schema": schema}
+    param = lambda name, where, description, schema, **extra: {  # noqa: E731
+        "name": name, "in": where, "description": description, "schema": schema, **extra}
+    return {
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
+                "error": {"type": "string"}, "code": {"type": "integer"},
+                "reason": {"type": "string", "description": "the fabrica exception class"},
+                "details": {"type": "array", "items": {"type": "object", "properties": {
+                    "field": {"type": "string"}, "message": {"type": "string"}}}}}},
+            "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
+                     "description": "a DNS-1123 subdomain, unique per kind"},
+            "Labels": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                       "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
+            "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                            "additionalProperties": {"type": "string"}},
+            "OwnerReference": {"type": "object", "properties": {
+                "kind": {"type": "string"}, "uid": {"type": "string"}, "name": {"type": "string"},
+                "controller": {"type": "boolean"}}},
+            "ObjectMeta": {
+                "type": "object",
+                "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
+                             "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"],
+                "properties": {
+                    "name": {"type": "string"}, "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                    "labels": string_map, "annotations": string_map, "createdAt": time, "updatedAt": time,
+                    "generation": {"type": "integer", "minimum": 1},
+                    "resourceVersion": {"type": "string", "pattern": "^[0-9]+$"},
+                    "finalizers": {"type": "array", "items": {"type": "string"}},
+                    "ownerReferences": {"type": "array", "items": _oa_ref("OwnerReference")},
+                    "deletionTimestamp": {"type": ["string", "null"], "format": "date-time"}}},
+            "ObjectMetaWrite": {
+                "type": "object", "additionalProperties": False,
+                "description": "metadata in an envelope body; server-managed fields are accepted and ignored",
+                "properties": {
+                    "name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                    "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                              "pattern": _OA_LABEL_KEY}},
+                    "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
+                    **{k: {"description": "server-managed; ignored"} for k in
+                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp", "ownerReferences")}}},
+            "Condition": {"type": "object", "required": ["type", "status"], "properties": {
+                "type": {"type": "string"}, "status": {"enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
+                "observedGeneration": {"type": "integer"}},
+                "description": "what set_condition() and the controller write into status.conditions"},
+            "DeleteResponse": {"type": "object", "required": ["message", "uid"], "properties": {
+                "message": {"type": "string"}, "uid": {"type": "string"}}},
+            "Version": {"type": "object",
+                        "required": ["versionId", "createdAt", "uid", "name", "labels", "annotations", "spec"],
+                        "properties": {"versionId": {"type": "string"}, "createdAt": time,
+                                       "uid": {"type": "string"}, "name": {"type": "string"},
+                                       "labels": string_map, "annotations": string_map,
+                                       "spec": {"type": "object"}}},
+            "JSONPatch": {"type": "array", "description": "RFC 6902 operations", "items": {
+                "type": "object", "required": ["op", "path"], "properties": {
+                    "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
+                    "path": {"type": "string"}, "from": {"type": "string"}, "value": {}}}},
+            "Health": {"type": "object", "required": ["status", "service"], "properties": {
+                "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
+                "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
+                "quarantined": {"type": "array"}, "resourceVersion": {"type": "string"},
+                "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+            "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
+                "apiVersion": {"type": "string"}, "kinds": {"type": "array", "items": {
+                    "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
+                        "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
+                        "patchTypes": {"type": "array", "items": {"type": "string"}},
+                        "controller": {"type": "boolean"}, "history": {"type": "boolean"},
+                        "finalizer": {"type": "boolean"}}}}}},
+        },
+        "parameters": {
+            "Ref": param("ref", "path", "a uid, else a name", {"type": "string"}, required=True),
+            "Plural": param("plural", "path", "the plural of a kind made at first create (open server)",
+                            {"type": "string", "pattern": "^[a-z][a-z0-9]{0,62}$"}, required=True),
+            "VersionId": param("versionId", "path", "a spec version (the generation it produced)",
+                               {"type": "string"}, required=True),
+            "IfMatch": param("If-Match", "header", "strong ETags or *; no match: 412", {"type": "string"}),
+            "IfNoneMatch": param("If-None-Match", "header", "*: fail with 412 if the object exists",
+                                 {"type": "string"}),
+            "IfNoneMatchGet": param("If-None-Match", "header", "a matching ETag answers 304",
+                                    {"type": "string"}),
+            "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
+                                   "k notin (a), k, !k; comma = AND", {"type": "string"}),
+            "Name": param("name", "query", "only the object with this name", {"type": "string"}),
+            "Limit": param("limit", "query", "page size", {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
+            "Continue": param("continue", "query", "the X-Continue token of the previous page",
+                              {"type": "string"}),
+            "Force": param("force", "query", "delete now, even with finalizers pending",
+                           {"type": "boolean"}),
+            "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
+            "EventKind": param("kind", "query", "only events of this kind", {"type": "string"}),
+            "Since": param("since", "query", "replay events after this position (like Last-Event-ID)",
+                           {"type": "string"}),
+            "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
+                                 {"type": "string"}),
+        },
+        "headers": {
+            "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
+            "XTotalCount": header("objects matching before paging", {"type": "string", "pattern": "^[0-9]+$"},
+                                  True),
+            "XContinue": header("token for the next page, when there is one", {"type": "string"}),
+            "Link": header('<...>; rel="next" when there is a next page', {"type": "string"}),
+            "Location": header("the new object's path", {"type": "string"}, True),
+            "AcceptPatch": header("the patch media types", {"type": "string"}, True),
+        },
+    }
+
+
+def openapi_document(app) -> dict:
+    """The OpenAPI 3.1.0 document of every route ``app`` serves (what GET /openapi.json answers)."""
+    token = bool(app.token)
+    components = _oa_components()
+    paths, tags = {}, []
+    # A kind's components and operation ids are <name>, <name>Spec, <name>Status, ...; a kind whose
+    # name would collide (a kind "Error", or "ServerStatus" beside "Server") becomes <kind>Kind[N].
+    taken = set(components["schemas"]) | {"Health", "Apis", "Events", "OpenAPI", "Docs", "Metrics", "Dashboard"}
+
+    def allocate(kind: str) -> str:
+        name, n = kind, 1
+        while any(name + suffix in taken for suffix in _OA_SUFFIXES):
+            n += 1
+            name = kind + "Kind" + (str(n - 1) if n > 2 else "")
+        taken.update(name + suffix for suffix in _OA_SUFFIXES)
+        return name
+    for info in sorted(app.kinds.values(), key=lambda i: i.plural):
+        name = allocate(info.kind)
+        components["schemas"].update(_oa_kind_schemas(info, name))
+        notes = [f"plural {info.plural}", f"uid prefix {info.prefix}"]
+        notes += [note for flag, note in ((info.reconcile, "reconciled by a controller"),
+                                          (info.finalize, "has a finalizer"),
+                                          (info.history_on, "keeps spec history")) if flag]
+        tags.append({"name": info.kind, "description": "; ".join(notes)})
+        paths.update(_oa_kind_paths(name, info.kind, "/" + info.plural, info.kind, info.history_on, token))
+    if app.open:
+        name = allocate("Resource")
+        components["schemas"].update(_oa_kind_schemas(None, name))
+        tags.append({"name": "open", "description": "any other plural: its kind is made at first create"})
+        paths.update(_oa_kind_paths(name, "resource", "/{plural}", "open", False, token, open_kind=True))
+
+    def system(op_id, summary, responses, codes="", params=(), public=False):
+        o = {"tags": ["system"], "summary": summary, "operationId": op_id}
+        if params:
+            o["parameters"] = list(params)
+        o["responses"] = _oa_responses(responses, codes, token and not public)
+        if token and public:
+            o["security"] = []
+        return {"get": o}
+    text = {"type": "string"}
+    paths.update({
+        "/health": system("getHealth", "Liveness and store health (never needs a token)",
+                          {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
+        "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
+                        {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
+        "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
+                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", text,
+                                         media="text/event-stream")}, "400 404 410",
+                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID")]),
+        "/openapi.json": system("getOpenAPI", "This document",
+                                {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
+        "/docs": system("getDocs", "An offline page that browses this document",
+                        {"200": _oa_ok("HTML", text, media="text/html")}),
+        "/metrics": system("getMetrics", "Prometheus text format",
+                           {"200": _oa_ok("Metrics", text, media="text/plain")}),
+    })
+    if any(r.rule == "/" and r.method == "GET" for r in app.wsgi.routes):
+        paths["/"] = system("getDashboard", "A small HTML dashboard",
+                            {"200": _oa_ok("HTML", text, media="text/html")})
+    tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": app.service, "version": __version__,
+                 "description": "Declarative resources (spec written by users, status by controllers) "
+                                "served by fabrica.py. Every error body is an Error."},
+        "tags": tags,
+        "paths": paths,
+        "components": components,
+    }
+    if token:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearerAuth": []}]
+    return doc
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>API docs</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#234;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
+header h1{font-size:18px;margin:0;flex:1}
+main{display:grid;grid-template-columns:220px 1fr;gap:16px;padding:16px}
+nav a{display:block;color:#246;text-decoration:none;padding:2px 0;cursor:pointer}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;margin-bottom:16px;padding:8px 12px}
+h2{font-size:16px;margin:4px 0 8px}
+.op{border-top:1px solid #eee;padding:6px 0}
+.op summary{cursor:pointer}
+.m{display:inline-block;width:58px;font:bold 12px monospace;text-align:center;border-radius:3px;color:#fff}
+.GET{background:#2a7}.POST{background:#27c}.PUT{background:#c82}.PATCH{background:#a5c}.DELETE{background:#c33}
+code,pre{font-family:ui-monospace,monospace;font-size:12px}
+pre{background:#f4f4f4;padding:8px;overflow:auto;max-height:420px;margin:6px 0}
+input{font:inherit;padding:2px 4px;margin:2px 6px 2px 0}
+.muted{color:#777}
+</style></head>
+<body>
+<header><h1 id="title">API</h1>
+<label>Token <input id="token" type="password" placeholder="bearer token (optional)"></label></header>
+<main><nav id="nav"></nav><div id="content"><p class="muted">Loading /openapi.json ...</p></div></main>
+<script>
+"use strict";
+const $ = (tag, attrs, ...kids) => {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "onclick") el.onclick = v; else el.setAttribute(k, v);
+  }
+  for (const kid of kids) el.append(kid);
+  return el;
+};
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("fabrica-token") || "";
+tokenInput.onchange = () => sessionStorage.setItem("fabrica-token", tokenInput.value);
+const headers = () => tokenInput.value ? {Authorization: "Bearer " + tokenInput.value} : {};
+const pretty = (text) => { try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; } };
+
+function tryGet(doc, path, op, out) {
+  const form = $("div");
+  const inputs = {};
+  for (const name of path.match(/[{][^}]+[}]/g) || []) {
+    const key = name.slice(1, -1);
+    inputs[key] = $("input", {placeholder: key, size: 20});
+    form.append(key + " ", inputs[key]);
+  }
+  const query = $("input", {placeholder: "query, e.g. limit=10", size: 28});
+  const resolve = (p) => p.$ref ? doc.components.parameters[p.$ref.split("/").pop()] : p;
+  if ((op.parameters || []).some((p) => resolve(p).in === "query")) form.append("?", query);
+  const button = $("button", {onclick: async () => {
+    let url = path.replace(/[{]([^}]+)[}]/g, (_, k) => encodeURIComponent(inputs[k].value));
+    if (query.value) url += "?" + query.value.replace(/^[?]/, "");
+    out.textContent = "GET " + url + " ...";
+    try {
+      const res = await fetch(url, {headers: headers()});
+      const body = await res.text();
+      out.textContent = "GET " + url + "\\n" + res.status + " " + res.statusText + "\\n\\n" + pretty(body);
+    } catch (e) { out.textContent = "GET " + url + " failed: " + e; }
+  }}, "Try");
+  form.append(button);
+  return form;
+}
+
+function schemaName(s) {
+  if (!s) return "";
+  if (s.$ref) return s.$ref.split("/").pop();
+  if (s.type === "array" && s.items) return "[" + schemaName(s.items) + "]";
+  return s.type || "";
+}
+
+function render(doc) {
+  document.title = doc.info.title + " API";
+  document.getElementById("title").textContent =
+    doc.info.title + " " + doc.info.version + " (OpenAPI " + doc.openapi + ")";
+  const nav = document.getElementById("nav"), content = document.getElementById("content");
+  content.textContent = "";
+  const byTag = {};
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      if (method === "parameters") continue;
+      for (const tag of op.tags || ["other"]) (byTag[tag] = byTag[tag] || []).push([path, method.toUpperCase(), op]);
+    }
+  }
+  for (const tag of doc.tags || Object.keys(byTag).map((name) => ({name}))) {
+    const ops = byTag[tag.name] || [];
+    const sec = $("section", {id: "tag-" + tag.name}, $("h2", {}, tag.name),
+                  $("div", {class: "muted"}, tag.description || ""));
+    nav.append($("a", {href: "#tag-" + tag.name}, tag.name));
+    for (const [path, method, op] of ops) {
+      const body = op.requestBody ? Object.entries(op.requestBody.content)
+        .map(([type, c]) => type + ": " + schemaName(c.schema)).join(", ") : "";
+      const codes = Object.entries(op.responses).map(([code, r]) => {
+        const c = r.content ? Object.values(r.content)[0] : null;
+        return code + (c ? " " + schemaName(c.schema) : "");
+      }).join(", ");
+      const params = (op.parameters || []).concat(doc.paths[path].parameters || [])
+        .map((p) => p.$ref ? p.$ref.split("/").pop() : p.name).join(", ");
+      const details = $("details", {class: "op"},
+        $("summary", {}, $("span", {class: "m " + method}, method), " ", $("code", {}, path), " ",
+          $("span", {class: "muted"}, op.summary || "")),
+        $("div", {}, "operationId: ", $("code", {}, op.operationId || "")),
+        params ? $("div", {}, "parameters: ", $("code", {}, params)) : "",
+        body ? $("div", {}, "body: ", $("code", {}, body)) : "",
+        $("div", {}, "responses: ", $("code", {}, codes)));
+      if (method === "GET" && path !== "/events") {   // an endless stream: no Try
+        const out = $("pre", {}, "");
+        details.append(tryGet(doc, path, op, out), out);
+      }
+      sec.append(details);
+    }
+    content.append(sec);
+  }
+  const schemas = $("section", {id: "schemas"}, $("h2", {}, "Schemas"));
+  nav.append($("a", {href: "#schemas"}, "Schemas"));
+  for (const [name, schema] of Object.entries((doc.components || {}).schemas || {})) {
+    schemas.append($("details", {class: "op"}, $("summary", {}, $("code", {}, name)),
+      $("pre", {}, JSON.stringify(schema, null, 2))));
+  }
+  content.append(schemas);
+}
+
+fetch("/openapi.json", {headers: headers()})
+  .then((res) => res.ok ? res.json() : res.text().then((t) => { throw new Error(res.status + " " + t); }))
+  .then(render)
+  .catch((e) => { document.getElementById("content").textContent = "Could not load /openapi.json: " + e; });
+</script>
+</body></html>
+"""
 
 
 ###############################################################################
@@ -4258,7 +4802,7 @@ class Fabrica:
         if self.store is not None and self.store._opened:
             self.store.add_kind(kind, plural)
         if mount:
-            self.rest.mount(plural)
+            self.rest.mount(plural, info.history_on)
         return info
 
     def _open_kind(self, plural: str, kind: str | None) -> KindInfo:
@@ -4575,8 +5119,6 @@ class Fabrica:
         """The status with defaults; the fields fabrica writes are checked apart from the user's schema."""
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
-        if info.status is None:
-            return status
         own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
         errors = []
         if "conditions" in own and not (isinstance(own["conditions"], list) and
@@ -4585,8 +5127,12 @@ class Fabrica:
         if "observedGeneration" in own and (not isinstance(own["observedGeneration"], int)
                                             or isinstance(own["observedGeneration"], bool)):
             errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
-        rest, more = info.status.validate({k: v for k, v in status.items() if k not in own}, "status")
-        errors += more
+        if "version" in own and not isinstance(own["version"], str):
+            errors.append({"field": "status.version", "message": "must be a string"})
+        rest = {k: v for k, v in status.items() if k not in own}
+        if info.status is not None:
+            rest, more = info.status.validate(rest, "status")
+            errors += more
         if errors:
             raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
                                                                     for e in errors[:3]), errors)
@@ -5097,7 +5643,7 @@ class Client:
             value = json.loads(data)
         if res.status >= 400:
             if isinstance(value, dict) and "error" in value:
-                raise error_for_status(res.status, value["error"], value.get("details"))
+                raise error_for_status(res.status, value["error"], value.get("details"), value.get("reason"))
             raise error_for_status(res.status, f"HTTP {res.status} {res.reason}")
         return res.status, res, value
 
@@ -5380,7 +5926,7 @@ def _render(value, fmt: str) -> str:
             import yaml
         except ImportError:
             raise _UsageError("-o yaml needs PyYAML: pip install PyYAML (or use -o json)") from None
-        return yaml.safe_dump(value, sort_keys=False, allow_unicode=True).rstrip()
+        return yaml.safe_dump(json.loads(dumps(value)), sort_keys=False, allow_unicode=True).rstrip()
     items = value if isinstance(value, list) else [value]
     is_obj = all(isinstance(i, dict) and isinstance(i.get("metadata"), dict) for i in items)
     if fmt == "name":
@@ -5414,6 +5960,8 @@ def _json_arg(text: str, what: str):
 
 
 def _body_arg(args, required: bool = True):
+    if getattr(args, "stdin", None) == "-":
+        return _json_arg(sys.stdin.read(), "standard input")
     if getattr(args, "spec", None) is not None:
         return _json_arg(args.spec, "--spec")
     if getattr(args, "file", None):
@@ -5458,6 +6006,7 @@ def _kind_parser(kind: str) -> argparse.ArgumentParser:
         v = verbs.add_parser(name, help=f"{name} from --spec JSON, -f FILE or stdin")
         if name == "update":
             v.add_argument("ref")
+        v.add_argument("stdin", nargs="?", choices=["-"], help="'-' reads the body from standard input")
         v.add_argument("--spec", help="the body: flat ({\"name\": ..., <spec fields>}) or an envelope")
         v.add_argument("-f", "--file", help="read the body from FILE ('-' = stdin)")
     v = verbs.add_parser("patch", help="patch the spec")
@@ -5510,12 +6059,12 @@ def _cmd_kind(client: Client, kind: str, argv: list[str], out) -> int:
         else:
             out(client.patch(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
     elif verb == "delete":
-        pending = client.delete(kind, ref, force=args.force)
-        if pending is None:
-            out({"message": f'{kind} "{ref}" deleted', "uid": ref}, text=f'{kind} "{ref}" deleted')
+        status, _, body = client.request("DELETE", path + ("?force=true" if args.force else ""))
+        if status == 202:
+            out(body, text=f'{kind} "{ref}" is being deleted; waiting for finalizers: '
+                           f'{", ".join(body["metadata"]["finalizers"])}')
         else:
-            out(pending, text=f'{kind} "{ref}" is being deleted; waiting for finalizers: '
-                              f'{", ".join(pending.finalizers)}')
+            out(body, text=f'{kind} "{ref}" deleted')
     elif verb == "status":
         if args.spec:
             out(client.update_status(kind, ref, _json_arg(args.spec, "--spec")))
@@ -5595,6 +6144,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(_render(value, "json" if stream and fmt == "table" else fmt))
             sys.stdout.flush()
+        if not argv:
+            raise _UsageError("a command is missing\n" + _USAGE)
         command, rest = argv[0], argv[1:]
         if command == "kinds":
             kinds = client.kinds()
