@@ -115,6 +115,8 @@ KIND_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
 PLURAL_RE = re.compile(r"[a-z][a-z0-9]{0,62}")
 RESERVED_PATHS = {"health", "apis", "events", "openapi.json", "docs", "metrics"}
 _UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data", "metadata"}
+_IRREGULAR = {"child": "children", "person": "people", "man": "men", "woman": "women", "mouse": "mice",
+              "goose": "geese", "foot": "feet", "tooth": "teeth"}
 
 
 def valid_name(name) -> bool:
@@ -127,6 +129,8 @@ def pluralize(kind: str) -> str:
     word = kind.lower()
     if word in _UNCOUNTABLE:
         return word
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
     if word.endswith("y") and word[-2:-1] not in ("a", "e", "i", "o", "u"):
         return word[:-1] + "ies"
     if word.endswith(("s", "x", "z", "ch", "sh")):
@@ -137,8 +141,11 @@ def pluralize(kind: str) -> str:
 def singularize(plural: str) -> str:
     """The inverse of pluralize() for the open server: ``widgets`` -> ``Widget``."""
     word = plural
+    irregular = {v: k for k, v in _IRREGULAR.items()}
     if word in _UNCOUNTABLE:
         pass
+    elif word in irregular:
+        word = irregular[word]
     elif word.endswith("ies"):
         word = word[:-3] + "y"
     elif word.endswith(("sses", "xes", "zes", "ches", "shes")):
@@ -3170,7 +3177,8 @@ class Controller:
             outcome, error = "temporary", exc
         except Exception as exc:
             outcome, error = "error", exc
-            ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name, fn.__name__)
+            ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
+                              getattr(fn, "__name__", repr(fn)))
         finally:
             with self._lock:
                 self._runs.pop(key, None)
@@ -4582,6 +4590,7 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         self.stopping = False
+        self.stop_requested = 0
         self._slots = threading.BoundedSemaphore(max_threads)
         self._conns: dict[socket.socket, _WSGIRequestHandler] = {}
         self._conns_changed = threading.Condition(threading.Lock())    # guards _conns
@@ -4617,8 +4626,15 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def open_connections(self) -> int:
         return len(self._conns)
 
+    def service_actions(self):
+        # called by serve_forever between polls: a signal handler only sets stop_requested
+        if self.stop_requested:
+            self._BaseServer__shutdown_request = True
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish (up to ``timeout``), close idle connections."""
+        if self.stopping:
+            return
         self.stopping = True
         self.shutdown()
         self.server_close()
@@ -5292,15 +5308,16 @@ class Fabrica:
                 "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
                 "spec": deepcopy_json(obj["spec"])}
 
-    def _remove(self, info: KindInfo, uid: str, rv: str) -> dict:
-        """Delete an object now, then its spec history and dependents."""
+    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True) -> dict:
+        """Delete an object now, then its spec history and (with ``cascade``) its dependents."""
         tomb = self.store.delete(info.kind, uid, rv)
         if info.history_on:
             try:
                 self.store.prune_versions(info.kind, uid, 0)
             except FabricaError:
                 store_log.exception("could not remove the spec history of %s %s", info.kind, uid)
-        self._collect_garbage(tomb)
+        if cascade:
+            self._collect_garbage(tomb)
         return tomb
 
     def _restore(self, info: KindInfo, ref: str, version_id: str, **pre) -> dict:
@@ -5312,7 +5329,8 @@ class Fabrica:
         spec = self._check_spec(info, deepcopy_json(snap["spec"]))
         return self._mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), **pre)
 
-    def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None) -> tuple[dict, bool]:
+    def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None,
+                cascade: bool = True) -> tuple[dict, bool]:
         """Delete now (True) or, with finalizers pending, mark deletionTimestamp (False)."""
         self._require_started()
         store, kind = self.store, info.kind
@@ -5332,28 +5350,34 @@ class Fabrica:
                     new = deepcopy_json(cur)
                     new["metadata"]["deletionTimestamp"] = new["metadata"]["updatedAt"] = utcnow()
                     return store.replace(new, meta["resourceVersion"], "updated"), False
-                return self._remove(info, meta["uid"], meta["resourceVersion"]), True
+                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade), True
             except StaleError:
                 if if_match is not None:
                     raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
         raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
 
     def _collect_garbage(self, tomb: dict) -> None:
-        """Delete the dependents of a deleted owner, recursively; each publishes its own event.
+        """Delete the dependents of a deleted owner, and theirs, until none is left; each publishes its event.
 
+        A work list, not recursion, so any depth of ownership is collected.
         Dependents with finalizers get deletionTimestamp and go when their
         finalizers are done; start() sweeps orphans a crash may have left.
         """
-        for kind, uid in self.store.dependents(tomb["kind"], tomb["metadata"]["uid"]):
-            info = self.kinds.get(kind)
-            if info is None:
-                continue
-            try:
-                self._delete(info, uid)
-            except NotFoundError:
-                pass
-            except FabricaError:
-                store_log.exception("garbage collection could not delete %s %s", kind, uid)
+        work = [(tomb["kind"], tomb["metadata"]["uid"])]
+        while work:
+            for kind, uid in self.store.dependents(*work.pop()):
+                info = self.kinds.get(kind)
+                if info is None:
+                    continue
+                try:
+                    gone = self._delete(info, uid, cascade=False)[1]
+                except NotFoundError:
+                    continue
+                except FabricaError:
+                    store_log.exception("garbage collection could not delete %s %s", kind, uid)
+                    continue
+                if gone:
+                    work.append((kind, uid))
 
     def _sweep_orphans(self) -> int:
         """Delete every object whose controlling owner no longer exists (after a crash mid-cascade)."""
@@ -5361,7 +5385,9 @@ class Fabrica:
         for info in list(self.kinds.values()):
             for obj in self.store.list(info.kind):
                 for ref in obj["metadata"]["ownerReferences"]:
-                    if ref.get("controller") and self.store.get(ref.get("kind"), ref.get("uid")) is None:
+                    # an owner of a kind this app does not serve may well exist: leave its dependents alone
+                    if ref.get("controller") and ref.get("kind") in self.kinds and \
+                            self.store.get(ref.get("kind"), ref.get("uid")) is None:
                         with contextlib.suppress(NotFoundError, ConflictError):
                             self._delete(info, obj["metadata"]["uid"])
                             count += 1
@@ -5395,13 +5421,10 @@ class Fabrica:
     def _serve_builtin(self, host, port, max_threads):
         httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads)
         self.httpd = httpd
-        stopping = threading.Event()
-
         def on_signal(signum, frame):
-            if not stopping.is_set():
-                stopping.set()
-                http_log.info("signal %d: stopping (finishing in-flight requests)", signum)
-                threading.Thread(target=httpd.stop, name="fabrica-http-stop", daemon=True).start()
+            # only a plain assignment here: a handler that takes locks can deadlock when a second
+            # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
+            httpd.stop_requested = signum
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -5411,9 +5434,10 @@ class Fabrica:
                       httpd.server_port, getattr(self.store, "data_dir", type(self.store).__name__))
         try:
             httpd.serve_forever(poll_interval=0.2)
+            if httpd.stop_requested:
+                http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
         finally:
-            if not stopping.is_set():
-                httpd.stop()
+            httpd.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
