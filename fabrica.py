@@ -283,7 +283,7 @@ class FabricaError(Exception):
         self.details = list(details or [])
 
     def to_json(self) -> dict:
-        return {"error": self.message, "code": self.status, "details": self.details, "reason": type(self).__name__}
+        return {"error": self.message, "code": self.status, "details": self.details}
 
 
 class BadRequestError(FabricaError):
@@ -3548,6 +3548,7 @@ class RestAPI:
 
     def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
         res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
+        res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
         res.content_type = JSON_TYPE
         if err.status == 413:
             res.set_header("Connection", "close")
@@ -3600,8 +3601,9 @@ class RestAPI:
         elif media not in ("", JSON_TYPE):
             raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
         raw = read_body(environ, self.app.max_body)
-        # a merge patch may be any JSON value and a JSON Patch is an array; other bodies are objects
-        return read_json(raw, want_object=not patch), PATCH_TYPES[media] if patch else "json"
+        # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
+        kind = PATCH_TYPES[media] if patch else "body"
+        return read_json(raw, want_object=kind != "json"), kind
 
     def _kind(self, plural: str, *, create: bool = False):
         info = self.app._by_plural.get(plural)
@@ -4074,7 +4076,6 @@ def _oa_components() -> dict:
         "schemas": {
             "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
                 "error": {"type": "string"}, "code": {"type": "integer"},
-                "reason": {"type": "string", "description": "the fabrica exception class"},
                 "details": {"type": "array", "items": {"type": "object", "properties": {
                     "field": {"type": "string"}, "message": {"type": "string"}}}}}},
             "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
@@ -4932,7 +4933,7 @@ class Fabrica:
             left = deadline - time.monotonic()
             if all(c.idle(max(0.0, left)) for c in self._controllers.values()):
                 quiet += 1          # twice in a row: an event in flight between checks would show
-                if quiet >= 2:
+                if quiet >= 2 or left <= 0:
                     return True
             else:
                 quiet = 0
@@ -5667,7 +5668,8 @@ class Client:
             value = json.loads(data)
         if res.status >= 400:
             if isinstance(value, dict) and "error" in value:
-                raise error_for_status(res.status, value["error"], value.get("details"), value.get("reason"))
+                raise error_for_status(res.status, value["error"], value.get("details"),
+                                       res.getheader("X-Error-Class"))
             raise error_for_status(res.status, f"HTTP {res.status} {res.reason}")
         return res.status, res, value
 
