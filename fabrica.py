@@ -2001,6 +2001,15 @@ class MemoryStore(Store):
     durable = False
 
 
+###############################################################################
+# File store ##################################################################
+###############################################################################
+#
+# FileStore: one pretty-printed JSON file per resource, written with the
+# durable recipe (temp file, fsync, rename, directory fsync; the directory
+# fsyncs of concurrent writes are shared), a flock per data dir, and start-up
+# recovery that removes temp files and quarantines what it cannot load.
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -2597,15 +2606,13 @@ def parse_position(text: str) -> tuple[int, int]:
 
 
 ###############################################################################
-# Controller ###################################################################
+# Work queue ##################################################################
 ###############################################################################
 #
-# One Controller per kind with a reconcile function: a WorkQueue keyed by
-# (kind, uid), `workers` threads, and a housekeeping thread for the periodic
-# resync and the reconcile timeout watchdog. Events only enqueue keys; the
-# worker reads the object fresh at dequeue time and calls reconcile with no
-# lock held. Correctness never depends on events: the start-up list and the
-# resync re-derive everything (level-based).
+# WorkQueue: client-go's work queue semantics in one class. A key is queued
+# once however often it is added, never handed to two workers, and re-queued
+# once by done() when it was added while running; one timer thread serves
+# add_after(); per-key exponential backoff under an overall token bucket.
 
 class WorkQueue:
     """A rate-limited, delaying, de-duplicating work queue (client-go semantics).
@@ -2931,6 +2938,17 @@ class WorkQueue:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+
+###############################################################################
+# Controller ###################################################################
+###############################################################################
+#
+# One Controller per kind with a reconcile function: a WorkQueue keyed by
+# (kind, uid), `workers` threads, and a housekeeping thread for the periodic
+# resync and the reconcile timeout watchdog. Events only enqueue keys; the
+# worker reads the object fresh at dequeue time and calls reconcile with no
+# lock held. Correctness never depends on events: the start-up list and the
+# resync re-derive everything (level-based).
 
 _ERROR_MESSAGE_MAX = 1024
 _FRAMEWORK_REASONS = ("ReconcileError", "ReconcileSuccess")
@@ -3855,7 +3873,9 @@ class RestAPI:
         return self.app.metrics_text().encode()
 
 
-# -- OpenAPI and /docs ---------------------------------------------------------
+###############################################################################
+# OpenAPI #####################################################################
+###############################################################################
 #
 # openapi_document(app) describes every route the app serves as an OpenAPI
 # 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
