@@ -2987,6 +2987,8 @@ class Controller:
     one iteration of the housekeeping loop, so tests can drive them by hand.
     """
 
+    event_queue_size = 1_000_000    # events waiting for the controller's bus thread; overflow -> resync
+
     def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
         self.app = app
         self.info = info
@@ -3010,7 +3012,8 @@ class Controller:
         app, info = self.app, self.info
         patterns = {info.kind} | set(info.owns) | set(info.watches)
         self._subscription = app.bus.subscribe(
-            f"{app.event_prefix}.*.*", self._on_event, queue_size=1_000_000, name=f"{self.kind.lower()}-controller",
+            f"{app.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
+            name=f"{self.kind.lower()}-controller",
             on_gap=lambda: self.resync("gap"), copy_events=False)
         self._kinds_of_interest = {k.lower() for k in patterns}
         self.resync("startup")

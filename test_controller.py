@@ -987,6 +987,42 @@ class TestController:
                 obj = c.get("Widget", name)
                 assert obj.status["size"] == size and obj.status["observedGeneration"] == obj.generation
 
+    def test_a_flooded_event_queue_of_size_1_converges_through_the_gap_resync(self, h, monkeypatch):
+        """The controller's own event queue overflows: the gap triggers a full resync, nothing is lost."""
+        monkeypatch.setattr(fabrica.Controller, "event_queue_size", 1)
+        app = h.app()
+        gate, blocked = h.gate(), threading.Event()
+
+        def slow_mapper(obj):           # holds the controller's bus thread while events pile up
+            blocked.set()
+            gate.wait(WAIT)
+            return []
+
+        @app.register("Widget", watches={"Other": slow_mapper})
+        def reconcile(ctx, obj):
+            obj.status["size"] = obj.spec.get("size")
+
+        app.register("Other")
+        with app:
+            c = app.client
+            c.create("Widget", name="w0", spec={"size": 0})
+            assert app.wait_idle(WAIT)
+            c.create("Other", name="o1")
+            assert blocked.wait(WAIT)
+            for i in range(20):         # 20 changes while the controller cannot take events in
+                c.patch("Widget", "w0", {"size": i + 1})
+                c.create("Widget", name=f"w{i + 1}", spec={"size": i + 1})
+            sub = app.controllers["Widget"]._subscription
+            assert sub.dropped > 0
+            gate.set()
+            assert wait_until(lambda: sub.gaps >= 1)
+            assert app.wait_idle(WAIT)
+            for i in range(21):
+                obj = c.get("Widget", f"w{i}")
+                assert obj.status["size"] == (20 if i == 0 else i)
+                assert obj.status["observedGeneration"] == obj.generation
+            assert app.controllers["Widget"].resyncs >= 1
+
     def test_lost_events_converge_through_the_periodic_resync(self, h):
         app = h.app()
 
