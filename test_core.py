@@ -1189,7 +1189,7 @@ class TestServe:
 class TestKill9:
     """a1: SIGKILL during a write storm never loses an acknowledged write nor tears a file."""
 
-    ITERATIONS = 15
+    ITERATIONS = 30
     WRITERS = 4
 
     def test_kill9_during_write_storm(self, tmp_path, servers):
