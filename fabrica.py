@@ -1723,6 +1723,15 @@ class Store:
                 uids = found if uids is None else uids & found
             items = [o for o in map(objs.get, uids) if o is not None and selector.matches(o["metadata"]["labels"])]
             items.sort(key=lambda o: o["metadata"]["name"])
+        elif selector is None and limit is not None:
+            # a page by name: O(limit + log N), not O(N), so paging a big kind stays flat
+            with self._cond:
+                names, order = self._names[kind], self._sorted[kind]
+                start = 0 if after is None else bisect.bisect_right(order, after)
+                page = [objs[names[n]] for n in order[start:start + limit + 1]]
+                total = len(order)
+            more = page[limit - 1]["metadata"]["name"] if len(page) > limit else None
+            return page[:limit], total, more
         else:
             names = self._names[kind]
             items = [o for o in (objs.get(names.get(n, "")) for n in list(self._sorted[kind])) if o is not None]
@@ -2957,15 +2966,17 @@ _FRAMEWORK_REASONS = ("ReconcileError", "ReconcileSuccess")
 class Context:
     """What reconcile gets besides the object: ``client``, ``log``, ``reasons``, ``stopping``, ``deleting``."""
 
-    def __init__(self, app: Fabrica, kind: str, key, reasons, deleting: bool):
+    __slots__ = ("app", "client", "kind", "key", "reasons", "deleting", "stopping", "log")
+
+    def __init__(self, app: Fabrica, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None):
         self.app = app
         self.client = app.client
         self.kind = kind
         self.key = key
-        self.reasons = list(reasons)
+        self.reasons = reasons
         self.deleting = deleting
         self.stopping = threading.Event()
-        self.log = logging.getLogger(f"fabrica.controller.{kind.lower()}")
+        self.log = log or logging.getLogger(f"fabrica.controller.{kind.lower()}")
 
 
 class _Run:
@@ -3006,6 +3017,7 @@ class Controller:
         self._next_resync = None
         self.reconciles = self.errors = self.retries = self.resyncs = 0
         self.durations = Histogram()
+        self.log = logging.getLogger(f"fabrica.controller.{info.kind.lower()}")
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
@@ -3184,7 +3196,7 @@ class Controller:
         else:
             fn = info.reconcile
         obj = Resource(deepcopy_json(stored))
-        ctx = Context(app, self.kind, key, reasons, deleting)
+        ctx = Context(app, self.kind, key, reasons, deleting, self.log)
         run = _Run(key, ctx, self.clock())
         with self._lock:
             self._runs[key] = run
@@ -3508,6 +3520,8 @@ class RestAPI:
         self.requests = collections.Counter()   # (route, method, code) -> count
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.keepalive = 15.0                   # seconds between SSE keep-alive comments
+        self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
+        self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
@@ -3521,8 +3535,15 @@ class RestAPI:
         environ = bottle.request.environ
         environ["fabrica.t0"] = time.perf_counter()
         if app._host_check:
-            host = _host_name(environ.get("HTTP_HOST", ""))
-            if host and not is_loopback(host):
+            header = environ.get("HTTP_HOST", "")
+            ok = self._hosts.get(header)
+            if ok is None:
+                host = _host_name(header)
+                ok = not host or is_loopback(host)
+                if len(self._hosts) < 1024:        # bounded: Host is client input
+                    self._hosts[header] = ok
+            if not ok:
+                host = _host_name(header)
                 raise self._error_response(ForbiddenError(
                     f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
                     "(serve with --host to bind elsewhere)"))
@@ -3714,11 +3735,22 @@ class RestAPI:
     def get(self, plural, ref):
         info = self._kind(plural)
         obj = self._obj(info, ref)
+        res = bottle.response
         if if_none_match_hit(bottle.request.environ.get("HTTP_IF_NONE_MATCH"), obj):
-            bottle.response.status = 304
-            bottle.response.set_header("ETag", etag_of(obj))
+            res.status = 304
+            res.set_header("ETag", etag_of(obj))
             return b""
-        return self._send(obj)
+        # Stored objects are never mutated (a write stores a new dict), so the JSON of
+        # the very same object can be reused; the cache holds it, so `is` is safe.
+        key = (info.kind, obj["metadata"]["uid"])
+        cached = self._bodies.get(key)
+        if cached is None or cached[0] is not obj:
+            if len(self._bodies) >= 10000:
+                self._bodies.clear()
+            cached = self._bodies[key] = (obj, dumps(obj).encode())
+        res.content_type = JSON_TYPE
+        res.set_header("ETag", etag_of(obj))
+        return cached[1]
 
     def _preconditions(self):
         env = bottle.request.environ
