@@ -37,18 +37,24 @@ __all__ = [
     "Fabrica",
     "FabricaError",
     "FileStore",
+    "GoneError",
+    "MemoryStore",
     "NotFoundError",
     "PatchError",
     "PermanentError",
     "PreconditionFailedError",
     "Resource",
     "Result",
+    "Schema",
     "Store",
     "TemporaryError",
     "ValidationError",
     "WorkQueue",
     "apply_json_patch",
     "apply_merge_patch",
+    "apply_shorthand_patch",
+    "merge_patch_diff",
+    "parse_selector",
 ]
 
 import argparse
@@ -2960,7 +2966,6 @@ class WorkQueue:
 # resync re-derive everything (level-based).
 
 _ERROR_MESSAGE_MAX = 1024
-_FRAMEWORK_REASONS = ("ReconcileError", "ReconcileSuccess")
 
 
 class Context:
