@@ -1865,6 +1865,12 @@ class Store:
         """
         key = key or (new["kind"], new["metadata"]["uid"])
         kind = key[0]
+        if new is not None:
+            try:        # before a resourceVersion is taken: a value that is not JSON must never reach a file
+                dumps(new)
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
+                                      [{"field": "", "message": str(exc)}]) from None
         cond = self._cond
         with cond:
             while key in self._inflight or (name is not None and name in self._inflight_names) or any(
@@ -1899,7 +1905,7 @@ class Store:
                     with contextlib.suppress(OSError):
                         self._unpersist_version(kind, key[1], snapshot["versionId"])
                 raise
-        except OSError as exc:
+        except BaseException as exc:    # whatever happens, this rv must leave the pipeline below
             error = exc
         with cond:
             while self._pending[0] != rv:
@@ -1918,8 +1924,10 @@ class Store:
                 if name is not None:
                     self._inflight_names.discard(name)
                 cond.notify_all()
-        if error is not None:
+        if isinstance(error, OSError):
             raise self._write_error(new, error) from None
+        if error is not None:
+            raise error
         return new
 
     def _apply(self, action, kind, uid, old, new, snapshot):
@@ -2058,16 +2066,18 @@ class DirSyncer:
                     continue
                 state[2], target = True, state[0]
                 self._cond.release()
+                ok = False
                 try:
                     _fsync_dir(directory)
-                except OSError:
+                    ok = True
+                finally:
                     self._cond.acquire()
-                    state[2], state[3] = False, max(state[3], target)
+                    state[2] = False
+                    if ok:
+                        state[1] = max(state[1], target)
+                    else:
+                        state[3] = max(state[3], target)
                     self._cond.notify_all()
-                    raise
-                self._cond.acquire()
-                state[2], state[1] = False, max(state[1], target)
-                self._cond.notify_all()
 
 
 class FileStore(Store):
@@ -2328,7 +2338,7 @@ class FileStore(Store):
 
 
 def _file_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
 def _mkstemp(directory):
@@ -3176,7 +3186,7 @@ class Controller:
         key, reasons = item
         try:
             self._process(key, reasons)
-        except Exception:
+        except BaseException:           # even SystemExit from user code must not end a worker
             ctl_log.exception("%s %s: controller error (the key is retried)", self.kind, key[1])
             self.queue.add_rate_limited(key, "controller error")
         finally:
@@ -3386,6 +3396,9 @@ def if_none_match_hit(header: str | None, obj: dict) -> bool:
     return "*" in tags or etag_of(obj) in tags
 
 
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
 class _ChunkedReader:
     """Decodes a chunked request body for servers that pass it through raw; read() only."""
 
@@ -3399,12 +3412,10 @@ class _ChunkedReader:
         while not self.done and (size < 0 or size > 0):
             if self.left == 0:
                 line = self.raw.readline(1024)
-                try:
-                    self.left = int(line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    raise BadRequestError("malformed chunked body") from None
-                if self.left < 0:
+                chunk = line.split(b";")[0].strip()
+                if not _CHUNK_SIZE_RE.fullmatch(chunk):
                     raise BadRequestError("malformed chunked body")
+                self.left = int(chunk, 16)
                 if self.left == 0:
                     while self.raw.readline(1024).strip():
                         pass
@@ -3418,8 +3429,8 @@ class _ChunkedReader:
             self.left -= len(data)
             if size > 0:
                 size -= len(data)
-            if self.left == 0:
-                self.raw.readline(16)   # the CRLF after each chunk
+            if self.left == 0 and self.raw.read(2) != b"\r\n":
+                raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
         return b"".join(out)
 
 
@@ -4511,10 +4522,28 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
             return
         if not self.parse_request():
             return
+        problem = self._framing_problem()
+        if problem:
+            self.send_error(400, problem)
+            return
         try:
             self._run_wsgi()
         except (OSError, ValueError):
             self.close_connection = True
+
+    def _framing_problem(self) -> str | None:
+        """Why the body's framing is ambiguous (a request-smuggling risk), or None."""
+        lengths = [v.strip() for h in self.headers.get_all("Content-Length") or () for v in h.split(",")]
+        codings = [v.strip().lower() for h in self.headers.get_all("Transfer-Encoding") or () for v in h.split(",")]
+        if codings:
+            if codings[-1] != "chunked" or codings.count("chunked") != 1:
+                return "unsupported Transfer-Encoding: the last coding must be chunked"
+            if lengths:
+                self.close_connection = True        # RFC 9112: chunked wins; do not reuse the connection
+            return None
+        if lengths and (len(set(lengths)) != 1 or not all(v.isdigit() and v.isascii() for v in lengths)):
+            return "invalid or conflicting Content-Length"
+        return None
 
     def send_error(self, code, message=None, explain=None):
         # The stdlib writes an HTML page here; fabrica answers JSON everywhere.
@@ -4555,10 +4584,12 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 key = "HTTP_" + key
             env[key] = env[key] + "," + value if key in env else value
-        if "chunked" in env.get("HTTP_TRANSFER_ENCODING", "").lower():
+        if "HTTP_TRANSFER_ENCODING" in env:            # checked by _framing_problem: ends in chunked
             env["wsgi.input"] = _ChunkedReader(self.rfile)
+            env.pop("CONTENT_LENGTH", None)
         else:
-            length = env.get("CONTENT_LENGTH", "0")
+            length = env.get("CONTENT_LENGTH", "0").split(",")[0].strip()
+            env["CONTENT_LENGTH"] = length
             env["wsgi.input"] = _LimitedReader(self.rfile, int(length) if length.isdigit() else 0)
         return env
 
@@ -5521,7 +5552,9 @@ class Fabrica:
                 pass
         server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
                                   workers=1, blocking_threads=max(1, min(max_threads, 64)), log_enabled=False)
-        http_log.info("fabrica %s listening on http://%s:%d via granian", __version__, host, port)
+        # logged from granian's start-up hook: by then its signal handlers and socket are in place
+        server.on_startup(lambda: http_log.info("fabrica %s listening on http://%s:%d via granian", __version__,
+                                                host, port))
         server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
 
     def _serve_adapter(self, name, host, port, quiet):

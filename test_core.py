@@ -1323,3 +1323,79 @@ class TestConcurrentIfMatch:
         rvs = [rv for _, rv in sorted(successes)]
         assert all(b > a for a, b in zip(rvs, rvs[1:])), "resourceVersions do not follow the write order"
         assert conflicts, "no 412 happened: the test did not create contention"
+
+
+class TestFraming:
+    """Ambiguous body framing is refused, so a body can never be read as a second request."""
+
+    @pytest.fixture(scope="class")
+    def server(self, tmp_path_factory):
+        server = Server(tmp_path_factory.mktemp("framing")).start()
+        yield server
+        server.stop()
+
+    SMUGGLED = b"POST /widgets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" \
+               b"Content-Length: 17\r\n\r\n{\"name\":\"smugg\"}\n"
+
+    @pytest.mark.parametrize("framing", [
+        b"Content-Length: +%d\r\n",
+        b"Content-Length: %d, 5\r\n",
+        b"Content-Length: %d\r\nContent-Length: 5\r\n",
+        b"Transfer-Encoding: gzip\r\nContent-Length: %d\r\n",
+        b"Transfer-Encoding: xchunked\r\nContent-Length: %d\r\n",
+    ])
+    def test_ambiguous_framing_is_400_and_nothing_is_smuggled(self, server, framing):
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (framing.replace(b"%d", str(len(
+            self.SMUGGLED)).encode())) + b"\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head + self.SMUGGLED)
+            res = http.client.HTTPResponse(sock, method="GET")
+            res.begin()
+            assert res.status == 400
+            res.read()
+            sock.settimeout(1.0)
+            try:
+                rest = sock.recv(65536)
+            except (socket.timeout, ConnectionError):
+                rest = b""
+            assert b"HTTP/1.1 201" not in rest
+        assert server.request("GET", "/widgets/smugg")[0] == 404
+
+    def test_malformed_chunks_are_400(self, server):
+        body = b"5\r\nhello" + b"XX" + b"0\r\n\r\n"      # a chunk not ended by CRLF
+        head = (b"POST /widgets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        assert raw_request(server.port, head + body, method="POST")[0] == 400
+        body = b"0x5\r\n{\"a\":1}\r\n0\r\n\r\n"
+        assert raw_request(server.port, head + body, method="POST")[0] == 400
+
+
+class TestValuesThatAreNotJSON:
+    def test_a_status_value_that_is_not_json_is_refused_and_writes_go_on(self, tmp_path):
+        import datetime
+        app = fabrica.Fabrica(data_dir=str(tmp_path), durable=False)
+
+        @app.register("Widget")
+        def reconcile(ctx, obj):
+            obj.status["seen"] = datetime.datetime.now() if obj.name == "bad" else "ok"
+            obj.status["ratio"] = float("nan") if obj.spec.get("nan") else 1.0
+
+        with app:
+            app.client.create("Widget", name="bad")
+            app.client.create("Widget", name="nan", spec={"nan": True})
+            assert app.wait_idle(10)
+            for name in ("bad", "nan"):
+                ready = app.client.get("Widget", name).condition("Ready")
+                assert ready["status"] == "False" and ready["reason"] == "ReconcileError"
+                assert "not JSON" in ready["message"]
+            with pytest.raises(fabrica.ValidationError):
+                app.client.create("Widget", name="direct", spec={"when": datetime.date.today()})
+            app.client.create("Widget", name="good")            # the store still takes writes
+            assert app.wait_idle(10)
+            assert app.client.get("Widget", "good").status["seen"] == "ok"
+            assert not app.store._inflight and not app.store._pending
+        again = fabrica.Fabrica(data_dir=str(tmp_path), durable=False)
+        again.register("Widget")
+        with again:
+            assert again.store.quarantined == []
+            assert {o.name for o in again.client.list("Widget")} == {"bad", "nan", "good"}
