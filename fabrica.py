@@ -1629,7 +1629,8 @@ class Store:
         self._lock = self._cond
         self._inflight: set[tuple[str, str]] = set()       # (kind, uid) being written
         self._inflight_names: set[tuple[str, str]] = set() # (kind, name) being created
-        self._pending: collections.deque = collections.deque()  # allocated rvs not yet committed, in order
+        self._pending: collections.deque = collections.deque()  # (rv, turn event) not yet committed, in order
+        self._blocked = 0                                  # writers waiting for an in-flight key or name
         self._allocated = 0                                # the last rv handed to a write
         self._objects: dict[str, dict[str, dict]] = {}     # kind -> uid -> object
         self._names: dict[str, dict[str, str]] = {}        # kind -> name -> uid
@@ -1875,7 +1876,11 @@ class Store:
         with cond:
             while key in self._inflight or (name is not None and name in self._inflight_names) or any(
                     k in self._inflight for k in wait_for):
-                cond.wait()
+                self._blocked += 1
+                try:
+                    cond.wait()
+                finally:
+                    self._blocked -= 1
             old = self._objects[kind].get(key[1])
             tomb = check(old)
             if action == "deleted":
@@ -1889,7 +1894,10 @@ class Store:
             self._inflight.add(key)
             if name is not None:
                 self._inflight_names.add(name)
-            self._pending.append(rv)
+            turn = threading.Event()        # set when every earlier rv has committed or failed
+            if not self._pending:
+                turn.set()
+            self._pending.append((rv, turn))
         new["metadata"]["resourceVersion"] = str(rv)
         error = None
         try:
@@ -1907,9 +1915,8 @@ class Store:
                 raise
         except BaseException as exc:    # whatever happens, this rv must leave the pipeline below
             error = exc
+        turn.wait()         # one wake-up per write, not every waiter on every commit
         with cond:
-            while self._pending[0] != rv:
-                cond.wait()
             try:
                 if error is None:
                     self._apply(action, kind, key[1], old, new, snapshot)
@@ -1920,10 +1927,13 @@ class Store:
                     self.write_failures += 1
             finally:
                 self._pending.popleft()
+                if self._pending:
+                    self._pending[0][1].set()
                 self._inflight.discard(key)
                 if name is not None:
                     self._inflight_names.discard(name)
-                cond.notify_all()
+                if self._blocked:
+                    cond.notify_all()       # writers waiting for this key or name
         if isinstance(error, OSError):
             raise self._write_error(new, error) from None
         if error is not None:
