@@ -4318,13 +4318,19 @@ def openapi_document(app) -> dict:
             o["security"] = []
         return {"get": o}
     text = {"type": "string"}
+    # the schema of one event of the stream: id = position, event = CloudEvent type, data = the CloudEvent
+    sse_event = {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}, "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["specversion", "id", "type", "source"]}},
+        "retry": {"type": "integer"}}}
     paths.update({
         "/health": system("getHealth", "Liveness and store health (never needs a token)",
                           {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
         "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
                         {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
         "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
-                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", text,
+                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
                                          media="text/event-stream")}, "400 404 410",
                           [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID")]),
         "/openapi.json": system("getOpenAPI", "This document",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import typing
 import zlib
@@ -247,7 +248,8 @@ if schemathesis is not None:
     schema = schemathesis.pytest.from_fixture("api_schema")
 
     @schema.parametrize()
-    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=int(os.environ.get("FABRICA_SCHEMATHESIS_EXAMPLES", "15")), deadline=None,
+              suppress_health_check=list(HealthCheck))
     def test_schemathesis(case, app):
         ensure_fixtures(app)
         # Random refs almost never exist: two times in three, aim at the fixture object (and a real version).
