@@ -1835,12 +1835,9 @@ class Store:
 
     def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
         """Delete an object; returns its last state carrying the delete's resourceVersion."""
-        holder = {}
-
         def check(old):
             self._check_current(kind, old, uid, expected_rv)
-            holder["tomb"] = tomb = dict(old, metadata=dict(old["metadata"]))
-            return tomb
+            return dict(old, metadata=dict(old["metadata"]))
         return self._write("deleted", None, check, key=(kind, uid))
 
     def _check_current(self, kind, old, ref, expected_rv):
@@ -4791,6 +4788,7 @@ _FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status
 _META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
 _META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
 _CAS_RETRIES = 50
+_TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
 
 
 _FRAMEWORK_STATUS = {
@@ -5143,14 +5141,14 @@ class Fabrica:
     def _on_commit(self, action: str, old: dict | None, new: dict) -> None:
         """Publish the CloudEvents of one committed write (store lock held, so in rv order)."""
         rv = int(new["metadata"]["resourceVersion"])
-        if old is None or action == "deleted":
+        # derived from what _mutate already decided: generation moves exactly on spec changes, and a
+        # committed write that touched neither spec nor these metadata fields changed the status
+        if old is None or action == "deleted" or old["metadata"]["generation"] != new["metadata"]["generation"]:
             update_type = "spec"
-        elif old["spec"] != new["spec"]:
-            update_type = "spec"
-        elif old["status"] != new["status"]:
-            update_type = "status"
-        else:
+        elif any(old["metadata"][k] != new["metadata"][k] for k in _TRIGGER_METADATA):
             update_type = "metadata"
+        else:
+            update_type = "status"
         kind, meta = new["kind"], new["metadata"]
         when = meta["updatedAt"] if action != "deleted" else utcnow()
         base = f"{self.event_source}/resources/{kind}/{meta['uid']}"
@@ -5526,7 +5524,7 @@ class Fabrica:
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
-              token: str | None = None, max_threads: int = 256, quiet: bool = False) -> None:
+              token: str | None = None, max_threads: int = 256) -> None:
         """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
 
         ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
@@ -5542,7 +5540,7 @@ class Fabrica:
             elif server == "granian":
                 self._serve_granian(host, port, max_threads)
             else:
-                self._serve_adapter(server, host, port, quiet)
+                self._serve_adapter(server, host, port)
         finally:
             self.stop()
 
@@ -5593,7 +5591,7 @@ class Fabrica:
                                                 host, port))
         server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
 
-    def _serve_adapter(self, name, host, port, quiet):
+    def _serve_adapter(self, name, host, port):
         adapter = bottle.server_names.get(name)
         if adapter is None:
             raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
