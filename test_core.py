@@ -1325,14 +1325,19 @@ class TestConcurrentIfMatch:
         assert conflicts, "no 412 happened: the test did not create contention"
 
 
+@pytest.fixture(scope="class")
+def framing_server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("framing")).start()
+    yield server
+    server.stop()
+
+
 class TestFraming:
     """Ambiguous body framing is refused, so a body can never be read as a second request."""
 
-    @pytest.fixture(scope="class")
-    def server(self, tmp_path_factory):
-        server = Server(tmp_path_factory.mktemp("framing")).start()
-        yield server
-        server.stop()
+    @pytest.fixture
+    def server(self, framing_server):
+        return framing_server
 
     SMUGGLED = b"POST /widgets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" \
                b"Content-Length: 17\r\n\r\n{\"name\":\"smugg\"}\n"

@@ -655,16 +655,21 @@ BAD_SELECTORS = [
 ]
 
 
+@pytest.fixture(scope="class")
+def list_app(tmp_path_factory):
+    app = fabrica.Fabrica(data_dir=str(tmp_path_factory.mktemp("list") / "data"), durable=False)
+    app.register("Rack")
+    with app:
+        for name in reversed(ALL):      # creation order is not name order
+            app.client.create("Rack", name, spec={"n": name}, labels=LABELS[name])
+        yield app
+
+
 class TestListOptions:
 
-    @pytest.fixture(scope="class")
-    def app(self, tmp_path_factory):
-        app = fabrica.Fabrica(data_dir=str(tmp_path_factory.mktemp("list") / "data"), durable=False)
-        app.register("Rack")
-        with app:
-            for name in reversed(ALL):      # creation order is not name order
-                app.client.create("Rack", name, spec={"n": name}, labels=LABELS[name])
-            yield app
+    @pytest.fixture
+    def app(self, list_app):
+        return list_app
 
     @staticmethod
     def get(app, **query):
