@@ -444,6 +444,44 @@ def normalize_object(obj: dict) -> dict:
             "status": obj.get("status") if obj.get("status") is not None else {}}
 
 
+OWNER_REFERENCE_KEYS = ("kind", "uid", "name", "controller")
+
+
+def owner_references_problem(refs) -> tuple[str, str] | None:
+    """Why ``metadata.ownerReferences`` is not a valid list of owner references: (where, message), or None.
+
+    Each reference is an object with ``kind`` (a kind name) and ``uid`` (a
+    uid), optionally ``name`` (a string) and ``controller`` (a bool); no owner
+    is named twice and at most one reference has ``controller: true``
+    (Kubernetes). ``where`` is the path below ``metadata.ownerReferences``.
+    """
+    if not isinstance(refs, list):
+        return "", "must be a list of {kind, uid, name, controller} objects"
+    seen, controllers = set(), 0
+    for i, ref in enumerate(refs):
+        where = f"[{i}]"
+        if not isinstance(ref, dict):
+            return where, "must be an object {kind, uid, name, controller}"
+        unknown = sorted(set(ref) - set(OWNER_REFERENCE_KEYS))
+        if unknown:
+            return where, f"has unknown field(s) {', '.join(map(repr, unknown))}; allowed: kind, uid, name, controller"
+        if not isinstance(ref.get("kind"), str) or not KIND_RE.fullmatch(ref["kind"]):
+            return f"{where}.kind", "must be a kind name, like 'Rack'"
+        if not isinstance(ref.get("uid"), str) or not UID_RE.fullmatch(ref["uid"]):
+            return f"{where}.uid", "must be the owner's uid, like 'rack-1a2b3c4d'"
+        if not isinstance(ref.get("name", ""), str):
+            return f"{where}.name", "must be a string"
+        if not isinstance(ref.get("controller", False), bool):
+            return f"{where}.controller", "must be true or false"
+        if (ref["kind"], ref["uid"]) in seen:
+            return where, f"names {ref['kind']} {ref['uid']!r} a second time"
+        seen.add((ref["kind"], ref["uid"]))
+        controllers += ref.get("controller", False)
+    if controllers > 1:
+        return "", "may have at most one reference with controller: true"
+    return None
+
+
 def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> str | None:
     """Why a stored document is not a valid resource (checked at start-up recovery), or None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
@@ -470,6 +508,9 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     for key in ("labels", "annotations"):
         if not isinstance(meta.get(key, {}), dict):
             return f"metadata.{key} is not an object"
+    problem = owner_references_problem(meta.get("ownerReferences", []))
+    if problem is not None:
+        return f"metadata.ownerReferences{problem[0]} {problem[1]}"
     return None
 
 
@@ -1638,6 +1679,10 @@ class Store:
         self._sorted: dict[str, list[str]] = {}            # kind -> names, sorted (paging order)
         self._labels: dict[str, dict[str, dict[str, set[str]]]] = {}   # kind -> key -> value -> uids
         self._owned: dict[tuple[str, str], set[tuple[str, str]]] = {}    # owner (kind, uid) -> dependents
+        # owners this process deleted while dependents still name them: known gone even in a kind
+        # the store is unsure of; an entry leaves with the owner's last dependent (so it stays bounded)
+        self._deleted_owners: set[tuple[str, str]] = set()
+        self.unsure: dict[str, str] = {}   # kind ("*": every kind) -> why not all its objects may be loaded
         self._rv = 0
         self._opened = False
         self.on_commit = None       # callable(action, old, new), called under the lock
@@ -1802,6 +1847,21 @@ class Store:
         """(kind, uid) of every object whose ownerReferences name this one."""
         return sorted(self._owned.get((kind, uid), ()))
 
+    def gone(self, kind: str, uid: str) -> bool:
+        """Whether the store positively knows that no object ``(kind, uid)`` exists.
+
+        Not loaded is not gone (SPEC §3.0): True only for a declared kind
+        whose stored objects were all loaded (see ``unsure``) and that holds
+        no such uid, or for an object this process deleted. Garbage
+        collection deletes a dependent only when every owner is gone.
+        """
+        objs = self._objects.get(kind)
+        if objs is None or uid in objs:
+            return False
+        if (kind, uid) in self._deleted_owners:
+            return True
+        return kind not in self.unsure and "*" not in self.unsure
+
     def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=()) -> dict:
         """Store a new object and give it the next resourceVersion.
 
@@ -1943,6 +2003,8 @@ class Store:
             del self._objects[kind][uid]
             self._names[kind].pop(old["metadata"]["name"], None)
             self._indexes(kind, old, None)
+            if self._owned.get((kind, uid)):
+                self._deleted_owners.add((kind, uid))
             return
         self._objects[kind][uid] = new
         self._names[kind][new["metadata"]["name"]] = uid
@@ -2004,9 +2066,15 @@ class Store:
         new_refs = new["metadata"]["ownerReferences"] if new else []
         if old_refs != new_refs:
             for ref in old_refs:
-                self._owned.get((ref.get("kind"), ref.get("uid")), set()).discard((kind, uid))
+                owner = (ref["kind"], ref["uid"])
+                dependents = self._owned.get(owner)
+                if dependents is not None:
+                    dependents.discard((kind, uid))
+                    if not dependents:
+                        del self._owned[owner]
+                        self._deleted_owners.discard(owner)
             for ref in new_refs:
-                self._owned.setdefault((ref.get("kind"), ref.get("uid")), set()).add((kind, uid))
+                self._owned.setdefault((ref["kind"], ref["uid"]), set()).add((kind, uid))
         old_labels = old["metadata"]["labels"] if old else {}
         new_labels = new["metadata"]["labels"] if new else {}
         if old_labels == new_labels:
@@ -2149,14 +2217,25 @@ class FileStore(Store):
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
         for entry in sorted(os.listdir(self.data_dir)):
             path = os.path.join(self.data_dir, entry)
-            if entry.startswith(".") or not os.path.isdir(path) or os.path.islink(path):
+            if entry.startswith(".") or not os.path.isdir(path):
                 continue
             kind = by_plural.get(entry)
+            if os.path.islink(path):
+                store_log.warning("ignoring %s/: a symbolic link (not followed)", path)
+                self.unsure.setdefault(kind or "*", f"{entry}/ is a symbolic link (not followed)")
+                continue
             if kind is None and not discover:
                 store_log.warning("ignoring %s/: no registered kind has the plural %r", path, entry)
+                try:
+                    holds = any(name.endswith(".json") for name in os.listdir(path))
+                except OSError:
+                    holds = True
+                if holds:   # perhaps the folder of a kind whose plural= changed: anyone's owners may be in it
+                    self.unsure.setdefault("*", f"{entry}/ belongs to no registered kind")
                 continue
             self._load_dir(entry, kind)
         self._load_history()
+        self._note_quarantine()
         self._reserved = self._rv
         if self.quarantined:
             store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
@@ -2206,6 +2285,34 @@ class FileStore(Store):
             return exc.message.replace("malformed JSON", "does not parse"), None
         problem = envelope_problem(obj, kind, stem)
         return problem, (None if problem else normalize_object(obj))
+
+    def _note_quarantine(self):
+        """Mark the kinds that quarantined files (of this or an earlier start-up) may belong to as unsure.
+
+        A quarantined owner is not a deleted owner (SPEC §3.0): while its file
+        sits in the quarantine, garbage collection must not take its absence
+        for a deletion. A file counts for the kind of the folder it came from
+        and, if it parses, for the kind it names; a folder no kind claims
+        counts for every kind.
+        """
+        root = os.path.join(self.state_dir, "quarantine")
+        by_plural = {plural: kind for kind, plural in self._plurals.items()}
+        for plural in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+            directory = os.path.join(root, plural)
+            if plural.startswith("history-") or not os.path.isdir(directory):
+                continue        # spec snapshots name no owner
+            entries = os.listdir(directory)
+            if not entries:
+                continue
+            why = f"quarantined files in .fabrica/quarantine/{plural}/"
+            self.unsure.setdefault(by_plural.get(plural, "*"), why)
+            for entry in entries:
+                with contextlib.suppress(OSError, BadRequestError):
+                    fd = os.open(os.path.join(directory, entry), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                    with open(fd, "rb") as f:       # O_NOFOLLOW: a quarantined link is never followed
+                        doc = read_json(f.read())
+                    if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
+                        self.unsure.setdefault(doc["kind"], why)
 
     def _quarantine(self, path, plural, entry, reason):
         qdir = os.path.join(self.state_dir, "quarantine", plural)
@@ -3130,9 +3237,9 @@ class Controller:
         info = self.info
         if kind == info.kind and (event["action"] in ("created", "deleted") or data["updateType"] != "status"):
             self.queue.add((kind, data["resourceUID"]), event["type"])
-        if kind in info.owns:
-            for ref in obj["metadata"].get("ownerReferences") or ():
-                if ref.get("kind") == info.kind and ref.get("uid"):
+        if kind in info.owns:       # every owner of this kind, controller or not (SPEC §5.5: several)
+            for ref in obj["metadata"]["ownerReferences"]:
+                if ref["kind"] == info.kind:
                     self.queue.add((info.kind, ref["uid"]), f"owned {kind} {data['resourceName']} {event['action']}")
         mapper = info.watches.get(kind)
         if mapper is not None:
@@ -3764,14 +3871,7 @@ class RestAPI:
         info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
         if info is None:
             info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None)
-        parsed = self.app._parse_body(info, body)
-        owner = None
-        if parsed["owner"] is not None:
-            kind, uid = parsed["owner"]
-            owner = self.app.store.get(kind, uid) if isinstance(kind, str) and isinstance(uid, str) else None
-            if owner is None:
-                raise ConflictError(f"owner {kind} {uid!r} does not exist")
-        obj = self.app._create(info, parsed, owner=owner)
+        obj = self.app._create(info, self.app._parse_body(info, body))
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
 
@@ -3970,7 +4070,8 @@ _OA_ERRORS = {
     "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
     "401": "Missing or wrong bearer token",
     "404": "No such object, kind or version",
-    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, or the object changes too fast",
+    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, an owner is gone or being deleted, "
+           "or the object changes too fast",
     "410": "Gone: events after that position are no longer available",
     "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
     "413": "The request body is over the limit (1 MiB by default)",
@@ -4182,9 +4283,12 @@ def _oa_components() -> dict:
                        "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
             "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
                             "additionalProperties": {"type": "string"}},
-            "OwnerReference": {"type": "object", "properties": {
-                "kind": {"type": "string"}, "uid": {"type": "string"}, "name": {"type": "string"},
-                "controller": {"type": "boolean"}}},
+            "OwnerReference": {
+                "type": "object", "required": ["kind", "uid"], "additionalProperties": False,
+                "description": "an owner; at most one per object has controller: true (SPEC §5.5)",
+                "properties": {"kind": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]{0,62}$"},
+                               "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                               "name": {"type": "string"}, "controller": {"type": "boolean"}}},
             "ObjectMeta": {
                 "type": "object",
                 "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
@@ -4205,8 +4309,12 @@ def _oa_components() -> dict:
                     "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
                                                               "pattern": _OA_LABEL_KEY}},
                     "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
+                    "ownerReferences": {"type": ["array", "null"], "items": _oa_ref("OwnerReference"),
+                                        "description": "read at create (every owner must exist and not be "
+                                                       "being deleted, else 409; the name is filled in), "
+                                                       "ignored by PUT"},
                     **{k: {"description": "server-managed; ignored"} for k in
-                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp", "ownerReferences")}}},
+                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
             "Condition": {"type": "object", "required": ["type", "status"], "properties": {
                 "type": {"type": "string"}, "status": {"enum": ["True", "False", "Unknown"]},
                 "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
@@ -4780,7 +4888,9 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 # The facade: register() wires a kind into the store, the REST routes, the
 # bus and (with a reconcile function) a controller. Every write, REST or
 # app.client, goes through _create/_mutate/_delete: validation, server-
-# managed fields, compare-and-swap on resourceVersion, events.
+# managed fields, compare-and-swap on resourceVersion, events. The
+# GarbageCollector deletes a dependent once every owner is positively gone
+# (Store.gone: never merely not loaded) and retries failed steps until done.
 
 FINALIZER = "fabrica.io/finalize"
 _ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
@@ -4854,6 +4964,86 @@ def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
     return errors
 
 
+class GarbageCollector:
+    """Deletes the dependents whose owners are all gone (SPEC §5.5) and retries every step that failed.
+
+    ``collect(keys)`` runs a cascade in the caller's thread (the owner's
+    delete, the start-up sweep): each key is a dependent to look at; one
+    that is deleted makes its own dependents the next keys. A step that
+    fails (an I/O error, a full disk) is logged and queued here, and one
+    thread retries it with per-key exponential backoff (5 ms doubling to
+    ``max_delay``) until it succeeds, without a restart. ``process_next``
+    is one iteration of that thread. Thread-safe; never raises from a step.
+    """
+
+    def __init__(self, app: Fabrica, *, clock=time.monotonic, max_delay: float = 300.0):
+        self.app = app
+        self.queue = WorkQueue("gc", clock=clock, max_delay=max_delay)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.retries = 0
+
+    def start(self) -> None:
+        self.queue.start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fabrica-gc")
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop retrying (pending retries are dropped: the next start-up sweep finds them again)."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self.queue.shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.queue.stop(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.process_next(timeout=0.5)
+
+    def process_next(self, timeout: float | None = 0.0) -> bool:
+        """Retry one queued step (and the cascade below it); False if none was ready within ``timeout``."""
+        item = self.queue.get(timeout)
+        if item is None:
+            return False
+        key = item[0]
+        try:
+            self.retries += 1
+            self.collect([key])
+        finally:
+            self.queue.done(key)
+        return True
+
+    def collect(self, keys) -> None:
+        """Collect ``keys`` (``(kind, uid)`` of dependents) and, under each one deleted, its dependents.
+
+        A work list, not recursion, so any depth of ownership is collected.
+        """
+        work = list(keys)
+        while work:
+            key = work.pop()
+            try:
+                gone = self.app._collect(*key)
+            except Exception as exc:    # one failed step never stops the others; it is retried
+                delay = self.queue.add_rate_limited(key, "retry")
+                ctl_log.error("garbage collection of %s %s failed (%s); retrying in %.3gs", key[0], key[1],
+                              exc, delay, exc_info=not isinstance(exc, FabricaError))
+                continue
+            self.queue.forget(key)
+            if gone:
+                work.extend(self.app.store.dependents(*key))
+
+    def idle(self, within: float = 0.0) -> bool:
+        return self.queue.idle(within)
+
+
 class Fabrica:
     """One application: kinds, a store, a bus, controllers, a REST API and clients.
 
@@ -4885,6 +5075,7 @@ class Fabrica:
         self._started = False
         self._host_check = False
         self._controllers: dict[str, object] = {}
+        self.gc: GarbageCollector | None = None     # made by start(), with the clock
         self.rest = RestAPI(self)
         self.wsgi = self.rest.wsgi
         self.client = LocalClient(self)
@@ -5005,6 +5196,8 @@ class Fabrica:
         self.bus.start_rv = self.store.resource_version
         self.store.on_commit = self._on_commit
         self._started = True
+        self.gc = GarbageCollector(self, clock=self.clock)
+        self.gc.start()
         self._sweep_orphans()
         self._start_controllers()
         return self
@@ -5015,6 +5208,7 @@ class Fabrica:
             return
         deadline = time.monotonic() + timeout
         self._stop_controllers(timeout)
+        self.gc.stop(max(0.0, deadline - time.monotonic()))
         self.bus.stop(max(0.1, deadline - time.monotonic()))
         self.store.on_commit = None
         self.store.close()
@@ -5056,7 +5250,8 @@ class Fabrica:
         wake = threading.Event()
         while True:
             left = deadline - time.monotonic()
-            if all(c.idle(max(0.0, left)) for c in self._controllers.values()):
+            if all(c.idle(max(0.0, left)) for c in self._controllers.values()) and \
+                    (self.gc is None or self.gc.idle(max(0.0, left))):
                 quiet += 1          # twice in a row: an event in flight between checks would show
                 if quiet >= 2 or left <= 0:
                     return True
@@ -5192,7 +5387,7 @@ class Fabrica:
     def _parse_body(self, info: KindInfo, body: dict, *, update: bool = False) -> dict:
         """Split a flat or envelope body (SPEC §6.2) into name, labels, annotations, finalizers, spec."""
         out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
-               "resource_version": None, "envelope": False, "owner": None}
+               "resource_version": None, "envelope": False, "owners": []}
         if "metadata" in body or "spec" in body:
             out["envelope"] = True
             unknown = sorted(set(body) - _ENVELOPE_KEYS)
@@ -5214,11 +5409,8 @@ class Fabrica:
             for key in ("name", "labels", "annotations", "finalizers"):
                 if key in meta:
                     out[key] = meta[key]
-            refs = meta.get("ownerReferences")
-            if refs and not update:
-                if not isinstance(refs, list) or not isinstance(refs[0], dict):
-                    raise _validation("metadata.ownerReferences", "must be a list of {kind, uid}")
-                out["owner"] = (refs[0].get("kind"), refs[0].get("uid"))
+            if meta.get("ownerReferences") is not None and not update:    # set at create, then immutable
+                out["owners"] = meta["ownerReferences"]
             if "resourceVersion" in meta:
                 out["resource_version"] = meta["resourceVersion"]
         else:
@@ -5238,6 +5430,9 @@ class Fabrica:
             errors += _check_string_map(out["labels"], "metadata.labels", label_values=True)
         if out["annotations"] is not None:
             errors += _check_string_map(out["annotations"], "metadata.annotations", label_values=False)
+        problem = owner_references_problem(out["owners"])
+        if problem is not None:
+            errors.append({"field": f"metadata.ownerReferences{problem[0]}", "message": problem[1]})
         if out["finalizers"] is not None:
             if not isinstance(out["finalizers"], list) or any(
                     not isinstance(f, str) or not f or _label_key_problem(f) for f in out["finalizers"]):
@@ -5292,24 +5487,33 @@ class Fabrica:
             raise ValidationError(str(exc)) from None
 
     # -- writes ----------------------------------------------------------------
-    def _create(self, info: KindInfo, parsed: dict, *, owner: dict | None = None) -> dict:
+    def _owner_check(self, info: KindInfo, owner_keys) -> list[dict]:
+        """The owners; ConflictError unless every one exists and is not being deleted."""
+        owners = []
+        for kind, uid in owner_keys:
+            current = self.store.get(kind, uid)
+            if current is None or current["metadata"]["deletionTimestamp"]:
+                raise ConflictError(f"cannot create a {info.kind} owned by {kind} {uid!r}: the owner "
+                                    f"{'does not exist' if current is None else 'is being deleted'}")
+            owners.append(current)
+        return owners
+
+    def _create(self, info: KindInfo, parsed: dict) -> dict:
+        """Create from a parsed body; every owner in ``parsed["owners"]`` must exist and not be deleting (409)."""
         self._require_started()
         spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
         finalizers = list(parsed["finalizers"] or [])
         if info.finalize is not None and FINALIZER not in finalizers:
             finalizers.append(FINALIZER)
-        owner_refs, guard = [], None
-        if owner is not None:
-            owner_kind, owner_uid = owner["kind"], owner["metadata"]["uid"]
-            owner_refs = [{"kind": owner_kind, "uid": owner_uid, "name": owner["metadata"]["name"],
-                           "controller": True}]
+        owner_keys = [(ref["kind"], ref["uid"]) for ref in parsed["owners"]]
+        # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
+        owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
+                       "controller": ref.get("controller", False)}
+                      for ref, owner in zip(parsed["owners"], self._owner_check(info, owner_keys))]
 
-            def guard():
-                # under the store lock: a reconcile racing its owner's delete cannot leave an orphan
-                current = self.store.get(owner_kind, owner_uid)
-                if current is None or current["metadata"]["deletionTimestamp"]:
-                    raise ConflictError(f"cannot create a {info.kind} owned by {owner_kind} "
-                                        f"{owner['metadata']['name']!r}: the owner is gone or being deleted")
+        def guard():
+            # again under the store lock: a reconcile racing its owner's delete cannot leave an orphan
+            self._owner_check(info, owner_keys)
         status = {}
         if info.status is not None:
             status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
@@ -5326,8 +5530,7 @@ class Fabrica:
                 snapshot = self._snapshot(obj)
             self._run_validate(info, obj)
             try:
-                return self.store.create(obj, snapshot, guard,
-                                         wait_for=[(owner["kind"], owner["metadata"]["uid"])] if owner else ())
+                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys)
             except ConflictError as exc:
                 if exc.details and exc.details[0]["field"] == "metadata.uid":
                     continue        # a uid collision: draw another one
@@ -5440,10 +5643,11 @@ class Fabrica:
         if info.history_on:
             try:
                 self.store.prune_versions(info.kind, uid, 0)
-            except FabricaError:
-                store_log.exception("could not remove the spec history of %s %s", info.kind, uid)
+            except FabricaError as exc:
+                store_log.error("could not remove the spec history of %s %s (%s); retrying", info.kind, uid, exc)
+                self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
         if cascade:
-            self._collect_garbage(tomb)
+            self.gc.collect(self.store.dependents(info.kind, uid))
         return tomb
 
     def _restore(self, info: KindInfo, ref: str, version_id: str, **pre) -> dict:
@@ -5482,45 +5686,59 @@ class Fabrica:
                     raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
         raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
 
-    def _collect_garbage(self, tomb: dict) -> None:
-        """Delete the dependents of a deleted owner, and theirs, until none is left; each publishes its event.
+    def _owners_gone(self, obj: dict) -> bool:
+        """Whether ``obj`` has owners and every one is positively gone (Kubernetes: none exists any more).
 
-        A work list, not recursion, so any depth of ownership is collected.
-        Dependents with finalizers get deletionTimestamp and go when their
-        finalizers are done; start() sweeps orphans a crash may have left.
+        An owner that is quarantined, not loaded or of a kind this app does
+        not serve is not gone (Store.gone): its dependents stay.
         """
-        work = [(tomb["kind"], tomb["metadata"]["uid"])]
-        while work:
-            for kind, uid in self.store.dependents(*work.pop()):
-                info = self.kinds.get(kind)
-                if info is None:
-                    continue
-                try:
-                    gone = self._delete(info, uid, cascade=False)[1]
-                except NotFoundError:
-                    continue
-                except FabricaError:
-                    store_log.exception("garbage collection could not delete %s %s", kind, uid)
-                    continue
-                if gone:
-                    work.append((kind, uid))
+        refs = obj["metadata"]["ownerReferences"]
+        return bool(refs) and all(self.store.gone(ref["kind"], ref["uid"]) for ref in refs)
+
+    def _collect(self, kind: str, uid: str) -> bool:
+        """One garbage-collection step: delete the object if its owners are all gone.
+
+        Returns True when the object is gone (its dependents are next).
+        Dependents with finalizers get deletionTimestamp and go when their
+        finalizers are done. Raises FabricaError when the store fails.
+        """
+        info, obj = self.kinds.get(kind), self.store.get(kind, uid)
+        if obj is None:
+            if info is not None and info.history_on and self.store.versions(kind, uid):
+                self.store.prune_versions(kind, uid, 0)     # the rest of a delete whose history removal failed
+            return True
+        if info is None or not self._owners_gone(obj):
+            return False
+        try:
+            return self._delete(info, uid, cascade=False)[1]
+        except NotFoundError:
+            return True
 
     def _sweep_orphans(self) -> int:
-        """Delete every object whose controlling owner no longer exists (after a crash mid-cascade)."""
-        count = 0
+        """Collect what a crash mid-cascade left: every object whose owners are all positively gone.
+
+        Runs at start-up and never raises: a delete that fails (a full disk)
+        is retried by the garbage collector while the app serves. An owner
+        the store could not load is not gone, so nothing is deleted because
+        something else was not read (SPEC §3.0). Returns the orphans found.
+        """
+        orphans, kept = [], 0
         for info in list(self.kinds.values()):
             for obj in self.store.list(info.kind):
-                for ref in obj["metadata"]["ownerReferences"]:
-                    # an owner of a kind this app does not serve may well exist: leave its dependents alone
-                    if ref.get("controller") and ref.get("kind") in self.kinds and \
-                            self.store.get(ref.get("kind"), ref.get("uid")) is None:
-                        with contextlib.suppress(NotFoundError, ConflictError):
-                            self._delete(info, obj["metadata"]["uid"])
-                            count += 1
-                        break
-        if count:
-            logger.warning("deleted %d orphan(s) whose owner was gone", count)
-        return count
+                refs = obj["metadata"]["ownerReferences"]
+                if self._owners_gone(obj):
+                    orphans.append((info.kind, obj["metadata"]["uid"]))
+                elif refs and all(self.store.get(r["kind"], r["uid"]) is None for r in refs):
+                    kept += 1
+        if kept:
+            logger.warning("kept %d object(s) whose owners were not found but may exist (%s); they are collected "
+                           "once their owners are known to be gone", kept,
+                           "; ".join(f"{k}: {why}" for k, why in sorted(self.store.unsure.items())) or
+                           "owner kinds this app does not serve")
+        if orphans:
+            logger.warning("deleting %d orphan(s) whose owners are gone", len(orphans))
+            self.gc.collect(orphans)
+        return len(orphans)
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
@@ -5618,6 +5836,11 @@ class Fabrica:
 # touches the store until it is written back.
 
 
+def _controller_ref(owner: dict) -> dict:
+    """The ownerReference that makes ``owner`` (an object) the controller of a new object."""
+    return {"kind": owner["kind"], "uid": owner["metadata"]["uid"], "controller": True}
+
+
 class LocalClient:
     """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
 
@@ -5639,22 +5862,34 @@ class LocalClient:
             raise NotFoundError(f'{info.kind} "{ref}" not found')
         return self._out(obj)
 
-    def list(self, kind: str, selector: str | None = None, limit: int | None = None) -> list[Resource]:
-        """Every object of a kind, by name; ``selector`` is a label selector."""
+    def list(self, kind: str, selector: str | None = None, limit: int | None = None,
+             owner: dict | None = None) -> list[Resource]:
+        """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object) keeps
+        the ones whose ownerReferences name it (one of their owners)."""
         info = self._info(kind)
         self._app._require_started()
-        items = self._app.store.query(info.kind, parse_selector(selector) if selector else None, limit=limit)[0]
+        store, sel = self._app.store, parse_selector(selector) if selector else None
+        if owner is None:
+            items = store.query(info.kind, sel, limit=limit)[0]
+        else:       # from the owner index: O(dependents), not O(objects of the kind)
+            found = (store.get(k, uid) for k, uid in store.dependents(owner["kind"], owner["metadata"]["uid"])
+                     if k == info.kind)
+            items = sorted((o for o in found if o is not None and (sel is None or
+                                                                    sel.matches(o["metadata"]["labels"]))),
+                           key=lambda o: o["metadata"]["name"])[:limit]
         return [self._out(o) for o in items]
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
                annotations: dict | None = None, owner: dict | None = None,
                finalizers: list | None = None) -> Resource:
-        """Create an object; ``owner`` sets ownerReferences (409 if the owner is gone or being deleted)."""
+        """Create an object; ``owner`` makes it the controller owner (409 if it is gone or being deleted)."""
         info = self._info(kind)
-        parsed = self._app._parse_body(info, {"metadata": {
-            k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
-                              ("finalizers", finalizers)) if v is not None}, "spec": spec or {}})
-        return self._out(self._app._create(info, parsed, owner=owner))
+        meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
+                                  ("finalizers", finalizers)) if v is not None}
+        if owner is not None:
+            meta["ownerReferences"] = [_controller_ref(owner)]
+        parsed = self._app._parse_body(info, {"metadata": meta, "spec": spec or {}})
+        return self._out(self._app._create(info, parsed))
 
     def update(self, obj: dict) -> Resource:
         """PUT the envelope (spec, labels, annotations, finalizers) guarded by its resourceVersion.
@@ -5835,8 +6070,18 @@ class Client:
     def get(self, kind: str, ref: str) -> Resource:
         return Resource(self.request("GET", self._ref(kind, ref))[2])
 
-    def list(self, kind: str, selector: str | None = None, limit: int | None = None) -> list[Resource]:
-        """Objects by name; without ``limit`` every page is fetched (following ``continue``)."""
+    def list(self, kind: str, selector: str | None = None, limit: int | None = None,
+             owner: dict | None = None) -> list[Resource]:
+        """Objects by name; without ``limit`` every page is fetched (following ``continue``).
+
+        ``owner`` (an object) keeps the ones whose ownerReferences name it; the
+        REST API has no such filter, so every page is read and filtered here.
+        """
+        if owner is not None:
+            key = (owner["kind"], owner["metadata"]["uid"])
+            items = [o for o in self.list(kind, selector)
+                     if any((r.get("kind"), r.get("uid")) == key for r in o["metadata"]["ownerReferences"])]
+            return items if limit is None else items[:limit]
         params = {}
         if selector:
             params["labelSelector"] = selector
@@ -5856,7 +6101,7 @@ class Client:
         meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
                                   ("finalizers", finalizers)) if v is not None}
         if owner is not None:
-            meta["ownerReferences"] = [{"kind": owner["kind"], "uid": owner["metadata"]["uid"]}]
+            meta["ownerReferences"] = [_controller_ref(owner)]
         return Resource(self.request("POST", f"/{self._plural(kind)}", {"metadata": meta, "spec": spec or {}})[2])
 
     def update(self, obj: dict) -> Resource:

@@ -5,10 +5,15 @@ the harness releases at teardown, so a failing test never hangs the run.
 """
 from __future__ import annotations
 
+import errno
+import io
+import json
+import os
 import re
 import threading
 import time
 from pathlib import Path
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -1223,3 +1228,371 @@ class TestController:
             assert app.wait_idle(WAIT) is True
             assert calls.count() == 2
 
+
+
+###############################################################################
+# Owners and garbage collection (SPEC §3.0 recovery rules, §5.5)
+###############################################################################
+
+def rest(app, method: str, path: str, body=None) -> tuple[int, object]:
+    """One in-process request through ``app.wsgi``: (status, JSON body or None)."""
+    environ: dict = {}
+    setup_testing_defaults(environ)
+    raw = b"" if body is None else json.dumps(body).encode()
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": "",
+                    "wsgi.input": io.BytesIO(raw), "CONTENT_LENGTH": str(len(raw)),
+                    "CONTENT_TYPE": "application/json"})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"] = int(status[:3])
+    data = b"".join(app.wsgi(environ, start_response))
+    return seen["status"], (json.loads(data) if data else None)
+
+
+class PathFault:
+    """``os.<name>`` raises OSError(err) for every path containing ``needle`` while ``armed``; counts them."""
+
+    def __init__(self, monkeypatch, name: str, needle: str = "", err: int = errno.EIO):
+        self.real = getattr(os, name)
+        self.needle, self.err = needle, err
+        self.armed = threading.Event()
+        self.armed.set()
+        self.fired = 0
+        monkeypatch.setattr(os, name, self)
+
+    def __call__(self, target, *args, **kwargs):
+        if self.armed.is_set() and self.needle in str(target):
+            self.fired += 1
+            raise OSError(self.err, os.strerror(self.err), str(target))
+        return self.real(target, *args, **kwargs)
+
+
+def gc_kinds(app, history: bool = False):
+    app.register("Owner")
+    app.register("Dependent", history=history)
+    app.register("Leaf")
+
+
+def deleted_uids(rec: Recorder) -> list[str]:
+    return [e["resourceuid"] for e in list(rec.events) if e["type"].endswith(".deleted")]
+
+
+def file_of(h: Harness, plural: str, uid: str) -> Path:
+    return h.data_dir / plural / f"{uid}.json"
+
+
+class TestUnloadedOwnersAreNotDeleted:
+    """Item 1: a start-up never deletes data because an owner could not be loaded (SPEC §3.0)."""
+
+    def test_a_truncated_owner_keeps_its_dependents_and_their_history(self, h):
+        app = h.app()
+        gc_kinds(app, history=True)
+        with app:
+            c = app.client
+            o1 = c.create("Owner", name="o1")
+            d1 = c.create("Dependent", name="d1", owner=o1)
+            c.patch("Dependent", "d1", {"v": 2})
+            l1 = c.create("Leaf", name="l1", owner=d1)
+        file_of(h, "owners", o1.uid).write_text('{"apiVersion": "v1", "kind": "Own')     # torn by hand
+
+        for start in (1, 2):    # the first start-up quarantines it, the next one finds it in the quarantine
+            app = h.app()
+            gc_kinds(app, history=True)
+            with app:
+                assert [q["path"] for q in app.store.quarantined] == ([f"owners/{o1.uid}.json"] if start == 1
+                                                                      else [])
+                assert app.client.get("Dependent", "d1").uid == d1.uid
+                assert app.client.get("Leaf", "l1").uid == l1.uid
+                assert [v["versionId"] for v in app.client.versions("Dependent", "d1")] == ["1", "2"]
+                assert "Owner" in app.store.unsure
+            assert file_of(h, "dependents", d1.uid).exists() and file_of(h, "leafs", l1.uid).exists()
+
+        # the operator decides the owner is gone for good: now its deletion is known, and it is collected
+        for path in (h.data_dir / ".fabrica" / "quarantine" / "owners").iterdir():
+            path.unlink()
+        app = h.app()
+        gc_kinds(app, history=True)
+        with app:
+            for kind in ("Dependent", "Leaf"):
+                assert app.client.list(kind) == []
+        assert not list((h.data_dir / ".fabrica" / "history" / "dependents" / d1.uid).glob("*.json"))
+
+    def test_a_changed_plural_keeps_the_dependents_of_the_old_folder(self, h):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            o1 = app.client.create("Owner", name="o1")
+            d1 = app.client.create("Dependent", name="d1", owner=o1)
+
+        def renamed():
+            app = h.app()
+            app.register("Owner", plural="proprietors")
+            app.register("Dependent")
+            app.register("Leaf")
+            return app
+        app = renamed()
+        with app:
+            assert app.client.get("Dependent", "d1").uid == d1.uid
+            o2 = app.client.create("Owner", name="o2")      # the new folder exists from now on
+            d2 = app.client.create("Dependent", name="d2", owner=o2)
+            app.client.delete("Owner", "o2")                 # a deletion seen happening is still collected
+            assert [d.name for d in app.client.list("Dependent")] == ["d1"]
+        assert not file_of(h, "dependents", d2.uid).exists()
+        app = renamed()
+        with app:
+            assert app.client.get("Dependent", "d1").uid == d1.uid
+        assert file_of(h, "dependents", d1.uid).exists() and file_of(h, "owners", o1.uid).exists()
+
+    def test_an_owner_deleted_while_its_kind_is_unsure_is_still_collected(self, h):
+        (h.data_dir / "owners").mkdir(parents=True)
+        (h.data_dir / "owners" / "owner-00000000.json").write_text("{")       # quarantined at start
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            assert "Owner" in app.store.unsure
+            o1 = app.client.create("Owner", name="o1")
+            app.client.create("Dependent", name="d1", owner=o1)
+            app.client.delete("Owner", "o1")
+            assert app.client.list("Dependent") == []
+            assert not app.store._deleted_owners        # the record left with the last dependent
+
+
+class TestCascadeRetries:
+    """Items 5 and 6: a failed cascade step is retried until it succeeds, also one of start-up's sweep."""
+
+    def test_a_failed_cascade_step_is_retried_without_a_restart(self, h, monkeypatch):
+        clock = FakeClock()
+        app = h.app(clock=clock)
+        gc_kinds(app)
+        rec = Recorder()
+        app.subscribe("io.fabrica.*.deleted", rec)
+        with app:
+            c = app.client
+            o1 = c.create("Owner", name="o1")
+            d1, d2 = c.create("Dependent", name="d1", owner=o1), c.create("Dependent", name="d2", owner=o1)
+            l1 = c.create("Leaf", name="l1", owner=d1)
+            fault = PathFault(monkeypatch, "unlink", d1.uid)
+            assert c.delete("Owner", "o1") is None          # the owner's delete is committed: no error
+            assert fault.fired == 1
+            assert [d.name for d in c.list("Dependent")] == ["d1"] and c.get("Leaf", "l1").uid == l1.uid
+            for n in (2, 3):        # retried with backoff while the fault lasts
+                clock.advance(1)
+                assert wait_until(lambda: fault.fired == n), fault.fired
+            fault.armed.clear()
+            clock.advance(1000)
+            assert wait_until(lambda: not c.list("Dependent") and not c.list("Leaf"))
+            assert app.wait_idle(WAIT)
+            assert wait_until(lambda: len(deleted_uids(rec)) >= 4)
+            assert sorted(deleted_uids(rec)) == sorted([o1.uid, d1.uid, d2.uid, l1.uid])   # one event each
+            assert not file_of(h, "dependents", d1.uid).exists()
+
+    def test_spec_history_a_delete_could_not_remove_is_removed_later(self, h, monkeypatch):
+        clock = FakeClock()
+        app = h.app(clock=clock)
+        gc_kinds(app, history=True)
+        with app:
+            o1 = app.client.create("Owner", name="o1")
+            d1 = app.client.create("Dependent", name="d1", owner=o1)
+            history = h.data_dir / ".fabrica" / "history" / "dependents" / d1.uid
+            assert list(history.glob("*.json"))
+            fault = PathFault(monkeypatch, "unlink", d1.uid + os.sep)     # the snapshots, not the object
+            app.client.delete("Owner", "o1")
+            assert app.client.list("Dependent") == [] and fault.fired == 1
+            assert list(history.glob("*.json"))
+            fault.armed.clear()
+            clock.advance(1000)
+            assert wait_until(lambda: not list(history.glob("*.json")))
+
+    def test_a_startup_sweep_that_cannot_delete_does_not_stop_start_up(self, h, monkeypatch):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            o1 = app.client.create("Owner", name="o1")
+            d1 = app.client.create("Dependent", name="d1", owner=o1)
+            l1 = app.client.create("Leaf", name="l1", owner=d1)
+        file_of(h, "owners", o1.uid).unlink()          # the owner's delete hit the disk, the cascade did not
+
+        clock = FakeClock()
+        app = h.app(clock=clock)
+        gc_kinds(app)
+        rec = Recorder()
+        app.subscribe("io.fabrica.*.deleted", rec)
+        fault = PathFault(monkeypatch, "unlink", d1.uid)
+        with app:                                        # an I/O error in the sweep: start-up still works
+            assert app.client.get("Dependent", "d1").uid == d1.uid and fault.fired == 1
+            assert app.client.create("Owner", name="fresh").name == "fresh"      # and it serves
+            clock.advance(1)
+            assert wait_until(lambda: fault.fired == 2)
+            fault.armed.clear()
+            clock.advance(1000)
+            assert wait_until(lambda: not app.client.list("Dependent") and not app.client.list("Leaf"))
+            assert wait_until(lambda: len(deleted_uids(rec)) >= 2)
+            assert sorted(deleted_uids(rec)) == sorted([d1.uid, l1.uid])
+
+    def test_start_up_on_a_full_disk_with_an_interrupted_cascade(self, h, monkeypatch):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            o1 = app.client.create("Owner", name="o1")
+            d1 = app.client.create("Dependent", name="d1", owner=o1)
+        file_of(h, "owners", o1.uid).unlink()
+
+        clock = FakeClock()
+        app = h.app(clock=clock)
+        gc_kinds(app)
+        full = PathFault(monkeypatch, "write", err=errno.ENOSPC)       # every file write: no space
+        with app:                                        # start-up works (and serves reads) on a full disk
+            assert app.client.list("Owner") == []
+            full.armed.clear()                           # space is back: the sweep's delete goes through
+            assert wait_until(lambda: (clock.advance(1), not app.client.list("Dependent"))[1])
+        assert not file_of(h, "dependents", d1.uid).exists()
+
+
+class TestSeveralOwners:
+    """Item 15: every owner reference is kept; a dependent goes when none of its owners exists."""
+
+    def test_every_reference_is_stored_typed_and_validated(self, h):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            c = app.client
+            a, b = c.create("Owner", name="a"), c.create("Leaf", name="b")
+            refs = [{"kind": "Owner", "uid": a.uid, "controller": True}, {"kind": "Leaf", "uid": b.uid}]
+            status, body = rest(app, "POST", "/dependents", {"metadata": {"name": "d", "ownerReferences": refs}})
+            assert status == 201, body
+            want = [{"kind": "Owner", "uid": a.uid, "name": "a", "controller": True},
+                    {"kind": "Leaf", "uid": b.uid, "name": "b", "controller": False}]
+            assert body["metadata"]["ownerReferences"] == want
+            assert c.get("Dependent", "d")["metadata"]["ownerReferences"] == want
+
+            bad = {
+                "two controllers": [dict(refs[0]), dict(refs[1], controller=True)],
+                "uid not a string": [{"kind": "Owner", "uid": 5}],
+                "controller not a bool": [{"kind": "Owner", "uid": a.uid, "controller": "yes"}],
+                "not an object": ["Owner"],
+                "unknown field": [{"kind": "Owner", "uid": a.uid, "blockOwnerDeletion": True}],
+                "the same owner twice": [refs[1], dict(refs[1])],
+                "lower-case kind": [{"kind": "owner", "uid": a.uid}],
+                "not a list": {"kind": "Owner", "uid": a.uid},
+            }
+            for case, value in bad.items():
+                status, body = rest(app, "POST", "/dependents",
+                                    {"metadata": {"name": "x", "ownerReferences": value}})
+                assert status == 422, (case, body)
+                assert body["details"][0]["field"].startswith("metadata.ownerReferences"), (case, body)
+            c.delete("Leaf", "b")
+            status, body = rest(app, "POST", "/dependents", {"metadata": {"name": "x", "ownerReferences": refs}})
+            assert status == 409 and b.uid in body["error"], body      # every owner must exist
+        app = h.app()
+        gc_kinds(app)
+        with app:                                        # kept on disk, and b is gone: a still holds it
+            assert app.client.get("Dependent", "d")["metadata"]["ownerReferences"] == want
+
+    def test_a_stored_file_with_malformed_references_is_quarantined(self, h):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            o1 = app.client.create("Owner", name="o1")
+            d1 = app.client.create("Dependent", name="d1", owner=o1)
+        path = file_of(h, "dependents", d1.uid)
+        doc = json.loads(path.read_text())
+        doc["metadata"]["ownerReferences"] = ["Owner"]
+        path.write_text(json.dumps(doc))
+        app = h.app()
+        gc_kinds(app)
+        with app:                                        # recovery quarantines it instead of failing
+            assert [q["path"] for q in app.store.quarantined] == [f"dependents/{d1.uid}.json"]
+            assert "ownerReferences" in app.store.quarantined[0]["reason"]
+            assert app.client.get("Owner", "o1").uid == o1.uid
+
+    def test_a_dependent_goes_only_when_its_last_owner_is_gone(self, h):
+        app = h.app()
+        gc_kinds(app)
+        rec = Recorder()
+        app.subscribe("io.fabrica.*.deleted", rec)
+        with app:
+            c = app.client
+            a, b = c.create("Owner", name="a"), c.create("Owner", name="b")
+            refs = [{"kind": "Owner", "uid": a.uid, "controller": True}, {"kind": "Owner", "uid": b.uid}]
+            status, d = rest(app, "POST", "/dependents", {"metadata": {"name": "d", "ownerReferences": refs}})
+            assert status == 201, d
+            leaf = c.create("Leaf", name="l", owner=d)
+            c.delete("Owner", "a")
+            assert app.wait_idle(WAIT)
+            assert c.get("Dependent", "d").uid == d["metadata"]["uid"] and c.get("Leaf", "l").uid == leaf.uid
+            c.delete("Owner", "b")
+            assert c.list("Dependent") == [] and c.list("Leaf") == []
+            assert wait_until(lambda: len(deleted_uids(rec)) >= 4)
+            assert sorted(deleted_uids(rec)) == sorted([a.uid, b.uid, d["metadata"]["uid"], leaf.uid])
+
+    def test_the_start_up_sweep_keeps_a_dependent_while_one_owner_lives(self, h):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            a, b = app.client.create("Owner", name="a"), app.client.create("Owner", name="b")
+            refs = [{"kind": "Owner", "uid": a.uid, "controller": True}, {"kind": "Owner", "uid": b.uid}]
+            status, d = rest(app, "POST", "/dependents", {"metadata": {"name": "d", "ownerReferences": refs}})
+            assert status == 201, d
+        file_of(h, "owners", a.uid).unlink()           # the controller owner is gone, b is not
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            assert app.client.get("Dependent", "d").uid == d["metadata"]["uid"]
+        file_of(h, "owners", b.uid).unlink()
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            assert app.client.list("Dependent") == []
+
+    def test_list_by_owner_on_both_clients(self, h):
+        app = h.app()
+        gc_kinds(app)
+        with app:
+            c = app.client
+            a, b = c.create("Owner", name="a"), c.create("Owner", name="b")
+            c.create("Dependent", name="d1", owner=a, labels={"tier": "x"})
+            refs = [{"kind": "Owner", "uid": a.uid}, {"kind": "Owner", "uid": b.uid, "controller": True}]
+            assert rest(app, "POST", "/dependents", {"metadata": {"name": "d2", "ownerReferences": refs}})[0] == 201
+            c.create("Dependent", name="d3", owner=b)
+            c.create("Dependent", name="free")
+            c.create("Leaf", name="l1", owner=a)
+            httpd = fabrica.ThreadedWSGIServer(("127.0.0.1", 0), app.wsgi)
+            thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            thread.start()
+            try:
+                for client in (c, fabrica.Client(f"http://127.0.0.1:{httpd.server_port}")):
+                    def names(**kw):
+                        return [o.name for o in client.list("Dependent", **kw)]
+                    assert names(owner=a) == ["d1", "d2"], client
+                    assert names(owner=b) == ["d2", "d3"], client
+                    assert names(owner=a, selector="tier=x") == ["d1"], client
+                    assert names(owner=b, limit=1) == ["d2"], client
+                    assert [o.name for o in client.list("Leaf", owner=a)] == ["l1"], client
+                    assert names(owner=c.get("Leaf", "l1")) == [], client
+            finally:
+                httpd.stop(5)
+                thread.join(5)
+
+    def test_owns_enqueues_every_owner_of_the_watching_kind(self, h):
+        app = h.app()
+        calls = Calls()
+
+        @app.register("Parent", owns=["Kid"])
+        def reconcile(ctx, obj):
+            calls.add(obj)
+        app.register("Kid")
+        app.register("Other")
+        with app:
+            c = app.client
+            p1, p2, p3 = (c.create("Parent", name=n) for n in ("p1", "p2", "p3"))
+            other = c.create("Other", name="o")
+            refs = [{"kind": "Parent", "uid": p1.uid, "controller": True}, {"kind": "Other", "uid": other.uid},
+                    {"kind": "Parent", "uid": p2.uid}]
+            assert rest(app, "POST", "/kids", {"metadata": {"name": "k", "ownerReferences": refs}})[0] == 201
+            assert app.wait_idle(WAIT)
+            before = {n: calls.count(n) for n in ("p1", "p2", "p3")}
+            c.update_status("Kid", "k", {"phase": "Up"})
+            assert wait_until(lambda: calls.count("p1") > before["p1"] and calls.count("p2") > before["p2"])
+            assert app.wait_idle(WAIT)
+            assert calls.count("p3") == before["p3"]
