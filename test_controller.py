@@ -1,4 +1,4 @@
-"""Bus (SPEC §4) and controller (SPEC §2, §5.1-§5.4) behaviour, end to end through a Fabrica app.
+"""Bus (SPEC §4), controller (SPEC §2, §5.1-§5.4) and owners/garbage collection (§3.0, §5.5), end to end.
 
 Every wait polls a condition with a timeout; gates are threading.Events that
 the harness releases at teardown, so a failing test never hangs the run.
