@@ -444,8 +444,62 @@ def normalize_object(obj: dict) -> dict:
             "status": obj.get("status") if obj.get("status") is not None else {}}
 
 
+def status_problems(status: dict) -> list[dict]:
+    """What is wrong with the status fields fabrica itself reads (conditions, observedGeneration, version).
+
+    Checked before every status write and on every load, so that deriving a
+    write's events can never fail after the write committed.
+    """
+    errors = []
+    conditions = status.get("conditions")
+    if "conditions" in status and not (isinstance(conditions, list) and all(
+            isinstance(c, dict) and isinstance(c.get("type"), str) and c["type"] and
+            isinstance(c.get("status", ""), str) for c in conditions)):
+        errors.append({"field": "status.conditions", "message": "must be a list of objects, each with a "
+                       "non-empty string type and a string status"})
+    generation = status.get("observedGeneration")
+    if "observedGeneration" in status and (not isinstance(generation, int) or isinstance(generation, bool)):
+        errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
+    if "version" in status and not isinstance(status["version"], str):
+        errors.append({"field": "status.version", "message": "must be a string"})
+    return errors
+
+
+def _is_string_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """Which metadata field (beyond name, uid and resourceVersion) has the wrong type, or None."""
+    generation = meta.get("generation", 1)
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        return "metadata.generation is not a positive integer"
+    for key in ("labels", "annotations"):
+        if not _is_string_map(meta.get(key, {})):
+            return f"metadata.{key} is not an object of strings"
+    for key in ("createdAt", "updatedAt"):
+        if not isinstance(meta.get(key, ""), str):
+            return f"metadata.{key} is not a string"
+    if meta.get("deletionTimestamp") is not None and not isinstance(meta["deletionTimestamp"], str):
+        return "metadata.deletionTimestamp is neither null nor a string"
+    finalizers = meta.get("finalizers", [])
+    if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
+        return "metadata.finalizers is not a list of strings"
+    refs = meta.get("ownerReferences", [])
+    if not isinstance(refs, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("kind"), str) and isinstance(r.get("uid"), str)
+            and isinstance(r.get("name", ""), str) and isinstance(r.get("controller", False), bool)
+            for r in refs):
+        return "metadata.ownerReferences is not a list of {kind, uid, name, controller} objects"
+    return None
+
+
 def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> str | None:
-    """Why a stored document is not a valid resource (checked at start-up recovery), or None."""
+    """Why a stored document is not a valid resource (checked at start-up recovery), or None.
+
+    Every metadata field and the status fields fabrica reads are type-checked:
+    a file that loaded with a mistyped one would break the index or a later write.
+    """
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         return "not a resource envelope (no metadata object)"
     meta = obj["metadata"]
@@ -462,15 +516,14 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     rv = meta.get("resourceVersion")
     if not isinstance(rv, str) or not rv.isdigit() or not rv.isascii():
         return "metadata.resourceVersion is missing or not an integer string"
-    if not isinstance(meta.get("generation", 1), int) or isinstance(meta.get("generation"), bool):
-        return "metadata.generation is not an integer"
+    problem = _metadata_problem(meta)
+    if problem:
+        return problem
     for key in ("spec", "status"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             return f"{key} is not an object"
-    for key in ("labels", "annotations"):
-        if not isinstance(meta.get(key, {}), dict):
-            return f"metadata.{key} is not an object"
-    return None
+    errors = status_problems(obj.get("status") or {})
+    return f"{errors[0]['field']} {errors[0]['message']}" if errors else None
 
 
 class Resource(dict):
@@ -5262,15 +5315,7 @@ class Fabrica:
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
         own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
-        errors = []
-        if "conditions" in own and not (isinstance(own["conditions"], list) and
-                                        all(isinstance(c, dict) for c in own["conditions"])):
-            errors.append({"field": "status.conditions", "message": "must be a list of objects"})
-        if "observedGeneration" in own and (not isinstance(own["observedGeneration"], int)
-                                            or isinstance(own["observedGeneration"], bool)):
-            errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
-        if "version" in own and not isinstance(own["version"], str):
-            errors.append({"field": "status.version", "message": "must be a string"})
+        errors = status_problems(own)
         rest = {k: v for k, v in status.items() if k not in own}
         if info.status is not None:
             rest, more = info.status.validate(rest, "status")
