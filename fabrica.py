@@ -88,6 +88,7 @@ import time
 import types
 import typing
 import urllib.parse
+import zlib
 from datetime import datetime, timezone
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -482,8 +483,59 @@ def owner_references_problem(refs) -> tuple[str, str] | None:
     return None
 
 
+def status_problems(status: dict) -> list[dict]:
+    """What is wrong with the status fields fabrica itself reads (conditions, observedGeneration, version).
+
+    Checked before every status write and on every load, so that deriving a
+    write's events can never fail after the write committed.
+    """
+    errors = []
+    conditions = status.get("conditions")
+    if "conditions" in status and not (isinstance(conditions, list) and all(
+            isinstance(c, dict) and isinstance(c.get("type"), str) and c["type"] and
+            isinstance(c.get("status", ""), str) for c in conditions)):
+        errors.append({"field": "status.conditions", "message": "must be a list of objects, each with a "
+                       "non-empty string type and a string status"})
+    generation = status.get("observedGeneration")
+    if "observedGeneration" in status and (not isinstance(generation, int) or isinstance(generation, bool)):
+        errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
+    if "version" in status and not isinstance(status["version"], str):
+        errors.append({"field": "status.version", "message": "must be a string"})
+    return errors
+
+
+def _is_string_map(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def _metadata_problem(meta: dict) -> str | None:
+    """Which metadata field (beyond name, uid and resourceVersion) has the wrong type, or None."""
+    generation = meta.get("generation", 1)
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 1:
+        return "metadata.generation is not a positive integer"
+    for key in ("labels", "annotations"):
+        if not _is_string_map(meta.get(key, {})):
+            return f"metadata.{key} is not an object of strings"
+    for key in ("createdAt", "updatedAt"):
+        if not isinstance(meta.get(key, ""), str):
+            return f"metadata.{key} is not a string"
+    if meta.get("deletionTimestamp") is not None and not isinstance(meta["deletionTimestamp"], str):
+        return "metadata.deletionTimestamp is neither null nor a string"
+    finalizers = meta.get("finalizers", [])
+    if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
+        return "metadata.finalizers is not a list of strings"
+    problem = owner_references_problem(meta.get("ownerReferences", []))
+    if problem is not None:
+        return f"metadata.ownerReferences{problem[0]} {problem[1]}"
+    return None
+
+
 def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> str | None:
-    """Why a stored document is not a valid resource (checked at start-up recovery), or None."""
+    """Why a stored document is not a valid resource (checked at start-up recovery), or None.
+
+    Every metadata field and the status fields fabrica reads are type-checked:
+    a file that loaded with a mistyped one would break the index or a later write.
+    """
     if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
         return "not a resource envelope (no metadata object)"
     meta = obj["metadata"]
@@ -500,18 +552,14 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     rv = meta.get("resourceVersion")
     if not isinstance(rv, str) or not rv.isdigit() or not rv.isascii():
         return "metadata.resourceVersion is missing or not an integer string"
-    if not isinstance(meta.get("generation", 1), int) or isinstance(meta.get("generation"), bool):
-        return "metadata.generation is not an integer"
+    problem = _metadata_problem(meta)
+    if problem:
+        return problem
     for key in ("spec", "status"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             return f"{key} is not an object"
-    for key in ("labels", "annotations"):
-        if not isinstance(meta.get(key, {}), dict):
-            return f"metadata.{key} is not an object"
-    problem = owner_references_problem(meta.get("ownerReferences", []))
-    if problem is not None:
-        return f"metadata.ownerReferences{problem[0]} {problem[1]}"
-    return None
+    errors = status_problems(obj.get("status") or {})
+    return f"{errors[0]['field']} {errors[0]['message']}" if errors else None
 
 
 class Resource(dict):
@@ -1813,35 +1861,65 @@ class Store:
         return self._history.get((kind, uid), {}).get(version_id)
 
     def delete_version(self, kind: str, uid: str, version_id: str) -> bool:
-        """Forget one snapshot; False if there was none."""
+        """Forget one snapshot; False if there was none.
+
+        Raises StoreError/InsufficientStorageError if the disk fails; the index
+        then holds what the disk shows (the error says which).
+        """
         with self._lock:
             found = self._history.get((kind, uid), {})
             if version_id not in found:
                 return False
-            self._write_guard(f"{kind} {uid} version {version_id}", self._unpersist_version, kind, uid, version_id)
-            del found[version_id]
+            what = f"version {version_id} of {kind} {uid}"
+            try:
+                self._drop_version(kind, uid, version_id)
+            except OSError as exc:
+                self.write_failures += 1
+                cls = InsufficientStorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+                if getattr(exc, "fabrica_visible", False):
+                    raise cls(f"{what} is deleted, but the disk failed to confirm it ({exc.strerror or exc}): "
+                              "it may come back after a crash; check the disk") from None
+                raise cls(f"could not delete {what}: {exc.strerror or exc}; it is still stored") from None
             return True
 
-    def prune_versions(self, kind: str, uid: str, keep: int | None) -> None:
-        """Keep the newest ``keep`` snapshots; None keeps all; 0 drops every one."""
+    def prune_versions(self, kind: str, uid: str, keep: int | None) -> bool:
+        """Keep the newest ``keep`` snapshots; None keeps all; 0 drops every one.
+
+        Housekeeping after a committed write, so it never raises: a snapshot the
+        disk refuses to remove is logged and left for the next prune. Returns
+        whether every snapshot it was asked to drop is gone.
+        """
         with self._lock:
             found = self._history.get((kind, uid), {})
             ids = sorted(found, key=int)
             drop = ids if keep == 0 else ids[:max(0, len(ids) - keep)] if keep else []
+            done = True
             for version_id in drop:
-                self._write_guard(f"{kind} {uid} version {version_id}", self._unpersist_version, kind, uid,
-                                  version_id)
-                del found[version_id]
-            if not found:
-                self._history.pop((kind, uid), None)
+                try:
+                    self._drop_version(kind, uid, version_id)
+                except OSError as exc:
+                    done = False
+                    store_log.warning("could not remove version %s of %s %s (%s); the next prune retries",
+                                      version_id, kind, uid, exc.strerror or exc)
+            if (kind, uid) not in self._history:
+                self._forget_versions(kind, uid)
+            return done
 
-    def _write_guard(self, what, fn, *args):
+    def _drop_version(self, kind, uid, version_id):
+        """Remove one snapshot from disk and index (lock held); the index follows what the disk shows."""
+        error = None
         try:
-            fn(*args)
+            self._unpersist_version(kind, uid, version_id)
         except OSError as exc:
-            self.write_failures += 1
-            cls = InsufficientStorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
-            raise cls(f"could not write {what}: {exc.strerror or exc}") from None
+            if not getattr(exc, "fabrica_visible", False):
+                raise
+            error = exc         # gone from the disk but unconfirmed: a restart would not serve it either
+        found = self._history[(kind, uid)]
+        del found[version_id]
+        if not found:
+            del self._history[(kind, uid)]
+        if error is not None:
+            raise error
 
     def dependents(self, kind: str, uid: str) -> list[tuple[str, str]]:
         """(kind, uid) of every object whose ownerReferences name this one."""
@@ -1920,6 +1998,11 @@ class Store:
         3. Under the lock, strictly in resourceVersion order: update the index
            and publish (on_commit). A failed write publishes nothing, changes
            nothing, and leaves a hole in the numbering that nobody ever saw.
+
+        The one exception: if the disk failed to confirm a change that is
+        already visible and the store could not undo it (the OSError carries
+        ``fabrica_visible``), the index follows the disk, so a GET serves what a
+        restart would; the change is published and the error says so.
         """
         key = key or (new["kind"], new["metadata"]["uid"])
         kind = key[0]
@@ -1946,7 +2029,7 @@ class Store:
             try:
                 self._reserve(rv)
             except OSError as exc:
-                raise self._write_error(new, exc) from None
+                raise self._write_error(action, new, exc) from None
             self._allocated = rv
             self._inflight.add(key)
             if name is not None:
@@ -1958,29 +2041,31 @@ class Store:
         new["metadata"]["resourceVersion"] = str(rv)
         error = None
         try:
-            if snapshot is not None:
+            if snapshot is not None:        # first: the object's rename is the commit point of both
                 self._persist_version(kind, key[1], snapshot)
             try:
                 if action == "deleted":
                     self._unpersist(new, old)
                 else:
                     self._persist(old, new)
-            except OSError:
-                if snapshot is not None:
+            except OSError as exc:
+                if snapshot is not None and not getattr(exc, "fabrica_visible", False):
+                    # if this fails too, start-up drops the snapshot: it is newer than its object
                     with contextlib.suppress(OSError):
                         self._unpersist_version(kind, key[1], snapshot["versionId"])
                 raise
         except BaseException as exc:    # whatever happens, this rv must leave the pipeline below
             error = exc
+        visible = getattr(error, "fabrica_visible", False)
         turn.wait()         # one wake-up per write, not every waiter on every commit
         with cond:
             try:
-                if error is None:
+                if error is None or visible:
                     self._apply(action, kind, key[1], old, new, snapshot)
                     self._rv = rv
                     self.writes += 1
                     self._notify(action, old, new)
-                else:
+                if error is not None:
                     self.write_failures += 1
             finally:
                 self._pending.popleft()
@@ -1992,7 +2077,7 @@ class Store:
                 if self._blocked:
                     cond.notify_all()       # writers waiting for this key or name
         if isinstance(error, OSError):
-            raise self._write_error(new, error) from None
+            raise self._write_error(action, new, error) from None
         if error is not None:
             raise error
         return new
@@ -2013,16 +2098,30 @@ class Store:
             self._history.setdefault((kind, uid), {})[snapshot["versionId"]] = snapshot
 
     @staticmethod
-    def _write_error(obj, exc: OSError) -> FabricaError:
+    def _write_error(action: str, obj: dict, exc: OSError) -> FabricaError:
+        """The error a failed write answers, saying what the store holds now."""
         name = f'{obj["kind"]} "{obj["metadata"]["name"]}"'
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return InsufficientStorageError(f"no space left to write {name}; the previous version is intact, "
-                                            "free space and retry")
-        return StoreError(f"could not write {name}: {exc.strerror or exc}; the previous version is intact")
+        verb = {"created": "create", "deleted": "delete"}.get(action, "write")
+        cls = InsufficientStorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else StoreError
+        if getattr(exc, "fabrica_visible", False):
+            now = "it is deleted now" if action == "deleted" else \
+                f'resourceVersion {obj["metadata"]["resourceVersion"]} is stored now'
+            return cls(f"the disk failed to confirm the {verb} of {name} ({exc.strerror or exc}) and it could "
+                       f"not be undone: {now}, but it may not survive a crash; check the disk")
+        kept = {"created": "nothing was stored", "deleted": "it is still stored"}.get(
+            action, "the previous version is intact")
+        if cls is InsufficientStorageError:
+            return cls(f"no space left to {verb} {name}; {kept}, free space and retry")
+        return cls(f"could not {verb} {name}: {exc.strerror or exc}; {kept}")
 
     def _notify(self, action, old, new):
+        # after the commit: a failure here must not turn a stored write into an error answer
         if self.on_commit is not None:
-            self.on_commit(action, old, new)
+            try:
+                self.on_commit(action, old, new)
+            except Exception:
+                store_log.exception("could not publish the events of %s %s at resourceVersion %s",
+                                    new["kind"], new["metadata"]["uid"], new["metadata"]["resourceVersion"])
 
     # -- subclass hooks ----------------------------------------------------
     def _load(self, discover: bool) -> None:
@@ -2041,7 +2140,15 @@ class Store:
         """Durably store one spec snapshot."""
 
     def _unpersist_version(self, kind: str, uid: str, version_id: str) -> None:
-        """Durably remove one spec snapshot."""
+        """Durably remove one spec snapshot (one already gone is fine).
+
+        An OSError with ``fabrica_visible`` set means it is gone but the disk
+        did not confirm it.
+        """
+
+    def _forget_versions(self, kind: str, uid: str) -> None:
+        """Tidy up once an object has no snapshot left (lock held; does nothing while the object
+        exists; best effort, never raises)."""
 
     def _index(self, obj: dict) -> None:
         """Add a loaded object to the index (start-up; no event)."""
@@ -2155,6 +2262,24 @@ class DirSyncer:
                     self._cond.notify_all()
 
 
+_TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
+_RV_SLOT = 30       # b"<20 digits> <crc32 of the digits, 8 hex>\n"
+_RV_SLOT_RE = re.compile(rb"(\d{20}) ([0-9a-f]{8})\n")
+
+
+def _rv_slot_bytes(value: int) -> bytes:
+    digits = f"{value:020d}"
+    return f"{digits} {zlib.crc32(digits.encode()):08x}\n".encode()
+
+
+def _rv_slot_value(raw: bytes) -> int:
+    """The reservation a slot holds, -1 if it holds none (empty, torn or garbled)."""
+    match = _RV_SLOT_RE.fullmatch(raw)
+    if match is None or int(match.group(2), 16) != zlib.crc32(match.group(1)):
+        return -1
+    return int(match.group(1))
+
+
 class FileStore(Store):
     """One pretty-printed JSON file per resource: ``<data_dir>/<plural>/<uid>.json``.
 
@@ -2162,7 +2287,9 @@ class FileStore(Store):
     fsync, os.replace, fsync of the directory, and only then acknowledged
     (``durable=False`` skips both fsyncs). ``<data_dir>/.fabrica/`` holds the
     lock file (flock, held for the life of the store), the resourceVersion
-    reservation and the quarantine of files start-up recovery could not use.
+    reservation, the spec history and the quarantine of files start-up
+    recovery could not use. Start-up needs no free space: what it would like
+    to write (a quarantine move, a tidy-up) is logged and skipped if it fails.
     """
 
     RV_BLOCK = 1000
@@ -2173,6 +2300,8 @@ class FileStore(Store):
         self.state_dir = os.path.join(self.data_dir, ".fabrica")
         self.durable = durable
         self._lock_fd = None
+        self._rv_fd = None              # the reservation file, open for in-place writes (None: rewrite it whole)
+        self._rv_slots = [-1, -1]       # the reservation each slot holds (-1: none or unreadable)
         self._reserved = 0
         self._dirsync = DirSyncer()
         self._dirs_made: set[str] = set()
@@ -2190,6 +2319,9 @@ class FileStore(Store):
 
     def close(self):
         super().close()
+        if self._rv_fd is not None:
+            os.close(self._rv_fd)
+            self._rv_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)     # releases the flock
             self._lock_fd = None
@@ -2204,17 +2336,21 @@ class FileStore(Store):
             os.close(fd)
             raise StoreLockedError(f"data dir {self.data_dir} is locked by pid {holder}: another fabrica "
                                    f"process is using it; stop it or choose another --data-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pid = f"{os.getpid()}\n".encode()
+        try:        # over the old pid, then cut: no new block needed, so this works on a full disk
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)     # never name a stale holder
+            store_log.warning("could not write the pid into %s: %s", path, exc.strerror or exc)
         self._lock_fd = fd
 
     # -- recovery ----------------------------------------------------------
     def _load(self, discover):
-        rv_file = os.path.join(self.state_dir, "resource-version")
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            with open(rv_file, encoding="ascii") as f:
-                self._rv = int(f.read().strip() or 0)
+        self._rv = self._read_reservation()
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
+        dirs = []
         for entry in sorted(os.listdir(self.data_dir)):
             path = os.path.join(self.data_dir, entry)
             if entry.startswith(".") or not os.path.isdir(path):
@@ -2233,9 +2369,12 @@ class FileStore(Store):
                 if holds:   # perhaps the folder of a kind whose plural= changed: anyone's owners may be in it
                     self.unsure.setdefault("*", f"{entry}/ belongs to no registered kind")
                 continue
+            dirs.append((entry, kind))
+        self._remove_temp_files({entry for entry, _ in dirs})
+        for entry, kind in dirs:
             self._load_dir(entry, kind)
-        self._load_history()
         self._note_quarantine()
+        self._load_history()
         self._reserved = self._rv
         if self.quarantined:
             store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
@@ -2244,13 +2383,29 @@ class FileStore(Store):
                        sum(len(o) for o in self._objects.values()), self.data_dir, self._rv,
                        self.temp_removed, len(self.quarantined))
 
+    def _remove_temp_files(self, skip: set[str]) -> None:
+        """Remove the temp files of writes that never committed (the rename is the commit point),
+        anywhere under the data dir; the kind directories in ``skip`` are swept as they load."""
+        for directory, subdirs, files in os.walk(self.data_dir):     # symbolic links are not followed
+            if directory == self.data_dir:
+                subdirs[:] = [d for d in subdirs if d not in skip]
+            for entry in files:
+                if _TEMP_RE.fullmatch(entry):
+                    self._remove_temp(os.path.join(directory, entry))
+
+    def _remove_temp(self, path):
+        try:
+            os.unlink(path)
+            self.temp_removed += 1
+        except OSError as exc:      # never committed, so it is never loaded: it can wait for the next start
+            store_log.warning("could not remove the temp file %s: %s", path, exc.strerror or exc)
+
     def _load_dir(self, plural, kind):
         directory = os.path.join(self.data_dir, plural)
         for entry in sorted(os.listdir(directory)):
             path = os.path.join(directory, entry)
-            if entry.startswith(".tmp-"):
-                os.unlink(path)         # never committed: the rename is the commit point
-                self.temp_removed += 1
+            if _TEMP_RE.fullmatch(entry):
+                self._remove_temp(path)
                 continue
             if not entry.endswith(".json") or os.path.isdir(path):
                 continue
@@ -2269,7 +2424,10 @@ class FileStore(Store):
             else:
                 self._quarantine(path, plural, entry, reason)
 
-    def _read_file(self, path, stem, kind):
+    @staticmethod
+    def _read_document(path):
+        """(problem, parsed JSON): the store's files are hand-editable, so a UTF-8 byte-order mark
+        (and CRLF line ends, which JSON takes as whitespace) are accepted, unlike in a request body."""
         if os.path.islink(path):
             return "a symbolic link (not followed)", None
         try:
@@ -2277,13 +2435,17 @@ class FileStore(Store):
                 raw = f.read()
         except OSError as exc:
             return f"unreadable: {exc.strerror}", None
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
         if not raw:
             return "empty file", None
         try:
-            obj = read_json(raw)
+            return None, read_json(raw)
         except BadRequestError as exc:
             return exc.message.replace("malformed JSON", "does not parse"), None
-        problem = envelope_problem(obj, kind, stem)
+
+    def _read_file(self, path, stem, kind):
+        problem, obj = self._read_document(path)
+        problem = problem or envelope_problem(obj, kind, stem)
         return problem, (None if problem else normalize_object(obj))
 
     def _note_quarantine(self):
@@ -2316,18 +2478,76 @@ class FileStore(Store):
 
     def _quarantine(self, path, plural, entry, reason):
         qdir = os.path.join(self.state_dir, "quarantine", plural)
-        os.makedirs(qdir, exist_ok=True)
-        target, n = os.path.join(qdir, entry), 1
-        while os.path.exists(target):
-            target, n = os.path.join(qdir, f"{entry}.{n}"), n + 1
-        os.replace(path, target)
-        if self.durable:
-            _fsync_dir(qdir)
-            _fsync_dir(os.path.dirname(path))
-        item = {"path": os.path.relpath(path, self.data_dir), "reason": reason,
-                "quarantinedTo": os.path.relpath(target, self.data_dir)}
+        item = {"path": os.path.relpath(path, self.data_dir), "reason": reason, "quarantinedTo": None}
+        try:
+            os.makedirs(qdir, exist_ok=True)
+            target, n = os.path.join(qdir, entry), 1
+            while os.path.lexists(target):
+                target, n = os.path.join(qdir, f"{entry}.{n}"), n + 1
+            os.replace(path, target)
+            item["quarantinedTo"] = os.path.relpath(target, self.data_dir)
+            if self.durable:
+                _fsync_dir(qdir)
+                _fsync_dir(os.path.dirname(path))
+        except OSError as exc:
+            # a full or failing disk must not stop the start: the file is not loaded, stays where it
+            # is (the next start tries again) and is reported all the same
+            if item["quarantinedTo"] is None:
+                item["reason"] += f" (left in place: it could not be moved, {exc.strerror or exc})"
         self.quarantined.append(item)
-        store_log.error("quarantined %s: %s (moved to %s)", item["path"], reason, item["quarantinedTo"])
+        moved = f" (moved to {item['quarantinedTo']})" if item["quarantinedTo"] else ""
+        store_log.error("quarantined %s: %s%s", item["path"], item["reason"], moved)
+
+    # -- the resourceVersion reservation ------------------------------------
+    # resourceVersions are handed out from blocks reserved on disk first, so a
+    # restart (or a delete of the newest object) can never reuse one. The file
+    # holds two checksummed slots rewritten in place, the older one each time
+    # (bbolt's two meta pages): no new block is needed, so the first write
+    # after a start works on a full disk, and a torn slot fails its checksum
+    # while the other one still holds a reservation no handed-out rv exceeds.
+
+    def _read_reservation(self) -> int:
+        path = os.path.join(self.state_dir, "resource-version")
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        self._rv_slots = [_rv_slot_value(raw[i * _RV_SLOT:(i + 1) * _RV_SLOT]) for i in (0, 1)]
+        if max(self._rv_slots) >= 0:
+            self._rv_fd = os.open(path, os.O_RDWR)
+            return max(self._rv_slots)
+        legacy = raw.removeprefix(b"\xef\xbb\xbf").strip()     # one number, written by temp file and rename
+        if legacy and not legacy.isdigit():
+            store_log.error("%s holds no valid reservation: resourceVersions go on after the newest object",
+                            path)
+        reserved = int(legacy) if legacy.isdigit() else 0
+        try:    # into the two-slot form, while there is space (else the first write tries again)
+            self._write_reservation(reserved)
+        except OSError as exc:
+            store_log.warning("could not rewrite %s: %s", path, exc.strerror or exc)
+        return reserved
+
+    def _write_reservation(self, block: int) -> None:
+        """Reserve every resourceVersion up to ``block`` durably (raises OSError)."""
+        if self._rv_fd is None:
+            path = os.path.join(self.state_dir, "resource-version")
+            self._atomic_write(self.state_dir, path, _rv_slot_bytes(block) * 2)
+            self._rv_fd = os.open(path, os.O_RDWR)
+            self._rv_slots = [block, block]
+            return
+        slot = 0 if self._rv_slots[0] <= self._rv_slots[1] else 1
+        self._rv_slots[slot] = -1       # unknown until the write is confirmed: the next try reuses this slot
+        os.pwrite(self._rv_fd, _rv_slot_bytes(block), slot * _RV_SLOT)
+        if self.durable:
+            os.fsync(self._rv_fd)
+        self._rv_slots[slot] = block
+
+    def _reserve(self, rv):
+        if rv > self._reserved:
+            block = rv + self.RV_BLOCK
+            self._write_reservation(block)
+            self._reserved = block
 
     # -- durable writes ----------------------------------------------------
     def _path(self, obj) -> tuple[str, str]:
@@ -2367,15 +2587,6 @@ class FileStore(Store):
                 exc.fabrica_renamed = True      # the new name is visible: the caller must undo it
                 raise
 
-    def _reserve(self, rv):
-        # resourceVersions are handed out from blocks reserved on disk first, so
-        # a restart (or a delete of the newest object) can never reuse one.
-        if rv > self._reserved:
-            block = rv + self.RV_BLOCK
-            self._atomic_write(self.state_dir, os.path.join(self.state_dir, "resource-version"),
-                               f"{block}\n".encode())
-            self._reserved = block
-
     def _persist(self, old, new):
         directory, path = self._path(new)
         try:
@@ -2387,20 +2598,58 @@ class FileStore(Store):
             self._atomic_write(directory, path, _file_bytes(new))
         except OSError as exc:
             self._dirs_made.discard(directory)
-            if getattr(exc, "fabrica_renamed", False):
-                self._undo(path, old)
+            if getattr(exc, "fabrica_renamed", False) and not self._undo(path, old):
+                exc.fabrica_visible = True
             raise
 
     def _unpersist(self, tomb, old):
         directory, path = self._path(tomb)
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):       # already gone: what the delete wants holds
+            os.unlink(path)
         if self.durable:
             try:
                 self._dirsync.sync(directory)
-            except OSError:
-                self._undo(path, old)
+            except OSError as exc:
+                if not self._undo(path, old):
+                    exc.fabrica_visible = True
                 raise
 
+    def _undo(self, path, old) -> bool:
+        """Put ``old`` (None: no file) back at ``path`` after the disk failed to confirm a change.
+
+        True if the file shows ``old`` again. The disk is failing, so fsync
+        errors are ignored here: what matters now is that the file shows what
+        the index serves; whether either survives a crash is unknown anyway.
+        """
+        directory = os.path.dirname(path)
+        try:
+            if old is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                fd, tmp = _mkstemp(directory)
+                try:
+                    try:
+                        _write_all(fd, _file_bytes(old))
+                        if self.durable:
+                            with contextlib.suppress(OSError):
+                                os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+        except OSError:
+            store_log.exception("could not put back the previous state of %s after a failed write", path)
+            return False
+        if self.durable:
+            with contextlib.suppress(OSError):
+                _fsync_dir(directory)
+        return True
+
+    # -- spec history --------------------------------------------------------
     def _history_dir(self, kind: str, uid: str) -> str:
         if not UID_RE.fullmatch(uid):
             raise ValueError(f"refusing to build a path from uid {uid!r}")
@@ -2408,47 +2657,109 @@ class FileStore(Store):
 
     def _persist_version(self, kind, uid, snapshot):
         directory = self._history_dir(kind, uid)
+        path = os.path.join(directory, f"{int(snapshot['versionId'])}.json")
         os.makedirs(directory, exist_ok=True)
-        self._atomic_write(directory, os.path.join(directory, f"{int(snapshot['versionId'])}.json"),
-                           _file_bytes(snapshot))
+        try:
+            self._atomic_write(directory, path, _file_bytes(snapshot))
+        except OSError as exc:
+            if getattr(exc, "fabrica_renamed", False):
+                self._undo(path, None)      # if it stays, start-up drops it: it is newer than its object
+            raise
 
     def _unpersist_version(self, kind, uid, version_id):
         directory = self._history_dir(kind, uid)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(os.path.join(directory, f"{int(version_id)}.json"))
-            if self.durable:
+        except FileNotFoundError:
+            return
+        if self.durable:
+            try:
                 _fsync_dir(directory)
+            except OSError as exc:
+                exc.fabrica_visible = True
+                raise
+
+    def _forget_versions(self, kind, uid):
+        if uid not in self._objects[kind]:      # never under a live object: its next spec write needs the folder
+            with contextlib.suppress(OSError):
+                os.rmdir(self._history_dir(kind, uid))
 
     def _load_history(self):
+        """Load the spec snapshots of every loaded object, dropping the ones no write committed.
+
+        A snapshot is written before its object, so a crash in between leaves
+        one newer than the object's generation (or one of an object that was
+        never created); a crash between a delete and its history cleanup
+        leaves the snapshots of an object that is gone. Neither was ever
+        acknowledged: they are removed. The history of an object that is in
+        the quarantine stays, for when the object is mended, and so does every
+        history of a kind the store is unsure of (``unsure``): an object that
+        was not read is not a deleted object (SPEC §3.0).
+        """
         root = os.path.join(self.state_dir, "history")
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        for plural in (os.listdir(root) if os.path.isdir(root) else ()):
+        for plural in sorted(os.listdir(root) if os.path.isdir(root) else ()):
             kind = by_plural.get(plural)
-            for uid in (os.listdir(os.path.join(root, plural)) if kind else ()):
+            if kind is None or not os.path.isdir(os.path.join(root, plural)):
+                continue        # a kind this app does not serve: leave its history alone
+            held = self._quarantined_uids(plural)
+            for uid in sorted(os.listdir(os.path.join(root, plural))):
                 directory = os.path.join(root, plural, uid)
-                for entry in os.listdir(directory):
-                    path = os.path.join(directory, entry)
-                    if entry.startswith(".tmp-"):
-                        os.unlink(path)
+                obj = self._objects[kind].get(uid)
+                if (obj is None and uid in held) or not UID_RE.fullmatch(uid) or os.path.islink(directory) \
+                        or not os.path.isdir(directory):
+                    continue
+                for entry in sorted(os.listdir(directory)):
+                    if not entry.endswith(".json"):
                         continue
-                    try:
-                        with open(path, "rb") as f:
-                            snap = read_json(f.read())
-                        self._history.setdefault((kind, uid), {})[str(int(snap["versionId"]))] = snap
-                    except (OSError, BadRequestError, KeyError, TypeError, ValueError):
-                        self._quarantine(path, f"history-{plural}", entry, "unreadable spec snapshot")
+                    path = os.path.join(directory, entry)
+                    reason, snap = self._read_snapshot(path, uid, entry[:-5])
+                    if reason is not None:
+                        self._quarantine(path, f"history-{plural}", f"{uid}-{entry}", reason)
+                    elif obj is None and (kind in self.unsure or "*" in self.unsure):
+                        self._history.setdefault((kind, uid), {})[snap["versionId"]] = snap    # not read: kept
+                    elif obj is None:
+                        store_log.warning("removing %s: its object does not exist", path)
+                        self._remove_stale(path)
+                    elif int(snap["versionId"]) > obj["metadata"]["generation"]:
+                        store_log.warning("removing %s: newer than its object (a write that never committed)", path)
+                        self._remove_stale(path)
+                    else:
+                        self._history.setdefault((kind, uid), {})[snap["versionId"]] = snap
+                if (kind, uid) not in self._history:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory)
 
-    def _undo(self, path, old):
-        # The directory fsync failed after the rename/unlink: the outcome on disk
-        # is unknown, so put the previous version back (best effort) and report
-        # the write as failed; the index still holds the previous version.
+    def _quarantined_uids(self, plural) -> set[str]:
+        """The uids whose object file of this plural sits in the quarantine (from any start)."""
+        held = {os.path.basename(item["path"]).split(".")[0] for item in self.quarantined
+                if os.path.dirname(item["path"]) == plural}
+        qdir = os.path.join(self.state_dir, "quarantine", plural)
+        held.update(entry.split(".")[0] for entry in (os.listdir(qdir) if os.path.isdir(qdir) else ()))
+        return held
+
+    def _read_snapshot(self, path, uid, stem):
+        problem, snap = self._read_document(path)
+        if problem is None:
+            version = snap.get("versionId")
+            if not isinstance(version, str) or not version.isascii() or not version.isdigit() or \
+                    version != stem or version != str(int(version)) or int(version) < 1:
+                problem = "versionId is missing or does not match the file name"
+            elif snap.get("uid", uid) != uid:
+                problem = "uid does not match its folder"
+            elif not isinstance(snap.get("spec"), dict):
+                problem = "spec is not an object"
+            elif not valid_name(snap.get("name", "x")) or not isinstance(snap.get("createdAt", ""), str):
+                problem = "name or createdAt is invalid"
+            elif not _is_string_map(snap.get("labels", {})) or not _is_string_map(snap.get("annotations", {})):
+                problem = "labels or annotations is not an object of strings"
+        return problem, snap
+
+    def _remove_stale(self, path):
         try:
-            if old is None:
-                os.unlink(path)
-            else:
-                self._atomic_write(os.path.dirname(path), path, _file_bytes(old))
-        except OSError:
-            store_log.exception("could not restore %s after a failed write", path)
+            os.unlink(path)
+        except OSError as exc:      # not loaded either way: the next start tries again
+            store_log.warning("could not remove %s: %s", path, exc.strerror or exc)
 
 
 def _file_bytes(obj) -> bytes:
@@ -5457,15 +5768,7 @@ class Fabrica:
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
         own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
-        errors = []
-        if "conditions" in own and not (isinstance(own["conditions"], list) and
-                                        all(isinstance(c, dict) for c in own["conditions"])):
-            errors.append({"field": "status.conditions", "message": "must be a list of objects"})
-        if "observedGeneration" in own and (not isinstance(own["observedGeneration"], int)
-                                            or isinstance(own["observedGeneration"], bool)):
-            errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
-        if "version" in own and not isinstance(own["version"], str):
-            errors.append({"field": "status.version", "message": "must be a string"})
+        errors = status_problems(own)
         rest = {k: v for k, v in status.items() if k not in own}
         if info.status is not None:
             rest, more = info.status.validate(rest, "status")
@@ -5581,7 +5884,7 @@ class Fabrica:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
                     return self._remove(info, old_meta["uid"], rv)
                 stored = store.replace(new, rv, action, snapshot)
-                if snapshot is not None and info.history:
+                if snapshot is not None and info.history:      # after the commit: never raises
                     store.prune_versions(kind, old_meta["uid"], info.history)
                 return stored
             except StaleError:
@@ -5641,10 +5944,7 @@ class Fabrica:
         """Delete an object now, then its spec history and (with ``cascade``) its dependents."""
         tomb = self.store.delete(info.kind, uid, rv)
         if info.history_on:
-            try:
-                self.store.prune_versions(info.kind, uid, 0)
-            except FabricaError as exc:
-                store_log.error("could not remove the spec history of %s %s (%s); retrying", info.kind, uid, exc)
+            if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
                 self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
         if cascade:
             self.gc.collect(self.store.dependents(info.kind, uid))
@@ -5704,8 +6004,9 @@ class Fabrica:
         """
         info, obj = self.kinds.get(kind), self.store.get(kind, uid)
         if obj is None:
-            if info is not None and info.history_on and self.store.versions(kind, uid):
-                self.store.prune_versions(kind, uid, 0)     # the rest of a delete whose history removal failed
+            if info is not None and info.history_on and self.store.versions(kind, uid) and \
+                    not self.store.prune_versions(kind, uid, 0):    # the rest of a delete whose history removal failed
+                raise StoreError(f"the spec history of the deleted {kind} {uid!r} is not removed yet")
             return True
         if info is None or not self._owners_gone(obj):
             return False

@@ -16,6 +16,7 @@ import copy
 import errno
 import http.client
 import io
+import itertools
 import json
 import os
 import random
@@ -791,10 +792,8 @@ class TestIOErrors:
                 status, _, current = call(app, "GET", "/racks/r")
                 assert status == 200 and current == old, "GET does not return the previous version"
                 assert app.store.resource_version == rv_before, "a failed write moved resourceVersion"
-                if persistent:      # nothing can be written: the file is the old or the new version
-                    assert json.loads(path.read_bytes())["spec"] in ({"v": 1}, {"v": 2})
-                else:
-                    assert path.read_bytes() == old_bytes, "the file does not hold the previous version"
+                # also when the undo cannot be made durable: the file shows what GET serves
+                assert path.read_bytes() == old_bytes, "the file does not hold the previous version"
             assert not temp_files(data), temp_files(data)
 
             # the fault is gone: the next write succeeds without a restart
@@ -1404,3 +1403,475 @@ class TestValuesThatAreNotJSON:
         with again:
             assert again.store.quarantined == []
             assert {o.name for o in again.client.list("Widget")} == {"bad", "nan", "good"}
+
+
+###############################################################################
+# Stores: recovery rules every store keeps (issue 11)
+###############################################################################
+
+class _Crash(BaseException):
+    """Raised at a chosen point of a write: what is on disk then is what a kill -9 there leaves."""
+
+
+def _crash_at(monkeypatch, owner, name):
+    """Make ``owner.name`` crash (once) when called."""
+    real = getattr(owner, name)
+
+    def crash(*args, **kwargs):
+        monkeypatch.setattr(owner, name, real)
+        raise _Crash(name)
+    monkeypatch.setattr(owner, name, crash)
+
+
+def history_app(data_dir, **options) -> fabrica.Fabrica:
+    app = fabrica.Fabrica(data_dir=str(data_dir))
+    app.register("Rack", history=options.pop("history", True), **options)
+    return app
+
+
+def history_dir(data_dir, uid=None) -> Path:
+    root = Path(data_dir) / ".fabrica" / "history" / "racks"
+    return root if uid is None else root / uid
+
+
+HISTORY_APP = """\
+import fabrica
+app = fabrica.Fabrica()
+app.register("Widget", history=True)
+"""
+
+
+class TestHistoryMatchesItsObjectAfterACrash:
+    """Issue 11.2: no spec version newer than its object's generation survives a crash."""
+
+    def test_crash_between_the_snapshot_and_the_object(self, tmp_path, monkeypatch):
+        data = tmp_path / "data"
+        app = history_app(data)
+        with app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+            app.client.patch("Rack", "r", {"v": 2})
+            _crash_at(monkeypatch, fabrica.FileStore, "_persist")      # after the snapshot, before the object
+            with pytest.raises(_Crash):
+                app.client.patch("Rack", "r", {"v": 3})
+            _crash_at(monkeypatch, fabrica.FileStore, "_persist")      # a create: a snapshot of nothing
+            with pytest.raises(_Crash):
+                app.client.create("Rack", name="never", spec={"v": 1})
+            doomed = app.client.create("Rack", name="doomed")
+            _crash_at(monkeypatch, fabrica.Store, "prune_versions")    # after a delete, before its history goes
+            with pytest.raises(_Crash):
+                app.client.delete("Rack", "doomed")
+        assert len(list(history_dir(data).iterdir())) == 3, "the crashes did not leave what a kill -9 leaves"
+
+        again = history_app(data)
+        with again:
+            uid = rack.uid
+            assert [v["versionId"] for v in again.client.versions("Rack", "r")] == ["1", "2"]
+            assert again.client.get("Rack", "r").status["version"] == "2"
+            assert call(again, "GET", "/racks/r/versions/3")[0] == 404
+            assert call(again, "POST", "/racks/r/versions/3/restore")[0] == 404
+            assert sorted(p.name for p in history_dir(data, uid).iterdir()) == ["1.json", "2.json"]
+            assert [p.name for p in history_dir(data).iterdir()] == [uid], "history of objects that do not exist"
+            assert again.store.quarantined == []
+            assert doomed.uid not in {o.uid for o in again.client.list("Rack")}
+            # the next spec write takes generation 3 with its own snapshot
+            assert again.client.patch("Rack", "r", {"v": 4}).generation == 3
+            assert again.client.get_version("Rack", "r", "3")["spec"] == {"v": 4}
+
+    def test_history_of_a_quarantined_object_is_kept(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+        (data / "racks" / f"{rack.uid}.json").write_bytes(b"{torn")
+        for _ in range(2):      # the second start finds the object in the quarantine, not in racks/
+            with history_app(data) as app:
+                assert app.client.list("Rack") == []
+            assert [p.name for p in history_dir(data, rack.uid).iterdir()] == ["1.json"]
+
+    def test_kill9_during_spec_writes(self, tmp_path, servers):
+        """A bounded round of real kills; the crash points above make the outcome deterministic."""
+        data = tmp_path / "data"
+        app_file = tmp_path / "histapp.py"
+        app_file.write_text(HISTORY_APP)
+        names = ["h0", "h1"]
+        server = servers(data, str(app_file))
+        for name in names:
+            assert server.request("POST", "/widgets", {"name": name, "seq": 0})[0] == 201
+        rng = random.Random()
+
+        def writer(port, name):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+            try:
+                for seq in itertools.count(1):
+                    http_call(conn, "PUT", f"/widgets/{name}", {"seq": seq})
+            except (OSError, http.client.HTTPException, ValueError):
+                return          # the server died
+            finally:
+                conn.close()
+
+        for _ in range(4):
+            threads = [threading.Thread(target=writer, args=(server.port, n), daemon=True) for n in names]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.05, 0.2))          # a random kill point
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait(5)
+            for t in threads:
+                t.join(10)
+                assert not t.is_alive(), "a writer hung after the kill"
+            server = servers(data, str(app_file))
+            for name in names:
+                obj = server.request("GET", f"/widgets/{name}")[2]
+                ids = [int(v["versionId"]) for v in server.request("GET", f"/widgets/{name}/versions")[2]]
+                assert ids and max(ids) == obj["metadata"]["generation"], (name, ids, obj["metadata"])
+                files = [int(p.stem) for p in (data / ".fabrica" / "history" / "widgets" /
+                                               obj["metadata"]["uid"]).glob("*.json")]
+                assert max(files) == obj["metadata"]["generation"], (name, sorted(files))
+        assert server.stop() == 0, server.log()
+
+
+class TestFailedWritesChangeNothingObservable:
+    """Issue 11.3: with every fsync failing, what a GET serves is what a restart serves, and the error is true."""
+
+    @staticmethod
+    def restarted(data, app):
+        app.stop()
+        app = make_app(data)
+        app.start()
+        return app
+
+    @pytest.mark.parametrize("nth", [1, 2])
+    def test_put(self, tmp_path, monkeypatch, nth):
+        data = tmp_path / "data"
+        app = make_app(data).start()
+        try:
+            old = call(app, "POST", "/racks", {"name": "r", "v": 1})[2]
+            path = data / "racks" / f"{old['metadata']['uid']}.json"
+            log = EventLog(app)
+            fault = _Fault(monkeypatch, "fsync", errno.EIO, nth, persistent=True)
+            status, _, body = call(app, "PUT", "/racks/r", {"v": 2})
+            fault.remove()
+            assert fault.fired
+            assert_error(status, body, 500)
+            assert "the previous version is intact" in body["error"], body
+            assert call(app, "GET", "/racks/r")[2] == old
+            assert json.loads(path.read_bytes()) == old, "the file does not hold what GET serves"
+            log.barrier()
+            assert [e["action"] for e in log.for_uid(old["metadata"]["uid"])] == []
+            app = self.restarted(data, app)
+            assert call(app, "GET", "/racks/r")[2] == old, "a restart serves something else"
+            assert not temp_files(data)
+        finally:
+            app.stop()
+
+    def test_delete_then_delete_again_on_a_healthy_disk(self, tmp_path, monkeypatch):
+        data = tmp_path / "data"
+        app = make_app(data).start()
+        try:
+            victim = call(app, "POST", "/racks", {"name": "victim"})[2]
+            path = data / "racks" / f"{victim['metadata']['uid']}.json"
+            fault = _Fault(monkeypatch, "fsync", errno.EIO, 1, persistent=True)
+            status, _, body = call(app, "DELETE", "/racks/victim")
+            fault.remove()
+            assert_error(status, body, 500)
+            assert "it is still stored" in body["error"], body
+            assert call(app, "GET", "/racks/victim")[2] == victim
+            assert json.loads(path.read_bytes()) == victim, "GET serves an object whose file is gone"
+            status, _, body = call(app, "DELETE", "/racks/victim")
+            assert status == 200, body
+            app = self.restarted(data, app)
+            assert call(app, "GET", "/racks/victim")[0] == 404
+        finally:
+            app.stop()
+
+    @pytest.mark.parametrize("method", ["PUT", "DELETE"])
+    def test_a_change_that_cannot_be_undone_is_served_published_and_told(self, tmp_path, monkeypatch, method):
+        """The disk shows the change and refuses to take it back: the index follows the disk."""
+        data = tmp_path / "data"
+        app = make_app(data).start()
+        try:
+            old = call(app, "POST", "/racks", {"name": "r", "v": 1})[2]
+            uid = old["metadata"]["uid"]
+            log = EventLog(app)
+            # the write's own fsync and rename work; the directory fsync and everything after fail
+            fsync = _Fault(monkeypatch, "fsync", errno.EIO, 1 if method == "DELETE" else 2, persistent=True)
+            undo = [_Fault(monkeypatch, name, errno.EIO, 1 if method == "DELETE" else 2, persistent=True)
+                    for name in ("replace", "write")]
+            status, _, body = call(app, method, "/racks/r", {"v": 2} if method == "PUT" else None)
+            for fault in (fsync, *undo):
+                fault.remove()
+            assert_error(status, body, 500)
+            served = call(app, "GET", "/racks/r")
+            if method == "PUT":
+                assert served[0] == 200 and served[2]["spec"] == {"v": 2}, served
+                assert f"resourceVersion {served[2]['metadata']['resourceVersion']} is stored now" in body["error"]
+            else:
+                assert served[0] == 404, served
+                assert "it is deleted now" in body["error"], body
+            assert "may not survive a crash" in body["error"], body
+            rv = str(app.store.resource_version)
+            log.barrier()
+            events = log.for_uid(uid)
+            assert [e["action"] for e in events] == ["updated" if method == "PUT" else "deleted"], events
+            assert events[0]["resourceversion"] == rv
+            app = self.restarted(data, app)
+            again = call(app, "GET", "/racks/r")
+            assert (again[0], again[2]) == (served[0], served[2]), "a restart serves something else"
+        finally:
+            app.stop()
+
+    def test_deleting_a_spec_version(self, tmp_path, monkeypatch):
+        data = tmp_path / "data"
+        app = history_app(data).start()
+        try:
+            app.client.create("Rack", name="r", spec={"v": 1})
+            app.client.patch("Rack", "r", {"v": 2})
+            fault = _Fault(monkeypatch, "fsync", errno.EIO, 1, persistent=True)
+            status, _, body = call(app, "DELETE", "/racks/r/versions/1")
+            fault.remove()
+            assert_error(status, body, 500)
+            assert "is deleted, but the disk failed to confirm it" in body["error"], body
+            served = [v["versionId"] for v in call(app, "GET", "/racks/r/versions")[2]]
+            assert served == ["2"]
+            app.stop()
+            app = history_app(data).start()
+            assert [v["versionId"] for v in call(app, "GET", "/racks/r/versions")[2]] == served
+        finally:
+            app.stop()
+
+
+class TestCommittedWritesNeverAnswer5xx:
+    """Issue 11.4: housekeeping after a commit is logged and left for later, never reported as a failed write."""
+
+    def test_pruning_old_versions_fails(self, tmp_path, monkeypatch):
+        app = history_app(tmp_path / "data", history=1).start()
+        try:
+            app.client.create("Rack", name="r", spec={"items": []})
+            fault = _Fault(monkeypatch, "unlink", errno.EIO, 1, persistent=True)
+            status, _, body = call(app, "PATCH", "/racks/r", [{"op": "add", "path": "/items/-", "value": 1}],
+                                   ctype="application/json-patch+json")
+            fault.remove()
+            assert fault.fired
+            assert status == 200, body
+            assert body["spec"] == {"items": [1]}
+            assert [v["versionId"] for v in app.client.versions("Rack", "r")] == ["1", "2"]   # left for later
+            app.client.patch("Rack", "r", {"items": [1, 2]})
+            assert [v["versionId"] for v in app.client.versions("Rack", "r")] == ["3"]        # retried
+            assert sorted(p.name for p in history_dir(tmp_path / "data").rglob("*.json")) == ["3.json"]
+        finally:
+            app.stop()
+
+    def test_publishing_fails(self, tmp_path):
+        app = make_app(tmp_path / "data").start()
+        try:
+            call(app, "POST", "/racks", {"name": "r"})
+
+            def broken(action, old, new):
+                raise RuntimeError("publisher broke")
+            app.store.on_commit = broken
+            status, _, body = call(app, "PUT", "/racks/r", {"v": 2})
+            assert status == 200, body
+            assert call(app, "GET", "/racks/r")[2] == body
+        finally:
+            app.stop()
+
+
+class _FullDisk:
+    """A full disk: writes that need a new block fail with ENOSPC (os.write, a new directory, and
+    os.pwrite past the blocks a file already has); unlink, rename and overwriting in place still work."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.real = {name: getattr(os, name) for name in ("write", "pwrite", "mkdir")}
+        for name in self.real:
+            monkeypatch.setattr(os, name, getattr(self, name))
+
+    @staticmethod
+    def _full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    write = mkdir = _full
+
+    def pwrite(self, fd, data, offset):
+        if offset + len(data) > os.fstat(fd).st_blocks * 512:
+            self._full()
+        return self.real["pwrite"](fd, data, offset)
+
+    def remove(self):
+        for name, fn in self.real.items():
+            self.monkeypatch.setattr(os, name, fn)
+
+
+class TestFullDisk:
+    """Issue 11.6: a DELETE works on a full disk, also right after a restart; start-up works on a full disk."""
+
+    def test_delete_right_after_a_restart(self, tmp_path, monkeypatch):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            for name in ("a", "b"):
+                call(app, "POST", "/racks", {"name": name})
+            rv = app.store.resource_version
+        disk = _FullDisk(monkeypatch)
+        try:
+            with make_app(data) as app:
+                assert_error(*call(app, "POST", "/racks", {"name": "c"})[::2], 507)
+                status, _, body = call(app, "DELETE", "/racks/a")
+                assert status == 200, body
+                assert app.store.resource_version > rv
+                assert call(app, "GET", "/racks/a")[0] == 404
+            with make_app(data) as app:     # and again: each start needs a new reservation
+                status, _, body = call(app, "DELETE", "/racks/b")
+                assert status == 200, body
+                deleted_at = app.store.resource_version
+        finally:
+            disk.remove()
+        with make_app(data) as app:         # space is back: no resourceVersion is ever handed out twice
+            created = call(app, "POST", "/racks", {"name": "c"})[2]
+            assert int(created["metadata"]["resourceVersion"]) > deleted_at
+            assert [o["metadata"]["name"] for o in call(app, "GET", "/racks")[2]] == ["c"]
+
+    def test_start_up_with_files_to_quarantine_and_a_crash_interrupted_cascade(self, tmp_path, monkeypatch):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            owner = call(app, "POST", "/racks", {"name": "owner"})[2]
+            child = call(app, "POST", "/chassis", {"metadata": {"name": "child", "ownerReferences": [
+                {"kind": "Rack", "uid": owner["metadata"]["uid"]}]}, "spec": {}})[2]
+            keep = call(app, "POST", "/racks", {"name": "keep"})[2]
+        assert child["metadata"]["ownerReferences"], child
+        (data / "racks" / f"{owner['metadata']['uid']}.json").unlink()      # the crash came mid-cascade
+        (data / "racks" / "rack-00000001.json").write_bytes(b"{torn")
+        disk = _FullDisk(monkeypatch)
+        try:
+            with make_app(data) as app:
+                assert call(app, "GET", "/racks/keep")[2] == keep
+                health = call(app, "GET", "/health")[2]
+                assert [q["path"] for q in health["quarantined"]] == ["racks/rack-00000001.json"], health
+                assert wait_until(lambda: call(app, "GET", "/chassis/child")[0] == 404), "the orphan stayed"
+        finally:
+            disk.remove()
+        assert (data / "racks" / "rack-00000001.json").exists(), "a file that could not be moved was lost"
+        with make_app(data) as app:         # with space, the quarantine move happens
+            assert not (data / "racks" / "rack-00000001.json").exists()
+            assert len(list((data / ".fabrica" / "quarantine").rglob("*.json"))) == 1
+
+    def test_a_torn_reservation_slot_is_the_one_rewritten(self, tmp_path):
+        """A crash while a slot is rewritten tears only that slot; the other one covers every rv handed out."""
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            call(app, "POST", "/racks", {"name": "a"})
+            used = app.store.resource_version
+        rv_file = data / ".fabrica" / "resource-version"
+        raw = bytearray(rv_file.read_bytes())
+        assert len(raw) == 60, raw
+        slots = sorted(range(2), key=lambda i: int(raw[i * 30:i * 30 + 20]))
+        raw[slots[0] * 30 + 5:slots[0] * 30 + 25] = b"9" * 20      # the older slot, half rewritten
+        rv_file.write_bytes(bytes(raw))
+        good = bytes(raw[slots[1] * 30:slots[1] * 30 + 30])
+        with make_app(data) as app:
+            created = call(app, "POST", "/racks", {"name": "b"})[2]
+            assert int(created["metadata"]["resourceVersion"]) > used
+        raw = rv_file.read_bytes()
+        assert raw[slots[1] * 30:slots[1] * 30 + 30] == good, "the slot still in force was overwritten"
+        assert int(raw[slots[0] * 30:slots[0] * 30 + 20]) > int(good[:20])
+
+
+class TestMistypedMetadataIsQuarantined:
+    """Issue 11.7: a file whose metadata (or the status fabrica reads) has the wrong type is quarantined."""
+
+    CASES = {
+        "owner-ref-not-object": lambda o: o["metadata"].update(ownerReferences=["x"]),
+        "owner-uid-list": lambda o: o["metadata"].update(ownerReferences=[{"kind": "Rack", "uid": ["x"]}]),
+        "label-value-list": lambda o: o["metadata"].update(labels={"env": ["prod"]}),
+        "annotation-value-int": lambda o: o["metadata"].update(annotations={"note": 5}),
+        "finalizer-int": lambda o: o["metadata"].update(finalizers=[5]),
+        "generation-string": lambda o: o["metadata"].update(generation="2"),
+        "created-at-int": lambda o: o["metadata"].update(createdAt=5),
+        "deletion-timestamp-int": lambda o: o["metadata"].update(deletionTimestamp=5),
+        "conditions-int": lambda o: o["status"].update(conditions=5),
+        "condition-type-list": lambda o: o["status"].update(conditions=[{"type": ["Ready"], "status": "True"}]),
+    }
+
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_start_up_quarantines_it(self, tmp_path, case):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            bad = call(app, "POST", "/racks", {"name": "bad"})[2]
+            good = call(app, "POST", "/racks", {"name": "good"})[2]
+        path = data / "racks" / f"{bad['metadata']['uid']}.json"
+        self.CASES[case](bad)
+        path.write_text(json.dumps(bad))
+        with make_app(data) as app:
+            assert [o["metadata"]["name"] for o in call(app, "GET", "/racks")[2]] == ["good"]
+            assert call(app, "GET", "/racks/good")[2] == good
+            health = call(app, "GET", "/health")[2]
+            assert [q["path"] for q in health["quarantined"]] == [f"racks/{path.name}"], health
+            assert not path.exists()
+            assert call(app, "PUT", "/racks/good/status", {"seen": True})[0] == 200
+
+    def test_a_status_write_is_checked_before_it_commits(self, tmp_path):
+        with make_app(tmp_path / "data") as app:
+            call(app, "POST", "/racks", {"name": "r"})
+            for status in ({"conditions": 5}, {"conditions": [{"type": ["Ready"], "status": "True"}]},
+                           {"conditions": [{"type": "Ready", "status": ["True"]}]}):
+                code, _, body = call(app, "PUT", "/racks/r/status", status)
+                assert_error(code, body, 422)
+                assert body["details"][0]["field"] == "status.conditions", body
+            code, _, body = call(app, "PUT", "/racks/r/status", {"conditions": [{"type": "Ready", "status": "True"}]})
+            assert code == 200, body
+            assert call(app, "PUT", "/racks/r/status", {"phase": "done"})[0] == 200
+
+
+class TestHandEditedFiles:
+    """Issue 11.8: a store file saved with a UTF-8 byte-order mark and CRLF line ends loads."""
+
+    def test_bom_and_crlf(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"note": "a\nb"})
+        path = data / "racks" / f"{rack.uid}.json"
+        version = history_dir(data, rack.uid) / "1.json"
+        for file in (path, version):
+            text = file.read_text(encoding="utf-8")
+            assert "\r" not in text
+            file.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+        with history_app(data) as app:
+            assert app.store.quarantined == []
+            assert app.client.get("Rack", "r") == rack
+            assert app.client.versions("Rack", "r")[0]["spec"] == {"note": "a\nb"}
+            assert app.client.patch("Rack", "r", {"note": "c"}).spec == {"note": "c"}
+            assert not path.read_bytes().startswith(b"\xef\xbb\xbf")
+            # the REST API stays strict (SPEC §6.6)
+            status, _, body = call(app, "POST", "/racks", b'\xef\xbb\xbf{"name": "x"}')
+            assert_error(status, body, 400)
+
+
+class TestLeftoversAreTidied:
+    """Issue 11.9: temp files anywhere under the data dir go at start-up; a deleted object leaves no history folder."""
+
+    def test_temp_files_anywhere(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r")
+        (data / "unserved").mkdir()
+        leftovers = [data / ".fabrica" / ".tmp-0123456789ab.part",            # the rv reservation
+                     history_dir(data, rack.uid) / ".tmp-0123456789ac.part",
+                     data / "racks" / ".tmp-0123456789ad.part",
+                     data / "unserved" / ".tmp-0123456789ae.part",
+                     data / ".tmp-0123456789af.part"]
+        for path in leftovers:
+            path.write_bytes(b"partial")
+        with history_app(data) as app:
+            assert [p for p in leftovers if p.exists()] == []
+            assert app.store.temp_removed == len(leftovers)
+            assert app.client.get("Rack", "r").uid == rack.uid
+
+    def test_deleted_objects_leave_no_history_folder(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            for name in ("a", "b"):
+                app.client.create("Rack", name=name)
+                app.client.patch("Rack", name, {"v": 2})
+            app.client.delete_version("Rack", "b", "1")
+            app.client.delete_version("Rack", "b", "2")
+            for name in ("a", "b"):
+                app.client.delete("Rack", name)
+            assert list(history_dir(data).iterdir()) == []
