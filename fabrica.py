@@ -3737,8 +3737,9 @@ class RestAPI:
         if info is None and not (self.app.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         query = bottle.request.query
-        selector = query.get("labelSelector")
-        limit, token, name = query.get("limit"), query.get("continue"), query.get("name")
+        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
+        selector, name = query.get("labelSelector") or None, query.get("name") or None
+        limit, token = query.get("limit") or None, query.get("continue") or None
         if limit is not None:
             if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
                 raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
@@ -4251,9 +4252,10 @@ def _oa_components() -> dict:
             "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
                                    "k notin (a), k, !k; comma = AND", {"type": "string"}),
             "Name": param("name", "query", "only the object with this name", {"type": "string"}),
-            "Limit": param("limit", "query", "page size", {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
-            "Continue": param("continue", "query", "the X-Continue token of the previous page",
-                              {"type": "string"}),
+            "Limit": param("limit", "query", "page size (empty: no limit)",
+                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
+            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
+                              "first page)", {"type": "string"}),
             "Force": param("force", "query", "delete now, even with finalizers pending",
                            {"type": "boolean"}),
             "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),

@@ -2,13 +2,18 @@ from __future__ import annotations   # the dataclasses below are resolved with g
 
 import copy
 import dataclasses
+import io
+import json
 import sys
 import typing
+import urllib.parse
+import wsgiref.util
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import pytest
 
+import fabrica
 from fabrica import (ConfigurationError, Schema, ValidationError, schema_engine,
                          schema_from_dataclass)
 
@@ -533,3 +538,71 @@ def test_dataclass_fields_resolve_under_future_annotations():
     assert dataclasses.is_dataclass(Rack)
     assert schema_from_dataclass(Rack)["properties"]["tags"] == {"type": "array",
                                                                  "items": {"type": "string"}}
+
+
+# -- REST: empty list options (SPEC §6.5) ---------------------------------------------------
+
+def rest(app, method, path, body=None, ctype="application/json"):
+    """One in-process request through app.wsgi -> (status, headers, decoded JSON or None)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    path_info, _, query = path.partition("?")
+    raw = b"" if body is None else json.dumps(body).encode()
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path_info, QUERY_STRING=query, CONTENT_TYPE=ctype,
+                   CONTENT_LENGTH=str(len(raw)), **{"wsgi.input": io.BytesIO(raw)})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = int(status.split()[0]), {k.lower(): v for k, v in headers}
+    data = b"".join(app.wsgi(environ, start_response))
+    return seen["status"], seen["headers"], (json.loads(data) if data else None)
+
+
+@pytest.fixture(params=["registered", "open server"])
+def widgets(request, tmp_path):
+    """A started app serving /widgets, as a registered kind or made at first create by the open server."""
+    app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, open=request.param == "open server")
+    if request.param == "registered":
+        app.register("Widget")
+    with app:
+        yield app
+
+
+def names(items):
+    return [o["metadata"]["name"] for o in items]
+
+
+class TestEmptyListOptions:
+    """An empty list option is an absent one, as in Kubernetes (whose clients page from continue="")."""
+
+    @pytest.fixture
+    def app(self, widgets):
+        for name in ("w3", "w1", "w4", "w2", "w5"):
+            assert rest(widgets, "POST", "/widgets", {"name": name, "labels": {"n": name}})[0] == 201
+        return widgets
+
+    def test_a_kubernetes_paging_loop_starts_with_an_empty_continue(self, app):
+        pages, token = [], ""
+        for _ in range(10):
+            status, headers, items = rest(app, "GET", "/widgets?" + urllib.parse.urlencode(
+                {"limit": 2, "continue": token}))
+            assert status == 200, items
+            pages.append(names(items))
+            token = headers.get("x-continue", "")
+            if not token:
+                break
+        assert pages == [["w1", "w2"], ["w3", "w4"], ["w5"]]
+
+    @pytest.mark.parametrize("query", ["continue=", "limit=", "labelSelector=", "name=",
+                                       "limit=&continue=&labelSelector=&name="])
+    def test_empty_option_means_no_option(self, app, query):
+        status, headers, items = rest(app, "GET", "/widgets?" + query)
+        assert status == 200, items
+        assert names(items) == ["w1", "w2", "w3", "w4", "w5"] and headers["x-total-count"] == "5"
+        assert "x-continue" not in headers
+
+    def test_empty_options_next_to_real_ones(self, app):
+        status, _, items = rest(app, "GET", "/widgets?name=&labelSelector=n%3Dw4&continue=")
+        assert status == 200 and names(items) == ["w4"]
+        status, headers, items = rest(app, "GET", "/widgets?limit=&continue=&name=w2")
+        assert status == 200 and names(items) == ["w2"] and headers["x-total-count"] == "1"
