@@ -4835,6 +4835,25 @@ class KindInfo:
                 "finalizer": self.finalize is not None}
 
 
+_STATUS_NOT_SPEC = ("is not a spec field in a flat body or a spec patch: status is written through the object's "
+                    "/status route (a spec field named status needs the envelope form, {\"spec\": {\"status\": ...}})")
+
+
+def _patch_touches_status(patch, patch_type: str, before: dict, after: dict) -> bool:
+    """Whether a spec patch names a top-level ``status`` or changes one (SPEC §6.2: not a spec field there)."""
+    if patch_type == "merge":
+        named = "status" in patch
+    elif patch_type == "shorthand":
+        named = any(key == "status" or key.startswith("status.") for key in patch)
+    else:
+        named = any(isinstance(op, dict) and isinstance(op.get(member), str) and
+                    (op[member] == "/status" or op[member].startswith("/status/"))
+                    for op in patch for member in ("path", "from"))
+    # the result catches what no path names: a JSON Patch on the root ("") that brings a status along
+    return named or ("status" in before) != ("status" in after) or \
+        not _json_equal(before.get("status"), after.get("status"))
+
+
 def _validation(field: str, message: str) -> ValidationError:
     return ValidationError(f"{field} {message}", [{"field": field, "message": message}])
 
@@ -5232,6 +5251,9 @@ class Fabrica:
             raise _validation("apiVersion", f"must be {API_VERSION!r}")
         if "kind" in body and body["kind"] != info.kind:
             raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+        if not out["envelope"] and "status" in body:
+            # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
+            raise _validation("status", _STATUS_NOT_SPEC)
         errors = []
         if out["name"] is not None and not valid_name(out["name"]):
             errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
@@ -5419,6 +5441,8 @@ class Fabrica:
             if not isinstance(result, dict):
                 raise PatchError(f"the patched {part} must be a JSON object",
                                  [{"field": part, "message": "must be an object"}])
+            if not status and _patch_touches_status(patch, patch_type, new["spec"], result):
+                raise _validation("status", _STATUS_NOT_SPEC)
             new[part] = (self._check_status if status else self._check_spec)(info, result)
         return self._mutate(info, ref, change, action="patched", **pre)
 

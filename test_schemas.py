@@ -540,7 +540,11 @@ def test_dataclass_fields_resolve_under_future_annotations():
                                                                  "items": {"type": "string"}}
 
 
-# -- REST: empty list options (SPEC §6.5) ---------------------------------------------------
+# -- REST: empty list options (SPEC §6.5) and status in flat bodies and spec patches (§6.2, §6.4) --
+
+MERGE, JSONP, SHORT = ("application/merge-patch+json", "application/json-patch+json",
+                       "application/shorthand-patch+json")
+
 
 def rest(app, method, path, body=None, ctype="application/json"):
     """One in-process request through app.wsgi -> (status, headers, decoded JSON or None)."""
@@ -606,3 +610,56 @@ class TestEmptyListOptions:
         assert status == 200 and names(items) == ["w4"]
         status, headers, items = rest(app, "GET", "/widgets?limit=&continue=&name=w2")
         assert status == 200 and names(items) == ["w2"] and headers["x-total-count"] == "1"
+
+
+class TestStatusIsNotASpecField:
+    """A top-level status in a flat body or a spec patch is a 422 (status goes through /status);
+    the envelope form keeps ignoring it, and a spec field named status is written with the envelope."""
+
+    @staticmethod
+    def refused(status, body):
+        assert status == 422, body
+        assert [d["field"] for d in body["details"]] == ["status"] and "/status" in body["details"][0]["message"]
+
+    def test_flat_create_and_put(self, widgets):
+        self.refused(*rest(widgets, "POST", "/widgets", {"name": "w1", "status": {"phase": "x"}})[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[0] == 404
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "w1", "size": 1})
+        assert status == 201 and obj["spec"] == {"size": 1}
+        self.refused(*rest(widgets, "PUT", "/widgets/w1", {"size": 2, "status": {"phase": "x"}})[::2])
+        self.refused(*rest(widgets, "PUT", "/widgets/w1", {"status": None})[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[2] == obj
+
+    @pytest.mark.parametrize("ctype, patch", [
+        (MERGE, {"status": {"phase": "x"}}),
+        (MERGE, {"size": 2, "status": None}),
+        ("application/json", {"status": {}}),
+        (JSONP, [{"op": "add", "path": "/status", "value": {"phase": "x"}}]),
+        (JSONP, [{"op": "move", "from": "/size", "path": "/status"}]),
+        (JSONP, [{"op": "copy", "from": "/size", "path": "/status"}]),
+        (JSONP, [{"op": "replace", "path": "", "value": {"size": 1, "status": {}}}]),
+        (SHORT, {"status.phase": "x"}),
+        (SHORT, {"status": None}),
+    ])
+    def test_spec_patch_that_touches_status(self, widgets, ctype, patch):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "w1", "size": 1})
+        assert status == 201
+        self.refused(*rest(widgets, "PATCH", "/widgets/w1", patch, ctype)[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[2] == obj            # nothing stored
+        with pytest.raises(fabrica.ValidationError):
+            widgets.client.patch("Widget", "w1", patch, {MERGE: "merge", "application/json": "merge",
+                                                         JSONP: "json", SHORT: "shorthand"}[ctype])
+
+    def test_envelope_ignores_status_and_writes_a_spec_field_named_status(self, widgets):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "w1"}, "spec": {
+            "status": "spare", "size": 1}, "status": {"phase": "x"}})
+        assert status == 201 and obj["spec"] == {"status": "spare", "size": 1} and obj["status"] == {}
+        # a patch that leaves that spec field alone is fine; one that touches it is refused
+        status, _, obj = rest(widgets, "PATCH", "/widgets/w1", {"size": 2}, MERGE)
+        assert status == 200 and obj["spec"] == {"status": "spare", "size": 2}
+        self.refused(*rest(widgets, "PATCH", "/widgets/w1", {"status": "used"}, MERGE)[::2])
+        status, _, obj = rest(widgets, "PUT", "/widgets/w1", {"spec": {"status": "used", "size": 2}})
+        assert status == 200 and obj["spec"] == {"status": "used", "size": 2} and obj["status"] == {}
+        # the status route still takes a status (and a member named status inside it)
+        status, _, obj = rest(widgets, "PATCH", "/widgets/w1/status", {"status": "ok"}, MERGE)
+        assert status == 200 and obj["status"] == {"status": "ok"}
