@@ -3022,10 +3022,32 @@ class Context:
 
 
 class _Run:
-    __slots__ = ("key", "ctx", "started", "stalled")
+    # recorded: set once the watchdog has written Stalled for this run (or given up), so the run's
+    # own late write and its follow-up run come after that condition, never before it
+    __slots__ = ("key", "ctx", "started", "stalled", "recorded")
 
     def __init__(self, key, ctx, started):
         self.key, self.ctx, self.started, self.stalled = key, ctx, started, False
+        self.recorded = threading.Event()
+
+
+def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
+    """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
+
+    Ready=False/ReconcileError becomes Ready=True/ReconcileSuccess unless the
+    function set Ready itself. Stalled/ReconcileTimeout is removed, as Flux
+    and kstatus do (an absent Stalled means not stalled), unless this very
+    run (``stalled``) overran its timeout; a conditions list left empty goes too.
+    """
+    ready = obj.condition("Ready")
+    if ready is not None and ready.get("reason") == "ReconcileError":
+        obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
+    stall = obj.condition("Stalled")
+    if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
+        status = obj.status
+        status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        if not status["conditions"]:
+            del status["conditions"]
 
 
 def _error_text(exc: BaseException) -> str:
@@ -3192,17 +3214,22 @@ class Controller:
             for run in late:
                 run.stalled = True
                 self._stalled += 1
-        for run in late:
-            run.ctx.stopping.set()
-            ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
-                          "marked Stalled (Python cannot stop the thread; other keys go on)",
-                          self.kind, run.key[1], timeout)
-            self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
-                                  f"reconcile ran longer than {timeout}s")
-            with self._lock:
-                spawn = len(self._threads) < self.info.workers + self._stalled
-            if spawn:
-                self._spawn_worker()
+        try:
+            for run in late:
+                run.ctx.stopping.set()
+                ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
+                              "marked Stalled (Python cannot stop the thread; other keys go on)",
+                              self.kind, run.key[1], timeout)
+                self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
+                                      f"reconcile ran longer than {timeout}s")
+                run.recorded.set()
+                with self._lock:
+                    spawn = len(self._threads) < self.info.workers + self._stalled
+                if spawn:
+                    self._spawn_worker()
+        finally:
+            for run in late:
+                run.recorded.set()      # also when a write raised: the worker waiting for it goes on
 
     # -- execution -----------------------------------------------------------------
     def process_next(self, timeout: float | None = 0.5) -> bool:
@@ -3257,9 +3284,12 @@ class Controller:
         finally:
             with self._lock:
                 self._runs.pop(key, None)
-                if run.stalled:
+                stalled = run.stalled
+                if stalled:
                     self._stalled -= 1
             self._observe(time.perf_counter() - started)
+            if stalled:
+                run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
         if outcome != "ok":
             self.errors += 1
             self._record_failure(key, stored, error)
@@ -3276,7 +3306,7 @@ class Controller:
             self._finalized(key, stored)
             return
         try:
-            wrote = self._write_status(key, stored, obj, run.stalled)
+            wrote = self._write_status(key, stored, obj, stalled)
         except ValidationError as exc:
             self.errors += 1
             self.retries += 1
@@ -3285,6 +3315,11 @@ class Controller:
             return
         if wrote is False:
             return      # conflict: re-queued rate limited (or already pending)
+        if stalled:
+            # This run read the object before Stalled was written, so it could not clear it: a fresh
+            # run does, when it completes in time (a write with nothing new would leave Stalled forever).
+            self.queue.add(key, "stalled run ended")
+            return
         if isinstance(result, (int, float)) and not isinstance(result, bool):
             result = Result(requeue_after=float(result))
         if isinstance(result, Result) and result.requeue and not result.requeue_after:
@@ -3306,15 +3341,7 @@ class Controller:
             raise ValidationError(f"reconcile left status as {type(status).__name__}; it must stay a dict")
         generation = stored["metadata"]["generation"]
         status["observedGeneration"] = generation
-        conditions = status.get("conditions") or []
-        for cond in conditions:
-            if isinstance(cond, dict) and cond.get("reason") == "ReconcileError" and cond.get("type") == "Ready":
-                # the reconciler did not set Ready itself: replace the framework's error condition
-                obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
-        if not stalled:
-            stall = obj.condition("Stalled")
-            if stall is not None and stall.get("reason") == "ReconcileTimeout":
-                status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        _clear_framework_conditions(obj, stalled)
         if _json_equal(status, stored["status"]):
             return None
         status = self.app._check_status(self.info, status)     # ValidationError: recorded like a failure

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import random
 import sys
 import threading
 import time
+import wsgiref.util
 
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule)
 
+import fabrica
 from fabrica import WorkQueue
 
 NO_BUCKET = dict(qps=1e12, burst=10**9)  # bucket never delays: isolates the per-key backoff
@@ -508,3 +512,99 @@ class WorkQueueModel(RuleBasedStateMachine):
 WorkQueueModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                             deadline=None)
 test_workqueue_model = WorkQueueModel.TestCase
+
+
+# -- controller semantics through an app: Stalled (SPEC §5.3) ----------------------------------
+
+WAIT = 10.0
+
+
+def _wait_until(predicate, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(0.005)
+    return True
+
+
+def _call(app, method, path, body=None):
+    """One in-process request through app.wsgi -> (status, decoded JSON or None)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    path_info, _, query = path.partition("?")
+    raw = b"" if body is None else json.dumps(body).encode()
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path_info, QUERY_STRING=query, CONTENT_TYPE="application/json",
+                   CONTENT_LENGTH=str(len(raw)), **{"wsgi.input": io.BytesIO(raw)})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"] = int(status.split()[0])
+    data = b"".join(app.wsgi(environ, start_response))
+    return seen["status"], (json.loads(data) if data else None)
+
+
+@pytest.fixture
+def run_app(tmp_path):
+    """run_app(register=None, **options) -> a started app on tmp_path/data; every app is stopped at teardown."""
+    apps = []
+
+    def run(register=None, **options):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, **options)
+        if register is not None:
+            register(app)
+        apps.append(app)
+        return app.start()
+    yield run
+    for app in reversed(apps):
+        app.stop(timeout=5)
+
+
+class TestStalledClears:
+    """Stalled=True from a run that overran ``timeout`` goes with the next run that completes in time."""
+
+    @pytest.mark.parametrize("recorded", ["while the run hangs", "after the run returned"])
+    def test_stalled_is_removed_even_when_the_late_run_changed_nothing(self, run_app, monkeypatch, recorded):
+        clock = FakeClock(1000.0)
+        hang, entered, gate, returned = (threading.Event() for _ in range(4))
+
+        def reconcile(ctx, obj):
+            try:
+                if hang.is_set():
+                    hang.clear()
+                    entered.set()
+                    assert gate.wait(WAIT)
+                obj.status["phase"] = "Ready"       # the same every time: the late run writes nothing new
+            finally:
+                returned.set()
+        app = run_app(lambda a: a.register("Widget", reconcile, timeout=0.4), clock=clock)
+        c = app.client
+        c.create("Widget", name="w1")
+        assert app.wait_idle(WAIT) and c.get("Widget", "w1").status == {"phase": "Ready", "observedGeneration": 1}
+
+        ctl = app.controllers["Widget"]
+        original, marking, written = ctl._write_condition, threading.Event(), threading.Event()
+
+        def write_condition(key, type, *args):
+            if type == "Stalled":
+                marking.set()
+                if recorded == "after the run returned":
+                    assert returned.wait(WAIT)
+            original(key, type, *args)
+            if type == "Stalled":
+                written.set()
+        monkeypatch.setattr(ctl, "_write_condition", write_condition)
+        hang.set()
+        returned.clear()
+        obj = c.get("Widget", "w1")
+        obj["metadata"]["labels"] = {"poke": "1"}
+        c.update(obj)
+        assert entered.wait(WAIT)
+        clock.now += 1.0                            # past timeout=0.4: the watchdog marks the run Stalled
+        assert marking.wait(WAIT)
+        if recorded == "while the run hangs":
+            assert written.wait(WAIT) and c.get("Widget", "w1").condition("Stalled")["status"] == "True"
+        gate.set()
+        assert written.wait(WAIT) and app.wait_idle(WAIT)
+        assert c.get("Widget", "w1").status == {"phase": "Ready", "observedGeneration": 1}
