@@ -3374,6 +3374,9 @@ class Controller:
     def _finalized(self, key, stored) -> None:
         def change(new):
             new["metadata"]["finalizers"] = [f for f in new["metadata"]["finalizers"] if f != FINALIZER]
+            # finalize is done and will not run again: an object that other finalizers keep must not go
+            # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
+            _clear_framework_conditions(Resource(new))
         try:
             self.app._mutate(self.info, key[1], change)
             self.queue.forget(key)
@@ -4862,6 +4865,37 @@ class KindInfo:
                 "finalizer": self.finalize is not None}
 
 
+def _with_own_finalizer(info: KindInfo, finalizers: list, deleting: bool) -> list:
+    """``finalizers`` with fabrica's own kept true to the kind (SPEC §5.6).
+
+    A kind with ``finalize=`` carries it on every object, but it is not added
+    once deletion has begun (Kubernetes: no new finalizers then). A kind
+    without one (every kind of the open server) never carries it: nothing
+    would remove it, and the object would wait for its delete forever.
+    """
+    if info.finalize is None:
+        return [f for f in finalizers if f != FINALIZER]
+    if FINALIZER in finalizers or deleting:
+        return list(finalizers)
+    return [*finalizers, FINALIZER]
+
+
+def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
+    """Kubernetes' finalizer rules for a write of ``old_meta`` to ``meta``; ValidationError if broken.
+
+    Once deletionTimestamp is set (it is server-managed, so it is never
+    cleared) finalizers may only be removed; fabrica's own is kept or added
+    as the kind requires.
+    """
+    deleting = old_meta["deletionTimestamp"] is not None
+    if deleting:
+        added = [f for f in meta["finalizers"] if f not in old_meta["finalizers"]]
+        if added:
+            raise _validation("metadata.finalizers", f"cannot gain {', '.join(map(repr, added))}: "
+                              f"{old_meta['name']!r} is being deleted, and then finalizers can only be removed")
+    meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
+
+
 _STATUS_NOT_SPEC = ("is not a spec field in a flat body or a spec patch: status is written through the object's "
                     "/status route (a spec field named status needs the envelope form, {\"spec\": {\"status\": ...}})")
 
@@ -5053,6 +5087,7 @@ class Fabrica:
         self.bus.start_rv = self.store.resource_version
         self.store.on_commit = self._on_commit
         self._started = True
+        self._sweep_finalizers()
         self._sweep_orphans()
         self._start_controllers()
         return self
@@ -5346,9 +5381,7 @@ class Fabrica:
     def _create(self, info: KindInfo, parsed: dict, *, owner: dict | None = None) -> dict:
         self._require_started()
         spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
-        finalizers = list(parsed["finalizers"] or [])
-        if info.finalize is not None and FINALIZER not in finalizers:
-            finalizers.append(FINALIZER)
+        finalizers = _with_own_finalizer(info, list(parsed["finalizers"] or []), deleting=False)
         owner_refs, guard = [], None
         if owner is not None:
             owner_kind, owner_uid = owner["kind"], owner["metadata"]["uid"]
@@ -5413,6 +5446,7 @@ class Fabrica:
             for key in SERVER_MANAGED:
                 meta[key] = old_meta[key]
             meta["ownerReferences"] = old_meta["ownerReferences"]
+            _check_finalizers(info, old_meta, meta)
             snapshot = None
             if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
                 meta["generation"] = old_meta["generation"] + 1
@@ -5522,12 +5556,17 @@ class Fabrica:
                 raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
                                               f"{meta['resourceVersion']}, the request expected If-Match: "
                                               f"{if_match}; re-read and retry")
+            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
+            # that missed it; dropped where nothing would ever remove it
+            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
             try:
-                if meta["finalizers"] and not force:
-                    if meta["deletionTimestamp"]:
-                        return cur, False
+                if pending and not force:
+                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
+                        return cur, False       # a second DELETE changes nothing (Kubernetes)
                     new = deepcopy_json(cur)
-                    new["metadata"]["deletionTimestamp"] = new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["finalizers"] = pending
+                    new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
                     return store.replace(new, meta["resourceVersion"], "updated"), False
                 return self._remove(info, meta["uid"], meta["resourceVersion"], cascade), True
             except StaleError:
@@ -5557,6 +5596,34 @@ class Fabrica:
                     continue
                 if gone:
                     work.append((kind, uid))
+
+    def _sweep_finalizers(self) -> int:
+        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
+
+        Runs at start-up, before the controllers' start-up list: a kind that
+        gained ``finalize=`` since its objects were written gets its cleanup
+        when they are deleted, and one that lost it (or is now served by the
+        open server) leaves no object waiting for a finalizer nothing handles:
+        one being deleted that waited only for it is deleted now.
+        """
+        count = 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.list(info.kind):
+                meta = obj["metadata"]
+                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
+                        meta["finalizers"]:
+                    continue
+                try:
+                    self._mutate(info, meta["uid"], lambda new: None)      # _mutate applies _check_finalizers
+                    count += 1
+                except NotFoundError:
+                    continue
+                except FabricaError:
+                    # not fatal: DELETE applies the same rule to the object again
+                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
+        if count:
+            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
+        return count
 
     def _sweep_orphans(self) -> int:
         """Delete every object whose controlling owner no longer exists (after a crash mid-cascade)."""
