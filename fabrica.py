@@ -3440,10 +3440,32 @@ class Context:
 
 
 class _Run:
-    __slots__ = ("key", "ctx", "started", "stalled")
+    # recorded: set once the watchdog has written Stalled for this run (or given up), so the run's
+    # own late write and its follow-up run come after that condition, never before it
+    __slots__ = ("key", "ctx", "started", "stalled", "recorded")
 
     def __init__(self, key, ctx, started):
         self.key, self.ctx, self.started, self.stalled = key, ctx, started, False
+        self.recorded = threading.Event()
+
+
+def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
+    """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
+
+    Ready=False/ReconcileError becomes Ready=True/ReconcileSuccess unless the
+    function set Ready itself. Stalled/ReconcileTimeout is removed, as Flux
+    and kstatus do (an absent Stalled means not stalled), unless this very
+    run (``stalled``) overran its timeout; a conditions list left empty goes too.
+    """
+    ready = obj.condition("Ready")
+    if ready is not None and ready.get("reason") == "ReconcileError":
+        obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
+    stall = obj.condition("Stalled")
+    if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
+        status = obj.status
+        status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        if not status["conditions"]:
+            del status["conditions"]
 
 
 def _error_text(exc: BaseException) -> str:
@@ -3610,17 +3632,22 @@ class Controller:
             for run in late:
                 run.stalled = True
                 self._stalled += 1
-        for run in late:
-            run.ctx.stopping.set()
-            ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
-                          "marked Stalled (Python cannot stop the thread; other keys go on)",
-                          self.kind, run.key[1], timeout)
-            self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
-                                  f"reconcile ran longer than {timeout}s")
-            with self._lock:
-                spawn = len(self._threads) < self.info.workers + self._stalled
-            if spawn:
-                self._spawn_worker()
+        try:
+            for run in late:
+                run.ctx.stopping.set()
+                ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
+                              "marked Stalled (Python cannot stop the thread; other keys go on)",
+                              self.kind, run.key[1], timeout)
+                self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
+                                      f"reconcile ran longer than {timeout}s")
+                run.recorded.set()
+                with self._lock:
+                    spawn = len(self._threads) < self.info.workers + self._stalled
+                if spawn:
+                    self._spawn_worker()
+        finally:
+            for run in late:
+                run.recorded.set()      # also when a write raised: the worker waiting for it goes on
 
     # -- execution -----------------------------------------------------------------
     def process_next(self, timeout: float | None = 0.5) -> bool:
@@ -3675,9 +3702,12 @@ class Controller:
         finally:
             with self._lock:
                 self._runs.pop(key, None)
-                if run.stalled:
+                stalled = run.stalled
+                if stalled:
                     self._stalled -= 1
             self._observe(time.perf_counter() - started)
+            if stalled:
+                run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
         if outcome != "ok":
             self.errors += 1
             self._record_failure(key, stored, error)
@@ -3694,7 +3724,7 @@ class Controller:
             self._finalized(key, stored)
             return
         try:
-            wrote = self._write_status(key, stored, obj, run.stalled)
+            wrote = self._write_status(key, stored, obj, stalled)
         except ValidationError as exc:
             self.errors += 1
             self.retries += 1
@@ -3703,6 +3733,11 @@ class Controller:
             return
         if wrote is False:
             return      # conflict: re-queued rate limited (or already pending)
+        if stalled:
+            # This run read the object before Stalled was written, so it could not clear it: a fresh
+            # run does, when it completes in time (a write with nothing new would leave Stalled forever).
+            self.queue.add(key, "stalled run ended")
+            return
         if isinstance(result, (int, float)) and not isinstance(result, bool):
             result = Result(requeue_after=float(result))
         if isinstance(result, Result) and result.requeue and not result.requeue_after:
@@ -3724,15 +3759,7 @@ class Controller:
             raise ValidationError(f"reconcile left status as {type(status).__name__}; it must stay a dict")
         generation = stored["metadata"]["generation"]
         status["observedGeneration"] = generation
-        conditions = status.get("conditions") or []
-        for cond in conditions:
-            if isinstance(cond, dict) and cond.get("reason") == "ReconcileError" and cond.get("type") == "Ready":
-                # the reconciler did not set Ready itself: replace the framework's error condition
-                obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
-        if not stalled:
-            stall = obj.condition("Stalled")
-            if stall is not None and stall.get("reason") == "ReconcileTimeout":
-                status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        _clear_framework_conditions(obj, stalled)
         if _json_equal(status, stored["status"]):
             return None
         status = self.app._check_status(self.info, status)     # ValidationError: recorded like a failure
@@ -3765,6 +3792,9 @@ class Controller:
     def _finalized(self, key, stored) -> None:
         def change(new):
             new["metadata"]["finalizers"] = [f for f in new["metadata"]["finalizers"] if f != FINALIZER]
+            # finalize is done and will not run again: an object that other finalizers keep must not go
+            # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
+            _clear_framework_conditions(Resource(new))
         try:
             self.app._mutate(self.info, key[1], change)
             self.queue.forget(key)
@@ -4155,8 +4185,9 @@ class RestAPI:
         if info is None and not (self.app.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         query = bottle.request.query
-        selector = query.get("labelSelector")
-        limit, token, name = query.get("limit"), query.get("continue"), query.get("name")
+        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
+        selector, name = query.get("labelSelector") or None, query.get("name") or None
+        limit, token = query.get("limit") or None, query.get("continue") or None
         if limit is not None:
             if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
                 raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
@@ -4670,9 +4701,10 @@ def _oa_components() -> dict:
             "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
                                    "k notin (a), k, !k; comma = AND", {"type": "string"}),
             "Name": param("name", "query", "only the object with this name", {"type": "string"}),
-            "Limit": param("limit", "query", "page size", {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
-            "Continue": param("continue", "query", "the X-Continue token of the previous page",
-                              {"type": "string"}),
+            "Limit": param("limit", "query", "page size (empty: no limit)",
+                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
+            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
+                              "first page)", {"type": "string"}),
             "Force": param("force", "query", "delete now, even with finalizers pending",
                            {"type": "boolean"}),
             "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
@@ -5254,6 +5286,56 @@ class KindInfo:
                 "finalizer": self.finalize is not None}
 
 
+def _with_own_finalizer(info: KindInfo, finalizers: list, deleting: bool) -> list:
+    """``finalizers`` with fabrica's own kept true to the kind (SPEC §5.6).
+
+    A kind with ``finalize=`` carries it on every object, but it is not added
+    once deletion has begun (Kubernetes: no new finalizers then). A kind
+    without one (every kind of the open server) never carries it: nothing
+    would remove it, and the object would wait for its delete forever.
+    """
+    if info.finalize is None:
+        return [f for f in finalizers if f != FINALIZER]
+    if FINALIZER in finalizers or deleting:
+        return list(finalizers)
+    return [*finalizers, FINALIZER]
+
+
+def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
+    """Kubernetes' finalizer rules for a write of ``old_meta`` to ``meta``; ValidationError if broken.
+
+    Once deletionTimestamp is set (it is server-managed, so it is never
+    cleared) finalizers may only be removed; fabrica's own is kept or added
+    as the kind requires.
+    """
+    deleting = old_meta["deletionTimestamp"] is not None
+    if deleting:
+        added = [f for f in meta["finalizers"] if f not in old_meta["finalizers"]]
+        if added:
+            raise _validation("metadata.finalizers", f"cannot gain {', '.join(map(repr, added))}: "
+                              f"{old_meta['name']!r} is being deleted, and then finalizers can only be removed")
+    meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
+
+
+_STATUS_NOT_SPEC = ("is not a spec field in a flat body or a spec patch: status is written through the object's "
+                    "/status route (a spec field named status needs the envelope form, {\"spec\": {\"status\": ...}})")
+
+
+def _patch_touches_status(patch, patch_type: str, before: dict, after: dict) -> bool:
+    """Whether a spec patch names a top-level ``status`` or changes one (SPEC §6.2: not a spec field there)."""
+    if patch_type == "merge":
+        named = "status" in patch
+    elif patch_type == "shorthand":
+        named = any(key == "status" or key.startswith("status.") for key in patch)
+    else:
+        named = any(isinstance(op, dict) and isinstance(op.get(member), str) and
+                    (op[member] == "/status" or op[member].startswith("/status/"))
+                    for op in patch for member in ("path", "from"))
+    # the result catches what no path names: a JSON Patch on the root ("") that brings a status along
+    return named or ("status" in before) != ("status" in after) or \
+        not _json_equal(before.get("status"), after.get("status"))
+
+
 def _validation(field: str, message: str) -> ValidationError:
     return ValidationError(f"{field} {message}", [{"field": field, "message": message}])
 
@@ -5509,6 +5591,7 @@ class Fabrica:
         self._started = True
         self.gc = GarbageCollector(self, clock=self.clock)
         self.gc.start()
+        self._sweep_finalizers()
         self._sweep_orphans()
         self._start_controllers()
         return self
@@ -5733,6 +5816,9 @@ class Fabrica:
             raise _validation("apiVersion", f"must be {API_VERSION!r}")
         if "kind" in body and body["kind"] != info.kind:
             raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+        if not out["envelope"] and "status" in body:
+            # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
+            raise _validation("status", _STATUS_NOT_SPEC)
         errors = []
         if out["name"] is not None and not valid_name(out["name"]):
             errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
@@ -5805,9 +5891,7 @@ class Fabrica:
         """Create from a parsed body; every owner in ``parsed["owners"]`` must exist and not be deleting (409)."""
         self._require_started()
         spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
-        finalizers = list(parsed["finalizers"] or [])
-        if info.finalize is not None and FINALIZER not in finalizers:
-            finalizers.append(FINALIZER)
+        finalizers = _with_own_finalizer(info, list(parsed["finalizers"] or []), deleting=False)
         owner_keys = [(ref["kind"], ref["uid"]) for ref in parsed["owners"]]
         # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
         owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
@@ -5868,6 +5952,7 @@ class Fabrica:
             for key in SERVER_MANAGED:
                 meta[key] = old_meta[key]
             meta["ownerReferences"] = old_meta["ownerReferences"]
+            _check_finalizers(info, old_meta, meta)
             snapshot = None
             if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
                 meta["generation"] = old_meta["generation"] + 1
@@ -5923,6 +6008,8 @@ class Fabrica:
             if not isinstance(result, dict):
                 raise PatchError(f"the patched {part} must be a JSON object",
                                  [{"field": part, "message": "must be an object"}])
+            if not status and _patch_touches_status(patch, patch_type, new["spec"], result):
+                raise _validation("status", _STATUS_NOT_SPEC)
             new[part] = (self._check_status if status else self._check_spec)(info, result)
         return self._mutate(info, ref, change, action="patched", **pre)
 
@@ -5973,12 +6060,17 @@ class Fabrica:
                 raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
                                               f"{meta['resourceVersion']}, the request expected If-Match: "
                                               f"{if_match}; re-read and retry")
+            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
+            # that missed it; dropped where nothing would ever remove it
+            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
             try:
-                if meta["finalizers"] and not force:
-                    if meta["deletionTimestamp"]:
-                        return cur, False
+                if pending and not force:
+                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
+                        return cur, False       # a second DELETE changes nothing (Kubernetes)
                     new = deepcopy_json(cur)
-                    new["metadata"]["deletionTimestamp"] = new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["finalizers"] = pending
+                    new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
                     return store.replace(new, meta["resourceVersion"], "updated"), False
                 return self._remove(info, meta["uid"], meta["resourceVersion"], cascade), True
             except StaleError:
@@ -6014,6 +6106,34 @@ class Fabrica:
             return self._delete(info, uid, cascade=False)[1]
         except NotFoundError:
             return True
+
+    def _sweep_finalizers(self) -> int:
+        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
+
+        Runs at start-up, before the controllers' start-up list: a kind that
+        gained ``finalize=`` since its objects were written gets its cleanup
+        when they are deleted, and one that lost it (or is now served by the
+        open server) leaves no object waiting for a finalizer nothing handles:
+        one being deleted that waited only for it is deleted now.
+        """
+        count = 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.list(info.kind):
+                meta = obj["metadata"]
+                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
+                        meta["finalizers"]:
+                    continue
+                try:
+                    self._mutate(info, meta["uid"], lambda new: None)      # _mutate applies _check_finalizers
+                    count += 1
+                except NotFoundError:
+                    continue
+                except FabricaError:
+                    # not fatal: DELETE applies the same rule to the object again
+                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
+        if count:
+            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
+        return count
 
     def _sweep_orphans(self) -> int:
         """Collect what a crash mid-cascade left: every object whose owners are all positively gone.

@@ -428,8 +428,11 @@ class TestResourceModel:
         status, _, obj = call(app, "POST", "/racks", {"metadata": {"name": "e", "labels": {"a": "1", "b": "2"}},
                                                       "spec": {"s": 1}, "status": {"phase": "Forged"}})
         assert status == 201 and obj["status"] == {} and obj["spec"] == {"s": 1}, obj
-        status, _, obj = call(app, "POST", "/racks", {"name": "f", "status": {"phase": "Forged"}, "s": 1})
-        assert status == 201 and obj["status"] == {} and obj["spec"] == {"s": 1}, obj
+        # a flat body's status is neither a spec field nor a status write (SPEC §6.2): 422, nothing stored
+        status, _, body = call(app, "POST", "/racks", {"name": "f", "status": {"phase": "Forged"}, "s": 1})
+        assert_error(status, body, 422)
+        assert [d["field"] for d in body["details"]] == ["status"] and "/status" in body["error"]
+        assert call(app, "GET", "/racks/f")[0] == 404
 
         # flat PUT merges labels
         status, _, obj = call(app, "PUT", "/racks/e", {"labels": {"c": "3"}, "s": 1})

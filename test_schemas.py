@@ -2,13 +2,18 @@ from __future__ import annotations   # the dataclasses below are resolved with g
 
 import copy
 import dataclasses
+import io
+import json
 import sys
 import typing
+import urllib.parse
+import wsgiref.util
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import pytest
 
+import fabrica
 from fabrica import (ConfigurationError, Schema, ValidationError, schema_engine,
                          schema_from_dataclass)
 
@@ -533,3 +538,128 @@ def test_dataclass_fields_resolve_under_future_annotations():
     assert dataclasses.is_dataclass(Rack)
     assert schema_from_dataclass(Rack)["properties"]["tags"] == {"type": "array",
                                                                  "items": {"type": "string"}}
+
+
+# -- REST: empty list options (SPEC §6.5) and status in flat bodies and spec patches (§6.2, §6.4) --
+
+MERGE, JSONP, SHORT = ("application/merge-patch+json", "application/json-patch+json",
+                       "application/shorthand-patch+json")
+
+
+def rest(app, method, path, body=None, ctype="application/json"):
+    """One in-process request through app.wsgi -> (status, headers, decoded JSON or None)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    path_info, _, query = path.partition("?")
+    raw = b"" if body is None else json.dumps(body).encode()
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path_info, QUERY_STRING=query, CONTENT_TYPE=ctype,
+                   CONTENT_LENGTH=str(len(raw)), **{"wsgi.input": io.BytesIO(raw)})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = int(status.split()[0]), {k.lower(): v for k, v in headers}
+    data = b"".join(app.wsgi(environ, start_response))
+    return seen["status"], seen["headers"], (json.loads(data) if data else None)
+
+
+@pytest.fixture(params=["registered", "open server"])
+def widgets(request, tmp_path):
+    """A started app serving /widgets, as a registered kind or made at first create by the open server."""
+    app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, open=request.param == "open server")
+    if request.param == "registered":
+        app.register("Widget")
+    with app:
+        yield app
+
+
+def names(items):
+    return [o["metadata"]["name"] for o in items]
+
+
+class TestEmptyListOptions:
+    """An empty list option is an absent one, as in Kubernetes (whose clients page from continue="")."""
+
+    @pytest.fixture
+    def app(self, widgets):
+        for name in ("w3", "w1", "w4", "w2", "w5"):
+            assert rest(widgets, "POST", "/widgets", {"name": name, "labels": {"n": name}})[0] == 201
+        return widgets
+
+    def test_a_kubernetes_paging_loop_starts_with_an_empty_continue(self, app):
+        pages, token = [], ""
+        for _ in range(10):
+            status, headers, items = rest(app, "GET", "/widgets?" + urllib.parse.urlencode(
+                {"limit": 2, "continue": token}))
+            assert status == 200, items
+            pages.append(names(items))
+            token = headers.get("x-continue", "")
+            if not token:
+                break
+        assert pages == [["w1", "w2"], ["w3", "w4"], ["w5"]]
+
+    @pytest.mark.parametrize("query", ["continue=", "limit=", "labelSelector=", "name=",
+                                       "limit=&continue=&labelSelector=&name="])
+    def test_empty_option_means_no_option(self, app, query):
+        status, headers, items = rest(app, "GET", "/widgets?" + query)
+        assert status == 200, items
+        assert names(items) == ["w1", "w2", "w3", "w4", "w5"] and headers["x-total-count"] == "5"
+        assert "x-continue" not in headers
+
+    def test_empty_options_next_to_real_ones(self, app):
+        status, _, items = rest(app, "GET", "/widgets?name=&labelSelector=n%3Dw4&continue=")
+        assert status == 200 and names(items) == ["w4"]
+        status, headers, items = rest(app, "GET", "/widgets?limit=&continue=&name=w2")
+        assert status == 200 and names(items) == ["w2"] and headers["x-total-count"] == "1"
+
+
+class TestStatusIsNotASpecField:
+    """A top-level status in a flat body or a spec patch is a 422 (status goes through /status);
+    the envelope form keeps ignoring it, and a spec field named status is written with the envelope."""
+
+    @staticmethod
+    def refused(status, body):
+        assert status == 422, body
+        assert [d["field"] for d in body["details"]] == ["status"] and "/status" in body["details"][0]["message"]
+
+    def test_flat_create_and_put(self, widgets):
+        self.refused(*rest(widgets, "POST", "/widgets", {"name": "w1", "status": {"phase": "x"}})[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[0] == 404
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "w1", "size": 1})
+        assert status == 201 and obj["spec"] == {"size": 1}
+        self.refused(*rest(widgets, "PUT", "/widgets/w1", {"size": 2, "status": {"phase": "x"}})[::2])
+        self.refused(*rest(widgets, "PUT", "/widgets/w1", {"status": None})[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[2] == obj
+
+    @pytest.mark.parametrize("ctype, patch", [
+        (MERGE, {"status": {"phase": "x"}}),
+        (MERGE, {"size": 2, "status": None}),
+        ("application/json", {"status": {}}),
+        (JSONP, [{"op": "add", "path": "/status", "value": {"phase": "x"}}]),
+        (JSONP, [{"op": "move", "from": "/size", "path": "/status"}]),
+        (JSONP, [{"op": "copy", "from": "/size", "path": "/status"}]),
+        (JSONP, [{"op": "replace", "path": "", "value": {"size": 1, "status": {}}}]),
+        (SHORT, {"status.phase": "x"}),
+        (SHORT, {"status": None}),
+    ])
+    def test_spec_patch_that_touches_status(self, widgets, ctype, patch):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "w1", "size": 1})
+        assert status == 201
+        self.refused(*rest(widgets, "PATCH", "/widgets/w1", patch, ctype)[::2])
+        assert rest(widgets, "GET", "/widgets/w1")[2] == obj            # nothing stored
+        with pytest.raises(fabrica.ValidationError):
+            widgets.client.patch("Widget", "w1", patch, {MERGE: "merge", "application/json": "merge",
+                                                         JSONP: "json", SHORT: "shorthand"}[ctype])
+
+    def test_envelope_ignores_status_and_writes_a_spec_field_named_status(self, widgets):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "w1"}, "spec": {
+            "status": "spare", "size": 1}, "status": {"phase": "x"}})
+        assert status == 201 and obj["spec"] == {"status": "spare", "size": 1} and obj["status"] == {}
+        # a patch that leaves that spec field alone is fine; one that touches it is refused
+        status, _, obj = rest(widgets, "PATCH", "/widgets/w1", {"size": 2}, MERGE)
+        assert status == 200 and obj["spec"] == {"status": "spare", "size": 2}
+        self.refused(*rest(widgets, "PATCH", "/widgets/w1", {"status": "used"}, MERGE)[::2])
+        status, _, obj = rest(widgets, "PUT", "/widgets/w1", {"spec": {"status": "used", "size": 2}})
+        assert status == 200 and obj["spec"] == {"status": "used", "size": 2} and obj["status"] == {}
+        # the status route still takes a status (and a member named status inside it)
+        status, _, obj = rest(widgets, "PATCH", "/widgets/w1/status", {"status": "ok"}, MERGE)
+        assert status == 200 and obj["status"] == {"status": "ok"}

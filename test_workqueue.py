@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import random
 import sys
 import threading
 import time
+import wsgiref.util
 
 import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule)
 
+import fabrica
 from fabrica import WorkQueue
 
 NO_BUCKET = dict(qps=1e12, burst=10**9)  # bucket never delays: isolates the per-key backoff
@@ -508,3 +512,255 @@ class WorkQueueModel(RuleBasedStateMachine):
 WorkQueueModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                             deadline=None)
 test_workqueue_model = WorkQueueModel.TestCase
+
+
+# -- controller semantics through an app: finalizers (SPEC §5.6), Stalled (SPEC §5.3) ---------
+
+WAIT = 10.0
+HOLD = "example.com/hold"
+
+
+def _wait_until(predicate, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(0.005)
+    return True
+
+
+def _call(app, method, path, body=None):
+    """One in-process request through app.wsgi -> (status, decoded JSON or None)."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    path_info, _, query = path.partition("?")
+    raw = b"" if body is None else json.dumps(body).encode()
+    environ.update(REQUEST_METHOD=method, PATH_INFO=path_info, QUERY_STRING=query, CONTENT_TYPE="application/json",
+                   CONTENT_LENGTH=str(len(raw)), **{"wsgi.input": io.BytesIO(raw)})
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"] = int(status.split()[0])
+    data = b"".join(app.wsgi(environ, start_response))
+    return seen["status"], (json.loads(data) if data else None)
+
+
+@pytest.fixture
+def run_app(tmp_path):
+    """run_app(register=None, **options) -> a started app on tmp_path/data; every app is stopped at teardown."""
+    apps = []
+
+    def run(register=None, **options):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, **options)
+        if register is not None:
+            register(app)
+        apps.append(app)
+        return app.start()
+    yield run
+    for app in reversed(apps):
+        app.stop(timeout=5)
+
+
+class FinalizeLog:
+    """A finalize function that records (name, ctx.deleting) and raises the given exceptions first."""
+
+    def __init__(self, *failures: Exception):
+        self.failures = list(failures)
+        self.calls: list[tuple[str, bool]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, ctx, obj):
+        with self._lock:
+            self.calls.append((obj.name, ctx.deleting))
+            if self.failures:
+                raise self.failures.pop(0)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [name for name, _ in self.calls]
+
+
+class TestFinalizerLifecycle:
+    """fabrica.io/finalize follows the kind at start-up and at DELETE; user finalizers follow Kubernetes."""
+
+    def _leave_deleting(self, run_app):
+        """A first run whose finalize never succeeds: t-gone and t-held stay deleting; t-live stays live."""
+        refused = set()
+
+        def refuse(ctx, obj):
+            refused.add(obj.name)
+            raise fabrica.PermanentError("cannot release")
+        app = run_app(lambda a: a.register("Thing", finalize=refuse))
+        c = app.client
+        c.create("Thing", name="t-gone")
+        c.create("Thing", name="t-held", finalizers=[HOLD])
+        c.create("Thing", name="t-live")
+        for name in ("t-gone", "t-held"):
+            assert c.delete("Thing", name).deleting
+        assert _wait_until(lambda: refused == {"t-gone", "t-held"}) and app.wait_idle(WAIT)
+        stamps = {name: c.get("Thing", name)["metadata"]["deletionTimestamp"] for name in ("t-gone", "t-held")}
+        assert fabrica.FINALIZER in c.get("Thing", "t-gone").finalizers
+        app.stop()
+        return stamps
+
+    @pytest.mark.parametrize("served", ["without finalize", "open server"])
+    def test_restart_without_a_finalize_function_releases_its_finalizer(self, run_app, served):
+        stamps = self._leave_deleting(run_app)
+        if served == "open server":
+            app = run_app(open=True)
+        else:
+            app = run_app(lambda a: a.register("Thing"))
+        # t-gone waited only for fabrica's finalizer, which nothing handles now: deleted at start-up
+        assert _call(app, "GET", "/things/t-gone")[0] == 404
+        status, held = _call(app, "GET", "/things/t-held")
+        assert status == 200 and held["metadata"]["finalizers"] == [HOLD]
+        assert held["metadata"]["deletionTimestamp"] == stamps["t-held"]
+        status, live = _call(app, "GET", "/things/t-live")
+        assert status == 200 and live["metadata"]["finalizers"] == []
+        assert _call(app, "DELETE", "/things/t-live")[0] == 200
+        # the user's finalizer removed through PUT: the last one, so the object goes
+        status, _ = _call(app, "PUT", "/things/t-held", {"metadata": {"finalizers": []}})
+        assert status == 200 and _call(app, "GET", "/things/t-held")[0] == 404
+        assert app.wait_idle(WAIT) and _call(app, "GET", "/things")[1] == []
+
+    def test_a_kind_that_gains_finalize_puts_it_on_existing_objects(self, run_app):
+        app = run_app(lambda a: a.register("Thing"))
+        app.client.create("Thing", name="t1")
+        app.client.create("Thing", name="t2", finalizers=[HOLD])
+        assert app.client.delete("Thing", "t2").deleting
+        app.stop()
+
+        fin = FinalizeLog()
+        app = run_app(lambda a: a.register("Thing", finalize=fin))
+        assert app.client.get("Thing", "t1").finalizers == [fabrica.FINALIZER]
+        # no new finalizer once deletion has begun (Kubernetes): t2 keeps only its own
+        assert app.client.get("Thing", "t2").finalizers == [HOLD]
+        status, obj = _call(app, "DELETE", "/things/t1")
+        assert status == 202 and obj["metadata"]["deletionTimestamp"]
+        assert _wait_until(lambda: _call(app, "GET", "/things/t1")[0] == 404)
+        assert app.wait_idle(WAIT) and fin.calls == [("t1", True)]
+
+    def test_delete_applies_the_kinds_rule_to_fabricas_finalizer(self, run_app):
+        fin = FinalizeLog()
+
+        def register(app):
+            app.register("Thing", finalize=fin)
+            app.register("Widget")
+        app = run_app(register)
+        store = app.store
+
+        def smuggle(kind, name, finalizers):
+            """Store finalizers past the write path, as an older version of a kind would have left them."""
+            obj = app.client.get(kind, name)
+            obj["metadata"]["finalizers"] = finalizers
+            store.replace(dict(obj), obj.resource_version)
+
+        app.client.create("Widget", name="w1")
+        smuggle("Widget", "w1", [fabrica.FINALIZER])
+        assert _call(app, "DELETE", "/widgets/w1")[0] == 200       # nothing handles it: not waited for
+        app.client.create("Widget", name="w2")
+        smuggle("Widget", "w2", [HOLD, fabrica.FINALIZER])
+        status, obj = _call(app, "DELETE", "/widgets/w2")
+        assert status == 202 and obj["metadata"]["finalizers"] == [HOLD]
+
+        app.client.create("Thing", name="t1")
+        smuggle("Thing", "t1", [])
+        status, obj = _call(app, "DELETE", "/things/t1")         # finalize still runs
+        assert status == 202 and obj["metadata"]["finalizers"] == [fabrica.FINALIZER]
+        assert _wait_until(lambda: _call(app, "GET", "/things/t1")[0] == 404)
+        assert fin.names() == ["t1"]
+
+    def test_user_finalizers_follow_kubernetes(self, run_app):
+        app = run_app(lambda a: a.register("Widget"))
+        status, obj = _call(app, "POST", "/widgets", {"metadata": {"name": "w1", "finalizers": [
+            "example.com/a", "example.com/b", fabrica.FINALIZER]}, "spec": {}})
+        assert status == 201 and obj["metadata"]["finalizers"] == ["example.com/a", "example.com/b"]
+        status, obj = _call(app, "DELETE", "/widgets/w1")
+        assert status == 202
+        stamp, rv = obj["metadata"]["deletionTimestamp"], obj["metadata"]["resourceVersion"]
+        status, again = _call(app, "DELETE", "/widgets/w1")        # idempotent: nothing written
+        assert status == 202 and again == obj
+
+        for added in (["example.com/a", "example.com/b", "example.com/c"], ["example.com/a", fabrica.FINALIZER]):
+            status, body = _call(app, "PUT", "/widgets/w1", {"metadata": {"finalizers": added}})
+            assert status == 422 and body["details"][0]["field"] == "metadata.finalizers", body
+        assert _call(app, "GET", "/widgets/w1")[1]["metadata"]["resourceVersion"] == rv
+
+        status, obj = _call(app, "PUT", "/widgets/w1", {"metadata": {"finalizers": ["example.com/b"],
+                                                                     "deletionTimestamp": None}})
+        assert status == 200 and obj["metadata"]["finalizers"] == ["example.com/b"]
+        assert obj["metadata"]["deletionTimestamp"] == stamp           # cannot be cleared
+        current = app.client.get("Widget", "w1")
+        current["metadata"]["finalizers"] = []
+        app.client.update(current)
+        assert _call(app, "GET", "/widgets/w1")[0] == 404
+
+    def test_a_finalize_kind_keeps_its_finalizer_until_deletion(self, run_app):
+        fin = FinalizeLog()
+        app = run_app(lambda a: a.register("Thing", finalize=fin))
+        app.client.create("Thing", name="t1", finalizers=[HOLD])
+        status, obj = _call(app, "PUT", "/things/t1", {"metadata": {"finalizers": []}, "spec": {"a": 1}})
+        assert status == 200 and obj["metadata"]["finalizers"] == [fabrica.FINALIZER], obj
+        assert _call(app, "DELETE", "/things/t1")[0] == 202
+        assert _wait_until(lambda: _call(app, "GET", "/things/t1")[0] == 404) and fin.names() == ["t1"]
+
+    def test_a_finalize_that_succeeds_clears_its_recorded_failure(self, run_app):
+        fin = FinalizeLog(RuntimeError("lease busy"))
+        app = run_app(lambda a: a.register("Thing", finalize=fin))
+        app.client.create("Thing", name="t1", finalizers=[HOLD])
+        app.client.delete("Thing", "t1")
+        assert _wait_until(lambda: app.client.get("Thing", "t1").finalizers == [HOLD]) and app.wait_idle(WAIT)
+        obj = app.client.get("Thing", "t1")
+        assert fin.names() == ["t1", "t1"] and obj.deleting
+        ready = obj.condition("Ready")
+        assert ready is not None and ready["status"] == "True" and ready["reason"] == "ReconcileSuccess", obj.status
+
+
+class TestStalledClears:
+    """Stalled=True from a run that overran ``timeout`` goes with the next run that completes in time."""
+
+    @pytest.mark.parametrize("recorded", ["while the run hangs", "after the run returned"])
+    def test_stalled_is_removed_even_when_the_late_run_changed_nothing(self, run_app, monkeypatch, recorded):
+        clock = FakeClock(1000.0)
+        hang, entered, gate, returned = (threading.Event() for _ in range(4))
+
+        def reconcile(ctx, obj):
+            try:
+                if hang.is_set():
+                    hang.clear()
+                    entered.set()
+                    assert gate.wait(WAIT)
+                obj.status["phase"] = "Ready"       # the same every time: the late run writes nothing new
+            finally:
+                returned.set()
+        app = run_app(lambda a: a.register("Widget", reconcile, timeout=0.4), clock=clock)
+        c = app.client
+        c.create("Widget", name="w1")
+        assert app.wait_idle(WAIT) and c.get("Widget", "w1").status == {"phase": "Ready", "observedGeneration": 1}
+
+        ctl = app.controllers["Widget"]
+        original, marking, written = ctl._write_condition, threading.Event(), threading.Event()
+
+        def write_condition(key, type, *args):
+            if type == "Stalled":
+                marking.set()
+                if recorded == "after the run returned":
+                    assert returned.wait(WAIT)
+            original(key, type, *args)
+            if type == "Stalled":
+                written.set()
+        monkeypatch.setattr(ctl, "_write_condition", write_condition)
+        hang.set()
+        returned.clear()
+        obj = c.get("Widget", "w1")
+        obj["metadata"]["labels"] = {"poke": "1"}
+        c.update(obj)
+        assert entered.wait(WAIT)
+        clock.now += 1.0                            # past timeout=0.4: the watchdog marks the run Stalled
+        assert marking.wait(WAIT)
+        if recorded == "while the run hangs":
+            assert written.wait(WAIT) and c.get("Widget", "w1").condition("Stalled")["status"] == "True"
+        gate.set()
+        assert written.wait(WAIT) and app.wait_idle(WAIT)
+        assert c.get("Widget", "w1").status == {"phase": "Ready", "observedGeneration": 1}
