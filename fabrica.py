@@ -260,6 +260,12 @@ def dumps(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def json_size(value) -> int:
+    """The bytes of ``dumps(value)`` in UTF-8 (what the object limit measures); TypeError/ValueError if not JSON."""
+    text = dumps(value)
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def deepcopy_json(value):
     """A fast deep copy for JSON-shaped values (dict, list, scalars)."""
     if isinstance(value, dict):
@@ -342,6 +348,12 @@ class ValidationError(FabricaError):
 
 class PatchError(ValidationError):
     """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
+
+
+class PatchTooLargeError(PatchError, PayloadTooLargeError):
+    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
+
+    status = 413
 
 
 class InsufficientStorageError(FabricaError):
@@ -560,6 +572,8 @@ class Result:
 # dotted shorthand. None mutates its arguments, and no result shares an
 # object with them: each works on a deep copy and copies every value it
 # takes from a patch. Failures raise PatchError (422) naming op and path.
+# JSON Patch alone can multiply a document (copy), so it takes a size bound
+# that it checks before each operation grows the document.
 
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 _BAD_ESCAPE = re.compile(r"~(?![01])")
@@ -614,7 +628,7 @@ def merge_patch_diff(a, b):
     return patch
 
 
-def apply_json_patch(doc, ops):
+def apply_json_patch(doc, ops, *, max_size: int | None = None):
     """Return *doc* with the JSON Patch (RFC 6902) *ops* applied.
 
     *ops* is a list of operation objects, each with a string "op" (add,
@@ -626,22 +640,30 @@ def apply_json_patch(doc, ops):
     Raises PatchError naming the failing operation and path, e.g.
     "op 2 (remove): path '/a/b' does not exist", with the same message in
     ``details`` under the field "patch[2]".
+
+    ``max_size`` bounds the result to that many bytes of compact JSON: a
+    running estimate of the document's size is checked before each
+    operation grows it, and the values ``copy`` operations duplicate may not
+    add up to more than ``max_size`` either, so a small patch of many copies
+    (CVE-2019-1002100) fails with PatchTooLargeError (a PatchError, status
+    413) before the document grows, not after.
     """
     if not isinstance(ops, list):
         raise PatchError(f"a JSON Patch must be an array of operations, not {_json_kind(ops)}")
+    budget = None if max_size is None else _PatchBudget(doc, max_size)
     result = copy.deepcopy(doc)
     for index, op in enumerate(ops):
         try:
-            result = _apply_operation(result, op)
+            result = _apply_operation(result, op, budget)
         except PatchError as exc:
             name = op.get("op") if isinstance(op, dict) else None
             label = f"op {index} ({name})" if isinstance(name, str) else f"op {index}"
             details = [{"field": f"patch[{index}]", "message": exc.message}]
-            raise PatchError(f"{label}: {exc.message}", details) from None
+            raise type(exc)(f"{label}: {exc.message}", details) from None
     return result
 
 
-def _apply_operation(doc, op):
+def _apply_operation(doc, op, budget=None):
     """Apply one operation to *doc* in place; return the (maybe new) root."""
     if not isinstance(op, dict):
         raise PatchError(f"an operation must be an object, not {_json_kind(op)}")
@@ -653,11 +675,17 @@ def _apply_operation(doc, op):
         raise PatchError("missing 'value' member")
 
     if name == "add":
+        if budget is not None:
+            budget.put(doc, path, _size(op["value"]))
         return _add(doc, path, copy.deepcopy(op["value"]))
     if name == "remove":
+        if budget is not None:
+            budget.take(doc, path)
         _remove(doc, path)
         return doc
     if name == "replace":
+        if budget is not None:
+            budget.put(doc, path, _size(op["value"]), replace=True)
         if not path:
             return copy.deepcopy(op["value"])
         parent, key = _locate(doc, path)
@@ -672,13 +700,103 @@ def _apply_operation(doc, op):
 
     source = _pointer_member(op, "from")
     if name == "copy":
-        return _add(doc, path, copy.deepcopy(_walk(doc, source)))
+        value = _walk(doc, source)
+        if budget is not None:
+            budget.put(doc, path, _size(value), copied=True)      # sized before anything is copied
+        return _add(doc, path, copy.deepcopy(value))
     if source == path:
         _walk(doc, source)  # a no-op move still needs an existing "from"
         return doc
     if path[:len(source)] == source:
         raise PatchError(f"cannot move '{op['from']}' into its own child '{op['path']}'")
-    return _add(doc, path, _remove(doc, source))
+    if budget is None:
+        return _add(doc, path, _remove(doc, source))
+    budget.take(doc, source, value=False)
+    value = _remove(doc, source)
+    budget.land(doc, path, value)
+    return _add(doc, path, value)
+
+
+def _size(value) -> int:
+    # json_size() that never raises: a value that is not JSON (app.client may pass one) is sized
+    # by its str(), and the store refuses it later
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+class _PatchBudget:
+    """The running size of a JSON Patch's document, and the bytes its copies duplicated.
+
+    Each method accounts for one operation before it changes the document,
+    raising PatchTooLargeError if the estimate would pass the limit. A
+    member costs its value plus its separators (a comma unless it is alone,
+    and '"key":' in an object), so the estimate is the size of the compact
+    JSON. A path that does not resolve is not charged: the operation fails
+    on it anyway.
+    """
+
+    def __init__(self, doc, limit: int):
+        self.limit = limit
+        self.size = _size(doc)
+        self.copied = 0
+
+    def put(self, doc, tokens, size: int, *, replace: bool = False, copied: bool = False) -> None:
+        """A value of ``size`` bytes is written at ``tokens`` (add and copy insert, replace replaces)."""
+        old = self._old_size(doc, tokens, replace)
+        if old is None:
+            return
+        if copied:
+            if self.copied + size > self.limit:
+                raise PatchTooLargeError(f"the copy operations would duplicate more than {self.limit} bytes")
+            self.copied += size
+        self._grow(size - old)
+
+    def take(self, doc, tokens, *, value: bool = True) -> None:
+        """The member at ``tokens`` goes away (remove), or only its separators (``value=False``: a move)."""
+        if not tokens:
+            return      # the root cannot be removed: the operation fails
+        with contextlib.suppress(PatchError):
+            parent, key = _locate(doc, tokens)
+            self.size -= (_size(parent[key]) if value else 0) + self._separators(parent, key, 1)
+
+    def land(self, doc, tokens, value) -> None:
+        """A moved ``value``, already taken out of ``doc``, goes to ``tokens`` (nothing is copied)."""
+        if tokens:
+            self.put(doc, tokens, 0)        # only what it displaces there, or its separators, count
+        else:
+            self.size = _size(value)
+
+    def _old_size(self, doc, tokens, replace: bool) -> int | None:
+        # the bytes a write at tokens removes: the document at the root, a replaced value, or
+        # (negative) the separators an inserted member adds; None if tokens does not resolve
+        if not tokens:
+            return self.size
+        try:
+            parent = _walk(doc, tokens[:-1])
+            key = tokens[-1]
+            if isinstance(parent, dict):
+                if key in parent:
+                    return _size(parent[key])
+                return None if replace else -self._separators(parent, key, 0)
+            if isinstance(parent, list):
+                index = _array_index(parent, key, tokens, insert=not replace)
+                return _size(parent[index]) if replace else -self._separators(parent, key, 0)
+        except PatchError:
+            pass
+        return None
+
+    @staticmethod
+    def _separators(parent, key, others: int) -> int:
+        # '"key":' in an object, and a comma unless the member is alone (with ``others`` = the
+        # members besides it: 0 when it is being inserted, 1 when it is still there)
+        comma = 1 if len(parent) > others else 0
+        return _size(key) + 1 + comma if isinstance(parent, dict) else comma
+
+    def _grow(self, delta: int) -> None:
+        if delta > 0 and self.size + delta > self.limit:
+            raise PatchTooLargeError(f"the patched document would be larger than {self.limit} bytes of JSON "
+                                     "(the object limit)")
+        self.size += delta
 
 
 def _pointer_member(op, member) -> list[str]:
@@ -1289,12 +1407,13 @@ def _jsonschema_form(schema):
     return schema
 
 
-def _with_defaults(schema, value):
+def _with_defaults(schema, value, budget: _DefaultsBudget | None = None):
     """Fill missing properties that have a "default", in place in value (which the caller owns).
 
     Recurses into present objects, list items and additionalProperties values;
     a filled default is walked too. For anyOf the first branch that value
     satisfies once defaulted gives the defaults. Returns the (maybe new) value.
+    ``budget`` is charged for each default before it is copied in.
     """
     if not isinstance(schema, dict):
         return value
@@ -1302,17 +1421,40 @@ def _with_defaults(schema, value):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
-            value[name] = _with_defaults(properties.get(name, extra), item)
+            value[name] = _with_defaults(properties.get(name, extra), item, budget)
         for name, sub in properties.items():
             if name not in value and isinstance(sub, dict) and "default" in sub:
-                value[name] = _with_defaults(sub, copy.deepcopy(sub["default"]))
+                if budget is not None:
+                    budget.spend(sub["default"])
+                value[name] = _with_defaults(sub, copy.deepcopy(sub["default"]), budget)
     elif isinstance(value, list):
-        value[:] = [_with_defaults(schema.get("items"), item) for item in value]
+        value[:] = [_with_defaults(schema.get("items"), item, budget) for item in value]
     for branch in schema.get("anyOf", ()):
-        trial = _with_defaults(branch, copy.deepcopy(value))
+        trial = _with_defaults(branch, copy.deepcopy(value), budget)
         if not any(_schema_errors(branch, trial, "")):
             return trial
     return value
+
+
+class _DefaultsBudget:
+    """The bytes of JSON the defaults filled into one value may add up to.
+
+    A default is small, but the schema can give one to every item of a long
+    list, so a small body could grow without it.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+        self._sizes: dict[int, int] = {}      # id(default) -> its size; defaults live in the schema
+
+    def spend(self, default) -> None:
+        size = self._sizes.get(id(default))
+        if size is None:
+            size = self._sizes[id(default)] = _size(default)
+        self.left -= size
+        if self.left < 0:
+            raise PayloadTooLargeError(f"the defaults the schema fills in would add more than {self.limit} "
+                                       "bytes of JSON (the object limit)")
 
 
 _EXPECTED = {
@@ -1562,7 +1704,7 @@ class Schema:
     def __repr__(self) -> str:
         return f"Schema({self.json!r}, engine={self.engine!r})"
 
-    def validate(self, value, path: str = "spec") -> tuple[object, list[dict]]:
+    def validate(self, value, path: str = "spec", *, max_size: int | None = None) -> tuple[object, list[dict]]:
         """Return (value with defaults filled in, errors); never raises for bad data.
 
         The result is a new object (value is deep-copied, never mutated; a
@@ -1571,10 +1713,14 @@ class Schema:
         properties that have a "default". errors lists every failure as
         {"field": "spec.items[2].name", "message": "..."}: a missing required
         field and an unknown field are reported at their own path.
+
+        With ``max_size``, PayloadTooLargeError (413) is raised as soon as
+        the defaults filled in add up to more than that many bytes of JSON.
         """
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
-        value = _with_defaults(self.json, copy.deepcopy(value))
+        budget = None if max_size is None else _DefaultsBudget(max_size)
+        value = _with_defaults(self.json, copy.deepcopy(value), budget)
         if self._validator is None:
             found = _schema_errors(self.json, value, path)
         else:
@@ -1587,9 +1733,9 @@ class Schema:
                 errors.append(error)
         return value, errors
 
-    def check(self, value, path: str = "spec"):
+    def check(self, value, path: str = "spec", *, max_size: int | None = None):
         """Return validate()'s defaulted value, or raise ValidationError (422; details: errors)."""
-        value, errors = self.validate(value, path)
+        value, errors = self.validate(value, path, max_size=max_size)
         if errors:
             shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
             more = "; ..." if len(errors) > 3 else ""
@@ -1802,7 +1948,8 @@ class Store:
         """(kind, uid) of every object whose ownerReferences name this one."""
         return sorted(self._owned.get((kind, uid), ()))
 
-    def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=()) -> dict:
+    def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=(), *,
+               max_size: int | None = None) -> dict:
         """Store a new object and give it the next resourceVersion.
 
         Raises ConflictError (``details[0]["field"]`` is ``metadata.uid`` for a
@@ -1810,6 +1957,7 @@ class Store:
         StoreError/InsufficientStorageError on I/O errors. ``guard()`` runs
         under the lock once no write to the ``wait_for`` keys is in flight
         (fabrica's owner check), so what it checks cannot change before the commit.
+        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError.
         """
         kind, meta = obj["kind"], obj["metadata"]
         objs, names = self._objects[kind], self._names[kind]
@@ -1822,16 +1970,20 @@ class Store:
             if meta["name"] in names or (meta["name"] in objs and meta["name"] != meta["uid"]):
                 raise ConflictError(f'{kind} "{meta["name"]}" already exists; choose another name',
                                     [{"field": "metadata.name", "message": "already exists"}])
-        return self._write("created", obj, check, snapshot, name=(kind, meta["name"]), wait_for=wait_for)
+        return self._write("created", obj, check, snapshot, name=(kind, meta["name"]), wait_for=wait_for,
+                           max_size=max_size)
 
-    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None) -> dict:
+    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None, *,
+                max_size: int | None = None) -> dict:
         """Replace an object if its stored resourceVersion is still ``expected_rv``.
 
-        Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on.
+        Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on;
+        PayloadTooLargeError if the object is over ``max_size`` bytes of JSON and larger
+        than the stored one (a write that does not grow an object is never refused).
         """
         kind = obj["kind"]
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
-                                                                         expected_rv), snapshot)
+                                                                         expected_rv), snapshot, max_size=max_size)
 
     def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
         """Delete an object; returns its last state carrying the delete's resourceVersion."""
@@ -1849,7 +2001,8 @@ class Store:
                 f"the request expected {expected_rv}; re-read and retry")
 
     def _write(self, action: str, new: dict | None, check, snapshot: dict | None = None, *,
-               key: tuple[str, str] | None = None, name: tuple[str, str] | None = None, wait_for=()) -> dict:
+               key: tuple[str, str] | None = None, name: tuple[str, str] | None = None, wait_for=(),
+               max_size: int | None = None) -> dict:
         """The commit pipeline shared by create/replace/delete.
 
         1. Under the lock, once no other write to this key (or name) is in
@@ -1863,12 +2016,15 @@ class Store:
         """
         key = key or (new["kind"], new["metadata"]["uid"])
         kind = key[0]
+        size = 0
         if new is not None:
             try:        # before a resourceVersion is taken: a value that is not JSON must never reach a file
-                dumps(new)
+                size = json_size(new)
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
                                       [{"field": "", "message": str(exc)}]) from None
+            if max_size is not None and size > max_size:
+                self._check_size(new, size, max_size)
         cond = self._cond
         with cond:
             while key in self._inflight or (name is not None and name in self._inflight_names) or any(
@@ -1949,6 +2105,14 @@ class Store:
         self._indexes(kind, old, new)
         if snapshot is not None:
             self._history.setdefault((kind, uid), {})[snapshot["versionId"]] = snapshot
+
+    def _check_size(self, new: dict, size: int, max_size: int) -> None:
+        # an object stored before the limit was lowered may still shrink or stay the same size
+        old = self._objects[new["kind"]].get(new["metadata"]["uid"])
+        if old is None or size > json_size(old):
+            raise PayloadTooLargeError(
+                f'{new["kind"]} "{new["metadata"]["name"]}" would be {size} bytes of JSON; the limit for an object '
+                f"is {max_size} bytes", [{"field": "", "message": f"larger than {max_size} bytes"}])
 
     @staticmethod
     def _write_error(obj, exc: OSError) -> FabricaError:
@@ -3973,7 +4137,7 @@ _OA_ERRORS = {
     "409": "Conflict: the name is taken, metadata.resourceVersion is stale, or the object changes too fast",
     "410": "Gone: events after that position are no longer available",
     "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
-    "413": "The request body is over the limit (1 MiB by default)",
+    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
     "415": "Unsupported Content-Type",
     "422": "Validation failed; details lists every failing field",
     "500": "The store could not complete the write; the previous version is intact",
@@ -5255,7 +5419,7 @@ class Fabrica:
         """The spec with defaults filled in; ValidationError (422) listing every failing field."""
         if not isinstance(spec, dict):
             raise BadRequestError("spec must be a JSON object")
-        return spec if info.spec is None else info.spec.check(spec, "spec")
+        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
 
     def _check_status(self, info: KindInfo, status) -> dict:
         """The status with defaults; the fields fabrica writes are checked apart from the user's schema."""
@@ -5273,7 +5437,7 @@ class Fabrica:
             errors.append({"field": "status.version", "message": "must be a string"})
         rest = {k: v for k, v in status.items() if k not in own}
         if info.status is not None:
-            rest, more = info.status.validate(rest, "status")
+            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
             errors += more
         if errors:
             raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
@@ -5327,7 +5491,8 @@ class Fabrica:
             self._run_validate(info, obj)
             try:
                 return self.store.create(obj, snapshot, guard,
-                                         wait_for=[(owner["kind"], owner["metadata"]["uid"])] if owner else ())
+                                         wait_for=[(owner["kind"], owner["metadata"]["uid"])] if owner else (),
+                                         max_size=self.max_body)
             except ConflictError as exc:
                 if exc.details and exc.details[0]["field"] == "metadata.uid":
                     continue        # a uid collision: draw another one
@@ -5377,7 +5542,7 @@ class Fabrica:
             try:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
                     return self._remove(info, old_meta["uid"], rv)
-                stored = store.replace(new, rv, action, snapshot)
+                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
                 if snapshot is not None and info.history:
                     store.prune_versions(kind, old_meta["uid"], info.history)
                 return stored
@@ -5407,7 +5572,9 @@ class Fabrica:
 
     def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
                **pre) -> dict:
-        apply = {"merge": apply_merge_patch, "json": apply_json_patch, "shorthand": apply_shorthand_patch}.get(patch_type)
+        apply = {"merge": apply_merge_patch, "shorthand": apply_shorthand_patch,
+                 # a JSON Patch alone can multiply what it is given (copy): bounded as it runs
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body)}.get(patch_type)
         if apply is None:
             raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
         part = "status" if status else "spec"

@@ -1135,3 +1135,126 @@ def test_merge_patch_diff_applied_over_http_yields_b(a, b):
 @given(a=_specs_with_bools, b=_specs_with_bools)
 def test_merge_patch_diff_applied_over_http_yields_b_with_booleans(a, b):
     _round_trip(a, b)
+
+
+###############################################################################
+# Bounds: object size, event ring, caches and metric labels (SPEC §4, §6.4, §6.7)
+###############################################################################
+
+@pytest.fixture
+def bounded_app(tmp_path):
+    """bounded_app(register, **options) -> a started Fabrica built with ``options`` (max_body, ring_bytes...)."""
+    apps = []
+
+    def make(register, **options):
+        options.setdefault("data_dir", str(tmp_path / f"data{len(apps)}"))
+        options.setdefault("durable", False)
+        app = fabrica.Fabrica(**options)
+        register(app)
+        app.start()
+        apps.append(app)
+        return app
+    yield make
+    for app in reversed(apps):
+        app.stop()
+
+
+def _unchanged(app, path, before):
+    """The object at ``path`` is exactly ``before`` (same resourceVersion, same JSON)."""
+    status, headers, now = call(app, "GET", path)
+    assert status == 200 and now == before and headers["etag"] == f'"{before["metadata"]["resourceVersion"]}"'
+
+
+def _copy_amplifier(copies):
+    """A JSON Patch of ~50 bytes per op that doubles /a with every copy (CVE-2019-1002100)."""
+    return [{"op": "add", "path": "/a", "value": [1]}] + [{"op": "copy", "from": "/a", "path": "/a/-"}] * copies
+
+
+class TestObjectSizeLimit:
+    LIMIT = 8192
+
+    def test_copy_amplifying_json_patch_is_refused_before_it_grows(self, bounded_app):
+        app = bounded_app(plain, max_body=self.LIMIT)
+        before = new_rack(app)
+        published = app.bus.published
+        ops = _copy_amplifier(16)           # 16 doublings: about 256 KiB from an 800-byte body
+        assert len(json.dumps(ops)) < 1000
+        status, _, body = call(app, "PATCH", "/racks/r1", ops, ctype=JSONP)
+        assert_error(status, body, 413)
+        # the refusal names the first op whose result passes the limit: the document never got larger
+        sizes, doc = [], {}
+        for op in ops:
+            doc = fabrica.apply_json_patch(doc, [op])
+            sizes.append(fabrica.json_size(doc))
+        first_over = next(i for i, size in enumerate(sizes) if size > self.LIMIT)
+        assert body["details"] == [{"field": f"patch[{first_over}]", "message": body["details"][0]["message"]}]
+        _unchanged(app, "/racks/r1", before)
+        assert app.bus.published == published
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.patch("Rack", "r1", ops, type="json")
+        with pytest.raises(fabrica.PatchError) as caught:   # the pure function: a PatchError, status 413
+            fabrica.apply_json_patch({}, _copy_amplifier(40), max_size=1 << 20)
+        assert caught.value.status == 413
+        # copies that only churn (copy, then remove) are bounded too: their copied bytes add up
+        churn = [{"op": "add", "path": "/big", "value": "x" * 3000}] + [
+            {"op": "copy", "from": "/big", "path": "/tmp"}, {"op": "remove", "path": "/tmp"}] * 3
+        status, _, body = call(app, "PATCH", "/racks/r1", churn, ctype=JSONP)
+        assert_error(status, body, 413)
+        # a patch that stays under the limit still applies, and keeps its exact meaning
+        status, _, obj = call(app, "PATCH", "/racks/r1", _copy_amplifier(4), ctype=JSONP)
+        assert status == 200, obj
+        assert obj["spec"]["a"] == fabrica.apply_json_patch({}, _copy_amplifier(4))["a"]
+
+    def test_every_write_path_keeps_the_object_limit(self, bounded_app):
+        pad = {"type": "string", "default": "x" * 200}
+        schema = {"type": "object", "properties": {
+            "items": {"type": "array", "items": {"type": "object", "properties": {"pad": pad}}},
+            "a": {}, "b": {}}}
+
+        def register(app):
+            app.register("Rack")
+            app.register("Shelf", spec=schema)
+        app = bounded_app(register, max_body=self.LIMIT)
+        before = new_rack(app, spec={"a": "y" * 5000})
+        published = app.bus.published
+        big = "z" * 4000             # each body is under the limit; what it makes is over it
+        writes = [
+            ("PATCH", "/racks/r1", {"b": big}, MERGE),
+            ("PATCH", "/racks/r1", {"b.c": big}, SHORT),
+            ("PATCH", "/racks/r1", [{"op": "add", "path": "/b", "value": big}], JSONP),
+            ("PUT", "/racks/r1", {"a": "y" * (self.LIMIT - 150)}, "application/json"),
+            ("PUT", "/racks/r1/status", {"note": big}, "application/json"),
+            ("PATCH", "/racks/r1/status", {"note": big}, MERGE),
+        ]
+        for method, path, body, ctype in writes:
+            assert len(json.dumps(body)) < self.LIMIT
+            status, _, err = call(app, method, path, body, ctype=ctype)
+            assert_error(status, err, 413)
+            _unchanged(app, "/racks/r1", before)
+        # a create whose object (body plus metadata) passes the limit stores nothing
+        status, _, err = call(app, "POST", "/racks", {"name": "r2", "a": "y" * (self.LIMIT - 100)})
+        assert_error(status, err, 413)
+        # defaults the schema fills in: 60 empty items of a 200-byte default each
+        status, _, err = call(app, "POST", "/shelfs", {"name": "s1", "items": [{}] * 60})
+        assert_error(status, err, 413)
+        # app.client takes the same path
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.create("Rack", "r3", spec={"a": "y" * 2 * self.LIMIT})
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.update_status("Rack", "r1", {"note": big})
+        assert [r.name for r in app.client.list("Rack")] == ["r1"] and app.client.list("Shelf") == []
+        assert app.bus.published == published
+        _unchanged(app, "/racks/r1", before)
+
+    def test_an_object_over_a_lowered_limit_can_still_shrink_and_go(self, bounded_app):
+        app = bounded_app(plain, max_body=self.LIMIT)
+        new_rack(app, spec={"a": "y" * 6000, "b": "short", "c": "short"})
+        app.max_body = 4096
+        status, _, err = call(app, "PATCH", "/racks/r1", {"d": 1}, ctype=MERGE)
+        assert_error(status, err, 413)                      # growing it is refused
+        status, _, obj = call(app, "PATCH", "/racks/r1", {"b": None}, ctype=MERGE)
+        assert status == 200 and fabrica.json_size(obj) > 4096, obj     # shrinking it is not
+        status, _, obj = call(app, "PATCH", "/racks/r1", [{"op": "remove", "path": "/c"}], ctype=JSONP)
+        assert status == 200 and fabrica.json_size(obj) > 4096, obj
+        status, _, obj = call(app, "DELETE", "/racks/r1")
+        assert status == 200, obj
