@@ -1786,7 +1786,7 @@ class Store:
         self._owned: dict[tuple[str, str], set[tuple[str, str]]] = {}    # owner (kind, uid) -> dependents
         self._rv = 0
         self._opened = False
-        self.on_commit = None       # callable(action, old, new), called under the lock
+        self.on_commit = None       # callable(action, old, new, size), called under the lock
         self.quarantined: list[dict] = []
         self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
         self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
@@ -2054,6 +2054,8 @@ class Store:
         new["metadata"]["resourceVersion"] = str(rv)
         error = None
         try:
+            if action == "deleted":
+                size = json_size(new)       # the delete event's share of the event ring's byte bound
             if snapshot is not None:
                 self._persist_version(kind, key[1], snapshot)
             try:
@@ -2075,7 +2077,7 @@ class Store:
                     self._apply(action, kind, key[1], old, new, snapshot)
                     self._rv = rv
                     self.writes += 1
-                    self._notify(action, old, new)
+                    self._notify(action, old, new, size)
                 else:
                     self.write_failures += 1
             finally:
@@ -2122,9 +2124,9 @@ class Store:
                                             "free space and retry")
         return StoreError(f"could not write {name}: {exc.strerror or exc}; the previous version is intact")
 
-    def _notify(self, action, old, new):
+    def _notify(self, action, old, new, size):
         if self.on_commit is not None:
-            self.on_commit(action, old, new)
+            self.on_commit(action, old, new, size)
 
     # -- subclass hooks ----------------------------------------------------
     def _load(self, discover: bool) -> None:
@@ -2557,7 +2559,14 @@ def _write_all(fd, payload):
 # events enter the bus in resourceVersion order. It never blocks: each
 # subscriber has its own bounded queue and thread; a full queue drops the
 # event and marks a gap (the controller answers a gap with a full resync).
-# Handlers run in the subscriber's thread, never under a lock.
+# Handlers run in the subscriber's thread, never under a lock. The ring and
+# every queue are bounded in events AND in bytes (an event's size is its
+# JSON's): one large object written often must not multiply memory. Queues
+# and the ring share the event dicts; nothing is copied per subscriber.
+
+RING_BYTES = 64 << 20       # default byte bound of the event ring
+QUEUE_BYTES = 64 << 20      # default byte bound of each subscriber's queue
+_MATCH_CACHE = 256          # event types whose pattern verdict a subscriber remembers
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -2580,27 +2589,36 @@ def pattern_matches(regex: re.Pattern, event_type: str) -> bool:
     return regex.fullmatch("." + event_type) is not None
 
 
+def _full(queue, queued_bytes: int, size: int, max_count: int, max_bytes: int) -> bool:
+    # an event larger than the whole byte bound is still taken by an empty queue
+    return len(queue) >= max_count or (queued_bytes + size > max_bytes and len(queue) > 0)
+
+
 class Subscription:
     """One subscriber: a bounded queue and a thread ``fabrica-bus-<name>`` calling ``handler(event)``.
 
-    Events arrive in publish order. A handler that raises is logged with its
-    traceback and the subscription keeps going. ``close()`` stops the thread
-    after the event in hand.
+    Events arrive in publish order. The queue holds at most ``queue_size``
+    events and ``queue_bytes`` bytes of them; past either, events are
+    dropped and the next delivery is preceded by ``on_gap``. A handler that
+    raises is logged with its traceback and the subscription keeps going.
+    ``close()`` stops the thread after the event in hand.
     """
 
-    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000, name: str = "",
-                 on_gap=None, copy_events: bool = True):
+    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000,
+                 queue_bytes: int = QUEUE_BYTES, name: str = "", on_gap=None, copy_events: bool = True):
         self.pattern = pattern
         self.handler = handler
         self.name = name or getattr(handler, "__name__", "handler")
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.on_gap = on_gap
         self.copy_events = copy_events
         self.delivered = self.dropped = self.gaps = self.errors = 0
         self._regex = compile_pattern(pattern)
-        self._matches: dict[str, bool] = {}
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition(threading.Lock())  # guards _queue, _gap, _closed
+        self._matches: dict[str, bool] = {}     # bounded: condition types, so event types, are client input
+        self._queue: collections.deque = collections.deque()    # (event, size)
+        self.queued_bytes = 0
+        self._cond = threading.Condition(threading.Lock())  # guards _queue, queued_bytes, _gap, _closed
         self._gap = False
         self._busy = False
         self._closed = False
@@ -2612,19 +2630,22 @@ class Subscription:
     def matches(self, event_type: str) -> bool:
         hit = self._matches.get(event_type)
         if hit is None:
-            hit = self._matches[event_type] = pattern_matches(self._regex, event_type)
+            hit = pattern_matches(self._regex, event_type)
+            if len(self._matches) < _MATCH_CACHE:
+                self._matches[event_type] = hit
         return hit
 
-    def offer(self, event: dict) -> None:
-        """Queue an event without blocking; on overflow drop it and mark a gap."""
+    def offer(self, event: dict, size: int) -> None:
+        """Queue an event of ``size`` bytes without blocking; on overflow drop it and mark a gap."""
         with self._cond:
             if self._closed:
                 return
-            if len(self._queue) >= self.queue_size:
+            if _full(self._queue, self.queued_bytes, size, self.queue_size, self.queue_bytes):
                 self.dropped += 1
                 self._gap = True
             else:
-                self._queue.append(event)
+                self._queue.append((event, size))
+                self.queued_bytes += size
             self._cond.notify()
 
     def pending(self) -> int:
@@ -2642,7 +2663,10 @@ class Subscription:
                 if self._closed and (not self._queue or not self._drain):
                     return
                 gap, self._gap = self._gap, False
-                event = self._queue.popleft() if self._queue else None
+                event = None
+                if self._queue:
+                    event, size = self._queue.popleft()
+                    self.queued_bytes -= size
                 self._busy = True
             if gap:
                 self.gaps += 1
@@ -2686,13 +2710,16 @@ class Tap:
     set: the consumer must end the stream (a client resumes from its last id).
     """
 
-    def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, kind: str | None = None):
+    def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
+                 kind: str | None = None):
         self._bus = bus
         self._regex = compile_pattern(pattern)
         self._kind = kind
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition(threading.Lock())     # guards _queue, overflowed, closed
+        self._queue: collections.deque = collections.deque()    # (event, size)
+        self._cond = threading.Condition(threading.Lock())     # guards _queue, queued_bytes, overflowed, closed
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
         self.overflowed = False
         self.closed = False
         self.dropped = self.gaps = 0
@@ -2700,18 +2727,19 @@ class Tap:
     def matches(self, event_type: str) -> bool:
         return pattern_matches(self._regex, event_type)
 
-    def offer(self, event: dict) -> None:
+    def offer(self, event: dict, size: int) -> None:
         if self._kind is not None and event.get("resourcekind") != self._kind:
             return
         with self._cond:
             if self.closed or self.overflowed:
                 return
-            if len(self._queue) >= self.queue_size:
+            if _full(self._queue, self.queued_bytes, size, self.queue_size, self.queue_bytes):
                 self.overflowed = True
                 self.dropped += 1
                 self.gaps += 1
             else:
-                self._queue.append(event)
+                self._queue.append((event, size))
+                self.queued_bytes += size
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> dict | None:
@@ -2719,7 +2747,11 @@ class Tap:
         with self._cond:
             if not self._queue and not self.closed:
                 self._cond.wait(timeout)
-            return self._queue.popleft() if self._queue else None
+            if not self._queue:
+                return None
+            event, size = self._queue.popleft()
+            self.queued_bytes -= size
+            return event
 
     def idle(self) -> bool:
         return not self._queue
@@ -2734,14 +2766,19 @@ class Tap:
 class Bus:
     """In-process publish/subscribe of CloudEvents dicts, with a ring buffer of recent events.
 
-    ``publish(event, position)`` is non-blocking and thread-safe; positions
-    are ``(resourceVersion, n)`` tuples and must be published in order.
+    ``publish(event, position, size)`` is non-blocking and thread-safe;
+    positions are ``(resourceVersion, n)`` tuples and must be published in
+    order. The ring keeps at most ``ring_size`` events and ``ring_bytes``
+    bytes of them, whichever bound is reached first.
     """
 
-    def __init__(self, ring_size: int = 10000):
-        self._lock = threading.Lock()       # guards _subs and _ring
+    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES):
+        self._lock = threading.Lock()       # guards _subs, _ring, buffered_bytes, _evicted
         self._subs: tuple[Subscription, ...] = ()
-        self._ring: collections.deque = collections.deque(maxlen=ring_size)
+        self._ring: collections.deque = collections.deque()     # (position, event, size)
+        self.ring_size = ring_size
+        self.ring_bytes = ring_bytes
+        self.buffered_bytes = 0              # the sizes of the events in the ring, summed
         self._evicted = None                 # position of the newest event pushed out of the ring
         self.start_rv = 0                    # events at or before this were committed before we started
         self.published = 0
@@ -2752,9 +2789,10 @@ class Bus:
             self._subs = self._subs + (sub,)
         return sub
 
-    def tap(self, pattern: str, *, queue_size: int = 10000, kind: str | None = None) -> Tap:
+    def tap(self, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
+            kind: str | None = None) -> Tap:
         """A thread-less subscription (see Tap)."""
-        tap = Tap(self, pattern, queue_size=queue_size, kind=kind)
+        tap = Tap(self, pattern, queue_size=queue_size, queue_bytes=queue_bytes, kind=kind)
         with self._lock:
             self._subs = self._subs + (tap,)
         return tap
@@ -2763,17 +2801,23 @@ class Bus:
         with self._lock:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
-    def publish(self, event: dict, position: tuple[int, int]) -> None:
+    def publish(self, event: dict, position: tuple[int, int], size: int | None = None) -> None:
+        """Buffer and fan out one event; ``size`` is its JSON's bytes (measured here when None)."""
+        if size is None:
+            size = json_size(event)
         with self._lock:
-            if len(self._ring) == self._ring.maxlen:
-                self._evicted = self._ring[0][0]
-            self._ring.append((position, event))
+            ring = self._ring
+            ring.append((position, event, size))
+            self.buffered_bytes += size
+            while ring and (len(ring) > self.ring_size or self.buffered_bytes > self.ring_bytes):
+                self._evicted, _, gone = ring.popleft()
+                self.buffered_bytes -= gone
             subs = self._subs
             self.published += 1
         event_type = event["type"]
         for sub in subs:
             if sub.matches(event_type):
-                sub.offer(event)
+                sub.offer(event, size)
 
     def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
         """Every buffered event after ``position``; GoneError if one of them is not available.
@@ -2787,7 +2831,7 @@ class Bus:
         if position < (self.start_rv, 0) or (evicted is not None and position < evicted):
             raise GoneError(f"events after {format_position(position)} are no longer available; "
                             "re-list and watch from now")
-        return [(pos, ev) for pos, ev in ring if pos > position]
+        return [(pos, ev) for pos, ev, _ in ring if pos > position]
 
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
@@ -2796,7 +2840,8 @@ class Bus:
     def stats(self) -> dict:
         subs = self._subs
         return {"published": self.published, "subscribers": len(subs),
-                "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs)}
+                "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs),
+                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close every subscription; queued events are delivered within ``timeout``."""
@@ -3205,6 +3250,7 @@ class Controller:
     """
 
     event_queue_size = 1_000_000    # events waiting for the controller's bus thread; overflow -> resync
+    event_queue_bytes = QUEUE_BYTES  # and their bytes: events hold whole objects
 
     def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
         self.app = app
@@ -3231,6 +3277,7 @@ class Controller:
         patterns = {info.kind} | set(info.owns) | set(info.watches)
         self._subscription = app.bus.subscribe(
             f"{app.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
+            queue_bytes=self.event_queue_bytes,
             name=f"{self.kind.lower()}-controller",
             on_gap=lambda: self.resync("gap"), copy_events=False)
         self._kinds_of_interest = {k.lower() for k in patterns}
@@ -4953,6 +5000,9 @@ _META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersio
 _META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
 _CAS_RETRIES = 50
 _TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
+# about the bytes of a resource event around its object; they matter only for small objects,
+# whose events the ring's count bound limits first
+_EVENT_ENVELOPE = 512
 
 
 _FRAMEWORK_STATUS = {
@@ -5024,12 +5074,17 @@ class Fabrica:
     ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
     ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
     opened by start() (or serve()), not here, so serve's flags can override it.
+    ``max_body`` (1 MiB) caps a request body and also every object a write
+    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
+    ``ring_size`` and ``ring_bytes`` bound the event ring that serves
+    ``GET /events`` resume.
     """
 
     def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
                  database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int = 10000, max_body: int = MAX_BODY,
-                 service: str = "fabrica", open: bool = False, clock=time.monotonic, cors: str | None = None):
+                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
+                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
+                 cors: str | None = None):
         self.clock = clock
         self.data_dir = data_dir
         self.durable = durable
@@ -5042,7 +5097,7 @@ class Fabrica:
         self.service = service
         self.open = open
         self.store = store
-        self.bus = Bus(ring_size)
+        self.bus = Bus(ring_size, ring_bytes)
         self.kinds: dict[str, KindInfo] = {}
         self._by_plural: dict[str, KindInfo] = {}
         self._kind_lock = threading.Lock()          # guards open-server kind creation
@@ -5230,9 +5285,13 @@ class Fabrica:
                 return False
             wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
 
-    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000):
-        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``."""
-        return self.bus.subscribe(pattern, handler, queue_size=queue_size)
+    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
+        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
+
+        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
+        past either, events are dropped and the subscription counts a gap.
+        """
+        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
 
     def health(self) -> dict:
         store = self.store
@@ -5269,6 +5328,10 @@ class Fabrica:
                [f"fabrica_events_dropped_total {stats['dropped']}"])
         family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
                [f"fabrica_event_gaps_total {stats['gaps']}"])
+        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
+               [f"fabrica_event_ring_events {stats['buffered']}"])
+        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
+               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
         kinds = sorted(self.kinds)
         ctls = self._controllers
         per_kind = {
@@ -5302,8 +5365,12 @@ class Fabrica:
             raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
 
     # -- events ------------------------------------------------------------------
-    def _on_commit(self, action: str, old: dict | None, new: dict) -> None:
-        """Publish the CloudEvents of one committed write (store lock held, so in rv order)."""
+    def _on_commit(self, action: str, old: dict | None, new: dict, size: int) -> None:
+        """Publish the CloudEvents of one committed write (store lock held, so in rv order).
+
+        ``size`` is the object's JSON bytes, measured by the store: the resource event is that
+        plus its envelope, so the ring's byte bound costs no second serialisation.
+        """
         rv = int(new["metadata"]["resourceVersion"])
         # derived from what _mutate already decided: generation moves exactly on spec changes, and a
         # committed write that touched neither spec nor these metadata fields changed the status
@@ -5325,7 +5392,7 @@ class Fabrica:
                      "resourceName": meta["name"], "changeTime": when, "updateType": update_type,
                      "resource": new},
         }
-        self.bus.publish(event, (rv, 0))
+        self.bus.publish(event, (rv, 0), size + _EVENT_ENVELOPE)
         if action == "deleted":
             return
         before = {c.get("type"): c for c in ((old or {}).get("status", {}).get("conditions") or ())

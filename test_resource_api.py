@@ -1258,3 +1258,70 @@ class TestObjectSizeLimit:
         assert status == 200 and fabrica.json_size(obj) > 4096, obj
         status, _, obj = call(app, "DELETE", "/racks/r1")
         assert status == 200, obj
+
+
+def get_text(app, path, headers=None):
+    """GET a text endpoint (/metrics) in-process; its body as str."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD="GET", PATH_INFO=path, QUERY_STRING="")
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    seen = {}
+    chunks = app.wsgi(environ, lambda status, response_headers, exc_info=None: seen.update(status=status))
+    assert seen["status"].startswith("200"), seen
+    return b"".join(chunks).decode()
+
+
+def wait_for(predicate, timeout=30.0):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = fabrica.time.monotonic() + timeout
+    pause = fabrica.threading.Event()
+    while not predicate() and fabrica.time.monotonic() < deadline:
+        pause.wait(0.01)
+    return predicate()
+
+
+class TestEventRingBytes:
+    def test_the_ring_is_bounded_in_bytes_and_resume_past_it_is_gone(self, bounded_app):
+        assert fabrica.Fabrica().bus.ring_bytes == 64 << 20 == fabrica.RING_BYTES
+        app = bounded_app(plain, ring_bytes=100_000)
+        first = new_rack(app, spec={"a": "y" * 20_000})
+        for n in range(20):        # 20 PUTs of one ~20 KB object: 400 KB of events
+            status, _, obj = call(app, "PUT", "/racks/r1", {"a": "y" * 20_000, "n": n})
+            assert status == 200, obj
+        stats = app.bus.stats()
+        assert 0 < stats["bufferedBytes"] <= 100_000
+        assert 0 < stats["buffered"] < 10       # far below the count bound: bytes evicted them
+        last = int(obj["metadata"]["resourceVersion"])
+        kept = app.bus.since((last - stats["buffered"], 0))
+        assert [pos for pos, _ in kept] == [(rv, 0) for rv in range(last - stats["buffered"] + 1, last + 1)]
+        assert stats["bufferedBytes"] >= sum(fabrica.json_size(ev["data"]["resource"]) for _, ev in kept)
+        status, _, err = call(app, "GET", f"/events?since={first['metadata']['resourceVersion']}")
+        assert_error(status, err, 410)
+        assert f"fabrica_event_ring_bytes {stats['bufferedBytes']}\n" in get_text(app, "/metrics")
+
+    def test_subscriber_queues_are_bounded_in_bytes_and_share_the_events(self, bounded_app):
+        assert fabrica.Controller.event_queue_bytes == fabrica.QUEUE_BYTES
+        app = bounded_app(plain)
+        release = fabrica.threading.Event()
+
+        def stuck(event):
+            release.wait(30)
+        sub = app.subscribe("io.fabrica.rack.*", stuck, queue_bytes=50_000)
+        taps = [app.bus.tap("**"), app.bus.tap("**")]
+        try:
+            for n in range(10):         # 10 events of ~20 KB: the queue takes 2 or 3 of them
+                new_rack(app, name=f"r{n}", spec={"a": "y" * 20_000})
+            assert 0 < sub.queued_bytes <= 50_000 and sub.dropped >= 7
+            # the taps and the ring hold the very same event dicts: nothing is copied per subscriber
+            ring = [event for _, event in app.bus.since((0, 0))]
+            first, second = ([event for event in iter(lambda t=tap: t.get(0), None)] for tap in taps)
+            assert len(first) == len(second) == len(ring) == 10
+            assert all(a is b is c for a, b, c in zip(first, second, ring))
+        finally:
+            release.set()
+            for tap in taps:
+                tap.close()
+        assert wait_for(sub.idle)
+        assert sub.gaps == 1 and sub.queued_bytes == 0
