@@ -2170,7 +2170,12 @@ class Store:
         new_refs = new["metadata"]["ownerReferences"] if new else []
         if old_refs != new_refs:
             for ref in old_refs:
-                self._owned.get((ref.get("kind"), ref.get("uid")), set()).discard((kind, uid))
+                owner = (ref.get("kind"), ref.get("uid"))
+                dependents = self._owned.get(owner)
+                if dependents is not None:
+                    dependents.discard((kind, uid))
+                    if not dependents:
+                        del self._owned[owner]      # owners come and go: keep no empty set behind
             for ref in new_refs:
                 self._owned.setdefault((ref.get("kind"), ref.get("uid")), set()).add((kind, uid))
         old_labels = old["metadata"]["labels"] if old else {}
@@ -2224,33 +2229,41 @@ class DirSyncer:
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())  # guards _dirs
-        self._dirs: dict[str, list] = {}     # dir -> [renames, synced upto, running, failed upto]
+        # dir -> [renames, synced upto, running, failed upto, writers inside sync()]; an entry
+        # lives only while a writer is inside sync(), as every object's history has its own dir
+        self._dirs: dict[str, list] = {}
 
     def sync(self, directory: str) -> None:
         with self._cond:
-            state = self._dirs.setdefault(directory, [0, 0, False, 0])
+            state = self._dirs.setdefault(directory, [0, 0, False, 0, 0])
             state[0] += 1
+            state[4] += 1
             ticket = state[0]
-            while state[1] < ticket:
-                if ticket <= state[3]:
-                    raise OSError(errno.EIO, "directory fsync failed")
-                if state[2]:
-                    self._cond.wait()
-                    continue
-                state[2], target = True, state[0]
-                self._cond.release()
-                ok = False
-                try:
-                    _fsync_dir(directory)
-                    ok = True
-                finally:
-                    self._cond.acquire()
-                    state[2] = False
-                    if ok:
-                        state[1] = max(state[1], target)
-                    else:
-                        state[3] = max(state[3], target)
-                    self._cond.notify_all()
+            try:
+                while state[1] < ticket:
+                    if ticket <= state[3]:
+                        raise OSError(errno.EIO, "directory fsync failed")
+                    if state[2]:
+                        self._cond.wait()
+                        continue
+                    state[2], target = True, state[0]
+                    self._cond.release()
+                    ok = False
+                    try:
+                        _fsync_dir(directory)
+                        ok = True
+                    finally:
+                        self._cond.acquire()
+                        state[2] = False
+                        if ok:
+                            state[1] = max(state[1], target)
+                        else:
+                            state[3] = max(state[3], target)
+                        self._cond.notify_all()
+            finally:
+                state[4] -= 1
+                if not state[4]:
+                    del self._dirs[directory]
 
 
 class FileStore(Store):
@@ -3758,6 +3771,13 @@ class Histogram:
         return lines
 
 
+# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
+# method outside this set is "other", the route is the route's template, the code a status.
+_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
+_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
+
+
 def _prom_escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -3771,11 +3791,13 @@ class RestAPI:
         self.wsgi.default_error_handler = self._bottle_error
         self.wsgi.add_hook("before_request", self._guard)
         self.wsgi.add_hook("after_request", self._after)
-        self.requests = collections.Counter()   # (route, method, code) -> count
+        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.keepalive = 15.0                   # seconds between SSE keep-alive comments
         self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
+        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
+        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
@@ -3815,7 +3837,10 @@ class RestAPI:
         route = environ.get("bottle.route")
         rule = route.rule if route is not None else "unmatched"
         method = environ.get("REQUEST_METHOD", "")
-        self.requests[(rule, method, bottle.response.status_code)] += 1
+        if method not in _METRIC_METHODS:
+            method = "other"
+        code = bottle.response.status_code
+        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
         started = environ.get("fabrica.t0")
         if started is not None:
             hist = self.latency.get((rule, method))
@@ -3974,7 +3999,7 @@ class RestAPI:
         body, _ = self._json_body()
         info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
         if info is None:
-            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None)
+            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None, body)
         parsed = self.app._parse_body(info, body)
         owner = None
         if parsed["owner"] is not None:
@@ -3997,11 +4022,19 @@ class RestAPI:
         # Stored objects are never mutated (a write stores a new dict), so the JSON of
         # the very same object can be reused; the cache holds it, so `is` is safe.
         key = (info.kind, obj["metadata"]["uid"])
-        cached = self._bodies.get(key)
+        bodies = self._bodies
+        cached = bodies.get(key)
         if cached is None or cached[0] is not obj:
-            if len(self._bodies) >= 10000:
-                self._bodies.clear()
-            cached = self._bodies[key] = (obj, dumps(obj).encode())
+            cached = (obj, dumps(obj).encode())
+            with self._bodies_lock:
+                stale = bodies.pop(key, None)
+                if stale is not None:
+                    self._bodies_bytes -= len(stale[1])
+                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
+                    bodies.clear()
+                    self._bodies_bytes = 0
+                bodies[key] = cached
+                self._bodies_bytes += len(cached[1])
         res.content_type = JSON_TYPE
         res.set_header("ETag", etag_of(obj))
         return cached[1]
@@ -4999,6 +5032,7 @@ _FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status
 _META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
 _META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
 _CAS_RETRIES = 50
+OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
 _TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
 # about the bytes of a resource event around its object; they matter only for small objects,
 # whose events the ring's count bound limits first
@@ -5166,8 +5200,12 @@ class Fabrica:
             self.rest.mount(plural, info.history_on)
         return info
 
-    def _open_kind(self, plural: str, kind: str | None) -> KindInfo:
-        """The open server's kind for a plural, made at first create."""
+    def _open_kind(self, plural: str, kind: str | None, body: dict | None = None) -> KindInfo:
+        """The open server's kind for a plural, made at first create.
+
+        Kinds are named by clients, so there are at most OPEN_KINDS of them,
+        and a ``body`` that could not be stored (bad name, labels...) makes none.
+        """
         with self._kind_lock:
             info = self._by_plural.get(plural)
             if info is None:
@@ -5175,6 +5213,12 @@ class Fabrica:
                 if not KIND_RE.fullmatch(kind) or kind in self.kinds:
                     raise ValidationError(f"cannot create kind {kind!r} at /{plural}",
                                           [{"field": "kind", "message": "must be CapWords and not already served"}])
+                if len(self.kinds) >= OPEN_KINDS:
+                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
+                                          f"serves {len(self.kinds)} kinds, its limit",
+                                          [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
+                if body is not None:
+                    self._parse_body(KindInfo(kind, plural, kind.lower()), body)
                 info = self._declare(kind, None, {"plural": plural}, mount=False)
             return info
 

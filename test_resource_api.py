@@ -1325,3 +1325,69 @@ class TestEventRingBytes:
                 tap.close()
         assert wait_for(sub.idle)
         assert sub.gaps == 1 and sub.queued_bytes == 0
+
+
+class TestBoundedCachesAndLabels:
+    def test_unknown_methods_and_raw_paths_never_become_metric_labels(self, bounded_app):
+        app = bounded_app(plain, token="s3cret")
+        auth = {"Authorization": "Bearer s3cret"}
+        for name in ("r1", "r2"):
+            assert call(app, "POST", "/racks", {"name": name}, auth)[0] == 201
+            assert call(app, "GET", f"/racks/{name}", headers=auth)[0] == 200
+        assert call(app, "BREW0", "/racks")[0] == 401       # unauthenticated, as in the report
+        get_text(app, "/metrics", auth)             # so that /metrics itself has its labels
+        before = get_text(app, "/metrics", auth)
+        for n in range(1, 300):
+            assert call(app, f"BREW{n}", f"/racks/x{n}")[0] == 401
+        after = get_text(app, "/metrics", auth)
+        def label_sets(text):
+            return [re.sub(r" \S+$", "", line) for line in text.splitlines()]
+        assert label_sets(after) == label_sets(before)     # only sample values moved
+        assert 'route="unmatched",method="other",code="401"} 300\n' in after
+        assert 'route="/racks/<ref>",method="GET",code="200"} 2\n' in after
+        assert "BREW" not in after and "/racks/x" not in after and "/racks/r1" not in after
+
+    def test_condition_types_are_not_remembered_forever(self, bounded_app):
+        app = bounded_app(plain)
+        got = []
+        sub = app.subscribe("io.fabrica.condition.*", got.append)
+        new_rack(app)
+        conditions = [{"type": f"Custom{n}", "status": "True"} for n in range(600)]
+        app.client.update_status("Rack", "r1", {"conditions": conditions})
+        assert wait_for(lambda: len(got) == 600)    # every distinct type still matched...
+        assert len(sub._matches) <= 256             # ...but only a bounded number of verdicts is kept
+
+    def test_owner_and_fsync_bookkeeping_leave_nothing_behind(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"))     # durable: directory fsyncs run
+        app.register("Rack", history=True)
+        app.register("Chassis")
+        with app:
+            for n in range(20):
+                owner = app.client.create("Rack", f"r{n}")
+                app.client.create("Chassis", f"c{n}", owner=owner)
+                assert app.client.delete("Rack", owner.uid) is None       # and its chassis with it
+            assert app.client.list("Chassis") == []
+            assert app.store._owned == {}
+            assert app.store._dirsync._dirs == {}
+
+    def test_an_open_server_makes_a_bounded_number_of_kinds(self, bounded_app, monkeypatch):
+        app = bounded_app(lambda app: None, open=True)
+        status, _, err = call(app, "POST", "/widgets", {"name": "Not A Name"})
+        assert_error(status, err, 422)
+        assert call(app, "GET", "/apis")[2]["kinds"] == []     # a body that could not be stored made no kind
+        monkeypatch.setattr(fabrica, "OPEN_KINDS", 3)
+        for plural in ("widgets", "gadgets", "gizmos"):
+            assert call(app, "POST", f"/{plural}", {"name": "one"})[0] == 201
+        status, _, err = call(app, "POST", "/doodads", {"name": "one"})
+        assert_error(status, err, 422)
+        assert [k["plural"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["widgets", "gadgets", "gizmos"]
+
+    def test_the_get_body_cache_is_bounded_in_bytes(self, bounded_app, monkeypatch):
+        monkeypatch.setattr(fabrica, "_BODY_CACHE_BYTES", 50_000)
+        app = bounded_app(plain)
+        for n in range(6):
+            new_rack(app, name=f"r{n}", spec={"a": "y" * 20_000})
+            assert call(app, "GET", f"/racks/r{n}")[0] == 200
+            cached = app.rest._bodies
+            assert sum(len(body) for _, body in cached.values()) == app.rest._bodies_bytes <= 50_000
+            assert 1 <= len(cached) <= 2
