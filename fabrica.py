@@ -261,6 +261,12 @@ def dumps(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def json_size(value) -> int:
+    """The bytes of ``dumps(value)`` in UTF-8 (what the object limit measures); TypeError/ValueError if not JSON."""
+    text = dumps(value)
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def deepcopy_json(value):
     """A fast deep copy for JSON-shaped values (dict, list, scalars)."""
     if isinstance(value, dict):
@@ -343,6 +349,12 @@ class ValidationError(FabricaError):
 
 class PatchError(ValidationError):
     """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
+
+
+class PatchTooLargeError(PatchError, PayloadTooLargeError):
+    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
+
+    status = 413
 
 
 class InsufficientStorageError(FabricaError):
@@ -649,6 +661,8 @@ class Result:
 # dotted shorthand. None mutates its arguments, and no result shares an
 # object with them: each works on a deep copy and copies every value it
 # takes from a patch. Failures raise PatchError (422) naming op and path.
+# JSON Patch alone can multiply a document (copy), so it takes a size bound
+# that it checks before each operation grows the document.
 
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 _BAD_ESCAPE = re.compile(r"~(?![01])")
@@ -703,7 +717,7 @@ def merge_patch_diff(a, b):
     return patch
 
 
-def apply_json_patch(doc, ops):
+def apply_json_patch(doc, ops, *, max_size: int | None = None):
     """Return *doc* with the JSON Patch (RFC 6902) *ops* applied.
 
     *ops* is a list of operation objects, each with a string "op" (add,
@@ -715,22 +729,30 @@ def apply_json_patch(doc, ops):
     Raises PatchError naming the failing operation and path, e.g.
     "op 2 (remove): path '/a/b' does not exist", with the same message in
     ``details`` under the field "patch[2]".
+
+    ``max_size`` bounds the result to that many bytes of compact JSON: a
+    running estimate of the document's size is checked before each
+    operation grows it, and the values ``copy`` operations duplicate may not
+    add up to more than ``max_size`` either, so a small patch of many copies
+    (CVE-2019-1002100) fails with PatchTooLargeError (a PatchError, status
+    413) before the document grows, not after.
     """
     if not isinstance(ops, list):
         raise PatchError(f"a JSON Patch must be an array of operations, not {_json_kind(ops)}")
+    budget = None if max_size is None else _PatchBudget(doc, max_size)
     result = copy.deepcopy(doc)
     for index, op in enumerate(ops):
         try:
-            result = _apply_operation(result, op)
+            result = _apply_operation(result, op, budget)
         except PatchError as exc:
             name = op.get("op") if isinstance(op, dict) else None
             label = f"op {index} ({name})" if isinstance(name, str) else f"op {index}"
             details = [{"field": f"patch[{index}]", "message": exc.message}]
-            raise PatchError(f"{label}: {exc.message}", details) from None
+            raise type(exc)(f"{label}: {exc.message}", details) from None
     return result
 
 
-def _apply_operation(doc, op):
+def _apply_operation(doc, op, budget=None):
     """Apply one operation to *doc* in place; return the (maybe new) root."""
     if not isinstance(op, dict):
         raise PatchError(f"an operation must be an object, not {_json_kind(op)}")
@@ -742,11 +764,17 @@ def _apply_operation(doc, op):
         raise PatchError("missing 'value' member")
 
     if name == "add":
+        if budget is not None:
+            budget.put(doc, path, _size(op["value"]))
         return _add(doc, path, copy.deepcopy(op["value"]))
     if name == "remove":
+        if budget is not None:
+            budget.take(doc, path)
         _remove(doc, path)
         return doc
     if name == "replace":
+        if budget is not None:
+            budget.put(doc, path, _size(op["value"]), replace=True)
         if not path:
             return copy.deepcopy(op["value"])
         parent, key = _locate(doc, path)
@@ -761,13 +789,103 @@ def _apply_operation(doc, op):
 
     source = _pointer_member(op, "from")
     if name == "copy":
-        return _add(doc, path, copy.deepcopy(_walk(doc, source)))
+        value = _walk(doc, source)
+        if budget is not None:
+            budget.put(doc, path, _size(value), copied=True)      # sized before anything is copied
+        return _add(doc, path, copy.deepcopy(value))
     if source == path:
         _walk(doc, source)  # a no-op move still needs an existing "from"
         return doc
     if path[:len(source)] == source:
         raise PatchError(f"cannot move '{op['from']}' into its own child '{op['path']}'")
-    return _add(doc, path, _remove(doc, source))
+    if budget is None:
+        return _add(doc, path, _remove(doc, source))
+    budget.take(doc, source, value=False)
+    value = _remove(doc, source)
+    budget.land(doc, path, value)
+    return _add(doc, path, value)
+
+
+def _size(value) -> int:
+    # json_size() that never raises: a value that is not JSON (app.client may pass one) is sized
+    # by its str(), and the store refuses it later
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+class _PatchBudget:
+    """The running size of a JSON Patch's document, and the bytes its copies duplicated.
+
+    Each method accounts for one operation before it changes the document,
+    raising PatchTooLargeError if the estimate would pass the limit. A
+    member costs its value plus its separators (a comma unless it is alone,
+    and '"key":' in an object), so the estimate is the size of the compact
+    JSON. A path that does not resolve is not charged: the operation fails
+    on it anyway.
+    """
+
+    def __init__(self, doc, limit: int):
+        self.limit = limit
+        self.size = _size(doc)
+        self.copied = 0
+
+    def put(self, doc, tokens, size: int, *, replace: bool = False, copied: bool = False) -> None:
+        """A value of ``size`` bytes is written at ``tokens`` (add and copy insert, replace replaces)."""
+        old = self._old_size(doc, tokens, replace)
+        if old is None:
+            return
+        if copied:
+            if self.copied + size > self.limit:
+                raise PatchTooLargeError(f"the copy operations would duplicate more than {self.limit} bytes")
+            self.copied += size
+        self._grow(size - old)
+
+    def take(self, doc, tokens, *, value: bool = True) -> None:
+        """The member at ``tokens`` goes away (remove), or only its separators (``value=False``: a move)."""
+        if not tokens:
+            return      # the root cannot be removed: the operation fails
+        with contextlib.suppress(PatchError):
+            parent, key = _locate(doc, tokens)
+            self.size -= (_size(parent[key]) if value else 0) + self._separators(parent, key, 1)
+
+    def land(self, doc, tokens, value) -> None:
+        """A moved ``value``, already taken out of ``doc``, goes to ``tokens`` (nothing is copied)."""
+        if tokens:
+            self.put(doc, tokens, 0)        # only what it displaces there, or its separators, count
+        else:
+            self.size = _size(value)
+
+    def _old_size(self, doc, tokens, replace: bool) -> int | None:
+        # the bytes a write at tokens removes: the document at the root, a replaced value, or
+        # (negative) the separators an inserted member adds; None if tokens does not resolve
+        if not tokens:
+            return self.size
+        try:
+            parent = _walk(doc, tokens[:-1])
+            key = tokens[-1]
+            if isinstance(parent, dict):
+                if key in parent:
+                    return _size(parent[key])
+                return None if replace else -self._separators(parent, key, 0)
+            if isinstance(parent, list):
+                index = _array_index(parent, key, tokens, insert=not replace)
+                return _size(parent[index]) if replace else -self._separators(parent, key, 0)
+        except PatchError:
+            pass
+        return None
+
+    @staticmethod
+    def _separators(parent, key, others: int) -> int:
+        # '"key":' in an object, and a comma unless the member is alone (with ``others`` = the
+        # members besides it: 0 when it is being inserted, 1 when it is still there)
+        comma = 1 if len(parent) > others else 0
+        return _size(key) + 1 + comma if isinstance(parent, dict) else comma
+
+    def _grow(self, delta: int) -> None:
+        if delta > 0 and self.size + delta > self.limit:
+            raise PatchTooLargeError(f"the patched document would be larger than {self.limit} bytes of JSON "
+                                     "(the object limit)")
+        self.size += delta
 
 
 def _pointer_member(op, member) -> list[str]:
@@ -1378,12 +1496,13 @@ def _jsonschema_form(schema):
     return schema
 
 
-def _with_defaults(schema, value):
+def _with_defaults(schema, value, budget: _DefaultsBudget | None = None):
     """Fill missing properties that have a "default", in place in value (which the caller owns).
 
     Recurses into present objects, list items and additionalProperties values;
     a filled default is walked too. For anyOf the first branch that value
     satisfies once defaulted gives the defaults. Returns the (maybe new) value.
+    ``budget`` is charged for each default before it is copied in.
     """
     if not isinstance(schema, dict):
         return value
@@ -1391,17 +1510,40 @@ def _with_defaults(schema, value):
         properties = schema.get("properties", {})
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
-            value[name] = _with_defaults(properties.get(name, extra), item)
+            value[name] = _with_defaults(properties.get(name, extra), item, budget)
         for name, sub in properties.items():
             if name not in value and isinstance(sub, dict) and "default" in sub:
-                value[name] = _with_defaults(sub, copy.deepcopy(sub["default"]))
+                if budget is not None:
+                    budget.spend(sub["default"])
+                value[name] = _with_defaults(sub, copy.deepcopy(sub["default"]), budget)
     elif isinstance(value, list):
-        value[:] = [_with_defaults(schema.get("items"), item) for item in value]
+        value[:] = [_with_defaults(schema.get("items"), item, budget) for item in value]
     for branch in schema.get("anyOf", ()):
-        trial = _with_defaults(branch, copy.deepcopy(value))
+        trial = _with_defaults(branch, copy.deepcopy(value), budget)
         if not any(_schema_errors(branch, trial, "")):
             return trial
     return value
+
+
+class _DefaultsBudget:
+    """The bytes of JSON the defaults filled into one value may add up to.
+
+    A default is small, but the schema can give one to every item of a long
+    list, so a small body could grow without it.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = self.left = limit
+        self._sizes: dict[int, int] = {}      # id(default) -> its size; defaults live in the schema
+
+    def spend(self, default) -> None:
+        size = self._sizes.get(id(default))
+        if size is None:
+            size = self._sizes[id(default)] = _size(default)
+        self.left -= size
+        if self.left < 0:
+            raise PayloadTooLargeError(f"the defaults the schema fills in would add more than {self.limit} "
+                                       "bytes of JSON (the object limit)")
 
 
 _EXPECTED = {
@@ -1651,7 +1793,7 @@ class Schema:
     def __repr__(self) -> str:
         return f"Schema({self.json!r}, engine={self.engine!r})"
 
-    def validate(self, value, path: str = "spec") -> tuple[object, list[dict]]:
+    def validate(self, value, path: str = "spec", *, max_size: int | None = None) -> tuple[object, list[dict]]:
         """Return (value with defaults filled in, errors); never raises for bad data.
 
         The result is a new object (value is deep-copied, never mutated; a
@@ -1660,10 +1802,14 @@ class Schema:
         properties that have a "default". errors lists every failure as
         {"field": "spec.items[2].name", "message": "..."}: a missing required
         field and an unknown field are reported at their own path.
+
+        With ``max_size``, PayloadTooLargeError (413) is raised as soon as
+        the defaults filled in add up to more than that many bytes of JSON.
         """
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
-        value = _with_defaults(self.json, copy.deepcopy(value))
+        budget = None if max_size is None else _DefaultsBudget(max_size)
+        value = _with_defaults(self.json, copy.deepcopy(value), budget)
         if self._validator is None:
             found = _schema_errors(self.json, value, path)
         else:
@@ -1676,9 +1822,9 @@ class Schema:
                 errors.append(error)
         return value, errors
 
-    def check(self, value, path: str = "spec"):
+    def check(self, value, path: str = "spec", *, max_size: int | None = None):
         """Return validate()'s defaulted value, or raise ValidationError (422; details: errors)."""
-        value, errors = self.validate(value, path)
+        value, errors = self.validate(value, path, max_size=max_size)
         if errors:
             shown = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:3])
             more = "; ..." if len(errors) > 3 else ""
@@ -1733,7 +1879,7 @@ class Store:
         self.unsure: dict[str, str] = {}   # kind ("*": every kind) -> why not all its objects may be loaded
         self._rv = 0
         self._opened = False
-        self.on_commit = None       # callable(action, old, new), called under the lock
+        self.on_commit = None       # callable(action, old, new, size), called under the lock
         self.quarantined: list[dict] = []
         self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
         self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
@@ -1940,7 +2086,8 @@ class Store:
             return True
         return kind not in self.unsure and "*" not in self.unsure
 
-    def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=()) -> dict:
+    def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=(), *,
+               max_size: int | None = None) -> dict:
         """Store a new object and give it the next resourceVersion.
 
         Raises ConflictError (``details[0]["field"]`` is ``metadata.uid`` for a
@@ -1948,6 +2095,7 @@ class Store:
         StoreError/InsufficientStorageError on I/O errors. ``guard()`` runs
         under the lock once no write to the ``wait_for`` keys is in flight
         (fabrica's owner check), so what it checks cannot change before the commit.
+        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError.
         """
         kind, meta = obj["kind"], obj["metadata"]
         objs, names = self._objects[kind], self._names[kind]
@@ -1960,16 +2108,20 @@ class Store:
             if meta["name"] in names or (meta["name"] in objs and meta["name"] != meta["uid"]):
                 raise ConflictError(f'{kind} "{meta["name"]}" already exists; choose another name',
                                     [{"field": "metadata.name", "message": "already exists"}])
-        return self._write("created", obj, check, snapshot, name=(kind, meta["name"]), wait_for=wait_for)
+        return self._write("created", obj, check, snapshot, name=(kind, meta["name"]), wait_for=wait_for,
+                           max_size=max_size)
 
-    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None) -> dict:
+    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None, *,
+                max_size: int | None = None) -> dict:
         """Replace an object if its stored resourceVersion is still ``expected_rv``.
 
-        Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on.
+        Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on;
+        PayloadTooLargeError if the object is over ``max_size`` bytes of JSON and larger
+        than the stored one (a write that does not grow an object is never refused).
         """
         kind = obj["kind"]
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
-                                                                         expected_rv), snapshot)
+                                                                         expected_rv), snapshot, max_size=max_size)
 
     def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
         """Delete an object; returns its last state carrying the delete's resourceVersion."""
@@ -1987,7 +2139,8 @@ class Store:
                 f"the request expected {expected_rv}; re-read and retry")
 
     def _write(self, action: str, new: dict | None, check, snapshot: dict | None = None, *,
-               key: tuple[str, str] | None = None, name: tuple[str, str] | None = None, wait_for=()) -> dict:
+               key: tuple[str, str] | None = None, name: tuple[str, str] | None = None, wait_for=(),
+               max_size: int | None = None) -> dict:
         """The commit pipeline shared by create/replace/delete.
 
         1. Under the lock, once no other write to this key (or name) is in
@@ -2006,12 +2159,15 @@ class Store:
         """
         key = key or (new["kind"], new["metadata"]["uid"])
         kind = key[0]
+        size = 0
         if new is not None:
             try:        # before a resourceVersion is taken: a value that is not JSON must never reach a file
-                dumps(new)
+                size = json_size(new)
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
                                       [{"field": "", "message": str(exc)}]) from None
+            if max_size is not None and size > max_size:
+                self._check_size(new, size, max_size)
         cond = self._cond
         with cond:
             while key in self._inflight or (name is not None and name in self._inflight_names) or any(
@@ -2041,6 +2197,8 @@ class Store:
         new["metadata"]["resourceVersion"] = str(rv)
         error = None
         try:
+            if action == "deleted":
+                size = json_size(new)       # the delete event's share of the event ring's byte bound
             if snapshot is not None:        # first: the object's rename is the commit point of both
                 self._persist_version(kind, key[1], snapshot)
             try:
@@ -2064,7 +2222,7 @@ class Store:
                     self._apply(action, kind, key[1], old, new, snapshot)
                     self._rv = rv
                     self.writes += 1
-                    self._notify(action, old, new)
+                    self._notify(action, old, new, size)
                 if error is not None:
                     self.write_failures += 1
             finally:
@@ -2097,6 +2255,14 @@ class Store:
         if snapshot is not None:
             self._history.setdefault((kind, uid), {})[snapshot["versionId"]] = snapshot
 
+    def _check_size(self, new: dict, size: int, max_size: int) -> None:
+        # an object stored before the limit was lowered may still shrink or stay the same size
+        old = self._objects[new["kind"]].get(new["metadata"]["uid"])
+        if old is None or size > json_size(old):
+            raise PayloadTooLargeError(
+                f'{new["kind"]} "{new["metadata"]["name"]}" would be {size} bytes of JSON; the limit for an object '
+                f"is {max_size} bytes", [{"field": "", "message": f"larger than {max_size} bytes"}])
+
     @staticmethod
     def _write_error(action: str, obj: dict, exc: OSError) -> FabricaError:
         """The error a failed write answers, saying what the store holds now."""
@@ -2114,11 +2280,11 @@ class Store:
             return cls(f"no space left to {verb} {name}; {kept}, free space and retry")
         return cls(f"could not {verb} {name}: {exc.strerror or exc}; {kept}")
 
-    def _notify(self, action, old, new):
+    def _notify(self, action, old, new, size):
         # after the commit: a failure here must not turn a stored write into an error answer
         if self.on_commit is not None:
             try:
-                self.on_commit(action, old, new)
+                self.on_commit(action, old, new, size)
             except Exception:
                 store_log.exception("could not publish the events of %s %s at resourceVersion %s",
                                     new["kind"], new["metadata"]["uid"], new["metadata"]["resourceVersion"])
@@ -2178,7 +2344,7 @@ class Store:
                 if dependents is not None:
                     dependents.discard((kind, uid))
                     if not dependents:
-                        del self._owned[owner]
+                        del self._owned[owner]      # owners come and go: keep no empty set behind
                         self._deleted_owners.discard(owner)
             for ref in new_refs:
                 self._owned.setdefault((ref["kind"], ref["uid"]), set()).add((kind, uid))
@@ -2233,33 +2399,41 @@ class DirSyncer:
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())  # guards _dirs
-        self._dirs: dict[str, list] = {}     # dir -> [renames, synced upto, running, failed upto]
+        # dir -> [renames, synced upto, running, failed upto, writers inside sync()]; an entry
+        # lives only while a writer is inside sync(), as every object's history has its own dir
+        self._dirs: dict[str, list] = {}
 
     def sync(self, directory: str) -> None:
         with self._cond:
-            state = self._dirs.setdefault(directory, [0, 0, False, 0])
+            state = self._dirs.setdefault(directory, [0, 0, False, 0, 0])
             state[0] += 1
+            state[4] += 1
             ticket = state[0]
-            while state[1] < ticket:
-                if ticket <= state[3]:
-                    raise OSError(errno.EIO, "directory fsync failed")
-                if state[2]:
-                    self._cond.wait()
-                    continue
-                state[2], target = True, state[0]
-                self._cond.release()
-                ok = False
-                try:
-                    _fsync_dir(directory)
-                    ok = True
-                finally:
-                    self._cond.acquire()
-                    state[2] = False
-                    if ok:
-                        state[1] = max(state[1], target)
-                    else:
-                        state[3] = max(state[3], target)
-                    self._cond.notify_all()
+            try:
+                while state[1] < ticket:
+                    if ticket <= state[3]:
+                        raise OSError(errno.EIO, "directory fsync failed")
+                    if state[2]:
+                        self._cond.wait()
+                        continue
+                    state[2], target = True, state[0]
+                    self._cond.release()
+                    ok = False
+                    try:
+                        _fsync_dir(directory)
+                        ok = True
+                    finally:
+                        self._cond.acquire()
+                        state[2] = False
+                        if ok:
+                            state[1] = max(state[1], target)
+                        else:
+                            state[3] = max(state[3], target)
+                        self._cond.notify_all()
+            finally:
+                state[4] -= 1
+                if not state[4]:
+                    del self._dirs[directory]
 
 
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
@@ -2811,7 +2985,14 @@ def _write_all(fd, payload):
 # events enter the bus in resourceVersion order. It never blocks: each
 # subscriber has its own bounded queue and thread; a full queue drops the
 # event and marks a gap (the controller answers a gap with a full resync).
-# Handlers run in the subscriber's thread, never under a lock.
+# Handlers run in the subscriber's thread, never under a lock. The ring and
+# every queue are bounded in events AND in bytes (an event's size is its
+# JSON's): one large object written often must not multiply memory. Queues
+# and the ring share the event dicts; nothing is copied per subscriber.
+
+RING_BYTES = 64 << 20       # default byte bound of the event ring
+QUEUE_BYTES = 64 << 20      # default byte bound of each subscriber's queue
+_MATCH_CACHE = 256          # event types whose pattern verdict a subscriber remembers
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
@@ -2834,27 +3015,36 @@ def pattern_matches(regex: re.Pattern, event_type: str) -> bool:
     return regex.fullmatch("." + event_type) is not None
 
 
+def _full(queue, queued_bytes: int, size: int, max_count: int, max_bytes: int) -> bool:
+    # an event larger than the whole byte bound is still taken by an empty queue
+    return len(queue) >= max_count or (queued_bytes + size > max_bytes and len(queue) > 0)
+
+
 class Subscription:
     """One subscriber: a bounded queue and a thread ``fabrica-bus-<name>`` calling ``handler(event)``.
 
-    Events arrive in publish order. A handler that raises is logged with its
-    traceback and the subscription keeps going. ``close()`` stops the thread
-    after the event in hand.
+    Events arrive in publish order. The queue holds at most ``queue_size``
+    events and ``queue_bytes`` bytes of them; past either, events are
+    dropped and the next delivery is preceded by ``on_gap``. A handler that
+    raises is logged with its traceback and the subscription keeps going.
+    ``close()`` stops the thread after the event in hand.
     """
 
-    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000, name: str = "",
-                 on_gap=None, copy_events: bool = True):
+    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000,
+                 queue_bytes: int = QUEUE_BYTES, name: str = "", on_gap=None, copy_events: bool = True):
         self.pattern = pattern
         self.handler = handler
         self.name = name or getattr(handler, "__name__", "handler")
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.on_gap = on_gap
         self.copy_events = copy_events
         self.delivered = self.dropped = self.gaps = self.errors = 0
         self._regex = compile_pattern(pattern)
-        self._matches: dict[str, bool] = {}
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition(threading.Lock())  # guards _queue, _gap, _closed
+        self._matches: dict[str, bool] = {}     # bounded: condition types, so event types, are client input
+        self._queue: collections.deque = collections.deque()    # (event, size)
+        self.queued_bytes = 0
+        self._cond = threading.Condition(threading.Lock())  # guards _queue, queued_bytes, _gap, _closed
         self._gap = False
         self._busy = False
         self._closed = False
@@ -2866,19 +3056,22 @@ class Subscription:
     def matches(self, event_type: str) -> bool:
         hit = self._matches.get(event_type)
         if hit is None:
-            hit = self._matches[event_type] = pattern_matches(self._regex, event_type)
+            hit = pattern_matches(self._regex, event_type)
+            if len(self._matches) < _MATCH_CACHE:
+                self._matches[event_type] = hit
         return hit
 
-    def offer(self, event: dict) -> None:
-        """Queue an event without blocking; on overflow drop it and mark a gap."""
+    def offer(self, event: dict, size: int) -> None:
+        """Queue an event of ``size`` bytes without blocking; on overflow drop it and mark a gap."""
         with self._cond:
             if self._closed:
                 return
-            if len(self._queue) >= self.queue_size:
+            if _full(self._queue, self.queued_bytes, size, self.queue_size, self.queue_bytes):
                 self.dropped += 1
                 self._gap = True
             else:
-                self._queue.append(event)
+                self._queue.append((event, size))
+                self.queued_bytes += size
             self._cond.notify()
 
     def pending(self) -> int:
@@ -2896,7 +3089,10 @@ class Subscription:
                 if self._closed and (not self._queue or not self._drain):
                     return
                 gap, self._gap = self._gap, False
-                event = self._queue.popleft() if self._queue else None
+                event = None
+                if self._queue:
+                    event, size = self._queue.popleft()
+                    self.queued_bytes -= size
                 self._busy = True
             if gap:
                 self.gaps += 1
@@ -2940,13 +3136,16 @@ class Tap:
     set: the consumer must end the stream (a client resumes from its last id).
     """
 
-    def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, kind: str | None = None):
+    def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
+                 kind: str | None = None):
         self._bus = bus
         self._regex = compile_pattern(pattern)
         self._kind = kind
-        self._queue: collections.deque = collections.deque()
-        self._cond = threading.Condition(threading.Lock())     # guards _queue, overflowed, closed
+        self._queue: collections.deque = collections.deque()    # (event, size)
+        self._cond = threading.Condition(threading.Lock())     # guards _queue, queued_bytes, overflowed, closed
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0
         self.overflowed = False
         self.closed = False
         self.dropped = self.gaps = 0
@@ -2954,18 +3153,19 @@ class Tap:
     def matches(self, event_type: str) -> bool:
         return pattern_matches(self._regex, event_type)
 
-    def offer(self, event: dict) -> None:
+    def offer(self, event: dict, size: int) -> None:
         if self._kind is not None and event.get("resourcekind") != self._kind:
             return
         with self._cond:
             if self.closed or self.overflowed:
                 return
-            if len(self._queue) >= self.queue_size:
+            if _full(self._queue, self.queued_bytes, size, self.queue_size, self.queue_bytes):
                 self.overflowed = True
                 self.dropped += 1
                 self.gaps += 1
             else:
-                self._queue.append(event)
+                self._queue.append((event, size))
+                self.queued_bytes += size
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> dict | None:
@@ -2973,7 +3173,11 @@ class Tap:
         with self._cond:
             if not self._queue and not self.closed:
                 self._cond.wait(timeout)
-            return self._queue.popleft() if self._queue else None
+            if not self._queue:
+                return None
+            event, size = self._queue.popleft()
+            self.queued_bytes -= size
+            return event
 
     def idle(self) -> bool:
         return not self._queue
@@ -2988,14 +3192,19 @@ class Tap:
 class Bus:
     """In-process publish/subscribe of CloudEvents dicts, with a ring buffer of recent events.
 
-    ``publish(event, position)`` is non-blocking and thread-safe; positions
-    are ``(resourceVersion, n)`` tuples and must be published in order.
+    ``publish(event, position, size)`` is non-blocking and thread-safe;
+    positions are ``(resourceVersion, n)`` tuples and must be published in
+    order. The ring keeps at most ``ring_size`` events and ``ring_bytes``
+    bytes of them, whichever bound is reached first.
     """
 
-    def __init__(self, ring_size: int = 10000):
-        self._lock = threading.Lock()       # guards _subs and _ring
+    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES):
+        self._lock = threading.Lock()       # guards _subs, _ring, buffered_bytes, _evicted
         self._subs: tuple[Subscription, ...] = ()
-        self._ring: collections.deque = collections.deque(maxlen=ring_size)
+        self._ring: collections.deque = collections.deque()     # (position, event, size)
+        self.ring_size = ring_size
+        self.ring_bytes = ring_bytes
+        self.buffered_bytes = 0              # the sizes of the events in the ring, summed
         self._evicted = None                 # position of the newest event pushed out of the ring
         self.start_rv = 0                    # events at or before this were committed before we started
         self.published = 0
@@ -3006,9 +3215,10 @@ class Bus:
             self._subs = self._subs + (sub,)
         return sub
 
-    def tap(self, pattern: str, *, queue_size: int = 10000, kind: str | None = None) -> Tap:
+    def tap(self, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
+            kind: str | None = None) -> Tap:
         """A thread-less subscription (see Tap)."""
-        tap = Tap(self, pattern, queue_size=queue_size, kind=kind)
+        tap = Tap(self, pattern, queue_size=queue_size, queue_bytes=queue_bytes, kind=kind)
         with self._lock:
             self._subs = self._subs + (tap,)
         return tap
@@ -3017,17 +3227,23 @@ class Bus:
         with self._lock:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
-    def publish(self, event: dict, position: tuple[int, int]) -> None:
+    def publish(self, event: dict, position: tuple[int, int], size: int | None = None) -> None:
+        """Buffer and fan out one event; ``size`` is its JSON's bytes (measured here when None)."""
+        if size is None:
+            size = json_size(event)
         with self._lock:
-            if len(self._ring) == self._ring.maxlen:
-                self._evicted = self._ring[0][0]
-            self._ring.append((position, event))
+            ring = self._ring
+            ring.append((position, event, size))
+            self.buffered_bytes += size
+            while ring and (len(ring) > self.ring_size or self.buffered_bytes > self.ring_bytes):
+                self._evicted, _, gone = ring.popleft()
+                self.buffered_bytes -= gone
             subs = self._subs
             self.published += 1
         event_type = event["type"]
         for sub in subs:
             if sub.matches(event_type):
-                sub.offer(event)
+                sub.offer(event, size)
 
     def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
         """Every buffered event after ``position``; GoneError if one of them is not available.
@@ -3041,7 +3257,7 @@ class Bus:
         if position < (self.start_rv, 0) or (evicted is not None and position < evicted):
             raise GoneError(f"events after {format_position(position)} are no longer available; "
                             "re-list and watch from now")
-        return [(pos, ev) for pos, ev in ring if pos > position]
+        return [(pos, ev) for pos, ev, _ in ring if pos > position]
 
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
@@ -3050,7 +3266,8 @@ class Bus:
     def stats(self) -> dict:
         subs = self._subs
         return {"published": self.published, "subscribers": len(subs),
-                "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs)}
+                "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs),
+                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close every subscription; queued events are delivered within ``timeout``."""
@@ -3481,6 +3698,7 @@ class Controller:
     """
 
     event_queue_size = 1_000_000    # events waiting for the controller's bus thread; overflow -> resync
+    event_queue_bytes = QUEUE_BYTES  # and their bytes: events hold whole objects
 
     def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
         self.app = app
@@ -3507,6 +3725,7 @@ class Controller:
         patterns = {info.kind} | set(info.owns) | set(info.watches)
         self._subscription = app.bus.subscribe(
             f"{app.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
+            queue_bytes=self.event_queue_bytes,
             name=f"{self.kind.lower()}-controller",
             on_gap=lambda: self.resync("gap"), copy_events=False)
         self._kinds_of_interest = {k.lower() for k in patterns}
@@ -3995,6 +4214,13 @@ class Histogram:
         return lines
 
 
+# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
+# method outside this set is "other", the route is the route's template, the code a status.
+_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
+_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
+
+
 def _prom_escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -4008,11 +4234,13 @@ class RestAPI:
         self.wsgi.default_error_handler = self._bottle_error
         self.wsgi.add_hook("before_request", self._guard)
         self.wsgi.add_hook("after_request", self._after)
-        self.requests = collections.Counter()   # (route, method, code) -> count
+        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.keepalive = 15.0                   # seconds between SSE keep-alive comments
         self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
+        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
+        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
@@ -4052,7 +4280,10 @@ class RestAPI:
         route = environ.get("bottle.route")
         rule = route.rule if route is not None else "unmatched"
         method = environ.get("REQUEST_METHOD", "")
-        self.requests[(rule, method, bottle.response.status_code)] += 1
+        if method not in _METRIC_METHODS:
+            method = "other"
+        code = bottle.response.status_code
+        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
         started = environ.get("fabrica.t0")
         if started is not None:
             hist = self.latency.get((rule, method))
@@ -4212,7 +4443,7 @@ class RestAPI:
         body, _ = self._json_body()
         info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
         if info is None:
-            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None)
+            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None, body)
         obj = self.app._create(info, self.app._parse_body(info, body))
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
@@ -4228,11 +4459,19 @@ class RestAPI:
         # Stored objects are never mutated (a write stores a new dict), so the JSON of
         # the very same object can be reused; the cache holds it, so `is` is safe.
         key = (info.kind, obj["metadata"]["uid"])
-        cached = self._bodies.get(key)
+        bodies = self._bodies
+        cached = bodies.get(key)
         if cached is None or cached[0] is not obj:
-            if len(self._bodies) >= 10000:
-                self._bodies.clear()
-            cached = self._bodies[key] = (obj, dumps(obj).encode())
+            cached = (obj, dumps(obj).encode())
+            with self._bodies_lock:
+                stale = bodies.pop(key, None)
+                if stale is not None:
+                    self._bodies_bytes -= len(stale[1])
+                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
+                    bodies.clear()
+                    self._bodies_bytes = 0
+                bodies[key] = cached
+                self._bodies_bytes += len(cached[1])
         res.content_type = JSON_TYPE
         res.set_header("ETag", etag_of(obj))
         return cached[1]
@@ -4416,7 +4655,7 @@ _OA_ERRORS = {
            "or the object changes too fast",
     "410": "Gone: events after that position are no longer available",
     "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
-    "413": "The request body is over the limit (1 MiB by default)",
+    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
     "415": "Unsupported Content-Type",
     "422": "Validation failed; details lists every failing field",
     "500": "The store could not complete the write; the previous version is intact",
@@ -5241,7 +5480,11 @@ _FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status
 _META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
 _META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
 _CAS_RETRIES = 50
+OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
 _TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
+# about the bytes of a resource event around its object; they matter only for small objects,
+# whose events the ring's count bound limits first
+_EVENT_ENVELOPE = 512
 
 
 _FRAMEWORK_STATUS = {
@@ -5443,12 +5686,17 @@ class Fabrica:
     ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
     ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
     opened by start() (or serve()), not here, so serve's flags can override it.
+    ``max_body`` (1 MiB) caps a request body and also every object a write
+    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
+    ``ring_size`` and ``ring_bytes`` bound the event ring that serves
+    ``GET /events`` resume.
     """
 
     def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
                  database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int = 10000, max_body: int = MAX_BODY,
-                 service: str = "fabrica", open: bool = False, clock=time.monotonic, cors: str | None = None):
+                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
+                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
+                 cors: str | None = None):
         self.clock = clock
         self.data_dir = data_dir
         self.durable = durable
@@ -5461,7 +5709,7 @@ class Fabrica:
         self.service = service
         self.open = open
         self.store = store
-        self.bus = Bus(ring_size)
+        self.bus = Bus(ring_size, ring_bytes)
         self.kinds: dict[str, KindInfo] = {}
         self._by_plural: dict[str, KindInfo] = {}
         self._kind_lock = threading.Lock()          # guards open-server kind creation
@@ -5531,8 +5779,12 @@ class Fabrica:
             self.rest.mount(plural, info.history_on)
         return info
 
-    def _open_kind(self, plural: str, kind: str | None) -> KindInfo:
-        """The open server's kind for a plural, made at first create."""
+    def _open_kind(self, plural: str, kind: str | None, body: dict | None = None) -> KindInfo:
+        """The open server's kind for a plural, made at first create.
+
+        Kinds are named by clients, so there are at most OPEN_KINDS of them,
+        and a ``body`` that could not be stored (bad name, labels...) makes none.
+        """
         with self._kind_lock:
             info = self._by_plural.get(plural)
             if info is None:
@@ -5540,6 +5792,12 @@ class Fabrica:
                 if not KIND_RE.fullmatch(kind) or kind in self.kinds:
                     raise ValidationError(f"cannot create kind {kind!r} at /{plural}",
                                           [{"field": "kind", "message": "must be CapWords and not already served"}])
+                if len(self.kinds) >= OPEN_KINDS:
+                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
+                                          f"serves {len(self.kinds)} kinds, its limit",
+                                          [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
+                if body is not None:
+                    self._parse_body(KindInfo(kind, plural, kind.lower()), body)
                 info = self._declare(kind, None, {"plural": plural}, mount=False)
             return info
 
@@ -5655,9 +5913,13 @@ class Fabrica:
                 return False
             wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
 
-    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000):
-        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``."""
-        return self.bus.subscribe(pattern, handler, queue_size=queue_size)
+    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
+        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
+
+        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
+        past either, events are dropped and the subscription counts a gap.
+        """
+        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
 
     def health(self) -> dict:
         store = self.store
@@ -5694,6 +5956,10 @@ class Fabrica:
                [f"fabrica_events_dropped_total {stats['dropped']}"])
         family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
                [f"fabrica_event_gaps_total {stats['gaps']}"])
+        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
+               [f"fabrica_event_ring_events {stats['buffered']}"])
+        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
+               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
         kinds = sorted(self.kinds)
         ctls = self._controllers
         per_kind = {
@@ -5727,8 +5993,12 @@ class Fabrica:
             raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
 
     # -- events ------------------------------------------------------------------
-    def _on_commit(self, action: str, old: dict | None, new: dict) -> None:
-        """Publish the CloudEvents of one committed write (store lock held, so in rv order)."""
+    def _on_commit(self, action: str, old: dict | None, new: dict, size: int) -> None:
+        """Publish the CloudEvents of one committed write (store lock held, so in rv order).
+
+        ``size`` is the object's JSON bytes, measured by the store: the resource event is that
+        plus its envelope, so the ring's byte bound costs no second serialisation.
+        """
         rv = int(new["metadata"]["resourceVersion"])
         # derived from what _mutate already decided: generation moves exactly on spec changes, and a
         # committed write that touched neither spec nor these metadata fields changed the status
@@ -5750,7 +6020,7 @@ class Fabrica:
                      "resourceName": meta["name"], "changeTime": when, "updateType": update_type,
                      "resource": new},
         }
-        self.bus.publish(event, (rv, 0))
+        self.bus.publish(event, (rv, 0), size + _EVENT_ENVELOPE)
         if action == "deleted":
             return
         before = {c.get("type"): c for c in ((old or {}).get("status", {}).get("conditions") or ())
@@ -5847,7 +6117,7 @@ class Fabrica:
         """The spec with defaults filled in; ValidationError (422) listing every failing field."""
         if not isinstance(spec, dict):
             raise BadRequestError("spec must be a JSON object")
-        return spec if info.spec is None else info.spec.check(spec, "spec")
+        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
 
     def _check_status(self, info: KindInfo, status) -> dict:
         """The status with defaults; the fields fabrica writes are checked apart from the user's schema."""
@@ -5857,7 +6127,7 @@ class Fabrica:
         errors = status_problems(own)
         rest = {k: v for k, v in status.items() if k not in own}
         if info.status is not None:
-            rest, more = info.status.validate(rest, "status")
+            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
             errors += more
         if errors:
             raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
@@ -5917,7 +6187,8 @@ class Fabrica:
                 snapshot = self._snapshot(obj)
             self._run_validate(info, obj)
             try:
-                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys)
+                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys,
+                                         max_size=self.max_body)
             except ConflictError as exc:
                 if exc.details and exc.details[0]["field"] == "metadata.uid":
                     continue        # a uid collision: draw another one
@@ -5968,7 +6239,7 @@ class Fabrica:
             try:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
                     return self._remove(info, old_meta["uid"], rv)
-                stored = store.replace(new, rv, action, snapshot)
+                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
                 if snapshot is not None and info.history:      # after the commit: never raises
                     store.prune_versions(kind, old_meta["uid"], info.history)
                 return stored
@@ -5998,7 +6269,9 @@ class Fabrica:
 
     def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
                **pre) -> dict:
-        apply = {"merge": apply_merge_patch, "json": apply_json_patch, "shorthand": apply_shorthand_patch}.get(patch_type)
+        apply = {"merge": apply_merge_patch, "shorthand": apply_shorthand_patch,
+                 # a JSON Patch alone can multiply what it is given (copy): bounded as it runs
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body)}.get(patch_type)
         if apply is None:
             raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
         part = "status" if status else "spec"

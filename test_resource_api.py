@@ -1135,3 +1135,259 @@ def test_merge_patch_diff_applied_over_http_yields_b(a, b):
 @given(a=_specs_with_bools, b=_specs_with_bools)
 def test_merge_patch_diff_applied_over_http_yields_b_with_booleans(a, b):
     _round_trip(a, b)
+
+
+###############################################################################
+# Bounds: object size, event ring, caches and metric labels (SPEC §4, §6.4, §6.7)
+###############################################################################
+
+@pytest.fixture
+def bounded_app(tmp_path):
+    """bounded_app(register, **options) -> a started Fabrica built with ``options`` (max_body, ring_bytes...)."""
+    apps = []
+
+    def make(register, **options):
+        options.setdefault("data_dir", str(tmp_path / f"data{len(apps)}"))
+        options.setdefault("durable", False)
+        app = fabrica.Fabrica(**options)
+        register(app)
+        app.start()
+        apps.append(app)
+        return app
+    yield make
+    for app in reversed(apps):
+        app.stop()
+
+
+def _unchanged(app, path, before):
+    """The object at ``path`` is exactly ``before`` (same resourceVersion, same JSON)."""
+    status, headers, now = call(app, "GET", path)
+    assert status == 200 and now == before and headers["etag"] == f'"{before["metadata"]["resourceVersion"]}"'
+
+
+def _copy_amplifier(copies):
+    """A JSON Patch of ~50 bytes per op that doubles /a with every copy (CVE-2019-1002100)."""
+    return [{"op": "add", "path": "/a", "value": [1]}] + [{"op": "copy", "from": "/a", "path": "/a/-"}] * copies
+
+
+class TestObjectSizeLimit:
+    LIMIT = 8192
+
+    def test_copy_amplifying_json_patch_is_refused_before_it_grows(self, bounded_app):
+        app = bounded_app(plain, max_body=self.LIMIT)
+        before = new_rack(app)
+        published = app.bus.published
+        ops = _copy_amplifier(16)           # 16 doublings: about 256 KiB from an 800-byte body
+        assert len(json.dumps(ops)) < 1000
+        status, _, body = call(app, "PATCH", "/racks/r1", ops, ctype=JSONP)
+        assert_error(status, body, 413)
+        # the refusal names the first op whose result passes the limit: the document never got larger
+        sizes, doc = [], {}
+        for op in ops:
+            doc = fabrica.apply_json_patch(doc, [op])
+            sizes.append(fabrica.json_size(doc))
+        first_over = next(i for i, size in enumerate(sizes) if size > self.LIMIT)
+        assert body["details"] == [{"field": f"patch[{first_over}]", "message": body["details"][0]["message"]}]
+        _unchanged(app, "/racks/r1", before)
+        assert app.bus.published == published
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.patch("Rack", "r1", ops, type="json")
+        with pytest.raises(fabrica.PatchError) as caught:   # the pure function: a PatchError, status 413
+            fabrica.apply_json_patch({}, _copy_amplifier(40), max_size=1 << 20)
+        assert caught.value.status == 413
+        # copies that only churn (copy, then remove) are bounded too: their copied bytes add up
+        churn = [{"op": "add", "path": "/big", "value": "x" * 3000}] + [
+            {"op": "copy", "from": "/big", "path": "/tmp"}, {"op": "remove", "path": "/tmp"}] * 3
+        status, _, body = call(app, "PATCH", "/racks/r1", churn, ctype=JSONP)
+        assert_error(status, body, 413)
+        # a patch that stays under the limit still applies, and keeps its exact meaning
+        status, _, obj = call(app, "PATCH", "/racks/r1", _copy_amplifier(4), ctype=JSONP)
+        assert status == 200, obj
+        assert obj["spec"]["a"] == fabrica.apply_json_patch({}, _copy_amplifier(4))["a"]
+
+    def test_every_write_path_keeps_the_object_limit(self, bounded_app):
+        pad = {"type": "string", "default": "x" * 200}
+        schema = {"type": "object", "properties": {
+            "items": {"type": "array", "items": {"type": "object", "properties": {"pad": pad}}},
+            "a": {}, "b": {}}}
+
+        def register(app):
+            app.register("Rack")
+            app.register("Shelf", spec=schema)
+        app = bounded_app(register, max_body=self.LIMIT)
+        before = new_rack(app, spec={"a": "y" * 5000})
+        published = app.bus.published
+        big = "z" * 4000             # each body is under the limit; what it makes is over it
+        writes = [
+            ("PATCH", "/racks/r1", {"b": big}, MERGE),
+            ("PATCH", "/racks/r1", {"b.c": big}, SHORT),
+            ("PATCH", "/racks/r1", [{"op": "add", "path": "/b", "value": big}], JSONP),
+            ("PUT", "/racks/r1", {"a": "y" * (self.LIMIT - 150)}, "application/json"),
+            ("PUT", "/racks/r1/status", {"note": big}, "application/json"),
+            ("PATCH", "/racks/r1/status", {"note": big}, MERGE),
+        ]
+        for method, path, body, ctype in writes:
+            assert len(json.dumps(body)) < self.LIMIT
+            status, _, err = call(app, method, path, body, ctype=ctype)
+            assert_error(status, err, 413)
+            _unchanged(app, "/racks/r1", before)
+        # a create whose object (body plus metadata) passes the limit stores nothing
+        status, _, err = call(app, "POST", "/racks", {"name": "r2", "a": "y" * (self.LIMIT - 100)})
+        assert_error(status, err, 413)
+        # defaults the schema fills in: 60 empty items of a 200-byte default each
+        status, _, err = call(app, "POST", "/shelfs", {"name": "s1", "items": [{}] * 60})
+        assert_error(status, err, 413)
+        # app.client takes the same path
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.create("Rack", "r3", spec={"a": "y" * 2 * self.LIMIT})
+        with pytest.raises(fabrica.PayloadTooLargeError):
+            app.client.update_status("Rack", "r1", {"note": big})
+        assert [r.name for r in app.client.list("Rack")] == ["r1"] and app.client.list("Shelf") == []
+        assert app.bus.published == published
+        _unchanged(app, "/racks/r1", before)
+
+    def test_an_object_over_a_lowered_limit_can_still_shrink_and_go(self, bounded_app):
+        app = bounded_app(plain, max_body=self.LIMIT)
+        new_rack(app, spec={"a": "y" * 6000, "b": "short", "c": "short"})
+        app.max_body = 4096
+        status, _, err = call(app, "PATCH", "/racks/r1", {"d": 1}, ctype=MERGE)
+        assert_error(status, err, 413)                      # growing it is refused
+        status, _, obj = call(app, "PATCH", "/racks/r1", {"b": None}, ctype=MERGE)
+        assert status == 200 and fabrica.json_size(obj) > 4096, obj     # shrinking it is not
+        status, _, obj = call(app, "PATCH", "/racks/r1", [{"op": "remove", "path": "/c"}], ctype=JSONP)
+        assert status == 200 and fabrica.json_size(obj) > 4096, obj
+        status, _, obj = call(app, "DELETE", "/racks/r1")
+        assert status == 200, obj
+
+
+def get_text(app, path, headers=None):
+    """GET a text endpoint (/metrics) in-process; its body as str."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD="GET", PATH_INFO=path, QUERY_STRING="")
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    seen = {}
+    chunks = app.wsgi(environ, lambda status, response_headers, exc_info=None: seen.update(status=status))
+    assert seen["status"].startswith("200"), seen
+    return b"".join(chunks).decode()
+
+
+def wait_for(predicate, timeout=30.0):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last value."""
+    deadline = fabrica.time.monotonic() + timeout
+    pause = fabrica.threading.Event()
+    while not predicate() and fabrica.time.monotonic() < deadline:
+        pause.wait(0.01)
+    return predicate()
+
+
+class TestEventRingBytes:
+    def test_the_ring_is_bounded_in_bytes_and_resume_past_it_is_gone(self, bounded_app):
+        assert fabrica.Fabrica().bus.ring_bytes == 64 << 20 == fabrica.RING_BYTES
+        app = bounded_app(plain, ring_bytes=100_000)
+        first = new_rack(app, spec={"a": "y" * 20_000})
+        for n in range(20):        # 20 PUTs of one ~20 KB object: 400 KB of events
+            status, _, obj = call(app, "PUT", "/racks/r1", {"a": "y" * 20_000, "n": n})
+            assert status == 200, obj
+        stats = app.bus.stats()
+        assert 0 < stats["bufferedBytes"] <= 100_000
+        assert 0 < stats["buffered"] < 10       # far below the count bound: bytes evicted them
+        last = int(obj["metadata"]["resourceVersion"])
+        kept = app.bus.since((last - stats["buffered"], 0))
+        assert [pos for pos, _ in kept] == [(rv, 0) for rv in range(last - stats["buffered"] + 1, last + 1)]
+        assert stats["bufferedBytes"] >= sum(fabrica.json_size(ev["data"]["resource"]) for _, ev in kept)
+        status, _, err = call(app, "GET", f"/events?since={first['metadata']['resourceVersion']}")
+        assert_error(status, err, 410)
+        assert f"fabrica_event_ring_bytes {stats['bufferedBytes']}\n" in get_text(app, "/metrics")
+
+    def test_subscriber_queues_are_bounded_in_bytes_and_share_the_events(self, bounded_app):
+        assert fabrica.Controller.event_queue_bytes == fabrica.QUEUE_BYTES
+        app = bounded_app(plain)
+        release = fabrica.threading.Event()
+
+        def stuck(event):
+            release.wait(30)
+        sub = app.subscribe("io.fabrica.rack.*", stuck, queue_bytes=50_000)
+        taps = [app.bus.tap("**"), app.bus.tap("**")]
+        try:
+            for n in range(10):         # 10 events of ~20 KB: the queue takes 2 or 3 of them
+                new_rack(app, name=f"r{n}", spec={"a": "y" * 20_000})
+            assert 0 < sub.queued_bytes <= 50_000 and sub.dropped >= 7
+            # the taps and the ring hold the very same event dicts: nothing is copied per subscriber
+            ring = [event for _, event in app.bus.since((0, 0))]
+            first, second = ([event for event in iter(lambda t=tap: t.get(0), None)] for tap in taps)
+            assert len(first) == len(second) == len(ring) == 10
+            assert all(a is b is c for a, b, c in zip(first, second, ring))
+        finally:
+            release.set()
+            for tap in taps:
+                tap.close()
+        assert wait_for(sub.idle)
+        assert sub.gaps == 1 and sub.queued_bytes == 0
+
+
+class TestBoundedCachesAndLabels:
+    def test_unknown_methods_and_raw_paths_never_become_metric_labels(self, bounded_app):
+        app = bounded_app(plain, token="s3cret")
+        auth = {"Authorization": "Bearer s3cret"}
+        for name in ("r1", "r2"):
+            assert call(app, "POST", "/racks", {"name": name}, auth)[0] == 201
+            assert call(app, "GET", f"/racks/{name}", headers=auth)[0] == 200
+        assert call(app, "BREW0", "/racks")[0] == 401       # unauthenticated, as in the report
+        get_text(app, "/metrics", auth)             # so that /metrics itself has its labels
+        before = get_text(app, "/metrics", auth)
+        for n in range(1, 300):
+            assert call(app, f"BREW{n}", f"/racks/x{n}")[0] == 401
+        after = get_text(app, "/metrics", auth)
+        def label_sets(text):
+            return [re.sub(r" \S+$", "", line) for line in text.splitlines()]
+        assert label_sets(after) == label_sets(before)     # only sample values moved
+        assert 'route="unmatched",method="other",code="401"} 300\n' in after
+        assert 'route="/racks/<ref>",method="GET",code="200"} 2\n' in after
+        assert "BREW" not in after and "/racks/x" not in after and "/racks/r1" not in after
+
+    def test_condition_types_are_not_remembered_forever(self, bounded_app):
+        app = bounded_app(plain)
+        got = []
+        sub = app.subscribe("io.fabrica.condition.*", got.append)
+        new_rack(app)
+        conditions = [{"type": f"Custom{n}", "status": "True"} for n in range(600)]
+        app.client.update_status("Rack", "r1", {"conditions": conditions})
+        assert wait_for(lambda: len(got) == 600)    # every distinct type still matched...
+        assert len(sub._matches) <= 256             # ...but only a bounded number of verdicts is kept
+
+    def test_owner_and_fsync_bookkeeping_leave_nothing_behind(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"))     # durable: directory fsyncs run
+        app.register("Rack", history=True)
+        app.register("Chassis")
+        with app:
+            for n in range(20):
+                owner = app.client.create("Rack", f"r{n}")
+                app.client.create("Chassis", f"c{n}", owner=owner)
+                assert app.client.delete("Rack", owner.uid) is None       # and its chassis with it
+            assert app.client.list("Chassis") == []
+            assert app.store._owned == {}
+            assert app.store._dirsync._dirs == {}
+
+    def test_an_open_server_makes_a_bounded_number_of_kinds(self, bounded_app, monkeypatch):
+        app = bounded_app(lambda app: None, open=True)
+        status, _, err = call(app, "POST", "/widgets", {"name": "Not A Name"})
+        assert_error(status, err, 422)
+        assert call(app, "GET", "/apis")[2]["kinds"] == []     # a body that could not be stored made no kind
+        monkeypatch.setattr(fabrica, "OPEN_KINDS", 3)
+        for plural in ("widgets", "gadgets", "gizmos"):
+            assert call(app, "POST", f"/{plural}", {"name": "one"})[0] == 201
+        status, _, err = call(app, "POST", "/doodads", {"name": "one"})
+        assert_error(status, err, 422)
+        assert [k["plural"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["widgets", "gadgets", "gizmos"]
+
+    def test_the_get_body_cache_is_bounded_in_bytes(self, bounded_app, monkeypatch):
+        monkeypatch.setattr(fabrica, "_BODY_CACHE_BYTES", 50_000)
+        app = bounded_app(plain)
+        for n in range(6):
+            new_rack(app, name=f"r{n}", spec={"a": "y" * 20_000})
+            assert call(app, "GET", f"/racks/r{n}")[0] == 200
+            cached = app.rest._bodies
+            assert sum(len(body) for _, body in cached.values()) == app.rest._bodies_bytes <= 50_000
+            assert 1 <= len(cached) <= 2
