@@ -5597,11 +5597,13 @@ class Fabrica:
             raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
 
         def on_signal(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
             raise KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
-        http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
         try:
+            # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
+            http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
             bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True)
         except ImportError as exc:
             raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
