@@ -113,6 +113,7 @@ http_log = logging.getLogger("fabrica.http")
 API_VERSION = "v1"
 SCHEMA_VERSION = "v1"
 MAX_BODY = 1 << 20
+MAX_HEAD = 64 << 10              # request line + headers; a longer head is refused with 431 (414 for the line)
 MAX_DEPTH = 64
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -315,6 +316,12 @@ class NotFoundError(FabricaError):
     status = 404
 
 
+class RequestTimeoutError(FabricaError):
+    """The client did not send its request (head or body) in time."""
+
+    status = 408
+
+
 class ConflictError(FabricaError):
     status = 409
 
@@ -388,8 +395,8 @@ class TemporaryError(Exception):
 
 
 _ERRORS_BY_STATUS = {cls.status: cls for cls in (
-    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, ConflictError, GoneError,
-    PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
+    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, RequestTimeoutError, ConflictError,
+    GoneError, PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
     InsufficientStorageError)}
 
 
@@ -4129,7 +4136,16 @@ class _ChunkedReader:
 
 
 def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
-    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it)."""
+    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it; 408 when
+    the server's deadline for it passes)."""
+    try:
+        return _read_body(environ, limit)
+    except TimeoutError:
+        environ["fabrica.close"] = True
+        raise RequestTimeoutError("the request body did not arrive in time") from None
+
+
+def _read_body(environ: dict, limit: int) -> bytes:
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         stream = environ["wsgi.input"]
         if not environ.get("wsgi.input_terminated"):
@@ -4314,7 +4330,7 @@ class RestAPI:
         res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
         res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
         res.content_type = JSON_TYPE
-        if err.status == 413:
+        if err.status in (408, 413):         # the body is left unread: the connection cannot be reused
             res.set_header("Connection", "close")
         return res
 
@@ -5183,9 +5199,82 @@ fetch("/openapi.json", {headers: headers()})
 ###############################################################################
 #
 # The default server: one thread per connection (bounded), HTTP/1.1
-# keep-alive, a socket timeout per connection, a listen backlog of 1,024, JSON
-# error pages. Bottle's default wsgiref server is single-threaded and speaks
-# HTTP/1.0, so one slow client stalls everyone and every request reconnects.
+# keep-alive, a listen backlog of 1,024, JSON error pages. Bottle's default
+# wsgiref server is single-threaded and speaks HTTP/1.0, so one slow client
+# stalls everyone and every request reconnects. A connection slot is held
+# only by a client that keeps up: the request head has a size cap (enforced
+# while reading) and a whole-head deadline, a body a minimum rate, and an idle
+# keep-alive connection gives its slot to a new client when all are taken.
+
+MIN_BODY_RATE = 500              # a body has `timeout` s, plus 1 s per this many bytes received
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under a connection's rfile: no recv waits past ``deadline``.
+
+    A per-recv socket timeout is no deadline: a client that drips one byte per
+    timeout resets it forever (slowloris). Here every recv waits only for what
+    is left of the deadline; with ``rate`` set, each byte received extends it
+    by 1/rate s (a body must keep up a minimum rate, as Apache's mod_reqtimeout).
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
+        self.timeout = timeout          # the socket's own timeout, which writes use
+        self.deadline = math.inf
+        self.rate = 0.0
+
+    def start(self, seconds: float, rate: float = 0.0) -> None:
+        self.deadline, self.rate = time.monotonic() + seconds, rate
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client did not send in time")
+        self.sock.settimeout(min(left, self.timeout))
+        try:
+            n = self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)
+        if self.rate:
+            self.deadline += n / self.rate
+        return n
+
+
+class _HeadTooLarge(Exception):
+    """The request head passed MAX_HEAD; ``status`` is 414 (in the request line) or 431."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class _BodyStream:
+    """What wsgi.input reads from: the connection's rfile, but the first read
+    starts the body's clock and sends a deferred ``100 Continue``. The app
+    reads the body only after its checks (token, declared size), so a client
+    waiting for the 100 gets a refusal as its final status alone (SPEC §6.7)."""
+
+    def __init__(self, handler: _WSGIRequestHandler):
+        self.handler = handler
+        self.started = False
+
+    def read(self, size: int = -1) -> bytes:
+        self._start()
+        return self.handler.rfile.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        self._start()
+        return self.handler.rfile.readline(size)
+
+    def _start(self):
+        if not self.started:
+            self.started = True
+            self.handler.body_started()
+
 
 class _LimitedReader:
     """wsgi.input for a Content-Length body: never reads past it."""
@@ -5214,11 +5303,15 @@ class _LimitedReader:
 class _WSGIRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"fabrica/{__version__}"
-    timeout = 30                 # seconds a connection may stay silent (set on the socket)
-    idle = True
+    timeout = 30                 # seconds an idle connection or a write may take (a body: plus MIN_BODY_RATE)
+    idle_since: float | None = None     # since when it waits for a next request; None while busy (server lock)
+    evicted = False                     # the server closed it to admit a new client (server lock)
+    linger = False                      # closing with client input unread: drain it first (finish)
 
     def setup(self):
         super().setup()
+        self.reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
         with self.server._conns_changed:
             self.server._conns[self.request] = self
 
@@ -5228,22 +5321,48 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
         while not self.close_connection and not self.server.stopping:
             self.handle_one_request()
 
+    def finish(self):
+        super().finish()
+        if self.linger:
+            # Closing a socket with unread input resets the connection, and the client may lose the
+            # error response just sent: stop writing, then drop what it still sends, for a moment.
+            sink = bytearray(1 << 16)
+            deadline = time.monotonic() + 2.0
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
+                while (left := deadline - time.monotonic()) > 0:
+                    self.connection.settimeout(left)
+                    if not self.connection.recv_into(sink):
+                        break
+
     def handle_one_request(self):
-        self.idle = True
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+        self.expect_continue = self.responded = False
+        if not self.await_request():
+            self.close_connection = True
+            return
         try:
-            self.raw_requestline = self.rfile.readline(65537)
+            lines = self.read_head()
+        except _HeadTooLarge as exc:
+            what = "line" if exc.status == 414 else "head"
+            self.send_error(exc.status, f"the request {what} is over {MAX_HEAD} bytes")
+            return
+        except TimeoutError:
+            self.send_error(408, f"the request head did not arrive within {self.server.head_timeout:g} s")
+            self.linger = False                 # no grace for a client this slow: free its slot now
+            return
         except (OSError, ValueError):
-            self.close_connection = True
+            lines = []
+        if not lines:
+            self.close_connection = True        # the client went away (or was evicted) mid-head
             return
-        self.idle = False
-        if len(self.raw_requestline) > 65536:
-            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-            self.send_error(414)
-            return
-        if not self.raw_requestline:
-            self.close_connection = True
-            return
-        if not self.parse_request():
+        self.raw_requestline = lines[0]
+        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines[1:]) + b"\r\n")
+        try:
+            parsed = self.parse_request()       # the stdlib's parser, over the head already read
+        finally:
+            self.rfile = rfile
+        if not parsed:
             return
         problem = self._framing_problem()
         if problem:
@@ -5253,6 +5372,52 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
             self._run_wsgi()
         except (OSError, ValueError):
             self.close_connection = True
+
+    def await_request(self) -> bool:
+        """Wait for the first byte of the next request, idle: the server may evict this
+        connection for a new client meanwhile. False when the connection is done."""
+        with self.server._conns_changed:
+            self.idle_since = time.monotonic()
+        self.reader.start(self.timeout)
+        try:
+            arrived = bool(self.rfile.peek(1))
+        except (OSError, ValueError):
+            arrived = False
+        with self.server._conns_changed:
+            self.idle_since = None
+            return arrived and not self.evicted
+
+    def read_head(self) -> list[bytes]:
+        """The request line and header lines, all within ``head_timeout`` of the first byte
+        and at most MAX_HEAD bytes of them: the server never buffers more, whatever the
+        client sends. [] when the client closed mid-head; raises _HeadTooLarge, TimeoutError."""
+        self.reader.start(self.server.head_timeout)
+        lines, size = [], 0
+        while True:
+            line = self.rfile.readline(MAX_HEAD + 1 - size)
+            size += len(line)
+            if size > MAX_HEAD:
+                raise _HeadTooLarge(431 if lines else 414)
+            if not line.endswith(b"\n"):
+                return []
+            if line in (b"\r\n", b"\n"):
+                if lines:
+                    return lines
+                continue        # an empty line before the request line is ignored (RFC 9112 §2.2)
+            lines.append(line)
+
+    def handle_expect_100(self):
+        # parse_request calls this on "Expect: 100-continue". The 100 waits for the app's first
+        # body read (_BodyStream), which comes after its checks: a refusal is sent alone.
+        self.expect_continue = True
+        return True
+
+    def body_started(self):
+        """The app reads the body: start its clock, send the deferred 100 Continue."""
+        self.reader.start(self.timeout, MIN_BODY_RATE)
+        if self.expect_continue and not self.responded:
+            self.expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _framing_problem(self) -> str | None:
         """Why the body's framing is ambiguous (a request-smuggling risk), or None."""
@@ -5270,6 +5435,7 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         # The stdlib writes an HTML page here; fabrica answers JSON everywhere.
+        self.responded = self.linger = True
         body = dumps({"error": message or self.responses.get(code, ("error",))[0], "code": code,
                       "details": []}).encode()
         try:
@@ -5308,12 +5474,12 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
                 key = "HTTP_" + key
             env[key] = env[key] + "," + value if key in env else value
         if "HTTP_TRANSFER_ENCODING" in env:            # checked by _framing_problem: ends in chunked
-            env["wsgi.input"] = _ChunkedReader(self.rfile)
+            env["wsgi.input"] = _ChunkedReader(_BodyStream(self))
             env.pop("CONTENT_LENGTH", None)
         else:
             length = env.get("CONTENT_LENGTH", "0").split(",")[0].strip()
             env["CONTENT_LENGTH"] = length
-            env["wsgi.input"] = _LimitedReader(self.rfile, int(length) if length.isdigit() else 0)
+            env["wsgi.input"] = _LimitedReader(_BodyStream(self), int(length) if length.isdigit() else 0)
         return env
 
     def _run_wsgi(self):
@@ -5343,11 +5509,11 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
         if env.get("fabrica.close") or not isinstance(reader, _LimitedReader) or reader.left > 0:
             # an unread body (or a chunked one) leaves the stream out of step: do not reuse it
             if not (isinstance(reader, _ChunkedReader) and reader.done):
-                self.close_connection = True
+                self.close_connection = self.linger = True
 
     def _write(self, state, data: bytes, *, length: int | None = None, last: bool = False):
         if not state.get("sent"):
-            state["sent"] = True
+            state["sent"] = self.responded = True
             code = int(state["status"][:3])
             headers = state["headers"]
             names = {k.lower() for k, _ in headers}
@@ -5392,7 +5558,13 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
 class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A bounded thread-per-connection WSGI server; ``stop()`` drains in-flight requests.
 
-    More than ``max_threads`` open connections are answered 503 at once.
+    At most ``max_threads`` connections: when all are taken, the one idle
+    longest (waiting for its next request) is closed to admit a new client;
+    only when every one is mid-request is the new client answered 503 at
+    once. A client must send its whole request head within ``head_timeout``
+    seconds of its first byte; ``timeout`` bounds an idle keep-alive
+    connection and a write, and a body has ``timeout`` seconds plus one per
+    MIN_BODY_RATE bytes received.
     """
 
     daemon_threads = True
@@ -5400,22 +5572,26 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 1024
     block_on_close = False
 
-    def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0):
+    def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0,
+                 head_timeout: float = 10.0):
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app = app
         self.stopping = False
         self.stop_requested = 0
+        self.head_timeout = head_timeout
         self._slots = threading.BoundedSemaphore(max_threads)
         self._conns: dict[socket.socket, _WSGIRequestHandler] = {}
-        self._conns_changed = threading.Condition(threading.Lock())    # guards _conns
+        # guards _conns and its handlers' idle_since and evicted
+        self._conns_changed = threading.Condition(threading.Lock())
         handler = type("WSGIRequestHandler", (_WSGIRequestHandler,), {"timeout": timeout})
         super().__init__(address, handler)
         self.server_name = host
         self.server_port = self.server_address[1]
 
     def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
+        # all slots taken: an idle keep-alive connection gives way (its thread exits at once)
+        if not (self._slots.acquire(blocking=False) or (self._evict_idle() and self._slots.acquire(timeout=2.0))):
             with contextlib.suppress(OSError):
                 body = dumps({"error": "server busy: too many open connections; retry", "code": 503,
                               "details": []}).encode()
@@ -5428,6 +5604,27 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def _evict_idle(self) -> bool:
+        """Close the connection idle longest whose next request has not begun; False if none is idle.
+
+        A connection with bytes to read is not idle: its request has come. One
+        that arrives between that check and the close is lost as when an idle
+        timeout closes a connection (RFC 9112 §9.6): clients retry it.
+        """
+        with self._conns_changed:
+            idle = sorted((h.idle_since, n, sock, h) for n, (sock, h) in enumerate(self._conns.items())
+                          if h.idle_since is not None)
+            for _, _, sock, handler in idle:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if poller.poll(0):
+                    continue
+                handler.evicted = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return True
+        return False
 
     def process_request_thread(self, request, client_address):
         try:
@@ -5457,7 +5654,7 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._conns_changed:
             while self._conns and time.monotonic() < deadline:
                 for sock, handler in list(self._conns.items()):
-                    if handler.idle:        # waiting for a next request that will not come
+                    if handler.idle_since is not None:      # waiting for a next request that will not come
                         with contextlib.suppress(OSError):
                             sock.shutdown(socket.SHUT_RDWR)
                 self._conns_changed.wait(0.05)
@@ -6436,11 +6633,14 @@ class Fabrica:
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
-              token: str | None = None, max_threads: int = 256) -> None:
+              token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
         """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
 
         ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
-        one, or a Bottle adapter ("waitress", "cheroot", "gunicorn") when installed.
+        one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
+        when installed. ``max_threads`` bounds the connections (or the app
+        threads) and ``head_timeout`` the seconds a client has to send a request
+        head, on the servers that have such a setting (README: Serving).
         """
         if token:
             self.token = token
@@ -6448,16 +6648,24 @@ class Fabrica:
         self.start()
         try:
             if server in (None, "", "fabrica", "auto"):
-                self._serve_builtin(host, port, max_threads)
+                self._serve_builtin(host, port, max_threads, head_timeout)
             elif server == "granian":
-                self._serve_granian(host, port, max_threads)
+                self._serve_granian(host, port, max_threads, head_timeout)
+            elif server == "waitress":
+                # waitress reads a whole request (spooling a body to disk) before the app sees it, so
+                # its own limits guard memory and disk; channel_timeout closes a connection silent that
+                # long with no request running (idle, or a stalled head or body), checked every second
+                self._serve_adapter(server, host, port, connection_limit=max_threads,
+                                    channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
+                                    max_request_header_size=MAX_HEAD, max_request_body_size=self.max_body + 1)
             else:
                 self._serve_adapter(server, host, port)
         finally:
             self.stop()
 
-    def _serve_builtin(self, host, port, max_threads):
-        httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads)
+    def _serve_builtin(self, host, port, max_threads, head_timeout):
+        httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads,
+                                   head_timeout=head_timeout)
         self.httpd = httpd
         def on_signal(signum, frame):
             # only a plain assignment here: a handler that takes locks can deadlock when a second
@@ -6479,7 +6687,7 @@ class Fabrica:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _serve_granian(self, host, port, max_threads):
+    def _serve_granian(self, host, port, max_threads, head_timeout):
         """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
 
         granian normally runs WSGI apps in worker processes; its thread-worker
@@ -6489,6 +6697,7 @@ class Fabrica:
         """
         try:
             from granian.constants import Interfaces
+            from granian.http import HTTP1Settings
             from granian.server.mt import MTServer
         except ImportError:
             raise ConfigurationError("--server granian needs granian: pip install granian") from None
@@ -6496,25 +6705,30 @@ class Fabrica:
         class InProcessGranian(MTServer):
             def _check_gil(self):
                 pass
+        # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
+        http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
         server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
-                                  workers=1, blocking_threads=max(1, min(max_threads, 64)), log_enabled=False)
+                                  workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
+                                  log_enabled=False)
         # logged from granian's start-up hook: by then its signal handlers and socket are in place
         server.on_startup(lambda: http_log.info("fabrica %s listening on http://%s:%d via granian", __version__,
                                                 host, port))
         server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
 
-    def _serve_adapter(self, name, host, port):
+    def _serve_adapter(self, name, host, port, **options):
         adapter = bottle.server_names.get(name)
         if adapter is None:
             raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
 
         def on_signal(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
             raise KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
-        http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
         try:
-            bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True)
+            # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
+            http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
+            bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True, **options)
         except ImportError as exc:
             raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
         except KeyboardInterrupt:
@@ -6943,7 +7157,10 @@ def _serve_parser(sub):
                    help="skip fsync: faster, but a power loss can lose acknowledged writes")
     p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), granian, "
                                                                   "waitress, cheroot, gunicorn")
-    p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")))
+    p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")),
+                   help="connection slots of the built-in server (waitress: connections; granian: threads)")
+    p.add_argument("--head-timeout", type=float, default=float(_env("HEAD_TIMEOUT", "10")),
+                   help="seconds a client has to send its whole request head (slowloris)")
     p.add_argument("--cors", default=_env("CORS"), help="allow this browser origin (CORS is off by default)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     return p
@@ -6960,7 +7177,8 @@ def _cmd_serve(args) -> int:
             info.workers = args.workers
     if args.cors:
         app.cors = args.cors
-    app.serve(args.host, args.port, server=args.server, token=args.token, max_threads=args.max_threads)
+    app.serve(args.host, args.port, server=args.server, token=args.token, max_threads=args.max_threads,
+              head_timeout=args.head_timeout)
     return 0
 
 
