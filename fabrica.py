@@ -3447,12 +3447,11 @@ class _ChunkedReader:
             if self.left == 0:
                 line = self.raw.readline(1024)
                 chunk = line.split(b";")[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(chunk):
-                    raise BadRequestError("malformed chunked body")
+                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
+                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
                 self.left = int(chunk, 16)
                 if self.left == 0:
-                    while self.raw.readline(1024).strip():
-                        pass
+                    self._skip_trailers()
                     self.done = True
                     break
             n = self.left if size < 0 else min(self.left, size)
@@ -3466,6 +3465,14 @@ class _ChunkedReader:
             if self.left == 0 and self.raw.read(2) != b"\r\n":
                 raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
         return b"".join(out)
+
+    def _skip_trailers(self):
+        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
+        size = 0
+        while (line := self.raw.readline(1024)).strip():
+            size += len(line)
+            if size > MAX_HEAD:
+                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
 
 
 def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:

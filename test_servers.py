@@ -298,6 +298,16 @@ class TestSlowAndIdleClients:
             assert read_response(sock)[0] == 414
         assert fresh_get(port) == 200
 
+    def test_chunked_trailer_fields_are_capped_like_a_head(self, small_server):
+        port = small_server(max_threads=2)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /widgets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nd\r\n{\"name\": \"t\"}\r\n0\r\n" + HEADER_LINE * 18)
+        status, body = read_response(sock)          # no end of the trailers: the server must not wait for it
+        assert status == 400 and "trailer" in json.loads(body)["error"], body
+        assert closed_by_server(sock)
+        sock.close()
+
     @pytest.mark.parametrize("case", ["no-token", "wrong-token", "too-large"])
     def test_expect_100_continue_is_refused_without_a_100(self, small_server, case):
         port = small_server(token="s3cret")
