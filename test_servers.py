@@ -1,4 +1,5 @@
-"""The WSGI servers `serve --server NAME` can use: the app stays one process (store lock, controllers)."""
+"""The WSGI servers `serve --server NAME` can use: the app stays one process (store lock, controllers),
+and what a slow or greedy client can hold on each (SPEC §6.7; raw sockets, the built-in server in-process)."""
 
 from __future__ import annotations
 
