@@ -4114,12 +4114,11 @@ class _ChunkedReader:
             if self.left == 0:
                 line = self.raw.readline(1024)
                 chunk = line.split(b";")[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(chunk):
-                    raise BadRequestError("malformed chunked body")
+                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
+                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
                 self.left = int(chunk, 16)
                 if self.left == 0:
-                    while self.raw.readline(1024).strip():
-                        pass
+                    self._skip_trailers()
                     self.done = True
                     break
             n = self.left if size < 0 else min(self.left, size)
@@ -4133,6 +4132,14 @@ class _ChunkedReader:
             if self.left == 0 and self.raw.read(2) != b"\r\n":
                 raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
         return b"".join(out)
+
+    def _skip_trailers(self):
+        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
+        size = 0
+        while (line := self.raw.readline(1024)).strip():
+            size += len(line)
+            if size > MAX_HEAD:
+                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
 
 
 def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
@@ -5216,6 +5223,8 @@ class _DeadlineReader(io.RawIOBase):
     timeout resets it forever (slowloris). Here every recv waits only for what
     is left of the deadline; with ``rate`` set, each byte received extends it
     by 1/rate s (a body must keep up a minimum rate, as Apache's mod_reqtimeout).
+    While ``idle`` is set (between requests) the wait for the first byte is
+    ``idle(seconds)``: False when the server closed the connection meanwhile.
     """
 
     def __init__(self, sock: socket.socket, timeout: float):
@@ -5223,6 +5232,7 @@ class _DeadlineReader(io.RawIOBase):
         self.timeout = timeout          # the socket's own timeout, which writes use
         self.deadline = math.inf
         self.rate = 0.0
+        self.idle: Callable[[float], bool] | None = None
 
     def start(self, seconds: float, rate: float = 0.0) -> None:
         self.deadline, self.rate = time.monotonic() + seconds, rate
@@ -5234,6 +5244,8 @@ class _DeadlineReader(io.RawIOBase):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the client did not send in time")
+        if self.idle is not None and not self.idle(left):
+            return 0
         self.sock.settimeout(min(left, self.timeout))
         try:
             n = self.sock.recv_into(buffer)
@@ -5374,18 +5386,33 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def await_request(self) -> bool:
-        """Wait for the first byte of the next request, idle: the server may evict this
-        connection for a new client meanwhile. False when the connection is done."""
+        """Wait for the first byte of the next request (at once if it is buffered already);
+        False when the connection is done: closed, silent for ``timeout``, or evicted."""
+        self.reader.start(self.timeout)
+        self.reader.idle = self.wait_idle
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError):
+            return False
+        finally:
+            self.reader.idle = None
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the client to send, as an idle connection the server
+        may evict (then False). Nothing is read here: while the bytes stay in the socket,
+        the server sees them and does not evict (_evict_idle), so no request is half-read."""
         with self.server._conns_changed:
             self.idle_since = time.monotonic()
-        self.reader.start(self.timeout)
-        try:
-            arrived = bool(self.rfile.peek(1))
-        except (OSError, ValueError):
-            arrived = False
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        ready = poller.poll(seconds * 1000)
         with self.server._conns_changed:
             self.idle_since = None
-            return arrived and not self.evicted
+            if self.evicted:
+                return False
+        if not ready:
+            raise TimeoutError("the connection was idle too long")
+        return True
 
     def read_head(self) -> list[bytes]:
         """The request line and header lines, all within ``head_timeout`` of the first byte
@@ -5559,9 +5586,9 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A bounded thread-per-connection WSGI server; ``stop()`` drains in-flight requests.
 
     At most ``max_threads`` connections: when all are taken, the one idle
-    longest (waiting for its next request) is closed to admit a new client;
-    only when every one is mid-request is the new client answered 503 at
-    once. A client must send its whole request head within ``head_timeout``
+    longest (waiting ``idle_grace`` seconds or more for its next request) is
+    closed to admit a new client; only when none is idle is the new client
+    answered 503 at once. A client must send its whole request head within ``head_timeout``
     seconds of its first byte; ``timeout`` bounds an idle keep-alive
     connection and a write, and a body has ``timeout`` seconds plus one per
     MIN_BODY_RATE bytes received.
@@ -5571,6 +5598,7 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 1024
     block_on_close = False
+    idle_grace = 1.0            # seconds without a request before a connection may be evicted
 
     def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0,
                  head_timeout: float = 10.0):
@@ -5610,11 +5638,13 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
         A connection with bytes to read is not idle: its request has come. One
         that arrives between that check and the close is lost as when an idle
-        timeout closes a connection (RFC 9112 §9.6): clients retry it.
+        timeout closes a connection (RFC 9112 §9.6), and clients retry it; the
+        grace spares the clients that send requests back to back that race.
         """
+        idle_before = time.monotonic() - self.idle_grace
         with self._conns_changed:
             idle = sorted((h.idle_since, n, sock, h) for n, (sock, h) in enumerate(self._conns.items())
-                          if h.idle_since is not None)
+                          if h.idle_since is not None and h.idle_since <= idle_before)
             for _, _, sock, handler in idle:
                 poller = select.poll()
                 poller.register(sock, select.POLLIN)

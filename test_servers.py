@@ -1,4 +1,5 @@
-"""The WSGI servers `serve --server NAME` can use: the app stays one process (store lock, controllers)."""
+"""The WSGI servers `serve --server NAME` can use: the app stays one process (store lock, controllers),
+and what a slow or greedy client can hold on each (SPEC §6.7; raw sockets, the built-in server in-process)."""
 
 from __future__ import annotations
 
@@ -224,7 +225,7 @@ class TestSlowAndIdleClients:
         idle = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         idle.request("GET", "/health")
         assert idle.getresponse().read() and idle.sock is not None       # kept alive, now idle
-        # polled: the server counts a connection idle a moment after the client has read its response
+        # polled: a connection may give way once it has waited a second (idle_grace) for a request
         seen = poll_status(port, 200)
         assert seen[-1] == 200, f"an idle keep-alive connection kept its slot: {len(seen)} x {seen[-1]}"
         assert closed_by_server(idle.sock), "the idle connection was not the one closed"
@@ -297,6 +298,16 @@ class TestSlowAndIdleClients:
             sock.sendall(b"GET /" + b"a" * fabrica.MAX_HEAD)               # a request line alone
             assert read_response(sock)[0] == 414
         assert fresh_get(port) == 200
+
+    def test_chunked_trailer_fields_are_capped_like_a_head(self, small_server):
+        port = small_server(max_threads=2)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"POST /widgets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nd\r\n{\"name\": \"t\"}\r\n0\r\n" + HEADER_LINE * 18)
+        status, body = read_response(sock)          # no end of the trailers: the server must not wait for it
+        assert status == 400 and "trailer" in json.loads(body)["error"], body
+        assert closed_by_server(sock)
+        sock.close()
 
     @pytest.mark.parametrize("case", ["no-token", "wrong-token", "too-large"])
     def test_expect_100_continue_is_refused_without_a_100(self, small_server, case):
