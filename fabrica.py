@@ -2192,11 +2192,17 @@ class Store:
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
                                                                          expected_rv), snapshot, max_size=max_size)
 
-    def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
-        """Delete an object; returns its last state carrying the delete's resourceVersion."""
+    def delete(self, kind: str, uid: str, expected_rv: str | None = None, last: dict | None = None) -> dict:
+        """Delete an object; returns its last state carrying the delete's resourceVersion.
+
+        That last state is the stored object, or ``last`` (taken, not copied)
+        when the write that deletes it also changed it: the one that removes
+        its last finalizer (SPEC §5.6), whose answer and ``deleted`` event show
+        the object without them.
+        """
         def check(old):
             self._check_current(kind, old, uid, expected_rv)
-            return dict(old, metadata=dict(old["metadata"]))
+            return last if last is not None else dict(old, metadata=dict(old["metadata"]))
         return self._write("deleted", None, check, key=(kind, uid))
 
     def _check_current(self, kind, old, ref, expected_rv):
@@ -6526,7 +6532,8 @@ class Fabrica:
             meta["updatedAt"] = utcnow()
             try:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
-                    return self._remove(info, old_meta["uid"], rv)
+                    # Kubernetes: the answer and the deleted event show the object as this write left it
+                    return self._remove(info, old_meta["uid"], rv, last=new)
                 stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
                 if snapshot is not None and info.history:      # after the commit: never raises
                     store.prune_versions(kind, old_meta["uid"], info.history)
@@ -6589,9 +6596,12 @@ class Fabrica:
                 "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
                 "spec": deepcopy_json(obj["spec"])}
 
-    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True) -> dict:
-        """Delete an object now, then its spec history and (with ``cascade``) its dependents."""
-        tomb = self.store.delete(info.kind, uid, rv)
+    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
+        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
+
+        ``last`` is its final state when the delete also changes it (Store.delete).
+        """
+        tomb = self.store.delete(info.kind, uid, rv, last)
         if info.history_on:
             if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
                 self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
@@ -6634,7 +6644,13 @@ class Fabrica:
                     new["metadata"]["updatedAt"] = utcnow()
                     new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
                     return store.replace(new, meta["resourceVersion"], "updated"), False
-                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade), True
+                last = None
+                if not force and pending != meta["finalizers"]:
+                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
+                    last = deepcopy_json(cur)
+                    last["metadata"]["finalizers"] = pending
+                    last["metadata"]["updatedAt"] = utcnow()
+                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
             except StaleError:
                 if if_match is not None:
                     raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None

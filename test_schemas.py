@@ -913,3 +913,118 @@ class TestLineOrientedOutputs:
         handler.log_message('"%s" %s %s', "GET /a\rFORGED\x1b[2J\x85 HTTP/1.1", "404", "-")
         [record] = caplog.records
         assert record.getMessage() == '127.0.0.1 - "GET /a\\rFORGED\\x1b[2J\\x85 HTTP/1.1" 404 -'
+
+
+class TestTheLastFinalizerRemoved:
+    """NU-1: the write that removes the last finalizer of an object being deleted deletes it; its answer and
+    its deleted event show the object as that write left it (finalizers gone), at the delete's
+    resourceVersion (Kubernetes; SPEC §4, §5.6), whoever removes it."""
+
+    @staticmethod
+    def deleted_event(app, obj) -> dict:
+        """The deleted event of ``obj`` in the event ring."""
+        [event] = [ev for _, ev in app.bus.since((app.bus.start_rv, 0))
+                   if ev["type"].endswith(".deleted") and ev["resourceuid"] == obj["metadata"]["uid"]]
+        return event
+
+    @staticmethod
+    def assert_final_state(event, before, finalizers=()):
+        """The deleted event's object is ``before`` with ``finalizers`` left, at the event's resourceVersion."""
+        resource = event["data"]["resource"]
+        assert resource["metadata"]["finalizers"] == list(finalizers)
+        assert resource["metadata"]["resourceVersion"] == event["resourceversion"]
+        assert int(event["resourceversion"]) > int(before["metadata"]["resourceVersion"])
+        assert resource["metadata"]["deletionTimestamp"] is not None
+        same = {k: v for k, v in resource["metadata"].items() if k not in ("finalizers", "resourceVersion",
+                                                                          "updatedAt", "deletionTimestamp")}
+        assert same == {k: before["metadata"][k] for k in same} and resource["spec"] == before["spec"]
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Box")
+        with app:
+            yield app
+
+    def test_a_put_that_removes_the_last_finalizer(self, app):
+        status, _, obj = rest(app, "POST", "/boxes", {"metadata": {"name": "b3", "finalizers": ["example.com/keep"]}})
+        assert status == 201
+        status, _, deleting = rest(app, "DELETE", "/boxes/b3")
+        assert status == 202 and deleting["metadata"]["finalizers"] == ["example.com/keep"]
+        status, headers, gone = rest(app, "PUT", "/boxes/b3", {"metadata": {"finalizers": []}})
+        assert status == 200 and gone["metadata"]["finalizers"] == [], gone
+        assert headers["etag"] == f'"{gone["metadata"]["resourceVersion"]}"'
+        assert rest(app, "GET", "/boxes/b3")[0] == 404
+        event = self.deleted_event(app, obj)
+        assert event["data"]["resource"] == gone
+        self.assert_final_state(event, deleting)
+
+    def test_app_client_update_that_removes_the_last_finalizer(self, app):
+        app.client.create("Box", "b3", finalizers=["example.com/a", "example.com/b"])
+        deleting = app.client.delete("Box", "b3")
+        deleting.metadata["finalizers"] = ["example.com/b"]
+        deleting = app.client.update(deleting)
+        assert deleting.finalizers == ["example.com/b"]
+        deleting.metadata["finalizers"] = []
+        deleting.spec["size"] = 2          # the same write changes the spec: the final state shows it
+        gone = app.client.update(deleting)
+        assert gone.finalizers == [] and gone.spec == {"size": 2} and gone.generation == 2
+        with pytest.raises(fabrica.NotFoundError):
+            app.client.get("Box", "b3")
+        event = self.deleted_event(app, gone)
+        assert event["data"]["resource"] == gone
+
+    def test_the_controller_removes_its_finalizer_after_finalize(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        finalized = []
+        app.register("Box", finalize=lambda ctx, obj: finalized.append(obj.name))
+        with app:
+            app.client.create("Box", "b1", spec={"size": 1})
+            deleting = app.client.delete("Box", "b1")
+            assert deleting.finalizers == [fabrica.FINALIZER]
+            assert poll(lambda: app.store.get("Box", deleting.uid) is None)
+            assert finalized == ["b1"]
+            self.assert_final_state(self.deleted_event(app, deleting), deleting)
+
+    def test_start_up_removes_fabricas_finalizer_from_an_object_being_deleted(self, tmp_path):
+        data = str(tmp_path / "data")
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+
+        def finalize(ctx, obj):
+            raise RuntimeError("not yet")       # keeps the object waiting for its finalizer
+        app.register("Box", finalize=finalize)
+        with app:
+            app.client.create("Box", "b1")
+            deleting = app.client.delete("Box", "b1")
+            assert deleting.finalizers == [fabrica.FINALIZER]
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box")         # finalize= is gone: nothing would remove it
+        with app:
+            assert app.store.get("Box", deleting.uid) is None
+            self.assert_final_state(self.deleted_event(app, deleting), deleting)
+
+    def test_delete_removes_fabricas_finalizer_that_start_up_could_not(self, tmp_path, monkeypatch):
+        data = str(tmp_path / "data")
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box", finalize=lambda ctx, obj: None)
+        with app:
+            obj = app.client.create("Box", "b1", spec={"size": 1})
+            assert obj.finalizers == [fabrica.FINALIZER]
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box")
+        real = os.replace
+
+        def failing(*args, **kwargs):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(os, "replace", failing)       # start-up's sweep cannot take the finalizer off
+        with app:
+            monkeypatch.setattr(os, "replace", real)
+            before = app.client.get("Box", "b1")
+            assert before.finalizers == [fabrica.FINALIZER]
+            status, _, body = rest(app, "DELETE", "/boxes/b1")
+            assert status == 200 and body["uid"] == obj.uid, body
+            event = self.deleted_event(app, obj)
+        resource = event["data"]["resource"]
+        assert resource["metadata"]["finalizers"] == [] and resource["spec"] == {"size": 1}
+        assert resource["metadata"]["resourceVersion"] == event["resourceversion"]
+        assert int(event["resourceversion"]) > int(before.resource_version)
