@@ -5849,23 +5849,53 @@ def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
     meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
 
 
-_STATUS_NOT_SPEC = ("is not a spec field in a flat body or a spec patch: status is written through the object's "
-                    "/status route (a spec field named status needs the envelope form, {\"spec\": {\"status\": ...}})")
+# The top-level keys a flat body reserves (_FLAT_RESERVED) and the envelope's markers are never spec
+# fields there, nor in a spec patch, where writing one is the same mistake (SPEC §6.2, §6.4): why, and
+# what to do instead. A spec field of such a name is written with the envelope form.
+_NOT_SPEC = {
+    "status": "write it through the object's /status route",
+    "labels": "labels are metadata: PUT the envelope form ({\"metadata\": {\"labels\": ...}}, which replaces "
+              "them) or the flat form ({\"labels\": ...}, which merges them)",
+    "annotations": "annotations are metadata: PUT the envelope form ({\"metadata\": {\"annotations\": ...}}, "
+                   "which replaces them) or the flat form ({\"annotations\": ...}, which merges them)",
+    "name": "the name is given at create and never changes",
+    "apiVersion": f"apiVersion is always {API_VERSION!r}",
+    "kind": "kind is the one served at the URL",
+    "metadata": "to change labels, annotations or finalizers, PUT the envelope form ({\"metadata\": {...}})",
+    "spec": "a spec patch applies to the spec already: patch its fields directly ({\"x\": 1}, not "
+            "{\"spec\": {\"x\": 1}})",
+}
 
 
-def _patch_touches_status(patch, patch_type: str, before: dict, after: dict) -> bool:
-    """Whether a spec patch names a top-level ``status`` or changes one (SPEC §6.2: not a spec field there)."""
+def _not_spec(key: str) -> ValidationError:
+    """The 422 for a flat body or a spec patch that writes the top-level ``key`` of _NOT_SPEC."""
+    where = "a flat body or a spec patch" if key in _FLAT_RESERVED else "a spec patch"
+    return _validation(key, f"is not a spec field in {where}; {_NOT_SPEC[key]}. A spec field named {key} is "
+                            f"written with the envelope form, {{\"spec\": {{\"{key}\": ...}}}}")
+
+
+def _patch_writes_not_spec(patch, patch_type: str, before: dict, after: dict) -> str | None:
+    """The first key of _NOT_SPEC a spec patch writes at the top level of the spec, or None.
+
+    A patch writes a key when it names it as a target (a merge patch's key,
+    a shorthand path, a JSON Patch path, or the source of a move) or when the
+    key is created, changed or removed in ``after``; one that leaves such a
+    key alone (a spec that has one from the envelope form) is fine.
+    """
     if patch_type == "merge":
-        named = "status" in patch
+        targets = set(patch)
     elif patch_type == "shorthand":
-        named = any(key == "status" or key.startswith("status.") for key in patch)
+        targets = {key.split(".", 1)[0] for key in patch}
     else:
-        named = any(isinstance(op, dict) and isinstance(op.get(member), str) and
-                    (op[member] == "/status" or op[member].startswith("/status/"))
-                    for op in patch for member in ("path", "from"))
-    # the result catches what no path names: a JSON Patch on the root ("") that brings a status along
-    return named or ("status" in before) != ("status" in after) or \
-        not _json_equal(before.get("status"), after.get("status"))
+        targets = {op[member].split("/", 2)[1] for op in patch if isinstance(op, dict)
+                   for member in ("path", "from") if op.get("op") != "test" and
+                   (member == "path" or op.get("op") == "move") and
+                   isinstance(op.get(member), str) and op[member].startswith("/")}
+    for key in _NOT_SPEC:
+        # the result catches what no target names: a JSON Patch on the root ("") that brings one along
+        if key in targets or (key in before) != (key in after) or not _json_equal(before.get(key), after.get(key)):
+            return key
+    return None
 
 
 def _validation(field: str, message: str) -> ValidationError:
@@ -6379,7 +6409,7 @@ class Fabrica:
             raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
         if not out["envelope"] and "status" in body:
             # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
-            raise _validation("status", _STATUS_NOT_SPEC)
+            raise _not_spec("status")
         errors = []
         if out["name"] is not None and not valid_name(out["name"]):
             errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
@@ -6576,8 +6606,9 @@ class Fabrica:
             if not isinstance(result, dict):
                 raise PatchError(f"the patched {part} must be a JSON object",
                                  [{"field": part, "message": "must be an object"}])
-            if not status and _patch_touches_status(patch, patch_type, new["spec"], result):
-                raise _validation("status", _STATUS_NOT_SPEC)
+            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
+            if written is not None:
+                raise _not_spec(written)
             new[part] = self._check_status(info, result, new[part]) if status else self._check_spec(info, result)
         return self._mutate(info, ref, change, action="patched", **pre)
 

@@ -1028,3 +1028,55 @@ class TestTheLastFinalizerRemoved:
         assert resource["metadata"]["finalizers"] == [] and resource["spec"] == {"size": 1}
         assert resource["metadata"]["resourceVersion"] == event["resourceversion"]
         assert int(event["resourceversion"]) > int(before.resource_version)
+
+
+class TestReservedKeysInSpecPatches:
+    """SPEC §6.2, §6.4: a spec patch (merge, shorthand, JSON Patch; REST and app.client) that would create,
+    change or remove a top-level spec key among the flat form's reserved keys and the envelope's markers is
+    a 422 saying what to do instead, by one rule with status; a patch that leaves such a key alone works."""
+
+    TYPES = {MERGE: "merge", "application/json": "merge", JSONP: "json", SHORT: "shorthand"}
+
+    @pytest.mark.parametrize("ctype, patch, field, advice", [
+        (MERGE, {"metadata": {"labels": {"a": "1"}}}, "metadata", "PUT the envelope"),
+        (MERGE, {"labels": {"a": "1"}}, "labels", "PUT the envelope form"),
+        ("application/json", {"annotations": {"a": "1"}}, "annotations", "or the flat form"),
+        (MERGE, {"spec": {"x": 9}}, "spec", "patch its fields directly"),
+        (MERGE, {"x": 2, "name": "g3"}, "name", "never changes"),
+        (MERGE, {"kind": "Other"}, "kind", "served at the URL"),
+        (MERGE, {"apiVersion": "v2"}, "apiVersion", "'v1'"),
+        (MERGE, {"labels": None}, "labels", "PUT the envelope form"),
+        (SHORT, {"labels.a": "1"}, "labels", "PUT the envelope form"),
+        (SHORT, {"metadata.labels.a": "1"}, "metadata", "PUT the envelope"),
+        (SHORT, {"spec.x": 9}, "spec", "patch its fields directly"),
+        (JSONP, [{"op": "add", "path": "/metadata", "value": {"labels": {"a": "1"}}}], "metadata", "PUT"),
+        (JSONP, [{"op": "add", "path": "/spec", "value": {"x": 9}}], "spec", "patch its fields directly"),
+        (JSONP, [{"op": "move", "from": "/x", "path": "/name"}], "name", "never changes"),
+        (JSONP, [{"op": "copy", "from": "/x", "path": "/kind"}], "kind", "served at the URL"),
+        (JSONP, [{"op": "replace", "path": "", "value": {"x": 1, "labels": {}}}], "labels", "PUT the envelope"),
+    ])
+    def test_a_spec_patch_that_writes_one_is_refused(self, widgets, ctype, patch, field, advice):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "g2", "x": 1})
+        assert status == 201
+        status, _, err = rest(widgets, "PATCH", "/widgets/g2", patch, ctype)
+        assert status == 422, err
+        assert [d["field"] for d in err["details"]] == [field] and advice in err["details"][0]["message"], err
+        assert rest(widgets, "GET", "/widgets/g2")[2] == obj            # nothing stored, no generation bump
+        with pytest.raises(ValidationError, match=re.escape(advice)):
+            widgets.client.patch("Widget", "g2", patch, self.TYPES[ctype])
+        assert widgets.client.get("Widget", "g2") == obj
+
+    @pytest.mark.parametrize("key", ["labels", "metadata", "spec", "name", "kind", "apiVersion", "annotations"])
+    def test_a_spec_field_of_that_name_is_written_with_the_envelope_and_left_alone(self, widgets, key):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "g2"}, "spec": {key: "kept", "x": 1}})
+        assert status == 201 and obj["spec"] == {key: "kept", "x": 1}
+        for ctype, patch in ((MERGE, {"x": 2}), (SHORT, {"x": 3}), (JSONP, [{"op": "replace", "path": "/x", "value": 4},
+                                                                           {"op": "test", "path": f"/{key}",
+                                                                            "value": "kept"}])):
+            status, _, obj = rest(widgets, "PATCH", "/widgets/g2", patch, ctype)
+            assert status == 200 and obj["spec"][key] == "kept", obj
+        assert widgets.client.patch("Widget", "g2", {"x": 5}).spec == {key: "kept", "x": 5}
+        status, _, err = rest(widgets, "PATCH", "/widgets/g2", {key: "changed"}, MERGE)
+        assert status == 422 and err["details"][0]["field"] == key
+        status, _, obj = rest(widgets, "PUT", "/widgets/g2", {"spec": {key: "changed", "x": 5}})
+        assert status == 200 and obj["spec"] == {key: "changed", "x": 5} and obj["metadata"]["generation"] == 6
