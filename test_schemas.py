@@ -1080,3 +1080,38 @@ class TestReservedKeysInSpecPatches:
         assert status == 422 and err["details"][0]["field"] == key
         status, _, obj = rest(widgets, "PUT", "/widgets/g2", {"spec": {key: "changed", "x": 5}})
         assert status == 200 and obj["spec"] == {key: "changed", "x": 5} and obj["metadata"]["generation"] == 6
+
+
+def readme_paragraph(containing: str) -> str:
+    """The README paragraph (or list item) that holds ``containing``, its whitespace made single spaces."""
+    text = (Path(__file__).resolve().parent / "README.md").read_text()
+    blocks = [" ".join(b.split()) for b in re.split(r"\n\s*\n|\n(?=- )", text)]
+    [block] = [b for b in blocks if containing in b]
+    return block
+
+
+class TestTheReadmeSaysWhatHappens:
+    """The README's claims next to finalizers and paging match what the server does."""
+
+    def test_a_deletion_timestamp_in_a_body_is_ignored(self, widgets):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "w1", "finalizers": ["x.io/keep"]},
+                                                            "spec": {}})
+        assert status == 201
+        status, _, live = rest(widgets, "PUT", "/widgets/w1", {"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}})
+        assert status == 200 and live == obj
+        status, _, deleting = rest(widgets, "DELETE", "/widgets/w1")
+        assert status == 202 and deleting["metadata"]["deletionTimestamp"] is not None
+        status, _, same = rest(widgets, "PUT", "/widgets/w1", {"metadata": {"deletionTimestamp": None}})
+        assert status == 200 and same == deleting
+        paragraph = readme_paragraph("Finalizers follow Kubernetes")
+        assert "cannot be cleared" not in paragraph
+        assert 'a PUT of `{"metadata": {"deletionTimestamp": null}}` answers 200 and changes nothing' in paragraph
+        assert "server-managed, never taken from a body" in readme_paragraph("`deletionTimestamp` are server-managed")
+
+    def test_the_continue_token_is_opaque(self, widgets):
+        for name in ("w1", "w2"):
+            assert rest(widgets, "POST", "/widgets", {"name": name})[0] == 201
+        token = rest(widgets, "GET", "/widgets?limit=1")[1]["x-continue"]
+        assert token not in (fabrica.base64.urlsafe_b64encode(b"w1").decode().rstrip("="), "w1")
+        bullet = readme_paragraph("The continue token")
+        assert "opaque" in bullet and "base64" not in bullet
