@@ -738,7 +738,8 @@ class TestConditionTypesAreNames:
         status, _, err = rest(widgets, "PUT", "/widgets/w1/status",
                               {"conditions": [{"type": FORGED_TYPE, "status": "True"}]})
         assert status == 422 and err["details"][0]["field"] == "status.conditions[0].type", err
-        status, _, obj = rest(widgets, "PUT", "/widgets/w1/status", {"conditions": [{"type": "Ready", "status": "True"}]})
+        status, _, obj = rest(widgets, "PUT", "/widgets/w1/status",
+                              {"conditions": [{"type": "Ready", "status": "True"}]})
         assert status == 200, obj
         events = backlog(widgets)
         assert [(e["id"], e["event"]) for e in events] == [
@@ -1097,7 +1098,8 @@ class TestTheReadmeSaysWhatHappens:
         status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "w1", "finalizers": ["x.io/keep"]},
                                                             "spec": {}})
         assert status == 201
-        status, _, live = rest(widgets, "PUT", "/widgets/w1", {"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}})
+        status, _, live = rest(widgets, "PUT", "/widgets/w1",
+                               {"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}})
         assert status == 200 and live == obj
         status, _, deleting = rest(widgets, "DELETE", "/widgets/w1")
         assert status == 202 and deleting["metadata"]["deletionTimestamp"] is not None
