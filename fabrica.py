@@ -277,6 +277,19 @@ def deepcopy_json(value):
     return value
 
 
+# C0 and C1 controls (CR, LF, NUL, ESC... and NEL) and the Unicode line and paragraph separators
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every control character escaped as Python writes it (``\\n``, ``\\x1b``, ``\\u2028``).
+
+    For what a client sent on its way into a line-oriented output (an SSE
+    field, a log line): it stays on its one line and cannot forge the next.
+    """
+    return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 ###############################################################################
 # Errors #######################################################################
 ###############################################################################
@@ -424,6 +437,9 @@ METADATA_KEYS = ("name", "uid", "labels", "annotations", "createdAt", "updatedAt
                  "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp")
 SERVER_MANAGED = ("uid", "createdAt", "updatedAt", "generation", "resourceVersion", "deletionTimestamp")
 CONDITION_STATUSES = ("True", "False", "Unknown")
+CONDITION_TYPE_RE = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                               r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+CONDITION_TYPE_MAX = 316
 
 
 def new_object(kind: str, name: str, uid: str, *, spec=None, labels=None, annotations=None,
@@ -502,11 +518,36 @@ def owner_references_problem(refs) -> tuple[str, str] | None:
     return None
 
 
-def status_problems(status: dict) -> list[dict]:
+def condition_type_problem(value) -> str | None:
+    """Why ``value`` is not a condition type, or None.
+
+    Kubernetes' rule for ``metav1.Condition.type`` (k8s.io/apimachinery
+    pkg/apis/meta/v1/types.go: ``+kubebuilder:validation:Pattern`` and
+    ``MaxLength=316``): a qualified name, ``Ready`` or ``example.com/Ready``.
+    A type names an event type (``io.fabrica.condition.<type>``), so it can
+    hold no space, no control character and no line break.
+    """
+    if not isinstance(value, str) or len(value) > CONDITION_TYPE_MAX or not CONDITION_TYPE_RE.fullmatch(value):
+        shown = f"{value[:60]!r}{'...' if len(value) > 60 else ''}" if isinstance(value, str) else repr(value)[:60]
+        return (f"type {shown} must be a qualified name like 'Ready' or 'example.com/Ready': letters, "
+                f"digits, '-', '_' and '.', starting and ending with a letter or digit, after an optional "
+                f"DNS subdomain and '/'; at most {CONDITION_TYPE_MAX} characters")
+    return None
+
+
+def status_problems(status: dict, stored: dict | None = None) -> list[dict]:
     """What is wrong with the status fields fabrica itself reads (conditions, observedGeneration, version).
 
     Checked before every status write and on every load, so that deriving a
-    write's events can never fail after the write committed.
+    write's events can never fail after the write committed. Each condition
+    is an object with a ``type`` (condition_type_problem) and a ``status``
+    (True, False or Unknown). A condition whose type and status ``stored``
+    (the status being replaced) already holds is only checked for its shape,
+    a non-empty string type and a string status: fabrica before these rules
+    stored any such condition, and an object holding one can still be
+    written (its other fields, its other conditions) and still loads; only a
+    new condition or a status change, which publishes a condition event,
+    must follow them (as Kubernetes ratchets validation of unchanged values).
     """
     errors = []
     conditions = status.get("conditions")
@@ -515,6 +556,19 @@ def status_problems(status: dict) -> list[dict]:
             isinstance(c.get("status", ""), str) for c in conditions)):
         errors.append({"field": "status.conditions", "message": "must be a list of objects, each with a "
                        "non-empty string type and a string status"})
+    elif conditions:
+        kept = {(c.get("type"), c.get("status")) for c in (stored or {}).get("conditions") or ()
+                if isinstance(c, dict)}
+        for i, cond in enumerate(conditions):
+            if (cond["type"], cond.get("status")) in kept:
+                continue
+            problem = condition_type_problem(cond["type"])
+            if problem:
+                errors.append({"field": f"status.conditions[{i}].type", "message": problem})
+            if cond.get("status") not in CONDITION_STATUSES:
+                shown = f", not {cond['status'][:40]!r}" if "status" in cond else " (it is missing)"
+                errors.append({"field": f"status.conditions[{i}].status",
+                               "message": f"must be True, False or Unknown{shown}"})
     generation = status.get("observedGeneration")
     if "observedGeneration" in status and (not isinstance(generation, int) or isinstance(generation, bool)):
         errors.append({"field": "status.observedGeneration", "message": "must be an integer"})
@@ -577,7 +631,10 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     for key in ("spec", "status"):
         if obj.get(key) is not None and not isinstance(obj[key], dict):
             return f"{key} is not an object"
-    errors = status_problems(obj.get("status") or {})
+    # a file's own conditions are what is stored: only their shape is checked, so that conditions an
+    # older fabrica wrote (any non-empty type, any status) never send a file to quarantine
+    status = obj.get("status") or {}
+    errors = status_problems(status, stored=status)
     return f"{errors[0]['field']} {errors[0]['message']}" if errors else None
 
 
@@ -618,13 +675,18 @@ class Resource(dict):
     def set_condition(self, type: str, status, reason: str = "", message: str = "") -> bool:
         """Set a condition; ``lastTransitionTime`` moves only when ``status`` changes.
 
-        ``status`` is a bool or "True"/"False"/"Unknown". Also sets the
-        condition's ``observedGeneration``. Returns whether anything changed.
+        ``type`` is a qualified name (``Ready``, ``example.com/Ready``) and
+        ``status`` a bool or "True"/"False"/"Unknown"; ValueError otherwise.
+        Also sets the condition's ``observedGeneration``. Returns whether
+        anything changed.
         """
         if isinstance(status, bool):
             status = "True" if status else "False"
         if status not in CONDITION_STATUSES:
             raise ValueError(f"condition status must be True, False or Unknown, not {status!r}")
+        problem = condition_type_problem(type)
+        if problem:
+            raise ValueError(f"condition {problem}")
         conditions = self["status"].setdefault("conditions", [])
         wanted = {"type": type, "status": status, "reason": reason, "message": message,
                   "lastTransitionTime": None, "observedGeneration": self.generation}
@@ -2130,11 +2192,17 @@ class Store:
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
                                                                          expected_rv), snapshot, max_size=max_size)
 
-    def delete(self, kind: str, uid: str, expected_rv: str | None = None) -> dict:
-        """Delete an object; returns its last state carrying the delete's resourceVersion."""
+    def delete(self, kind: str, uid: str, expected_rv: str | None = None, last: dict | None = None) -> dict:
+        """Delete an object; returns its last state carrying the delete's resourceVersion.
+
+        That last state is the stored object, or ``last`` (taken, not copied)
+        when the write that deletes it also changed it: the one that removes
+        its last finalizer (SPEC §5.6), whose answer and ``deleted`` event show
+        the object without them.
+        """
         def check(old):
             self._check_current(kind, old, uid, expected_rv)
-            return dict(old, metadata=dict(old["metadata"]))
+            return last if last is not None else dict(old, metadata=dict(old["metadata"]))
         return self._write("deleted", None, check, key=(kind, uid))
 
     def _check_current(self, kind, old, ref, expected_rv):
@@ -3988,7 +4056,8 @@ class Controller:
         _clear_framework_conditions(obj, stalled)
         if _json_equal(status, stored["status"]):
             return None
-        status = self.app._check_status(self.info, status)     # ValidationError: recorded like a failure
+        # a ValidationError is recorded like a failure
+        status = self.app._check_status(self.info, status, stored["status"])
         try:
             self.app._mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
                              expected_rv=stored["metadata"]["resourceVersion"])
@@ -4195,7 +4264,16 @@ def _media_type(environ) -> str:
 
 
 def _sse_frame(position, event) -> bytes:
-    return f"id: {format_position(position)}\nevent: {event['type']}\ndata: {dumps(event)}\n\n".encode()
+    """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
+
+    A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
+    break inside one would start a field or an event of its sender's
+    choosing: the id and event fields have their control characters escaped
+    whatever reaches here, and the data is one line of JSON (json.dumps
+    escapes every control character in a string).
+    """
+    return (f"id: {_one_line(format_position(position))}\nevent: {_one_line(str(event['type']))}\n"
+            f"data: {dumps(event)}\n\n").encode()
 
 
 def _peer_closed(sock) -> bool:
@@ -4245,6 +4323,11 @@ _BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 Mi
 
 
 def _prom_escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and line feed escaped (the text format's rule).
+
+    Every label value goes through it, those from a fixed set too: a value
+    is never what ends a line or a sample.
+    """
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
@@ -4346,8 +4429,8 @@ class RestAPI:
         if res.status_code >= 500:
             message = "internal server error; the server log has the details"
             if res.traceback:
-                http_log.error("unhandled error in %s %s:\n%s", bottle.request.method,
-                               bottle.request.path, res.traceback)
+                http_log.error("unhandled error in %s %s:\n%s", _one_line(bottle.request.method),
+                               _one_line(bottle.request.path), res.traceback)
         elif res.status_code == 404:
             message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
         elif res.status_code == 405:
@@ -4364,7 +4447,8 @@ class RestAPI:
                 extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
                 return self._error_response(err, extra)
             except Exception:
-                http_log.exception("unhandled error in %s %s", bottle.request.method, bottle.request.path)
+                http_log.exception("unhandled error in %s %s", _one_line(bottle.request.method),
+                                   _one_line(bottle.request.path))
                 return self._error_response(FabricaError("internal server error; the server log has the details"))
         handler.__name__ = fn.__name__
         return handler
@@ -4608,6 +4692,12 @@ class RestAPI:
             kind = self.app.resolve_kind(kind).kind
         since = env.get("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
+        store = self.app.store
+        if position is not None and store is not None and position[0] > store.resource_version:
+            # no event here ever had that position (a forged id, or one from another data dir): streaming
+            # on from it would skip every event up to it without a word
+            raise GoneError(f"event {format_position(position)} is newer than every event of this server "
+                            f"(resourceVersion {store.resource_version}); re-list and watch from now")
         bus = self.app.bus
         tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
         try:
@@ -4920,7 +5010,8 @@ def _oa_components() -> dict:
                     **{k: {"description": "server-managed; ignored"} for k in
                        ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
             "Condition": {"type": "object", "required": ["type", "status"], "properties": {
-                "type": {"type": "string"}, "status": {"enum": ["True", "False", "Unknown"]},
+                "type": {"type": "string", "pattern": _OA_LABEL_KEY, "maxLength": CONDITION_TYPE_MAX},
+                "status": {"enum": ["True", "False", "Unknown"]},
                 "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
                 "observedGeneration": {"type": "integer"}},
                 "description": "what set_condition() and the controller write into status.conditions"},
@@ -5478,7 +5569,8 @@ class _WSGIRequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def log_message(self, format, *args):
-        http_log.debug("%s - %s", self.address_string(), format % args)
+        # the arguments hold the request line as the client sent it
+        http_log.debug("%s - %s", self.address_string(), _one_line(format % args))
 
     def _environ(self):
         path, _, query = self.path.partition("?")
@@ -5787,23 +5879,53 @@ def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
     meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
 
 
-_STATUS_NOT_SPEC = ("is not a spec field in a flat body or a spec patch: status is written through the object's "
-                    "/status route (a spec field named status needs the envelope form, {\"spec\": {\"status\": ...}})")
+# The top-level keys a flat body reserves (_FLAT_RESERVED) and the envelope's markers are never spec
+# fields there, nor in a spec patch, where writing one is the same mistake (SPEC §6.2, §6.4): why, and
+# what to do instead. A spec field of such a name is written with the envelope form.
+_NOT_SPEC = {
+    "status": "write it through the object's /status route",
+    "labels": "labels are metadata: PUT the envelope form ({\"metadata\": {\"labels\": ...}}, which replaces "
+              "them) or the flat form ({\"labels\": ...}, which merges them)",
+    "annotations": "annotations are metadata: PUT the envelope form ({\"metadata\": {\"annotations\": ...}}, "
+                   "which replaces them) or the flat form ({\"annotations\": ...}, which merges them)",
+    "name": "the name is given at create and never changes",
+    "apiVersion": f"apiVersion is always {API_VERSION!r}",
+    "kind": "kind is the one served at the URL",
+    "metadata": "to change labels, annotations or finalizers, PUT the envelope form ({\"metadata\": {...}})",
+    "spec": "a spec patch applies to the spec already: patch its fields directly ({\"x\": 1}, not "
+            "{\"spec\": {\"x\": 1}})",
+}
 
 
-def _patch_touches_status(patch, patch_type: str, before: dict, after: dict) -> bool:
-    """Whether a spec patch names a top-level ``status`` or changes one (SPEC §6.2: not a spec field there)."""
+def _not_spec(key: str) -> ValidationError:
+    """The 422 for a flat body or a spec patch that writes the top-level ``key`` of _NOT_SPEC."""
+    where = "a flat body or a spec patch" if key in _FLAT_RESERVED else "a spec patch"
+    return _validation(key, f"is not a spec field in {where}; {_NOT_SPEC[key]}. A spec field named {key} is "
+                            f"written with the envelope form, {{\"spec\": {{\"{key}\": ...}}}}")
+
+
+def _patch_writes_not_spec(patch, patch_type: str, before: dict, after: dict) -> str | None:
+    """The first key of _NOT_SPEC a spec patch writes at the top level of the spec, or None.
+
+    A patch writes a key when it names it as a target (a merge patch's key,
+    a shorthand path, a JSON Patch path, or the source of a move) or when the
+    key is created, changed or removed in ``after``; one that leaves such a
+    key alone (a spec that has one from the envelope form) is fine.
+    """
     if patch_type == "merge":
-        named = "status" in patch
+        targets = set(patch)
     elif patch_type == "shorthand":
-        named = any(key == "status" or key.startswith("status.") for key in patch)
+        targets = {key.split(".", 1)[0] for key in patch}
     else:
-        named = any(isinstance(op, dict) and isinstance(op.get(member), str) and
-                    (op[member] == "/status" or op[member].startswith("/status/"))
-                    for op in patch for member in ("path", "from"))
-    # the result catches what no path names: a JSON Patch on the root ("") that brings a status along
-    return named or ("status" in before) != ("status" in after) or \
-        not _json_equal(before.get("status"), after.get("status"))
+        targets = {op[member].split("/", 2)[1] for op in patch if isinstance(op, dict)
+                   for member in ("path", "from") if op.get("op") != "test" and
+                   (member == "path" or op.get("op") == "move") and
+                   isinstance(op.get(member), str) and op[member].startswith("/")}
+    for key in _NOT_SPEC:
+        # the result catches what no target names: a JSON Patch on the root ("") that brings one along
+        if key in targets or (key in before) != (key in after) or not _json_equal(before.get(key), after.get(key)):
+            return key
+    return None
 
 
 def _validation(field: str, message: str) -> ValidationError:
@@ -6166,12 +6288,12 @@ class Fabrica:
             out.extend(samples)
         rest, store, bus = self.rest, self.store, self.bus
         family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
-               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{m}",code="{c}"}} {n}'
+               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
                 for (r, m, c), n in sorted(rest.requests.items())])
         family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
                [line for (r, m), h in sorted(rest.latency.items())
                 for line in h.render("fabrica_http_request_duration_seconds",
-                                     f'route="{_prom_escape(r)}",method="{m}"')])
+                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
         family("fabrica_store_writes_total", "counter", "Committed store writes.",
                [f"fabrica_store_writes_total {store.writes if store else 0}"])
         family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
@@ -6196,18 +6318,20 @@ class Fabrica:
             "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
         }
         for name, (kind, help_text, get) in per_kind.items():
-            family(name, kind, help_text, [f'{name}{{kind="{k}"}} {get(ctls[k])}' for k in kinds if k in ctls])
+            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
+                                           for k in kinds if k in ctls])
         family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
                [line for k in kinds if k in ctls
-                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds", f'kind="{k}"')])
+                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
+                                                     f'kind="{_prom_escape(k)}"')])
         objects, not_ready = [], []
         for k in kinds:
             items = store.list(k) if store is not None else []
-            objects.append(f'fabrica_objects{{kind="{k}"}} {len(items)}')
+            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
             pending = sum(1 for o in items if not any(
                 isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
                 for c in o["status"].get("conditions") or ()))
-            not_ready.append(f'fabrica_objects_not_ready{{kind="{k}"}} {pending}')
+            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
         family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
         family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind.", not_ready)
         return "\n".join(out) + "\n"
@@ -6315,7 +6439,7 @@ class Fabrica:
             raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
         if not out["envelope"] and "status" in body:
             # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
-            raise _validation("status", _STATUS_NOT_SPEC)
+            raise _not_spec("status")
         errors = []
         if out["name"] is not None and not valid_name(out["name"]):
             errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
@@ -6346,12 +6470,15 @@ class Fabrica:
             raise BadRequestError("spec must be a JSON object")
         return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
 
-    def _check_status(self, info: KindInfo, status) -> dict:
-        """The status with defaults; the fields fabrica writes are checked apart from the user's schema."""
+    def _check_status(self, info: KindInfo, status, stored: dict) -> dict:
+        """The status with defaults; the fields fabrica writes are checked apart from the user's schema.
+
+        ``stored`` is the status it replaces (conditions kept from it are only shape-checked).
+        """
         if not isinstance(status, dict):
             raise BadRequestError("status must be a JSON object")
         own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
-        errors = status_problems(own)
+        errors = status_problems(own, stored)
         rest = {k: v for k, v in status.items() if k not in own}
         if info.status is not None:
             rest, more = info.status.validate(rest, "status", max_size=self.max_body)
@@ -6465,7 +6592,8 @@ class Fabrica:
             meta["updatedAt"] = utcnow()
             try:
                 if old_meta["deletionTimestamp"] and not meta["finalizers"]:
-                    return self._remove(info, old_meta["uid"], rv)
+                    # Kubernetes: the answer and the deleted event show the object as this write left it
+                    return self._remove(info, old_meta["uid"], rv, last=new)
                 stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
                 if snapshot is not None and info.history:      # after the commit: never raises
                     store.prune_versions(kind, old_meta["uid"], info.history)
@@ -6508,16 +6636,18 @@ class Fabrica:
             if not isinstance(result, dict):
                 raise PatchError(f"the patched {part} must be a JSON object",
                                  [{"field": part, "message": "must be an object"}])
-            if not status and _patch_touches_status(patch, patch_type, new["spec"], result):
-                raise _validation("status", _STATUS_NOT_SPEC)
-            new[part] = (self._check_status if status else self._check_spec)(info, result)
+            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
+            if written is not None:
+                raise _not_spec(written)
+            new[part] = self._check_status(info, result, new[part]) if status else self._check_spec(info, result)
         return self._mutate(info, ref, change, action="patched", **pre)
 
     def _update_status(self, info: KindInfo, ref: str, status, **pre) -> dict:
-        status = self._check_status(info, deepcopy_json(status))
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
 
         def change(new):
-            new["status"] = deepcopy_json(status)
+            new["status"] = self._check_status(info, deepcopy_json(status), new["status"])
         return self._mutate(info, ref, change, **pre)
 
     @staticmethod
@@ -6527,9 +6657,12 @@ class Fabrica:
                 "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
                 "spec": deepcopy_json(obj["spec"])}
 
-    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True) -> dict:
-        """Delete an object now, then its spec history and (with ``cascade``) its dependents."""
-        tomb = self.store.delete(info.kind, uid, rv)
+    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
+        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
+
+        ``last`` is its final state when the delete also changes it (Store.delete).
+        """
+        tomb = self.store.delete(info.kind, uid, rv, last)
         if info.history_on:
             if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
                 self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
@@ -6572,7 +6705,13 @@ class Fabrica:
                     new["metadata"]["updatedAt"] = utcnow()
                     new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
                     return store.replace(new, meta["resourceVersion"], "updated"), False
-                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade), True
+                last = None
+                if not force and pending != meta["finalizers"]:
+                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
+                    last = deepcopy_json(cur)
+                    last["metadata"]["finalizers"] = pending
+                    last["metadata"]["updatedAt"] = utcnow()
+                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
             except StaleError:
                 if if_match is not None:
                     raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None

@@ -2,13 +2,19 @@ from __future__ import annotations   # the dataclasses below are resolved with g
 
 import copy
 import dataclasses
+import errno
 import io
 import json
+import logging
+import os
+import re
 import sys
+import threading
 import typing
 import urllib.parse
 import wsgiref.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
@@ -663,3 +669,451 @@ class TestStatusIsNotASpecField:
         # the status route still takes a status (and a member named status inside it)
         status, _, obj = rest(widgets, "PATCH", "/widgets/w1/status", {"status": "ok"}, MERGE)
         assert status == 200 and obj["status"] == {"status": "ok"}
+
+
+# -- issue 11 reviews: condition types and every line-oriented output (F2), the write that removes the last
+# -- finalizer (NU-1), the flat form's reserved keys in spec patches (SPEC §6.2, §6.4), the README's claims
+
+def open_events(app, last_event_id=None):
+    """GET /events in-process -> (status, the response's chunk iterator); close the iterator when done."""
+    environ = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(REQUEST_METHOD="GET", PATH_INFO="/events", QUERY_STRING="")
+    if last_event_id is not None:
+        environ["HTTP_LAST_EVENT_ID"] = last_event_id
+    seen = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"] = int(status.split()[0])
+    body = app.wsgi(environ, start_response)
+    return seen["status"], body
+
+
+def sse_events(raw: str) -> list[dict]:
+    """The events a WHATWG EventSource dispatches for ``raw``: lines end at CRLF, CR or LF, a blank line
+    dispatches, ``id``/``event``/``data`` fields (a leading space dropped), ``:`` comments ignored."""
+    events, fields, data = [], {}, []
+    for line in re.split(r"\r\n|\r|\n", raw):
+        if not line:
+            if data:
+                events.append({**fields, "data": "\n".join(data)})
+            fields, data = {}, []
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name in ("id", "event"):
+            fields[name] = value
+    return events
+
+
+def backlog(app, last_event_id="0") -> list[dict]:
+    """What a client resuming from ``last_event_id`` receives: every buffered event after it, as parsed."""
+    expected = len(app.bus.since(fabrica.parse_position(last_event_id)))
+    status, body = open_events(app, last_event_id)
+    assert status == 200
+    chunks = iter(body)
+    try:
+        # the opening comment, then one chunk per buffered event: read no further (live events block)
+        raw = b"".join(next(chunks) for _ in range(1 + expected))
+    finally:
+        body.close()
+    return sse_events(raw.decode())
+
+
+FORGED_TYPE = 'Ready\nid: 99999999\nevent: io.fabrica.widget.deleted\ndata: {"forged":true}\n\nevent: x'
+
+
+class TestConditionTypesAreNames:
+    """F2 (a): a condition's type is a Kubernetes condition type (a qualified name, at most 316 characters)
+    and its status True, False or Unknown, on every status write and in set_condition."""
+
+    VALID = ["Ready", "example.com/Ready", "a", "A_b.c-9", "x" * 316, "a.b-c/D_e.f"]
+    INVALID = [FORGED_TYPE, "Ready\n", "Disk Pressure", "-Ready", "Ready-", "example.com/", "/Ready",
+               "Example.com/Ready", "a/b/c", "x" * 317, "Réady", "Ready\r", "Re\x00ady", "Ready\u2028"]
+
+    def test_a_forged_condition_type_is_refused_and_no_client_sees_a_forged_event(self, widgets):
+        assert rest(widgets, "POST", "/widgets", {"name": "w1"})[0] == 201
+        status, _, err = rest(widgets, "PUT", "/widgets/w1/status",
+                              {"conditions": [{"type": FORGED_TYPE, "status": "True"}]})
+        assert status == 422 and err["details"][0]["field"] == "status.conditions[0].type", err
+        status, _, obj = rest(widgets, "PUT", "/widgets/w1/status",
+                              {"conditions": [{"type": "Ready", "status": "True"}]})
+        assert status == 200, obj
+        events = backlog(widgets)
+        assert [(e["id"], e["event"]) for e in events] == [
+            ("1", "io.fabrica.widget.created"), ("2", "io.fabrica.widget.updated"),
+            ("2.1", "io.fabrica.condition.ready")]
+        assert all(json.loads(e["data"])["sequence"] == e["id"] for e in events)
+
+    @pytest.mark.parametrize("ctype", INVALID, ids=range(len(INVALID)))
+    def test_every_status_write_checks_the_type(self, widgets, ctype):
+        assert rest(widgets, "POST", "/widgets", {"name": "w1"})[0] == 201
+        conditions = [{"type": ctype, "status": "True"}]
+        for status, _, body in (
+                rest(widgets, "PUT", "/widgets/w1/status", {"conditions": conditions}),
+                rest(widgets, "PATCH", "/widgets/w1/status", {"conditions": conditions}, MERGE),
+                rest(widgets, "PATCH", "/widgets/w1/status", [{"op": "add", "path": "/conditions",
+                                                               "value": conditions}], JSONP)):
+            assert status == 422, body
+            assert body["details"][0]["field"] == "status.conditions[0].type"
+            assert "qualified name" in body["details"][0]["message"]
+        with pytest.raises(ValidationError):
+            widgets.client.update_status("Widget", "w1", {"conditions": conditions})
+        with pytest.raises(ValidationError):
+            widgets.client.patch_status("Widget", "w1", {"conditions": conditions})
+        assert rest(widgets, "GET", "/widgets/w1")[2]["status"] == {}
+        for valid in self.VALID:        # what the rule admits
+            conditions = [{"type": valid, "status": "True"}]
+            status, _, obj = rest(widgets, "PUT", "/widgets/w1/status", {"conditions": conditions})
+            assert status == 200 and obj["status"] == {"conditions": conditions}, obj
+            conditions[0]["status"] = "False"
+            assert widgets.client.patch_status("Widget", "w1", {"conditions": conditions}).status == {
+                "conditions": conditions}
+
+    @pytest.mark.parametrize("cond", [{"type": "Ready", "status": "true"}, {"type": "Ready", "status": "Yes"},
+                                      {"type": "Ready", "status": ""}, {"type": "Ready"}])
+    def test_the_status_is_true_false_or_unknown(self, widgets, cond):
+        assert rest(widgets, "POST", "/widgets", {"name": "w1"})[0] == 201
+        status, _, err = rest(widgets, "PUT", "/widgets/w1/status", {"conditions": [cond]})
+        assert status == 422 and err["details"][0]["field"] == "status.conditions[0].status", err
+        for value in ("True", "False", "Unknown"):
+            status, _, obj = rest(widgets, "PUT", "/widgets/w1/status",
+                                  {"conditions": [{"type": "Ready", "status": value}]})
+            assert status == 200, obj
+
+    @pytest.mark.parametrize("ctype", INVALID + [None, 7], ids=range(len(INVALID) + 2))
+    def test_set_condition_raises_value_error(self, ctype):
+        obj = fabrica.Resource(fabrica.new_object("Widget", "w1", "widget-00000001"))
+        with pytest.raises(ValueError, match="qualified name"):
+            obj.set_condition(ctype, True)
+        assert obj.status == {}
+        for valid in self.VALID:
+            assert obj.set_condition(valid, True, reason="R")
+
+    def test_a_reconcile_that_writes_a_bad_type_is_recorded_as_a_failure(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        @app.register("Widget")
+        def reconcile(ctx, obj):
+            obj.status.setdefault("conditions", []).append({"type": "Disk Pressure", "status": "True"})
+        with app:
+            app.client.create("Widget", "w1")
+            assert poll(lambda: app.client.get("Widget", "w1").condition("Ready") is not None)
+            obj = app.client.get("Widget", "w1")
+        assert obj.condition("Disk Pressure") is None
+        assert obj.condition("Ready")["status"] == "False" and obj.condition("Ready")["reason"] == "ReconcileError"
+        assert "qualified name" in obj.condition("Ready")["message"]
+
+    def test_conditions_an_older_fabrica_stored_still_load_and_can_be_kept(self, tmp_path):
+        """Files written before the rule (any non-empty type, any string status) are not quarantined;
+        their conditions may be written back unchanged, and only a new condition or a status change
+        must follow the rule (ratcheting, as Kubernetes does)."""
+        data = tmp_path / "data"
+        app = fabrica.Fabrica(data_dir=str(data), durable=False)
+        app.register("Widget")
+        with app:
+            uid = app.client.create("Widget", "w1").uid
+        legacy = [{"type": "Disk Pressure", "status": "true", "reason": "", "message": ""},
+                  {"type": "Ready\nid: 7", "status": "True"}, {"type": "Synced"}]
+        path = data / "widgets" / f"{uid}.json"
+        doc = json.loads(path.read_text())
+        doc["status"]["conditions"] = legacy
+        path.write_text(json.dumps(doc))
+        app = fabrica.Fabrica(data_dir=str(data), durable=False)
+        app.register("Widget")
+        with app:
+            assert app.health()["quarantined"] == [] and app.client.get("Widget", "w1").status["conditions"] == legacy
+            # kept as they are, beside a new valid condition and another status field
+            kept = [*legacy, {"type": "Ready", "status": "True"}]
+            status, _, obj = rest(app, "PUT", "/widgets/w1/status", {"conditions": kept, "phase": "x"})
+            assert status == 200 and obj["status"]["conditions"] == kept, obj
+            changed = [dict(legacy[0], reason="Changed"), *legacy[1:]]
+            assert rest(app, "PUT", "/widgets/w1/status", {"conditions": changed})[0] == 200
+            # a status change publishes a condition event: then the type must be a name, the status valid
+            for i, cond in ((0, dict(legacy[0], status="False")), (1, dict(legacy[1], status="False")),
+                            (2, dict(legacy[2], status="yes"))):
+                conditions = list(changed)
+                conditions[i] = cond
+                status, _, err = rest(app, "PUT", "/widgets/w1/status", {"conditions": conditions})
+                assert status == 422 and err["details"][0]["field"].startswith(f"status.conditions[{i}]"), err
+            obj = app.client.get("Widget", "w1")
+            assert obj.set_condition("Ready", False, reason="Down")
+            app.client.update_status("Widget", "w1", obj.status)
+
+
+def poll(predicate, timeout: float = 10.0) -> bool:
+    """Whether ``predicate()`` turns true within ``timeout`` seconds (checked every 10 ms)."""
+    deadline, pause = fabrica.time.monotonic() + timeout, threading.Event()
+    while not predicate() and fabrica.time.monotonic() < deadline:
+        pause.wait(0.01)
+    return predicate()
+
+
+class TestLineOrientedOutputs:
+    """F2 (b): whatever reaches them, SSE fields, log lines and metric labels stay on their line."""
+
+    @pytest.mark.parametrize("bad", ["\n", "\r", "\r\n", "\n\n", "\n\r"])
+    def test_an_sse_frame_is_one_event_whatever_its_type(self, bad):
+        event = {"type": f"io.x{bad}id: 99999999{bad}event: forged{bad}{bad}data: {{}}",
+                 "data": {"text": f"a{bad}b\r\nc\u2028d"}}
+        frame = fabrica._sse_frame((42, 3), event).decode()
+        assert frame.count("\n") == 4 and "\r" not in frame and frame.endswith("\n\n")
+        [parsed] = sse_events(frame)
+        assert parsed["id"] == "42.3" and json.loads(parsed["data"]) == event
+        assert parsed["event"].startswith("io.x") and "99999999" in parsed["event"]
+
+    def test_the_stream_escapes_a_configured_type_with_line_breaks(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False,
+                              event_prefix="io.x\r\nid: 99999999\nevent: io.x.widget.deleted\n\nid: 5")
+        app.register("Widget")
+        with app:
+            app.client.create("Widget", "w1")
+            events = backlog(app)
+        assert [e["id"] for e in events] == ["1"]
+        assert events[0]["event"] == "io.x\\r\\nid: 99999999\\nevent: io.x.widget.deleted\\n\\nid: 5.widget.created"
+
+    def test_a_last_event_id_newer_than_every_event_is_gone(self, widgets):
+        assert rest(widgets, "POST", "/widgets", {"name": "w1"})[0] == 201
+        for since in ("99999999", "2", "2.1"):
+            status, body = open_events(widgets, since)
+            if hasattr(body, "close"):
+                body.close()        # a stream (an error answer is a list)
+            assert status == 410, since
+        assert [e["id"] for e in backlog(widgets, "1")] == []
+        assert [e["id"] for e in backlog(widgets, "0")] == ["1"]
+
+    def test_a_request_path_cannot_forge_a_log_line(self, tmp_path, caplog, monkeypatch):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Widget", history=True)
+
+        @app.wsgi.route("/boom/<x>")        # an app's own route that fails: Bottle's 500 handler logs it
+        def boom(x):
+            raise RuntimeError("boom")
+
+        def broken(*args):
+            raise RuntimeError("the store failed")
+        caplog.set_level(logging.DEBUG, logger="fabrica")
+        with app:
+            app.client.create("Widget", "w1")
+            monkeypatch.setattr(app.store, "get_version", broken)     # fabrica's own route fails
+            assert rest(app, "GET", "/boom/a\nFORGED line\r\x1b[2J")[0] == 500
+            assert rest(app, "GET", "/widgets/w1/versions/1\nFORGED line\r\x1b[2J")[0] == 500
+        messages = [r.getMessage() for r in caplog.records if "unhandled error" in r.getMessage()]
+        assert len(messages) == 2
+        assert "GET /boom/a\\nFORGED line\\r\\x1b[2J" in messages[0]
+        assert "GET /widgets/w1/versions/1\\nFORGED line\\r\\x1b[2J" in messages[1]
+        for message in messages:
+            assert not any(line.startswith("FORGED") for line in message.splitlines()) and "\x1b" not in message
+
+    def test_the_built_in_server_logs_the_request_line_on_one_line(self, caplog):
+        handler = object.__new__(fabrica._WSGIRequestHandler)
+        handler.client_address = ("127.0.0.1", 5000)
+        caplog.set_level(logging.DEBUG, logger="fabrica.http")
+        handler.log_message('"%s" %s %s', "GET /a\rFORGED\x1b[2J\x85 HTTP/1.1", "404", "-")
+        [record] = caplog.records
+        assert record.getMessage() == '127.0.0.1 - "GET /a\\rFORGED\\x1b[2J\\x85 HTTP/1.1" 404 -'
+
+
+class TestTheLastFinalizerRemoved:
+    """NU-1: the write that removes the last finalizer of an object being deleted deletes it; its answer and
+    its deleted event show the object as that write left it (finalizers gone), at the delete's
+    resourceVersion (Kubernetes; SPEC §4, §5.6), whoever removes it."""
+
+    @staticmethod
+    def deleted_event(app, obj) -> dict:
+        """The deleted event of ``obj`` in the event ring."""
+        [event] = [ev for _, ev in app.bus.since((app.bus.start_rv, 0))
+                   if ev["type"].endswith(".deleted") and ev["resourceuid"] == obj["metadata"]["uid"]]
+        return event
+
+    @staticmethod
+    def assert_final_state(event, before, finalizers=()):
+        """The deleted event's object is ``before`` with ``finalizers`` left, at the event's resourceVersion."""
+        resource = event["data"]["resource"]
+        assert resource["metadata"]["finalizers"] == list(finalizers)
+        assert resource["metadata"]["resourceVersion"] == event["resourceversion"]
+        assert int(event["resourceversion"]) > int(before["metadata"]["resourceVersion"])
+        assert resource["metadata"]["deletionTimestamp"] is not None
+        same = {k: v for k, v in resource["metadata"].items() if k not in ("finalizers", "resourceVersion",
+                                                                          "updatedAt", "deletionTimestamp")}
+        assert same == {k: before["metadata"][k] for k in same} and resource["spec"] == before["spec"]
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Box")
+        with app:
+            yield app
+
+    def test_a_put_that_removes_the_last_finalizer(self, app):
+        status, _, obj = rest(app, "POST", "/boxes", {"metadata": {"name": "b3", "finalizers": ["example.com/keep"]}})
+        assert status == 201
+        status, _, deleting = rest(app, "DELETE", "/boxes/b3")
+        assert status == 202 and deleting["metadata"]["finalizers"] == ["example.com/keep"]
+        status, headers, gone = rest(app, "PUT", "/boxes/b3", {"metadata": {"finalizers": []}})
+        assert status == 200 and gone["metadata"]["finalizers"] == [], gone
+        assert headers["etag"] == f'"{gone["metadata"]["resourceVersion"]}"'
+        assert rest(app, "GET", "/boxes/b3")[0] == 404
+        event = self.deleted_event(app, obj)
+        assert event["data"]["resource"] == gone
+        self.assert_final_state(event, deleting)
+
+    def test_app_client_update_that_removes_the_last_finalizer(self, app):
+        app.client.create("Box", "b3", finalizers=["example.com/a", "example.com/b"])
+        deleting = app.client.delete("Box", "b3")
+        deleting.metadata["finalizers"] = ["example.com/b"]
+        deleting = app.client.update(deleting)
+        assert deleting.finalizers == ["example.com/b"]
+        deleting.metadata["finalizers"] = []
+        deleting.spec["size"] = 2          # the same write changes the spec: the final state shows it
+        gone = app.client.update(deleting)
+        assert gone.finalizers == [] and gone.spec == {"size": 2} and gone.generation == 2
+        with pytest.raises(fabrica.NotFoundError):
+            app.client.get("Box", "b3")
+        event = self.deleted_event(app, gone)
+        assert event["data"]["resource"] == gone
+
+    def test_the_controller_removes_its_finalizer_after_finalize(self, tmp_path):
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        finalized = []
+        app.register("Box", finalize=lambda ctx, obj: finalized.append(obj.name))
+        with app:
+            app.client.create("Box", "b1", spec={"size": 1})
+            deleting = app.client.delete("Box", "b1")
+            assert deleting.finalizers == [fabrica.FINALIZER]
+            assert poll(lambda: app.store.get("Box", deleting.uid) is None)
+            assert finalized == ["b1"]
+            self.assert_final_state(self.deleted_event(app, deleting), deleting)
+
+    def test_start_up_removes_fabricas_finalizer_from_an_object_being_deleted(self, tmp_path):
+        data = str(tmp_path / "data")
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+
+        def finalize(ctx, obj):
+            raise RuntimeError("not yet")       # keeps the object waiting for its finalizer
+        app.register("Box", finalize=finalize)
+        with app:
+            app.client.create("Box", "b1")
+            deleting = app.client.delete("Box", "b1")
+            assert deleting.finalizers == [fabrica.FINALIZER]
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box")         # finalize= is gone: nothing would remove it
+        with app:
+            assert app.store.get("Box", deleting.uid) is None
+            self.assert_final_state(self.deleted_event(app, deleting), deleting)
+
+    def test_delete_removes_fabricas_finalizer_that_start_up_could_not(self, tmp_path, monkeypatch):
+        data = str(tmp_path / "data")
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box", finalize=lambda ctx, obj: None)
+        with app:
+            obj = app.client.create("Box", "b1", spec={"size": 1})
+            assert obj.finalizers == [fabrica.FINALIZER]
+        app = fabrica.Fabrica(data_dir=data, durable=False)
+        app.register("Box")
+        real = os.replace
+
+        def failing(*args, **kwargs):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        monkeypatch.setattr(os, "replace", failing)       # start-up's sweep cannot take the finalizer off
+        with app:
+            monkeypatch.setattr(os, "replace", real)
+            before = app.client.get("Box", "b1")
+            assert before.finalizers == [fabrica.FINALIZER]
+            status, _, body = rest(app, "DELETE", "/boxes/b1")
+            assert status == 200 and body["uid"] == obj.uid, body
+            event = self.deleted_event(app, obj)
+        resource = event["data"]["resource"]
+        assert resource["metadata"]["finalizers"] == [] and resource["spec"] == {"size": 1}
+        assert resource["metadata"]["resourceVersion"] == event["resourceversion"]
+        assert int(event["resourceversion"]) > int(before.resource_version)
+
+
+class TestReservedKeysInSpecPatches:
+    """SPEC §6.2, §6.4: a spec patch (merge, shorthand, JSON Patch; REST and app.client) that would create,
+    change or remove a top-level spec key among the flat form's reserved keys and the envelope's markers is
+    a 422 saying what to do instead, by one rule with status; a patch that leaves such a key alone works."""
+
+    TYPES = {MERGE: "merge", "application/json": "merge", JSONP: "json", SHORT: "shorthand"}
+
+    @pytest.mark.parametrize("ctype, patch, field, advice", [
+        (MERGE, {"metadata": {"labels": {"a": "1"}}}, "metadata", "PUT the envelope"),
+        (MERGE, {"labels": {"a": "1"}}, "labels", "PUT the envelope form"),
+        ("application/json", {"annotations": {"a": "1"}}, "annotations", "or the flat form"),
+        (MERGE, {"spec": {"x": 9}}, "spec", "patch its fields directly"),
+        (MERGE, {"x": 2, "name": "g3"}, "name", "never changes"),
+        (MERGE, {"kind": "Other"}, "kind", "served at the URL"),
+        (MERGE, {"apiVersion": "v2"}, "apiVersion", "'v1'"),
+        (MERGE, {"labels": None}, "labels", "PUT the envelope form"),
+        (SHORT, {"labels.a": "1"}, "labels", "PUT the envelope form"),
+        (SHORT, {"metadata.labels.a": "1"}, "metadata", "PUT the envelope"),
+        (SHORT, {"spec.x": 9}, "spec", "patch its fields directly"),
+        (JSONP, [{"op": "add", "path": "/metadata", "value": {"labels": {"a": "1"}}}], "metadata", "PUT"),
+        (JSONP, [{"op": "add", "path": "/spec", "value": {"x": 9}}], "spec", "patch its fields directly"),
+        (JSONP, [{"op": "move", "from": "/x", "path": "/name"}], "name", "never changes"),
+        (JSONP, [{"op": "copy", "from": "/x", "path": "/kind"}], "kind", "served at the URL"),
+        (JSONP, [{"op": "replace", "path": "", "value": {"x": 1, "labels": {}}}], "labels", "PUT the envelope"),
+    ])
+    def test_a_spec_patch_that_writes_one_is_refused(self, widgets, ctype, patch, field, advice):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"name": "g2", "x": 1})
+        assert status == 201
+        status, _, err = rest(widgets, "PATCH", "/widgets/g2", patch, ctype)
+        assert status == 422, err
+        assert [d["field"] for d in err["details"]] == [field] and advice in err["details"][0]["message"], err
+        assert rest(widgets, "GET", "/widgets/g2")[2] == obj            # nothing stored, no generation bump
+        with pytest.raises(ValidationError, match=re.escape(advice)):
+            widgets.client.patch("Widget", "g2", patch, self.TYPES[ctype])
+        assert widgets.client.get("Widget", "g2") == obj
+
+    @pytest.mark.parametrize("key", ["labels", "metadata", "spec", "name", "kind", "apiVersion", "annotations"])
+    def test_a_spec_field_of_that_name_is_written_with_the_envelope_and_left_alone(self, widgets, key):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "g2"}, "spec": {key: "kept", "x": 1}})
+        assert status == 201 and obj["spec"] == {key: "kept", "x": 1}
+        for ctype, patch in ((MERGE, {"x": 2}), (SHORT, {"x": 3}), (JSONP, [{"op": "replace", "path": "/x", "value": 4},
+                                                                           {"op": "test", "path": f"/{key}",
+                                                                            "value": "kept"}])):
+            status, _, obj = rest(widgets, "PATCH", "/widgets/g2", patch, ctype)
+            assert status == 200 and obj["spec"][key] == "kept", obj
+        assert widgets.client.patch("Widget", "g2", {"x": 5}).spec == {key: "kept", "x": 5}
+        status, _, err = rest(widgets, "PATCH", "/widgets/g2", {key: "changed"}, MERGE)
+        assert status == 422 and err["details"][0]["field"] == key
+        status, _, obj = rest(widgets, "PUT", "/widgets/g2", {"spec": {key: "changed", "x": 5}})
+        assert status == 200 and obj["spec"] == {key: "changed", "x": 5} and obj["metadata"]["generation"] == 6
+
+
+def readme_paragraph(containing: str) -> str:
+    """The README paragraph (or list item) that holds ``containing``, its whitespace made single spaces."""
+    text = (Path(__file__).resolve().parent / "README.md").read_text()
+    blocks = [" ".join(b.split()) for b in re.split(r"\n\s*\n|\n(?=- )", text)]
+    [block] = [b for b in blocks if containing in b]
+    return block
+
+
+class TestTheReadmeSaysWhatHappens:
+    """The README's claims next to finalizers and paging match what the server does."""
+
+    def test_a_deletion_timestamp_in_a_body_is_ignored(self, widgets):
+        status, _, obj = rest(widgets, "POST", "/widgets", {"metadata": {"name": "w1", "finalizers": ["x.io/keep"]},
+                                                            "spec": {}})
+        assert status == 201
+        status, _, live = rest(widgets, "PUT", "/widgets/w1",
+                               {"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}})
+        assert status == 200 and live == obj
+        status, _, deleting = rest(widgets, "DELETE", "/widgets/w1")
+        assert status == 202 and deleting["metadata"]["deletionTimestamp"] is not None
+        status, _, same = rest(widgets, "PUT", "/widgets/w1", {"metadata": {"deletionTimestamp": None}})
+        assert status == 200 and same == deleting
+        paragraph = readme_paragraph("Finalizers follow Kubernetes")
+        assert "cannot be cleared" not in paragraph
+        assert 'a PUT of `{"metadata": {"deletionTimestamp": null}}` answers 200 and changes nothing' in paragraph
+        assert "server-managed, never taken from a body" in readme_paragraph("`deletionTimestamp` are server-managed")
+
+    def test_the_continue_token_is_opaque(self, widgets):
+        for name in ("w1", "w2"):
+            assert rest(widgets, "POST", "/widgets", {"name": name})[0] == 201
+        token = rest(widgets, "GET", "/widgets?limit=1")[1]["x-continue"]
+        assert token not in (fabrica.base64.urlsafe_b64encode(b"w1").decode().rstrip("="), "w1")
+        bullet = readme_paragraph("The continue token")
+        assert "opaque" in bullet and "base64" not in bullet
