@@ -4963,7 +4963,9 @@ def _oa_components() -> dict:
                 "quarantined": {"type": "array"}, "resourceVersion": {"type": "string"},
                 "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
             "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
-                "apiVersion": {"type": "string"}, "kinds": {"type": "array", "items": {
+                "apiVersion": {"type": "string"},
+                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
+                "kinds": {"type": "array", "items": {
                     "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
                         "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
                         "patchTypes": {"type": "array", "items": {"type": "string"}},
@@ -6218,7 +6220,7 @@ class Fabrica:
         return "\n".join(out) + "\n"
 
     def discovery(self) -> dict:
-        return {"apiVersion": API_VERSION, "kinds": [i.describe() for i in self.kinds.values()]}
+        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
 
     def _require_started(self):
         if not self._started:
@@ -7644,15 +7646,17 @@ class _CLI:
             self.out([self.client.request("GET", self._path(info, ref))[2] for ref in refs])
         return 0
 
-    def delete(self, info: dict, refs: list[str], force: bool = False) -> int:
+    def delete(self, info: dict, refs: list[str], force: bool = False, report=None) -> int:
+        """Delete each ref; ``report(body, line)`` tells (default: say, the kubectl one-liner)."""
+        report = report or self.say
         for ref in refs:
             status, _, body = self.client.request("DELETE", self._path(info, ref) + ("?force=true" if force else ""))
             name = f"{info['kind'].lower()}/{ref}"
             if status == 202:
-                self.say(body, f"{name} is being deleted; waiting for finalizers: "
-                               f"{', '.join(body['metadata']['finalizers'])}")
+                report(body, f"{name} is being deleted; waiting for finalizers: "
+                             f"{', '.join(body['metadata']['finalizers'])}")
             else:
-                self.say(body, f"{name} deleted")
+                report(body, f"{name} deleted")
         return 0
 
     def describe(self, info: dict, ref: str) -> int:
@@ -7811,8 +7815,8 @@ class _CLI:
             return self.get(info, args.refs, args.selector, args.limit)
         if verb == "describe":
             return self.describe(info, ref)
-        if verb == "delete":
-            return self.delete(info, args.refs, args.force)
+        if verb == "delete":     # the Fabrica order prints the server's answer (JSON when piped)
+            return self.delete(info, args.refs, args.force, report=lambda body, line: self.out(body, text=line))
         if verb == "create":
             self.out(client.request("POST", path, _body_arg(args))[2])
         elif verb == "update":
