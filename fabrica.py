@@ -3933,8 +3933,10 @@ class Controller:
             outcome, error = "temporary", exc
         except Exception as exc:
             outcome, error = "error", exc
-            ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
-                              getattr(fn, "__name__", repr(fn)))
+            # the first failure of a streak logs its traceback; the retries of the streak one line each
+            if self.queue.num_requeues(key) == 0:
+                ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)))
         finally:
             with self._lock:
                 self._runs.pop(key, None)
@@ -3954,7 +3956,11 @@ class Controller:
                 self.queue.add_after(key, error.delay, "TemporaryError")
             else:
                 self.retries += 1
-                self.queue.add_rate_limited(key, "retry after error")
+                attempt = self.queue.num_requeues(key) + 1
+                delay = self.queue.add_rate_limited(key, "retry after error")
+                if attempt > 1:
+                    ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
             return
         if deleting:
             self._finalized(key, stored)
@@ -7736,7 +7742,7 @@ class _CLI:
                 if isinstance(exc, ConnectionFailedError):
                     raise
                 failed = 1
-                print(f"fabrica: {label}: {_error_text(exc)}", file=sys.stderr)
+                print(f"fabrica: {label}: {_cli_error_line(exc)}", file=sys.stderr)
         return failed
 
     def delete_files(self, argv: list[str], force: bool) -> int:
@@ -7916,7 +7922,7 @@ class _CLI:
         return self.kind_verb(command, rest)
 
 
-def _error_text(exc) -> str:
+def _cli_error_line(exc) -> str:
     """One line for an error: its message, plus the details it does not already say."""
     if not isinstance(exc, FabricaError):
         return str(exc)
@@ -8090,7 +8096,7 @@ def main(argv: list[str] | None = None) -> int:
               "FABRICA_SERVER or --server URL points elsewhere)", file=sys.stderr)
         return 3
     except FabricaError as exc:
-        print(f"fabrica: {_error_text(exc)}", file=sys.stderr)
+        print(f"fabrica: {_cli_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -496,3 +496,33 @@ def test_readme_kubectl_walkthrough_runs_as_written(tmp_path):
         wait_for(lambda: http(url, "/nodes") == [])
     finally:
         stop(proc)
+
+
+###############################################################################
+# Writing an app ##############################################################
+###############################################################################
+
+class TestRetryLogging:
+    def test_one_traceback_per_failure_streak_then_one_line_per_retry(self, tmp_path, caplog):
+        sys.path.insert(0, str(ROOT))
+        try:
+            import fabrica
+        finally:
+            sys.path.remove(str(ROOT))
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        @app.register("Widget")
+        def reconcile(ctx, obj):
+            raise ValueError("disk 'd1' is missing")
+
+        caplog.set_level("ERROR", logger="fabrica.controller")
+        with app:
+            uid = app.client.create("Widget", name="w1").uid
+            queue = app.controllers["Widget"].queue
+            wait_for(lambda: queue.num_requeues(("Widget", uid)) >= 4)
+        failures = [r for r in caplog.records if "w1" in r.getMessage() and "raised" in r.getMessage()]
+        assert len(failures) >= 3
+        assert failures[0].exc_info is not None
+        assert all(r.exc_info is None for r in failures[1:])
+        assert re.search(r"raised again \(attempt 2, next in [0-9.e-]+s\): disk 'd1' is missing",
+                         failures[1].getMessage()), failures[1].getMessage()
