@@ -6074,6 +6074,7 @@ class Fabrica:
         """Open the store (lock, recovery, load) and start the bus and controllers; no HTTP."""
         if self._started:
             return self
+        self._check_wiring()
         if self.store is None:
             self.store = self._make_store()
         self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
@@ -6093,6 +6094,18 @@ class Fabrica:
         self._sweep_orphans()
         self._start_controllers()
         return self
+
+    def _check_wiring(self) -> None:
+        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
+        for info in self.kinds.values():
+            named = list(info.owns) + list(info.watches)
+            if named and info.reconcile is None:
+                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
+                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
+            unknown = [k for k in named if k not in self.kinds]
+            if unknown:
+                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
+                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop controllers (running reconciles get ctx.stopping), the bus, then close the store."""

@@ -526,3 +526,29 @@ class TestRetryLogging:
         assert all(r.exc_info is None for r in failures[1:])
         assert re.search(r"raised again \(attempt 2, next in [0-9.e-]+s\): disk 'd1' is missing",
                          failures[1].getMessage()), failures[1].getMessage()
+
+
+class TestWiringMistakes:
+    @staticmethod
+    def fabrica():
+        sys.path.insert(0, str(ROOT))
+        try:
+            import fabrica
+        finally:
+            sys.path.remove(str(ROOT))
+        return fabrica
+
+    def test_owns_a_kind_never_registered(self, tmp_path):
+        fabrica = self.fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"))
+        app.register("Cluster", lambda ctx, obj: None, owns=["Nope"])
+        with pytest.raises(fabrica.ConfigurationError, match="'Nope' is no registered kind"):
+            app.start()
+
+    def test_owns_without_a_reconcile(self, tmp_path):
+        fabrica = self.fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"))
+        app.register("Disk")
+        app.register("VM", owns=["Disk"])
+        with pytest.raises(fabrica.ConfigurationError, match="has none"):
+            app.start()
