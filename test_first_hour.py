@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,12 +28,22 @@ RACKS = ROOT / "examples" / "rack_reconciliation.py"
 READY = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
+def read_line(proc, timeout: float) -> str:
+    """One stderr line of ``proc``, or "" at EOF or after ``timeout`` (a server that logs nothing never hangs us)."""
+    box = queue.Queue()
+    threading.Thread(target=lambda: box.put(proc.stderr.readline()), daemon=True).start()
+    try:
+        return box.get(timeout=timeout)
+    except queue.Empty:
+        return ""
+
+
 def read_ready(proc, timeout=30.0) -> tuple[int, str]:
     """The port of the ready line a starting server writes to stderr, and that line."""
     deadline = time.monotonic() + timeout
     lines = []
     while time.monotonic() < deadline:
-        line = proc.stderr.readline()
+        line = read_line(proc, max(0.1, deadline - time.monotonic()))
         if not line:
             break
         lines.append(line)
@@ -245,8 +257,10 @@ class TestWait:
         assert gone.returncode == 0 and gone.stdout == "racktemplate/wd deleted\n"
 
     def test_bad_for_and_timeout_are_usage_errors(self, racks):
-        assert cli(racks, "wait", "rack/x", "--for=ready").returncode == 2
-        assert cli(racks, "wait", "rack/x", "--for=delete", "--timeout=soon").returncode == 2
+        bad_for = cli(racks, "wait", "rack/x", "--for=ready")
+        assert bad_for.returncode == 2 and "--for wants condition=TYPE[=STATUS] or delete" in bad_for.stderr
+        bad_timeout = cli(racks, "wait", "rack/x", "--for=delete", "--timeout=soon")
+        assert bad_timeout.returncode == 2 and "--timeout wants a duration" in bad_timeout.stderr
 
 
 ###############################################################################
@@ -396,7 +410,7 @@ class TestStartingUp:
         proc = subprocess.Popen([sys.executable, str(FABRICA_PY), "serve", "--server", "fabrica", "--port", "0",
                                  "--data-dir", str(tmp_path / "b")], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                                 stdout=subprocess.DEVNULL)
-        deprecated = proc.stderr.readline()
+        deprecated = read_line(proc, 30)
         read_ready(proc)
         stop(proc)
         assert "deprecated" in deprecated and "--wsgi-server" in deprecated
@@ -440,8 +454,10 @@ class TestOpenServer:
                                 stdout=subprocess.DEVNULL)
         lines = []
         while not READY.search(lines[-1] if lines else ""):
-            lines.append(proc.stderr.readline())
-            assert lines[-1], "".join(lines)
+            lines.append(read_line(proc, 30))
+            if not lines[-1]:
+                proc.kill()
+                raise AssertionError("no ready line:\n" + "".join(lines))
         stop(proc)
         warning = next((ln for ln in lines if "does not register" in ln), "")
         assert "WARNING" in warning and "RackTemplate" in warning, "".join(lines)
