@@ -11,7 +11,7 @@ Quick example (``examples/quickstart.py`` holds the same code)::
 
     import fabrica
 
-    app = fabrica.Fabrica(data_dir="./data")
+    app = fabrica.Fabrica(data_dir="./quickstart-data")
 
     @app.register("Greeting")
     def reconcile(ctx, obj):
@@ -79,6 +79,8 @@ import math
 import os
 import re
 import select
+import shlex
+import shutil
 import signal
 import socket
 import socketserver
@@ -2584,7 +2586,8 @@ class FileStore(Store):
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise StoreLockedError(f"data dir {self.data_dir} is locked by pid {holder}: another fabrica "
-                                   f"process is using it; stop it or choose another --data-dir") from None
+                                   f"process is using it; stop it or use another data dir (serve --data-dir, FABRICA_DATA_DIR "
+                                   f"or Fabrica(data_dir=...))") from None
         pid = f"{os.getpid()}\n".encode()
         try:        # over the old pid, then cut: no new block needed, so this works on a full disk
             os.pwrite(fd, pid, 0)
@@ -3334,6 +3337,13 @@ class Bus:
                             "re-list and watch from now")
         return [(pos, ev) for pos, ev, _ in ring if pos > position]
 
+    def recent(self, kind: str, uid: str, limit: int = 50) -> list[dict]:
+        """The newest ``limit`` buffered events of one object, oldest first (whatever the ring still holds)."""
+        with self._lock:
+            ring = list(self._ring)
+        found = [ev for _, ev, _ in ring if ev.get("resourcekind") == kind and ev.get("resourceuid") == uid]
+        return found[-limit:] if limit else []
+
     @property
     def subscriptions(self) -> tuple[Subscription, ...]:
         return self._subs
@@ -3991,8 +4001,10 @@ class Controller:
             outcome, error = "temporary", exc
         except Exception as exc:
             outcome, error = "error", exc
-            ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
-                              getattr(fn, "__name__", repr(fn)))
+            # the first failure of a streak logs its traceback; the retries of the streak one line each
+            if self.queue.num_requeues(key) == 0:
+                ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)))
         finally:
             with self._lock:
                 self._runs.pop(key, None)
@@ -4012,7 +4024,11 @@ class Controller:
                 self.queue.add_after(key, error.delay, "TemporaryError")
             else:
                 self.retries += 1
-                self.queue.add_rate_limited(key, "retry after error")
+                attempt = self.queue.num_requeues(key) + 1
+                delay = self.queue.add_rate_limited(key, "retry after error")
+                if attempt > 1:
+                    ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
             return
         if deleting:
             self._finalized(key, stored)
@@ -4512,6 +4528,7 @@ class RestAPI:
         route(base + "/<ref>/status", "GET", bind(self.get_status))
         route(base + "/<ref>/status", "PUT", bind(self.update_status))
         route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
+        route(base + "/<ref>/events", "GET", bind(self.object_events))
         if history:
             route(base + "/<ref>/versions", "GET", bind(self.versions))
             route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
@@ -4633,6 +4650,18 @@ class RestAPI:
         obj = self.app._patch(info, ref, body, kind, status=True, **self._preconditions())
         bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
         return self._send(obj)
+
+    def object_events(self, plural, ref):
+        """The object's recent events still in the bus's ring buffer, oldest first (``?limit=``, default 50).
+
+        Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
+        """
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        limit = bottle.request.query.get("limit") or "50"
+        if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
+            raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
+        return self._send(self.app.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
 
     def _history(self, plural, ref):
         info = self._kind(plural)
@@ -4939,6 +4968,11 @@ def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, to
             "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
                         _oa_patch_body("status"))}},
     }
+    paths[base + "/{ref}/events"] = {"parameters": lead + [ref], "get": op(
+        "list*Events", f"The recent events of a {label} still in the event ring buffer, oldest first",
+        {"200": _oa_ok("CloudEvents", {"type": "array", "items": {
+            "type": "object", "required": ["specversion", "id", "type", "source"]}})}, "400 404",
+        [_oa_ref("EventLimit", "parameters")])}
     if history:
         vid = _oa_ref("VersionId", "parameters")
         V = _oa_ref(name + "Version")
@@ -5033,7 +5067,9 @@ def _oa_components() -> dict:
                 "quarantined": {"type": "array"}, "resourceVersion": {"type": "string"},
                 "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
             "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
-                "apiVersion": {"type": "string"}, "kinds": {"type": "array", "items": {
+                "apiVersion": {"type": "string"},
+                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
+                "kinds": {"type": "array", "items": {
                     "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
                         "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
                         "patchTypes": {"type": "array", "items": {"type": "string"}},
@@ -5054,6 +5090,8 @@ def _oa_components() -> dict:
             "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
                                    "k notin (a), k, !k; comma = AND", {"type": "string"}),
             "Name": param("name", "query", "only the object with this name", {"type": "string"}),
+            "EventLimit": param("limit", "query", "at most this many, the newest (default 50)",
+                                {"type": "integer", "minimum": 1, "maximum": 10000}),
             "Limit": param("limit", "query", "page size (empty: no limit)",
                            {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
             "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
@@ -6064,6 +6102,7 @@ class Fabrica:
         self._kind_lock = threading.Lock()          # guards open-server kind creation
         self._started = False
         self._host_check = False
+        self._app_name = "app"                      # what serve()'s ready line calls this app
         self._controllers: dict[str, object] = {}
         self.gc: GarbageCollector | None = None     # made by start(), with the clock
         self.rest = RestAPI(self)
@@ -6187,12 +6226,17 @@ class Fabrica:
         """Open the store (lock, recovery, load) and start the bus and controllers; no HTTP."""
         if self._started:
             return self
+        self._check_wiring()
         if self.store is None:
             self.store = self._make_store()
         self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
-        for kind, plural in self.store.discovered.items():
-            if kind not in self.kinds:
-                self._declare(kind, None, {"plural": plural}, mount=not self.open)
+        strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
+        for kind in strangers:
+            self._declare(kind, None, {"plural": self.store.discovered[kind]}, mount=not self.open)
+        if strangers:
+            logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
+                           "or a controller (serve the app that registers them to validate and reconcile them)",
+                           ", ".join(sorted(strangers)))
         self.bus.start_rv = self.store.resource_version
         self.store.on_commit = self._on_commit
         self._started = True
@@ -6202,6 +6246,18 @@ class Fabrica:
         self._sweep_orphans()
         self._start_controllers()
         return self
+
+    def _check_wiring(self) -> None:
+        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
+        for info in self.kinds.values():
+            named = list(info.owns) + list(info.watches)
+            if named and info.reconcile is None:
+                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
+                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
+            unknown = [k for k in named if k not in self.kinds]
+            if unknown:
+                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
+                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop controllers (running reconciles get ctx.stopping), the bus, then close the store."""
@@ -6337,7 +6393,7 @@ class Fabrica:
         return "\n".join(out) + "\n"
 
     def discovery(self) -> dict:
-        return {"apiVersion": API_VERSION, "kinds": [i.describe() for i in self.kinds.values()]}
+        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
 
     def _require_started(self):
         if not self._started:
@@ -6805,15 +6861,50 @@ class Fabrica:
               token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
         """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
 
+        The arguments are the app's defaults: the ``FABRICA_*`` variables that
+        ``python fabrica.py serve`` reads override them (12-factor), so
+        ``FABRICA_PORT=8081 python app.py`` moves the server without an edit;
+        ``FABRICA_DATA_DIR``/``FABRICA_DATABASE_URL`` override the store and
+        ``FABRICA_NO_FSYNC``, ``FABRICA_WORKERS``, ``FABRICA_CORS`` likewise.
         ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
         one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
         when installed. ``max_threads`` bounds the connections (or the app
         threads) and ``head_timeout`` the seconds a client has to send a request
         head, on the servers that have such a setting (README: Serving).
+
+        This is a program's main loop: it sets up logging (``FABRICA_LOG_LEVEL``,
+        default info) unless the program already did, logs one ready line, and
+        ends the program with a one-line message (SystemExit, no traceback)
+        when the store is locked or the port is taken.
         """
+        env = _env_settings()
+        logging.basicConfig(level=getattr(logging, str(env.get("log_level", "info")).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if env.get("data_dir") or env.get("database_url"):
+            self.configure_store(data_dir=env.get("data_dir"), database_url=env.get("database_url"))
+        if env.get("no_fsync"):
+            self.configure_store(durable=False)
+        if env.get("workers"):
+            for info in self.kinds.values():
+                info.workers = env["workers"]
+        self.cors = env.get("cors") or self.cors
+        main = sys.modules.get("__main__")
+        name = os.path.basename(getattr(main, "__file__", None) or "") or "app"
+        try:
+            self._serve(env.get("host", host), env.get("port", port), server=env.get("wsgi_server", server),
+                        token=env.get("token", token), max_threads=env.get("max_threads", max_threads),
+                        head_timeout=env.get("head_timeout", head_timeout), name=name)
+        except (ConfigurationError, OSError) as exc:
+            raise SystemExit(f"fabrica: {exc.message if isinstance(exc, FabricaError) else exc.strerror or exc}"
+                             ) from None
+
+    def _serve(self, host: str, port: int, *, server: str | None, token: str | None, max_threads: int,
+               head_timeout: float, name: str) -> None:
+        """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
         if token:
             self.token = token
         self._host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
+        self._app_name = name
         self.start()
         try:
             if server in (None, "", "fabrica", "auto"):
@@ -6832,9 +6923,22 @@ class Fabrica:
         finally:
             self.stop()
 
+    def _ready_line(self, url: str) -> str:
+        """The one line serve logs when it answers: version, app, URL, store, kinds."""
+        store = self.database_url or getattr(self.store, "data_dir", None) or type(self.store).__name__
+        kinds = ", ".join(self.kinds) or "none yet"
+        return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
+                f"(store: {store}; kinds: {kinds})")
+
     def _serve_builtin(self, host, port, max_threads, head_timeout):
-        httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads,
-                                   head_timeout=head_timeout)
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        try:
+            httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads,
+                                       head_timeout=head_timeout)
+        except OSError as exc:
+            hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
+                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
+            raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
         self.httpd = httpd
         def on_signal(signum, frame):
             # only a plain assignment here: a handler that takes locks can deadlock when a second
@@ -6844,9 +6948,7 @@ class Fabrica:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        http_log.info("fabrica %s listening on http://%s:%d (data: %s)", __version__, shown,
-                      httpd.server_port, getattr(self.store, "data_dir", type(self.store).__name__))
+        http_log.info("%s", self._ready_line(f"http://{shown}:{httpd.server_port}"))
         try:
             httpd.serve_forever(poll_interval=0.2)
             if httpd.stop_requested:
@@ -6880,8 +6982,7 @@ class Fabrica:
                                   workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
                                   log_enabled=False)
         # logged from granian's start-up hook: by then its signal handlers and socket are in place
-        server.on_startup(lambda: http_log.info("fabrica %s listening on http://%s:%d via granian", __version__,
-                                                host, port))
+        server.on_startup(lambda: http_log.info("%s via granian", self._ready_line(f"http://{host}:{port}")))
         server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
 
     def _serve_adapter(self, name, host, port, **options):
@@ -6896,7 +6997,7 @@ class Fabrica:
             signal.signal(signal.SIGTERM, on_signal)
         try:
             # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
-            http_log.info("fabrica %s listening on http://%s:%d via %s", __version__, host, port, name)
+            http_log.info("%s via %s", self._ready_line(f"http://{host}:{port}"), name)
             bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True, **options)
         except ImportError as exc:
             raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
@@ -7311,27 +7412,60 @@ def _env(name: str, default=None):
     return os.environ.get("FABRICA_" + name, default)
 
 
+# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
+_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
+              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
+              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
+              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
+              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
+
+
+def _env_settings() -> dict:
+    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
+    found = {}
+    for key, (name, kind) in _SERVE_ENV.items():
+        value = _env(name)
+        if value in (None, ""):
+            continue
+        if kind is bool:
+            found[key] = value.lower() not in ("0", "false", "no", "off")
+            continue
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
+    return found
+
+
 def _serve_parser(sub):
-    p = sub.add_parser("serve", help="run the REST API, the bus and the controllers")
+    epilog = ("Every flag also reads a FABRICA_* variable (the flag wins): " +
+              ", ".join(f"FABRICA_{name}" for name, _ in _SERVE_ENV.values()) +
+              ". app.serve() in a script reads the same variables, which override its arguments.")
+    p = sub.add_parser("serve", help="run the REST API, the bus and the controllers", epilog=epilog,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    env = _env_settings()
     p.add_argument("app", nargs="?", help="module:attr or path/to/file.py[:attr] holding a Fabrica "
                                           "(default: an open server where any kind can be created)")
-    p.add_argument("--data-dir", default=_env("DATA_DIR"), help="JSON file store directory (default ./data)")
-    p.add_argument("--database-url", default=_env("DATABASE_URL"))
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8080")))
-    p.add_argument("--token", default=_env("TOKEN"), help="require 'Authorization: Bearer TOKEN'")
-    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "0")) or None,
-                   help="reconcile workers per kind (overrides the app)")
-    p.add_argument("--no-fsync", action="store_true", default=_env("NO_FSYNC", "") not in ("", "0", "false"),
+    p.add_argument("--data-dir", default=env.get("data_dir"),
+                   help="JSON file store directory (default: the app's, ./data)")
+    p.add_argument("--database-url", default=env.get("database_url"), help="a database instead of --data-dir")
+    p.add_argument("--host", default=env.get("host", "127.0.0.1"),
+                   help="address to bind; a non-loopback one also answers other Host names")
+    p.add_argument("--port", type=int, default=env.get("port", 8080), help="TCP port (0: any free one)")
+    p.add_argument("--token", default=env.get("token"), help="require 'Authorization: Bearer TOKEN'")
+    p.add_argument("--workers", type=int, default=env.get("workers"),
+                   help="reconcile workers per kind (default: the app's, 1)")
+    p.add_argument("--no-fsync", action="store_true", default=env.get("no_fsync", False),
                    help="skip fsync: faster, but a power loss can lose acknowledged writes")
-    p.add_argument("--server", default=_env("WSGI_SERVER"), help="WSGI server: fabrica (default), granian, "
-                                                                  "waitress, cheroot, gunicorn")
-    p.add_argument("--max-threads", type=int, default=int(_env("MAX_THREADS", "256")),
+    p.add_argument("--wsgi-server", "--server", dest="wsgi_server", default=env.get("wsgi_server"),
+                   help="WSGI server: fabrica (built in, the default), granian, waitress, cheroot, gunicorn "
+                        "(--server is the old, deprecated spelling)")
+    p.add_argument("--max-threads", type=int, default=env.get("max_threads", 256),
                    help="connection slots of the built-in server (waitress: connections; granian: threads)")
-    p.add_argument("--head-timeout", type=float, default=float(_env("HEAD_TIMEOUT", "10")),
+    p.add_argument("--head-timeout", type=float, default=env.get("head_timeout", 10.0),
                    help="seconds a client has to send its whole request head (slowloris)")
-    p.add_argument("--cors", default=_env("CORS"), help="allow this browser origin (CORS is off by default)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    p.add_argument("--cors", default=env.get("cors"), help="allow this browser origin (CORS is off by default)")
+    p.add_argument("--log-level", default=env.get("log_level", "info"), help="debug, info, warning or error")
     return p
 
 
@@ -7346,20 +7480,52 @@ def _cmd_serve(args) -> int:
             info.workers = args.workers
     if args.cors:
         app.cors = args.cors
-    app.serve(args.host, args.port, server=args.server, token=args.token, max_threads=args.max_threads,
-              head_timeout=args.head_timeout)
+    app._serve(args.host, args.port, server=args.wsgi_server, token=args.token, max_threads=args.max_threads,
+               head_timeout=args.head_timeout, name=args.app or "an open server")
     return 0
 
 
 _GLOBAL_FLAGS = {"--server": "server", "--token": "token", "-o": "output", "--output": "output"}
+_FORMATS = ("table", "wide", "json", "yaml", "name")
+_COMMANDS = {
+    "serve": "run the REST API, the bus and the controllers",
+    "init": "write a new project folder (app.py, test_app.py, a vendored fabrica.py)",
+    "version": "print the version",
+    "kinds": "list the server's kinds",
+    "events": "follow the server's events",
+    "apply": "create or update the objects of a file (-f FILE|DIR|-)",
+    "get": "get KIND [REF...]: list, or show some objects",
+    "describe": "describe KIND REF: one object with its conditions, dependents and recent events",
+    "delete": "delete KIND REF... or delete -f FILE",
+    "wait": "wait KIND/REF --for=condition=Ready|delete [--timeout=30s]",
+    "KIND": "a kind's own verbs: list, get, create, update, patch, delete, status, versions, watch",
+}
+
+
+def _prog() -> str:
+    """How fabrica was started, for hints: ``fabrica`` (console script), else ``python fabrica.py``."""
+    base = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if base in ("fabrica", "fabrica.exe"):
+        return "fabrica"
+    if base == "fabrica.py" and os.path.dirname(os.path.abspath(sys.argv[0])) != os.getcwd():
+        return "python -m fabrica"
+    return "python fabrica.py"
+
+
+def _unknown_command(word: str, why: str = "") -> _UsageError:
+    names = ", ".join(c for c in _COMMANDS if c != "KIND")
+    return _UsageError(f"unknown command {word!r}{why}; commands: {names}, or a kind followed by a verb "
+                       f"(`{_prog()} kinds` lists the kinds; `{_prog()} --help` shows them all)")
 
 
 def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
-    """Take the client's global flags (--server URL, --token T, -o FORMAT) from anywhere in argv."""
+    """Take the client's global flags (--server URL, --token T, -o FORMAT, -oFORMAT) from anywhere in argv."""
     found, rest, i = {}, [], 0
     while i < len(argv):
         arg = argv[i]
         name, eq, value = arg.partition("=")
+        if arg.startswith("-o") and not eq and len(arg) > 2:
+            name, eq, value = "-o", "=", arg[2:]        # -oname, as kubectl takes it
         if name in _GLOBAL_FLAGS:
             if not eq:
                 if i + 1 >= len(argv):
@@ -7396,8 +7562,12 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def _labels_text(labels: dict | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or "<none>"
+
+
 def _render(value, fmt: str) -> str:
-    """Objects, lists of objects or plain JSON in table/json/yaml/name form."""
+    """Objects, lists of objects or plain JSON in table/wide/json/yaml/name form ("" when there is nothing)."""
     if fmt == "json":
         return json.dumps(value, indent=2, ensure_ascii=False)
     if fmt == "yaml":
@@ -7410,8 +7580,8 @@ def _render(value, fmt: str) -> str:
     is_obj = all(isinstance(i, dict) and isinstance(i.get("metadata"), dict) for i in items)
     if fmt == "name":
         if not is_obj:
-            return "\n".join(str(i.get("name", i.get("versionId", i))) if isinstance(i, dict) else str(i)
-                             for i in items)
+            return "\n".join(str(next((i[k] for k in ("name", "kind", "versionId") if k in i), i))
+                             if isinstance(i, dict) else str(i) for i in items)
         return "\n".join(f"{i['kind'].lower()}/{i['metadata']['name']}" for i in items)
     if not is_obj or not items:
         if not items:
@@ -7419,15 +7589,21 @@ def _render(value, fmt: str) -> str:
         return json.dumps(value, indent=2, ensure_ascii=False)
     phase = any("phase" in (i.get("status") or {}) for i in items)
     rows = [["NAME", "UID", "PHASE" if phase else "READY", "AGE"]]
+    if fmt == "wide":
+        rows[0] += ["GENERATION", "OBSERVED", "LABELS"]
     for i in items:
-        status = i.get("status") or {}
+        status, meta = i.get("status") or {}, i["metadata"]
         if phase:
             state = status.get("phase", "-")
         else:
             ready = next((c for c in status.get("conditions") or () if isinstance(c, dict) and c.get("type") == "Ready"),
                          None)
             state = ready.get("status", "-") if ready else "-"
-        rows.append([i["metadata"]["name"], i["metadata"]["uid"], state, _age(i["metadata"].get("createdAt"))])
+        row = [meta["name"], meta["uid"], state, _age(meta.get("createdAt"))]
+        if fmt == "wide":
+            row += [str(meta.get("generation", "-")), str(status.get("observedGeneration", "-")),
+                    _labels_text(meta.get("labels"))]
+        rows.append(row)
     return _table(rows)
 
 
@@ -7473,6 +7649,70 @@ def _shorthand(sets: list[str], unsets: list[str]) -> dict:
     return patch
 
 
+def _duration(text: str) -> float:
+    """``60s``, ``2m``, ``1h``, ``500ms`` or a plain number of seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
+    if not m:
+        raise _UsageError(f"--timeout wants a duration like 60s, 2m or 1h, not {text!r}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+def _documents(path: str) -> list[tuple[str, object]]:
+    """The objects of ``apply -f``/``delete -f``: (where, object) from a file, a folder's files, or stdin.
+
+    A file holds one object, a JSON array, a ``{"kind": "List", "items": [...]}``,
+    or YAML documents separated by ``---`` (YAML needs PyYAML; JSON never does).
+    """
+    if path == "-":
+        sources = [("standard input", sys.stdin.read())]
+    else:
+        names = ([os.path.join(path, n) for n in sorted(os.listdir(path))
+                  if n.endswith((".json", ".yaml", ".yml"))] if os.path.isdir(path) else [path])
+        sources = []
+        for name in names:
+            try:
+                with open(name, encoding="utf-8") as f:
+                    sources.append((name, f.read()))
+            except OSError as exc:
+                raise _UsageError(f"cannot read {name}: {exc.strerror}") from None
+    found = []
+    for where, text in sources:
+        if text.lstrip()[:1] in ("{", "["):
+            docs = [_json_arg(text, where)]
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise _UsageError(f"{where} is not JSON, and reading YAML needs PyYAML: pip install PyYAML") from None
+            try:
+                docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            except yaml.YAMLError as exc:
+                raise _UsageError(f"{where} is not valid YAML: {exc}") from None
+        for doc in docs:
+            if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+                doc = doc["items"]
+            found.extend((where, d) for d in (doc if isinstance(doc, list) else [doc]))
+    return found
+
+
+def _applied(doc, where: str) -> tuple[str, str, dict]:
+    """(kind, name, envelope body) of one object of a file, flat or envelope form; status is ignored."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+        raise _UsageError(f"{where}: every object needs a \"kind\"")
+    if "metadata" in doc or "spec" in doc:
+        meta = doc.get("metadata") or {}
+        body = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations") if k in meta}}
+        if "spec" in doc:
+            body["spec"] = doc["spec"]
+    else:
+        flat = {k: v for k, v in doc.items() if k not in ("kind", "apiVersion", "schemaVersion", "status")}
+        body = {"metadata": {k: flat.pop(k) for k in ("name", "labels", "annotations") if k in flat}, "spec": flat}
+    name = body["metadata"].get("name")
+    if not isinstance(name, str) or not name:
+        raise _UsageError(f"{where}: a {doc['kind']} without a name; apply needs one to find it again")
+    return doc["kind"], name, body
+
+
 def _kind_parser(kind: str) -> argparse.ArgumentParser:
     p = _ArgumentParser(prog=f"fabrica {kind}", description=f"Client verbs for {kind}.")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
@@ -7480,7 +7720,10 @@ def _kind_parser(kind: str) -> argparse.ArgumentParser:
     v = verbs.add_parser("list", help="list objects")
     v.add_argument("-l", "--selector", help="label selector, e.g. env=prod,tier!=db")
     v.add_argument("--limit", type=int)
-    verbs.add_parser("get", help="show one object").add_argument("ref")
+    v = verbs.add_parser("get", help="show objects (no REF: list them)")
+    v.add_argument("refs", nargs="*", metavar="REF")
+    v.add_argument("-l", "--selector", help="label selector, e.g. env=prod,tier!=db")
+    v.add_argument("--limit", type=int)
     for name in ("create", "update"):
         v = verbs.add_parser(name, help=f"{name} from --spec JSON, -f FILE or stdin")
         if name == "update":
@@ -7495,8 +7738,10 @@ def _kind_parser(kind: str) -> argparse.ArgumentParser:
     v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE")
     v.add_argument("--unset", action="append", metavar="KEY.PATH")
     v = verbs.add_parser("delete", help="delete (202 while finalizers are pending)")
-    v.add_argument("ref")
+    v.add_argument("refs", nargs="+", metavar="REF")
     v.add_argument("--force", action="store_true", help="delete now, skipping finalizers")
+    v = verbs.add_parser("describe", help="one object with its conditions, dependents and recent events")
+    v.add_argument("ref")
     v = verbs.add_parser("status", help="show, replace (--spec) or patch (--set/--unset) the status")
     v.add_argument("ref")
     v.add_argument("--spec")
@@ -7511,85 +7756,489 @@ def _kind_parser(kind: str) -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_kind(client: Client, kind: str, argv: list[str], out) -> int:
-    args = _kind_parser(kind).parse_args(argv)
-    info = next((k for k in client.kinds() if kind.lower() in (k["kind"].lower(), k["plural"])), None)
-    if info is None:
-        raise NotFoundError(f'the server has no kind "{kind}"; `python fabrica.py kinds` lists them')
-    kind, plural, verb = info["kind"], info["plural"], args.verb
-    ref = getattr(args, "ref", None)
-    path = f"/{plural}/{urllib.parse.quote(ref, safe='')}" if ref else f"/{plural}"
-    if verb == "list":
-        out(client.list(kind, selector=args.selector, limit=args.limit))
-    elif verb == "get":
-        out(client.get(kind, ref))
-    elif verb == "create":
-        out(client.request("POST", path, _body_arg(args))[2])
-    elif verb == "update":
-        out(client.request("PUT", path, _body_arg(args))[2])
-    elif verb == "patch":
-        given = [x for x in (args.spec, args.json_patch, args.set or args.unset) if x]
-        if len(given) != 1:
-            raise _UsageError("patch wants exactly one of --spec, --json-patch, or --set/--unset")
-        if args.spec:
-            out(client.patch(kind, ref, _json_arg(args.spec, "--spec")))
-        elif args.json_patch:
-            out(client.patch(kind, ref, _json_arg(args.json_patch, "--json-patch"), type="json"))
+class _CLI:
+    """The client commands of one invocation: a Client, the output format and the server's kinds."""
+
+    def __init__(self, client: Client, fmt: str, explicit: bool):
+        self.client, self.fmt, self.explicit = client, fmt, explicit
+        self._discovery = None
+
+    def out(self, value, text: str | None = "", stream: bool = False) -> None:
+        """Print ``value`` in the chosen format; ``text`` is the table form (None: the JSON)."""
+        table = self.fmt in ("table", "wide")
+        if table and text:
+            print(text)
+        elif table and text is None:
+            print(json.dumps(value, indent=2, ensure_ascii=False))
         else:
-            out(client.patch(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
-    elif verb == "delete":
-        status, _, body = client.request("DELETE", path + ("?force=true" if args.force else ""))
-        if status == 202:
-            out(body, text=f'{kind} "{ref}" is being deleted; waiting for finalizers: '
-                           f'{", ".join(body["metadata"]["finalizers"])}')
+            rendered = _render(value, "json" if stream and table else self.fmt)
+            if rendered:
+                print(rendered)
+        sys.stdout.flush()
+
+    def say(self, value, line: str) -> None:
+        """A one-line report (apply, delete, wait): the line, or the objects with an explicit -o json|yaml."""
+        if self.explicit and self.fmt in ("json", "yaml"):
+            self.out(value)
         else:
-            out(body, text=f'{kind} "{ref}" deleted')
-    elif verb == "status":
-        if args.spec:
-            out(client.update_status(kind, ref, _json_arg(args.spec, "--spec")))
-        elif args.set or args.unset:
-            out(client.patch_status(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
+            print(line)
+            sys.stdout.flush()
+
+    def kind(self, word: str) -> dict:
+        """The server's kind for a word (singular or plural, any case), or _UsageError "unknown command".
+
+        On an open server an unknown word that could be a kind is one: its first create makes it.
+        """
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,62}", word):
+            raise _unknown_command(word)        # no kind is spelled so: no need to ask the server
+        if self._discovery is None:
+            self._discovery = self.client.request("GET", "/apis")[2]
+        low = word.lower()
+        info = next((k for k in self._discovery["kinds"] if low in (k["kind"].lower(), k["plural"])), None)
+        if info is not None:
+            return info
+        if self._discovery.get("open") and re.fullmatch(r"[a-z][a-z0-9]{0,61}", low):
+            kind = singularize(low) if low.endswith("s") else low
+            kind = kind[:1].upper() + kind[1:]
+            return {"kind": kind, "plural": pluralize(kind)}
+        kinds = ", ".join(k["kind"].lower() for k in self._discovery["kinds"]) or "none yet"
+        raise _unknown_command(word, f" (the server's kinds: {kinds})")
+
+    def target(self, words: list[str], verb: str) -> tuple[dict, list[str]]:
+        """(kind, refs) from ``KIND REF...`` or ``KIND/REF...`` (kubectl's two spellings)."""
+        if not words:
+            raise _UsageError(f"{verb} needs a kind: {_prog()} {verb} KIND [REF...]")
+        if "/" in words[0]:
+            pairs = [w.partition("/") for w in words]
+            kinds = {p[0].lower() for p in pairs}
+            if len(kinds) != 1 or any(not p[2] for p in pairs):
+                raise _UsageError(f"{verb}: give KIND REF... or KIND/REF... of one kind, not {' '.join(words)}")
+            return self.kind(pairs[0][0]), [p[2] for p in pairs]
+        return self.kind(words[0]), words[1:]
+
+    @staticmethod
+    def _path(info: dict, ref: str | None = None) -> str:
+        return f"/{info['plural']}" + (f"/{urllib.parse.quote(ref, safe='')}" if ref else "")
+
+    def _list(self, info: dict, selector=None, limit=None) -> list:
+        return self.client.list(info["kind"], selector=selector, limit=limit) if "controller" in info else (
+            self.client.request("GET", self._path(info))[2])     # an open kind not made yet: none
+
+    # -- kubectl word order --------------------------------------------------
+    def get(self, info: dict, refs: list[str], selector=None, limit=None) -> int:
+        if not refs:
+            self.out(self._list(info, selector, limit))
+        elif len(refs) == 1:
+            self.out(self.client.request("GET", self._path(info, refs[0]))[2])
         else:
-            out(client.request("GET", path + "/status")[2], text=None)
-    elif verb == "versions":
-        if args.action != "list" and not args.id:
-            raise _UsageError(f"versions {args.action} needs a version id")
-        if args.action == "list":
-            out(client.versions(kind, ref), text=_table([["VERSION", "CREATED", "NAME"]] + [
-                [v["versionId"], v["createdAt"], v["name"]] for v in client.versions(kind, ref)]))
-        elif args.action == "get":
-            out(client.get_version(kind, ref, args.id), text=None)
-        elif args.action == "delete":
-            client.delete_version(kind, ref, args.id)
-            out({"message": "version deleted", "uid": args.id}, text=f"version {args.id} deleted")
+            self.out([self.client.request("GET", self._path(info, ref))[2] for ref in refs])
+        return 0
+
+    def delete(self, info: dict, refs: list[str], force: bool = False, report=None) -> int:
+        """Delete each ref; ``report(body, line)`` tells (default: say, the kubectl one-liner)."""
+        report = report or self.say
+        for ref in refs:
+            status, _, body = self.client.request("DELETE", self._path(info, ref) + ("?force=true" if force else ""))
+            name = f"{info['kind'].lower()}/{ref}"
+            if status == 202:
+                report(body, f"{name} is being deleted; waiting for finalizers: "
+                             f"{', '.join(body['metadata']['finalizers'])}")
+            else:
+                report(body, f"{name} deleted")
+        return 0
+
+    def describe(self, info: dict, ref: str) -> int:
+        obj = self.client.request("GET", self._path(info, ref))[2]
+        if self.fmt not in ("table", "wide") and self.explicit:
+            self.out(obj)
+            return 0
+        meta, status = obj["metadata"], dict(obj.get("status") or {})
+        conditions = status.pop("conditions", None) or []
+
+        def block(value) -> str:
+            return "\n".join("  " + ln for ln in json.dumps(value, indent=2, ensure_ascii=False).splitlines())
+        owners = ", ".join(f"{r.get('kind')}/{r.get('name') or r.get('uid')}" + (" (controller)" if r.get("controller")
+                           else "") for r in meta.get("ownerReferences") or ()) or "<none>"
+        lines = [f"Name:         {meta['name']}", f"Kind:         {obj['kind']}", f"UID:          {meta['uid']}",
+                 f"Labels:       {_labels_text(meta.get('labels'))}",
+                 f"Annotations:  {_labels_text(meta.get('annotations'))}",
+                 f"Created:      {meta.get('createdAt')} ({_age(meta.get('createdAt'))} ago)",
+                 f"Generation:   {meta.get('generation')} (observed {status.get('observedGeneration', '-')})",
+                 f"Version:      {meta.get('resourceVersion')}", f"Owners:       {owners}",
+                 f"Finalizers:   {', '.join(meta.get('finalizers') or ()) or '<none>'}"]
+        if meta.get("deletionTimestamp"):
+            lines.append(f"Deleting:     since {meta['deletionTimestamp']}")
+        lines += ["Spec:", block(obj.get("spec") or {}), "Status:", block(status), "Conditions:"]
+        if conditions:
+            lines.append(_table([["  TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]] + [
+                ["  " + str(c.get("type")), str(c.get("status")), c.get("reason") or "-",
+                 _age(c.get("lastTransitionTime")), c.get("message") or ""] for c in conditions]))
         else:
-            out(client.restore_version(kind, ref, args.id))
-    elif verb == "watch":
-        for event in client.watch(f"**", kind=kind):
-            data = event.get("data", {})
-            if ref and ref not in (data.get("resourceUID"), data.get("resourceName")):
-                continue
-            out(event, text=f"{event['type']}  {data.get('resourceName', '')}  rv={event.get('resourceversion')}",
-                stream=True)
+            lines.append("  <none>")
+        dependents = [f"  {o['kind'].lower()}/{o['metadata']['name']}"
+                      for k in self._discovery["kinds"] if "controller" in k
+                      for o in self.client.list(k["kind"], owner=obj)]
+        lines += ["Dependents:"] + (dependents or ["  <none>"]) + ["Events:"]
+        events = self.client.request("GET", self._path(info, meta["uid"]) + "/events")[2]
+        if events:
+            rows = [["  AGE", "TYPE", "VERSION", "DETAIL"]]
+            for ev in events:
+                data = ev.get("data") or {}
+                if "conditionType" in data:
+                    what = f"condition {data['conditionType']}={data.get('status')}"
+                    detail = ": ".join(x for x in (data.get("reason"), data.get("message")) if x)
+                else:
+                    what, detail = ev.get("action", ev["type"]), data.get("updateType", "")
+                rows.append(["  " + _age(ev.get("time")), what, ev.get("sequence", ""), detail])
+            lines.append(_table(rows))
+        else:
+            lines.append("  <none in the server's event buffer>")
+        print("\n".join(lines))
+        return 0
+
+    def apply(self, argv: list[str]) -> int:
+        p = _ArgumentParser(prog="fabrica apply", description="Create what is absent, update what differs.")
+        p.add_argument("-f", "--filename", required=True, help="a JSON or YAML file, a folder of them, or '-'")
+        args = p.parse_args(argv)
+        failed = 0
+        for where, doc in _documents(args.filename):
+            kind, name, body = _applied(doc, where)
+            label = f"{kind.lower()}/{name}"
+            try:
+                info = self.kind(kind)
+                label = f"{info['kind'].lower()}/{name}"
+                try:
+                    current = self.client.request("GET", self._path(info, name))[2]
+                except NotFoundError:
+                    current = None
+                if current is None:
+                    obj, result = self.client.request("POST", self._path(info), body)[2], "created"
+                    self._discovery = None        # an open server may have just made the kind
+                else:
+                    obj = self.client.request("PUT", self._path(info, current["metadata"]["uid"]), body)[2]
+                    same = all(obj["metadata"].get(k) == current["metadata"].get(k)
+                               for k in ("generation", "labels", "annotations"))
+                    result = "unchanged" if same else "configured"
+                self.say(obj, f"{label} {result}")
+            except (FabricaError, _UsageError) as exc:
+                if isinstance(exc, ConnectionFailedError):
+                    raise
+                failed = 1
+                print(f"fabrica: {label}: {_cli_error_line(exc)}", file=sys.stderr)
+        return failed
+
+    def delete_files(self, argv: list[str], force: bool) -> int:
+        p = _ArgumentParser(prog="fabrica delete", description="Delete what a file names.")
+        p.add_argument("-f", "--filename", required=True)
+        args = p.parse_args(argv)
+        failed = 0
+        for where, doc in _documents(args.filename):
+            kind, name, _ = _applied(doc, where)
+            try:
+                self.delete(self.kind(kind), [name], force)
+            except NotFoundError as exc:
+                failed = 1
+                print(f"fabrica: {kind.lower()}/{name}: {exc.message}", file=sys.stderr)
+        return failed
+
+    def wait(self, argv: list[str]) -> int:
+        p = _ArgumentParser(prog="fabrica wait", description="Wait for a condition or a deletion.")
+        p.add_argument("target", nargs="+", metavar="KIND/REF")
+        p.add_argument("--for", dest="until", required=True, help="condition=TYPE[=STATUS] or delete")
+        p.add_argument("--timeout", default="30s", help="60s, 2m, 1h (default 30s)")
+        args = p.parse_args(argv)
+        timeout = _duration(args.timeout)
+        if args.until == "delete":
+            want = None
+        else:
+            m = re.fullmatch(r"condition=([A-Za-z0-9_.-]+)(?:=(True|False|Unknown|true|false|unknown))?", args.until)
+            if not m:
+                raise _UsageError(f"--for wants condition=TYPE[=STATUS] or delete, not {args.until!r}")
+            want = (m.group(1), (m.group(2) or "True").capitalize())
+        info, refs = self.target(args.target, "wait")
+        if not refs:
+            raise _UsageError("wait needs KIND/REF (or KIND REF)")
+        deadline = time.monotonic() + timeout
+        for ref in refs:
+            name = f"{info['kind'].lower()}/{ref}"
+            while True:
+                try:
+                    obj = self.client.request("GET", self._path(info, ref))[2]
+                except NotFoundError:
+                    if want is None:
+                        self.say({"kind": info["kind"], "name": ref}, f"{name} deleted")
+                        break
+                    raise
+                if want is not None:
+                    cond = Resource(obj).condition(want[0])
+                    if cond is not None and cond.get("status") == want[1]:
+                        self.say(obj, f"{name} condition met")
+                        break
+                if time.monotonic() >= deadline:
+                    cond = Resource(obj).condition(want[0]) if want else None
+                    if want is None:
+                        state = "it still exists"
+                    elif cond is None:
+                        state = f"it has no {want[0]} condition"
+                    else:
+                        why = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+                        state = f"{want[0]} is {cond.get('status')}" + (f" ({why})" if why else "")
+                    print(f"fabrica: timed out after {args.timeout} waiting for {name}: {state}", file=sys.stderr)
+                    return 1
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))   # a CLI poll: nothing else runs here
+        return 0
+
+    # -- Fabrica word order: KIND VERB ...
+    def kind_verb(self, word: str, argv: list[str]) -> int:
+        if not argv:
+            self.kind(word)             # a word that is no kind: "unknown command", not a missing verb
+        args = _kind_parser(word).parse_args(argv)
+        info = self.kind(word)
+        kind, verb, client = info["kind"], args.verb, self.client
+        ref = getattr(args, "ref", None)
+        path = self._path(info, ref)
+        if verb == "list":
+            return self.get(info, [], args.selector, args.limit)
+        if verb == "get":
+            return self.get(info, args.refs, args.selector, args.limit)
+        if verb == "describe":
+            return self.describe(info, ref)
+        if verb == "delete":     # the Fabrica order prints the server's answer (JSON when piped)
+            return self.delete(info, args.refs, args.force, report=lambda body, line: self.out(body, text=line))
+        if verb == "create":
+            self.out(client.request("POST", path, _body_arg(args))[2])
+        elif verb == "update":
+            self.out(client.request("PUT", path, _body_arg(args))[2])
+        elif verb == "patch":
+            given = [x for x in (args.spec, args.json_patch, args.set or args.unset) if x]
+            if len(given) != 1:
+                raise _UsageError("patch wants exactly one of --spec, --json-patch, or --set/--unset")
+            if args.spec:
+                self.out(client.patch(kind, ref, _json_arg(args.spec, "--spec")))
+            elif args.json_patch:
+                self.out(client.patch(kind, ref, _json_arg(args.json_patch, "--json-patch"), type="json"))
+            else:
+                self.out(client.patch(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
+        elif verb == "status":
+            if args.spec:
+                self.out(client.update_status(kind, ref, _json_arg(args.spec, "--spec")))
+            elif args.set or args.unset:
+                self.out(client.patch_status(kind, ref, _shorthand(args.set, args.unset), type="shorthand"))
+            else:
+                self.out(client.request("GET", path + "/status")[2], text=None)
+        elif verb == "versions":
+            if args.action != "list" and not args.id:
+                raise _UsageError(f"versions {args.action} needs a version id")
+            if args.action == "list":
+                versions = client.versions(kind, ref)
+                self.out(versions, text=_table([["VERSION", "CREATED", "NAME"]] + [
+                    [v["versionId"], v["createdAt"], v["name"]] for v in versions]))
+            elif args.action == "get":
+                self.out(client.get_version(kind, ref, args.id), text=None)
+            elif args.action == "delete":
+                client.delete_version(kind, ref, args.id)
+                self.out({"message": "version deleted", "uid": args.id}, text=f"version {args.id} deleted")
+            else:
+                self.out(client.restore_version(kind, ref, args.id))
+        elif verb == "watch":
+            for event in client.watch("**", kind=kind):
+                data = event.get("data", {})
+                if ref and ref not in (data.get("resourceUID"), data.get("resourceName")):
+                    continue
+                self.out(event, text=f"{event['type']}  {data.get('resourceName', '')}  "
+                                     f"rv={event.get('resourceversion')}", stream=True)
+        return 0
+
+    def run(self, command: str, rest: list[str]) -> int:
+        client = self.client
+        if command == "kinds":
+            kinds = client.kinds()
+            self.out(kinds, text=_table([["KIND", "PLURAL", "PREFIX", "CONTROLLER", "HISTORY"]] + [
+                [k["kind"], k["plural"], k["prefix"], str(k["controller"]).lower(), str(k["history"]).lower()]
+                for k in kinds]))
+            return 0
+        if command == "events":
+            p = _ArgumentParser(prog="fabrica events", description="Follow the server's events (SSE).")
+            p.add_argument("--type", default="**", help="event type pattern (* one segment, ** any)")
+            p.add_argument("--kind")
+            p.add_argument("--since", help="resume after this event id")
+            args = p.parse_args(rest)
+            for event in client.watch(args.type, since=args.since, kind=args.kind):
+                self.out(event, text=f"{event['type']}  {event.get('data', {}).get('resourceName', '')}  "
+                                     f"rv={event.get('resourceversion')}", stream=True)
+            return 0
+        if command == "apply":
+            return self.apply(rest)
+        if command in ("get", "describe", "delete"):
+            p = _ArgumentParser(prog=f"fabrica {command}")
+            p.add_argument("words", nargs="*", metavar="KIND [REF...]")
+            p.add_argument("-f", "--filename", help="delete what this file names" if command == "delete"
+                           else argparse.SUPPRESS)
+            if command == "get":
+                p.add_argument("-l", "--selector", help="label selector, e.g. env=prod,tier!=db")
+                p.add_argument("--limit", type=int)
+            if command == "delete":
+                p.add_argument("--force", action="store_true", help="delete now, skipping finalizers")
+            args = p.parse_args(rest)
+            if args.filename is not None:
+                if command != "delete" or args.words:
+                    raise _UsageError(f"{command}: -f FILE goes alone (delete -f FILE)")
+                return self.delete_files(["-f", args.filename], args.force)
+            info, refs = self.target(args.words, command)
+            if command == "get":
+                return self.get(info, refs, args.selector, args.limit)
+            if len(refs) != 1 and command == "describe":
+                raise _UsageError(f"describe wants one object: {_prog()} describe KIND REF")
+            if not refs:
+                raise _UsageError(f"delete wants objects: {_prog()} delete KIND REF... or delete -f FILE")
+            return self.describe(info, refs[0]) if command == "describe" else self.delete(info, refs, args.force)
+        if command == "wait":
+            return self.wait(rest)
+        if command in ("add", "generate", "create"):
+            hint = ("fabrica has no code generation: add a kind with `register` in app.py "
+                    f"(or start a project with `{_prog()} init DIR --kind Rack`)" if command != "create"
+                    else f"create goes after the kind: {_prog()} KIND create --spec JSON")
+            raise _unknown_command(command, f": {hint}")
+        if command.startswith("-"):
+            raise _UsageError(f"unknown option {command!r}; `{_prog()} --help` lists the commands")
+        return self.kind_verb(command, rest)
+
+
+def _cli_error_line(exc) -> str:
+    """One line for an error: its message, plus the details it does not already say."""
+    if not isinstance(exc, FabricaError):
+        return str(exc)
+    details = [f"{d.get('field')}: {d.get('message')}" for d in exc.details
+               if isinstance(d, dict) and str(d.get("message")) not in exc.message]
+    return exc.message + (f" ({'; '.join(details)})" if details else "")
+
+
+_INIT_APP = '''"""{project}: a fabrica app. Serve it with `python app.py`; test it with `python -m pytest -q`."""
+
+import fabrica
+
+app = fabrica.Fabrica(data_dir="./data")
+{kinds}
+
+if __name__ == "__main__":
+    app.serve()         # FABRICA_PORT, FABRICA_HOST, FABRICA_DATA_DIR... override these defaults
+'''
+
+_INIT_KIND = '''
+
+@app.register("{kind}")
+def reconcile_{snake}(ctx, obj):
+    """Make the world match obj.spec; what is left in obj.status is written back (a status-only write).
+
+    Raise an exception to retry with backoff, fabrica.TemporaryError(seconds) to retry after a delay,
+    fabrica.PermanentError to wait for the next change. ctx.client reads and writes other objects.
+    """
+    obj.status["phase"] = "Ready"
+    obj.set_condition("Ready", True, reason="Reconciled", message="spec has %d field(s)" % len(obj.spec))
+'''
+
+_INIT_TEST = '''"""Tests of app.py, run by `python -m pytest -q`: the app runs embedded on a temporary data dir."""
+
+import pytest
+
+from app import app
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    app.configure_store(data_dir=str(tmp_path_factory.mktemp("data")))
+    with app:
+        yield app
+{tests}'''
+
+_INIT_TEST_KIND = '''
+
+def test_{snake}_becomes_ready(running):
+    running.client.create("{kind}", name="{name}-1", spec={{}})
+    assert running.wait_idle(10)
+    obj = running.client.get("{kind}", "{name}-1")
+    assert obj.status["phase"] == "Ready"
+    assert obj.condition("Ready")["status"] == "True"
+'''
+
+_INIT_README = '''# {project}
+
+A [fabrica](https://pypi.org/project/fabrica/) app: `app.py` registers {kind_list}; `fabrica.py`
+is a vendored copy of fabrica {version} (its one dependency: `pip install bottle`).
+
+```sh
+python app.py                 # serve http://127.0.0.1:8080 (FABRICA_PORT=8081 python app.py moves it)
+python -m pytest -q           # run test_app.py
+```
+
+With the server running, in another terminal:
+
+```sh
+python fabrica.py {first} create --spec '{{"name": "{first}-1"}}'
+python fabrica.py get {plural}
+python fabrica.py describe {first} {first}-1
+```
+
+Add a kind with another `app.register(...)` in `app.py`: there is no code to generate.
+'''
+
+
+def _cmd_init(argv: list[str]) -> int:
+    """``init DIR [--kind K ...]``: a new project folder that runs and tests as written."""
+    p = _ArgumentParser(prog="fabrica init", description="Write a new project: app.py, test_app.py, README.md "
+                                                         "and a vendored fabrica.py.")
+    p.add_argument("dir", help="the project folder (absent or empty)")
+    p.add_argument("--kind", action="append", default=[], help="a kind to register, CapWords (repeatable; "
+                                                               "default Example)")
+    args = p.parse_args(argv)
+    kinds = args.kind or ["Example"]
+    for kind in kinds:
+        if not KIND_RE.fullmatch(kind):
+            raise _UsageError(f"--kind {kind!r} must be CapWords letters and digits, like 'RackTemplate'")
+    if len(set(kinds)) != len(kinds):
+        raise _UsageError("each --kind once")
+    if os.path.exists(args.dir) and (not os.path.isdir(args.dir) or os.listdir(args.dir)):
+        raise _UsageError(f"{args.dir} exists and is not an empty folder; init writes a new project")
+    project = os.path.basename(os.path.abspath(args.dir))
+    snake = {k: re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower() for k in kinds}
+    files = {
+        "app.py": _INIT_APP.format(project=project, kinds="".join(
+            _INIT_KIND.format(kind=k, snake=snake[k]) for k in kinds)),
+        "test_app.py": _INIT_TEST.format(tests="".join(
+            _INIT_TEST_KIND.format(kind=k, snake=snake[k], name=k.lower()) for k in kinds)),
+        "README.md": _INIT_README.format(project=project, version=__version__, first=kinds[0].lower(),
+                                         plural=pluralize(kinds[0]), kind_list=", ".join(kinds)),
+        ".gitignore": "data/\n__pycache__/\n",
+    }
+    os.makedirs(args.dir, exist_ok=True)
+    shutil.copyfile(os.path.abspath(__file__), os.path.join(args.dir, "fabrica.py"))
+    for name, text in files.items():
+        with open(os.path.join(args.dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    print(f"wrote {args.dir}: app.py ({', '.join(kinds)}), test_app.py, README.md, fabrica.py {__version__}\n"
+          f"next: cd {shlex.quote(args.dir)} && python -m pytest -q && python app.py")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: ``serve``, ``kinds``, ``events`` and ``<kind> <verb>``; returns the exit code.
+    """The command line: ``serve``, ``init``, ``version``, the kubectl verbs and ``KIND VERB``; the exit code.
 
-    Exit codes: 0 success, 1 the server answered 4xx/5xx, 2 usage, 3 cannot connect.
+    Exit codes: 0 success, 1 the server answered 4xx/5xx (or ``wait`` timed out),
+    2 usage, 3 cannot connect.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         parser = _ArgumentParser(prog="fabrica")
-        _serve_parser(parser.add_subparsers(dest="command"))
         try:
+            _serve_parser(parser.add_subparsers(dest="command"))
             args = parser.parse_args(argv)
-        except _UsageError as exc:
-            print(exc, file=sys.stderr)
+        except (_UsageError, ConfigurationError) as exc:
+            print(exc if isinstance(exc, _UsageError) else f"fabrica: {exc.message}", file=sys.stderr)
             return 2
         logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if any(a == "--server" or a.startswith("--server=") for a in argv):
+            logger.warning("serve --server is deprecated: it is --wsgi-server now (the client's --server is a URL)")
         try:
             return _cmd_serve(args)
         except StoreLockedError as exc:
@@ -7602,59 +8251,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fabrica: cannot serve: {exc.strerror or exc}", file=sys.stderr)
             return 1
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_USAGE, file=sys.stderr if not argv else sys.stdout)
+        print(_usage(), file=sys.stderr if not argv else sys.stdout)
         return 2 if not argv else 0
-    if argv[0] == "--version":
+    if argv[0] in ("--version", "version"):
         print(f"fabrica {__version__}")
         return 0
+    server = _env("SERVER", "http://127.0.0.1:8080")
     try:
+        if argv[0] == "init":
+            return _cmd_init(argv[1:])
         flags, argv = _split_globals(argv)
-        server = flags.get("server") or _env("SERVER", "http://127.0.0.1:8080")
+        server = flags.get("server") or server
         fmt = flags.get("output") or ("table" if sys.stdout.isatty() else "json")
-        if fmt not in ("table", "json", "yaml", "name"):
-            raise _UsageError(f"-o must be table, json, yaml or name, not {fmt!r}")
-        client = Client(server, token=flags.get("token") or _env("TOKEN"))
-
-        def out(value, text: str | None = "", stream: bool = False):
-            if fmt == "table" and text:
-                print(text)
-            elif fmt == "table" and text is None:
-                print(json.dumps(value, indent=2, ensure_ascii=False))
-            else:
-                print(_render(value, "json" if stream and fmt == "table" else fmt))
-            sys.stdout.flush()
+        if fmt not in _FORMATS:
+            raise _UsageError(f"-o must be one of {', '.join(_FORMATS)}, not {fmt!r}")
         if not argv:
-            raise _UsageError("a command is missing\n" + _USAGE)
-        command, rest = argv[0], argv[1:]
-        if command == "kinds":
-            kinds = client.kinds()
-            out(kinds, text=_table([["KIND", "PLURAL", "PREFIX", "CONTROLLER", "HISTORY"]] + [
-                [k["kind"], k["plural"], k["prefix"], str(k["controller"]).lower(), str(k["history"]).lower()]
-                for k in kinds]))
-            return 0
-        if command == "events":
-            p = _ArgumentParser(prog="fabrica events", description="Follow the server's events (SSE).")
-            p.add_argument("--type", default="**", help="event type pattern (* one segment, ** any)")
-            p.add_argument("--kind")
-            p.add_argument("--since", help="resume after this event id")
-            args = p.parse_args(rest)
-            for event in client.watch(args.type, since=args.since, kind=args.kind):
-                out(event, text=f"{event['type']}  {event.get('data', {}).get('resourceName', '')}  "
-                                f"rv={event.get('resourceversion')}", stream=True)
-            return 0
-        return _cmd_kind(client, command, rest, out)
+            raise _UsageError("a command is missing\n" + _usage())
+        cli = _CLI(Client(server, token=flags.get("token") or _env("TOKEN")), fmt, "output" in flags)
+        return cli.run(argv[0], argv[1:])
     except _UsageError as exc:
         text = str(exc)
         print(text if text.startswith("fabrica") else f"fabrica: {text}", file=sys.stderr)
         return 2
     except ConnectionFailedError:
-        print(f"fabrica: cannot connect to {server}: is the server running? (python fabrica.py serve)",
-              file=sys.stderr)
+        print(f"fabrica: cannot connect to {server}: is the server running? ({_prog()} serve; "
+              "FABRICA_SERVER or --server URL points elsewhere)", file=sys.stderr)
         return 3
     except FabricaError as exc:
-        detail = "; ".join(f"{d.get('field')}: {d.get('message')}" for d in exc.details if isinstance(d, dict))
-        print(f"fabrica: {exc.message}" + (f" ({detail})" if detail and detail not in exc.message else ""),
-              file=sys.stderr)
+        print(f"fabrica: {_cli_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -7662,20 +8286,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-_USAGE = """usage: python fabrica.py serve [APP] [--data-dir DIR] [--host H] [--port P] [--token T] ...
-       python fabrica.py kinds
-       python fabrica.py events [--type PATTERN] [--kind KIND] [--since ID]
-       python fabrica.py KIND list [-l SELECTOR] [--limit N]
-       python fabrica.py KIND get REF
-       python fabrica.py KIND create [--spec JSON | -f FILE | -]
-       python fabrica.py KIND update REF [--spec JSON | -f FILE]
-       python fabrica.py KIND patch REF (--spec JSON | --json-patch OPS | --set k.a=v ... | --unset k ...)
-       python fabrica.py KIND delete REF [--force]
-       python fabrica.py KIND status REF [--set k=v ... | --spec JSON]
-       python fabrica.py KIND versions REF [get ID | delete ID | restore ID]
-       python fabrica.py KIND watch [REF]
-global flags: --server URL (env FABRICA_SERVER), --token T (env FABRICA_TOKEN), -o table|json|yaml|name
-exit codes: 0 ok, 1 the server said no (4xx/5xx), 2 usage, 3 cannot connect"""
+def _usage() -> str:
+    prog = _prog()
+    lines = [f"{prog} serve [APP] [--data-dir DIR] [--host H] [--port P] [--token T] ... (serve --help)",
+             f"{prog} init DIR [--kind KIND ...]",
+             f"{prog} version | kinds | events [--type PATTERN] [--kind KIND] [--since ID]",
+             f"{prog} apply -f FILE|DIR|-",
+             f"{prog} get KIND [REF...] [-l SELECTOR]        (KIND REF or KIND/REF, singular or plural)",
+             f"{prog} describe KIND REF",
+             f"{prog} delete KIND REF... [--force] | delete -f FILE",
+             f"{prog} wait KIND/REF --for=condition=Ready|--for=delete [--timeout=30s]",
+             f"{prog} KIND list [-l SELECTOR] [--limit N]",
+             f"{prog} KIND get REF...",
+             f"{prog} KIND create [--spec JSON | -f FILE | -]",
+             f"{prog} KIND update REF [--spec JSON | -f FILE]",
+             f"{prog} KIND patch REF (--spec JSON | --json-patch OPS | --set k.a=v ... | --unset k ...)",
+             f"{prog} KIND delete REF... [--force]",
+             f"{prog} KIND describe REF",
+             f"{prog} KIND status REF [--set k=v ... | --spec JSON]",
+             f"{prog} KIND versions REF [get ID | delete ID | restore ID]",
+             f"{prog} KIND watch [REF]"]
+    return ("usage: " + "\n       ".join(lines) +
+            "\nglobal flags: --server URL (env FABRICA_SERVER, default http://127.0.0.1:8080), "
+            "--token T (env FABRICA_TOKEN),\n              -o table|wide|json|yaml|name (default: table on a "
+            "terminal, json when piped; yaml needs PyYAML)"
+            "\nexit codes: 0 ok, 1 the server said no (4xx/5xx) or wait timed out, 2 usage, 3 cannot connect")
 
 
 if __name__ == "__main__":

@@ -1289,12 +1289,13 @@ class TestCLI:
         assert self.cli("widget", "frob", ok=False).returncode == 2
         assert self.cli("widget", ok=False).returncode == 2
         assert self.cli("-o", "xml", "widget", "list", ok=False).returncode == 2
-        unknown = self.cli("nope", "list", ok=False)
-        assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1
+        unknown = self.cli("nope", "list", ok=False)      # neither a command nor a kind (issue 14): usage
+        assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+        assert unknown.stderr.startswith("fabrica: unknown command 'nope'")
         refused = run_cli("widget", "list", server="http://127.0.0.1:1")
         assert refused.returncode == 3 and refused.stdout == ""
         assert refused.stderr == ("fabrica: cannot connect to http://127.0.0.1:1: is the server running? "
-                                  "(python fabrica.py serve)\n")
+                                  "(python fabrica.py serve; FABRICA_SERVER or --server URL points elsewhere)\n")
         via_env = run_cli("-o", "name", "widget", "list", env={"FABRICA_SERVER": self.server.url})
         assert via_env.returncode == 0 and via_env.stdout.startswith("widget/"), via_env.stderr
         refused = run_cli("kinds", env={"FABRICA_SERVER": "http://127.0.0.1:1"})

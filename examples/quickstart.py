@@ -1,6 +1,6 @@
 import fabrica
 
-app = fabrica.Fabrica(data_dir="./data")
+app = fabrica.Fabrica(data_dir="./quickstart-data")
 
 @app.register("Greeting")
 def reconcile(ctx, obj):
