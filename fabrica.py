@@ -114,7 +114,10 @@ API_VERSION = "v1"
 SCHEMA_VERSION = "v1"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10              # request line + headers; a longer head is refused with 431 (414 for the line)
-MAX_DEPTH = 64
+MAX_DEPTH = 64                   # how deep containers nest in a request body, and in a spec or a status
+MAX_OBJECT_DEPTH = MAX_DEPTH + 1  # a stored object: its spec or status one level down
+# what start-up loads: more than writes store, so a file an older version stored deeper still loads
+MAX_FILE_DEPTH = 2 * MAX_DEPTH
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
@@ -211,28 +214,44 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_float=_finite
                             parse_int=_bounded_int, parse_constant=_reject_constant)
 
 
-def _check_tree(value, depth=1):
-    """Depth cap and lone surrogates, walked only when the prefilters say it may matter."""
-    if depth > MAX_DEPTH:
-        raise ValueError(f"nesting deeper than {MAX_DEPTH}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            key.encode("utf-8")
-            _check_tree(item, depth + 1)
-    elif isinstance(value, list):
+def _check_tree(value, max_depth: int, depth: int = 0):
+    """Depth cap (``depth`` containers hold this value) and lone surrogates, walked only when the
+    prefilters say it may matter."""
+    if isinstance(value, (dict, list)):
+        if depth >= max_depth:
+            raise ValueError(f"nesting deeper than {max_depth}")
+        if isinstance(value, dict):
+            for key in value:
+                key.encode("utf-8")
+            value = value.values()
         for item in value:
-            _check_tree(item, depth + 1)
+            _check_tree(item, max_depth, depth + 1)
     elif isinstance(value, str):
         value.encode("utf-8")
 
 
-def read_json(raw: bytes, *, want_object: bool = True):
+def json_depth(value) -> int:
+    """How deep containers nest in a JSON value: 0 for a scalar, 1 for ``{}`` or ``[1]``, 2 for ``{"a": []}``.
+
+    Level by level, not recursion, so any depth is measured.
+    """
+    depth = 0
+    level = [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [item for node in level for item in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(item, (dict, list))]
+    return depth
+
+
+def read_json(raw: bytes, *, want_object: bool = True, max_depth: int = MAX_DEPTH):
     """Parse a request body strictly; raise BadRequestError for anything that is not plain JSON.
 
     Rejected: invalid UTF-8, a byte-order mark, syntax errors, NaN/Infinity,
-    duplicate keys, nesting deeper than 64, floats that overflow, integers
-    outside signed 64-bit, lone surrogate escapes, raw control characters in
-    strings, and (with ``want_object``) anything but an object at the top.
+    duplicate keys, containers nested deeper than ``max_depth`` (64), floats
+    that overflow, integers outside signed 64-bit, lone surrogate escapes, raw
+    control characters in strings, and (with ``want_object``) anything but an
+    object at the top.
     """
     if raw.startswith(b"\xef\xbb\xbf"):
         raise BadRequestError("malformed JSON: a byte-order mark is not allowed")
@@ -244,10 +263,10 @@ def read_json(raw: bytes, *, want_object: bool = True):
         raise BadRequestError("malformed JSON: the body is empty")
     try:
         value = _DECODER.decode(text)
-        if (text.count("[") + text.count("{") > MAX_DEPTH) or _SURROGATE_RE.search(text):
-            _check_tree(value)
+        if (text.count("[") + text.count("{") > max_depth) or _SURROGATE_RE.search(text):
+            _check_tree(value, max_depth)
     except RecursionError:
-        raise BadRequestError(f"malformed JSON: nesting deeper than {MAX_DEPTH}") from None
+        raise BadRequestError(f"malformed JSON: nesting deeper than {max_depth}") from None
     except UnicodeEncodeError:
         raise BadRequestError("malformed JSON: lone surrogate in a string") from None
     except ValueError as exc:
@@ -724,7 +743,7 @@ def merge_patch_diff(a, b):
     return patch
 
 
-def apply_json_patch(doc, ops, *, max_size: int | None = None):
+def apply_json_patch(doc, ops, *, max_size: int | None = None, max_depth: int | None = None):
     """Return *doc* with the JSON Patch (RFC 6902) *ops* applied.
 
     *ops* is a list of operation objects, each with a string "op" (add,
@@ -742,7 +761,10 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     operation grows it, and the values ``copy`` operations duplicate may not
     add up to more than ``max_size`` either, so a small patch of many copies
     (CVE-2019-1002100) fails with PatchTooLargeError (a PatchError, status
-    413) before the document grows, not after.
+    413) before the document grows, not after. ``max_depth`` bounds how deep
+    an operation may nest what it writes (its path plus its value's depth),
+    checked before each one, so stacked operations cannot build a document
+    deeper than that (PatchError).
     """
     if not isinstance(ops, list):
         raise PatchError(f"a JSON Patch must be an array of operations, not {_json_kind(ops)}")
@@ -750,7 +772,7 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     result = copy.deepcopy(doc)
     for index, op in enumerate(ops):
         try:
-            result = _apply_operation(result, op, budget)
+            result = _apply_operation(result, op, budget, max_depth)
         except PatchError as exc:
             name = op.get("op") if isinstance(op, dict) else None
             label = f"op {index} ({name})" if isinstance(name, str) else f"op {index}"
@@ -759,7 +781,7 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     return result
 
 
-def _apply_operation(doc, op, budget=None):
+def _apply_operation(doc, op, budget=None, max_depth=None):
     """Apply one operation to *doc* in place; return the (maybe new) root."""
     if not isinstance(op, dict):
         raise PatchError(f"an operation must be an object, not {_json_kind(op)}")
@@ -770,6 +792,8 @@ def _apply_operation(doc, op, budget=None):
     if name in ("add", "replace", "test") and "value" not in op:
         raise PatchError("missing 'value' member")
 
+    if name in ("add", "replace"):
+        _check_nesting(path, op["value"], max_depth)
     if name == "add":
         if budget is not None:
             budget.put(doc, path, _size(op["value"]))
@@ -795,6 +819,8 @@ def _apply_operation(doc, op, budget=None):
         return doc
 
     source = _pointer_member(op, "from")
+    if max_depth is not None and path[:len(source)] != source:     # a move into its own child fails below
+        _check_nesting(path, _walk(doc, source), max_depth)
     if name == "copy":
         value = _walk(doc, source)
         if budget is not None:
@@ -811,6 +837,12 @@ def _apply_operation(doc, op, budget=None):
     value = _remove(doc, source)
     budget.land(doc, path, value)
     return _add(doc, path, value)
+
+
+def _check_nesting(tokens, value, max_depth: int | None) -> None:
+    # the containers above the value (the root included), then the value's own
+    if max_depth is not None and len(tokens) + json_depth(value) > max_depth:
+        raise PatchError(f"{_brief(_format_pointer(tokens))} would nest the document deeper than {max_depth} levels")
 
 
 def _size(value) -> int:
@@ -1031,7 +1063,7 @@ def _brief(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def apply_shorthand_patch(doc, patch):
+def apply_shorthand_patch(doc, patch, *, max_depth: int | None = None):
     """Return *doc* with a shorthand patch such as ``{"a.b": 1, "c": None}`` applied.
 
     Each key is a dot-separated path of object members. A non-null value
@@ -1042,8 +1074,9 @@ def apply_shorthand_patch(doc, patch):
     that contain "." cannot be addressed.
 
     Raises PatchError if *doc* or *patch* is not an object, a key has an
-    empty segment ("a..b", ".a"), or a set passes through a value that is
-    not an object. *doc* and *patch* are never mutated.
+    empty segment ("a..b", ".a"), a set passes through a value that is
+    not an object, or (with ``max_depth``) a set would nest deeper than that:
+    its segments plus its value's depth. *doc* and *patch* are never mutated.
     """
     if not isinstance(patch, dict):
         raise PatchError(f"a shorthand patch must be an object, not {_json_kind(patch)}")
@@ -1052,6 +1085,9 @@ def apply_shorthand_patch(doc, patch):
     for path in patch:
         if not isinstance(path, str) or "" in path.split("."):
             raise PatchError(f"invalid shorthand path {_brief(path)}: expected names joined by '.'")
+        if max_depth is not None and patch[path] is not None and \
+                path.count(".") + 1 + json_depth(patch[path]) > max_depth:
+            raise PatchError(f"cannot set {_brief(path)}: it would nest the document deeper than {max_depth} levels")
     result = copy.deepcopy(doc)
     for path in sorted(patch):
         *parents, leaf = path.split(".")
@@ -2102,7 +2138,9 @@ class Store:
         StoreError/InsufficientStorageError on I/O errors. ``guard()`` runs
         under the lock once no write to the ``wait_for`` keys is in flight
         (fabrica's owner check), so what it checks cannot change before the commit.
-        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError.
+        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError, one whose
+        spec or status nests deeper than MAX_DEPTH ValidationError (both checked before
+        anything is written).
         """
         kind, meta = obj["kind"], obj["metadata"]
         objs, names = self._objects[kind], self._names[kind]
@@ -2124,7 +2162,9 @@ class Store:
 
         Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on;
         PayloadTooLargeError if the object is over ``max_size`` bytes of JSON and larger
-        than the stored one (a write that does not grow an object is never refused).
+        than the stored one (a write that does not grow an object is never refused), and
+        ValidationError if its spec or status nests deeper than MAX_DEPTH and deeper than the
+        stored one's.
         """
         kind = obj["kind"]
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
@@ -2168,11 +2208,18 @@ class Store:
         kind = key[0]
         size = 0
         if new is not None:
-            try:        # before a resourceVersion is taken: a value that is not JSON must never reach a file
-                size = json_size(new)
+            # before a resourceVersion is taken: a value that is not JSON, or that nests deeper than
+            # start-up loads, must never reach a file (what a GET serves, a restart serves)
+            try:
+                text = dumps(new)
+            except RecursionError:      # hundreds of levels: far past any limit
+                raise self._depth_error(new) from None
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
                                       [{"field": "", "message": str(exc)}]) from None
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            if text.count("{") + text.count("[") > MAX_OBJECT_DEPTH:     # only then can it nest that deep
+                self._check_depth(new)
             if max_size is not None and size > max_size:
                 self._check_size(new, size, max_size)
         cond = self._cond
@@ -2269,6 +2316,23 @@ class Store:
             raise PayloadTooLargeError(
                 f'{new["kind"]} "{new["metadata"]["name"]}" would be {size} bytes of JSON; the limit for an object '
                 f"is {max_size} bytes", [{"field": "", "message": f"larger than {max_size} bytes"}])
+
+    def _check_depth(self, new: dict) -> None:
+        depth = json_depth(new)
+        if depth <= MAX_OBJECT_DEPTH:
+            return
+        # as with the size, an object a former version stored deeper (start-up loads up to
+        # MAX_FILE_DEPTH) may still be written as long as it gets no deeper
+        old = self._objects[new["kind"]].get(new["metadata"]["uid"])
+        if old is None or depth > min(json_depth(old), MAX_FILE_DEPTH):
+            raise self._depth_error(new)
+
+    @staticmethod
+    def _depth_error(new: dict) -> ValidationError:
+        depth, field = max((json_depth(new.get(part)), part) for part in ("spec", "status"))
+        return ValidationError(
+            f'{new["kind"]} "{new["metadata"]["name"]}" would nest its {field} {depth} levels deep; the limit is '
+            f"{MAX_DEPTH} levels", [{"field": field, "message": f"nests deeper than {MAX_DEPTH} levels"}])
 
     @staticmethod
     def _write_error(action: str, obj: dict, exc: OSError) -> FabricaError:
@@ -2620,7 +2684,7 @@ class FileStore(Store):
         if not raw:
             return "empty file", None
         try:
-            return None, read_json(raw)
+            return None, read_json(raw, max_depth=MAX_FILE_DEPTH)
         except BadRequestError as exc:
             return exc.message.replace("malformed JSON", "does not parse"), None
 
@@ -6466,9 +6530,13 @@ class Fabrica:
 
     def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
                **pre) -> dict:
-        apply = {"merge": apply_merge_patch, "shorthand": apply_shorthand_patch,
-                 # a JSON Patch alone can multiply what it is given (copy): bounded as it runs
-                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body)}.get(patch_type)
+        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
+        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
+        # document would first meet recursion in validation and history)
+        apply = {"merge": apply_merge_patch,
+                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
+                 }.get(patch_type)
         if apply is None:
             raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
         part = "status" if status else "spec"

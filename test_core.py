@@ -1878,3 +1878,92 @@ class TestLeftoversAreTidied:
             for name in ("a", "b"):
                 app.client.delete("Rack", name)
             assert list(history_dir(data).iterdir()) == []
+
+
+###############################################################################
+# Issue 11, adversarial review: what a write stores, start-up loads; the data
+# dir's odd corners neither stop a start nor lose data; bounded bus memory
+###############################################################################
+
+def _nest(levels: int, leaf=1):
+    """``levels`` objects nested in one another around ``leaf``: {"a": {"a": ... leaf}}."""
+    value = leaf
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+class TestWhatAWriteStoresStartUpLoads:
+    """Issue 11 review, F1: no write is acknowledged whose object start-up would refuse.
+
+    SPEC §3.0: what a GET serves, a restart serves.
+    """
+
+    def test_every_write_path(self, tmp_path):
+        data = tmp_path / "data"
+        shorthand = "application/shorthand-patch+json"
+        json_patch = "application/json-patch+json"
+        served = {}
+        with history_app(data) as app:
+            # bodies 64 levels deep, stored one level down: accepted, and loaded again below
+            accepted = [("POST", "/racks", {"name": "flat", **_nest(63)}, None),
+                        ("POST", "/racks", {"name": "st"}, None),
+                        ("PUT", "/racks/st/status", _nest(64), None),
+                        ("POST", "/racks", {"name": "merge"}, None),
+                        ("PATCH", "/racks/merge", _nest(63), None),
+                        ("PATCH", "/racks/merge/status", _nest(64), None),
+                        ("POST", "/racks", {"name": "sh"}, None),
+                        ("POST", "/racks", {"name": "jp"}, None)]
+            for method, path, body, ctype in accepted:
+                status, _, got = call(app, method, path, body, ctype=ctype or "application/json")
+                assert status in (200, 201), (path, got)
+            # deeper than any body: refused with the limit named, before anything is stored
+            refused = [("/racks/sh", {".".join(["a"] * 200): 1}, shorthand),
+                       ("/racks/sh", {".".join(["a"] * 64): {"b": 1}}, shorthand),
+                       ("/racks/jp", [{"op": "add", "path": "/x", "value": _nest(60)},
+                                      {"op": "add", "path": "/x" + "/a" * 60, "value": _nest(60)}], json_patch),
+                       ("/racks/jp", [{"op": "add", "path": "/x", "value": _nest(60)},
+                                      {"op": "copy", "from": "/x", "path": "/x" + "/a" * 59}], json_patch)]
+            for path, body, ctype in refused:
+                status, _, err = call(app, "PATCH", path, body, ctype=ctype)
+                assert_error(status, err, 422)
+                assert "64" in err["error"], err
+            with pytest.raises(fabrica.ValidationError, match="limit is 64 levels"):   # no body reader here
+                app.client.create("Rack", name="client", spec=_nest(70))
+            assert call(app, "GET", "/racks/client")[0] == 404
+            for name in ("flat", "st", "merge", "sh", "jp"):
+                served[name] = call(app, "GET", f"/racks/{name}")[2]
+            assert app.client.versions("Rack", "merge")[-1]["spec"] == _nest(63)
+        with history_app(data) as app:
+            assert app.store.quarantined == []
+            for name, obj in served.items():
+                assert call(app, "GET", f"/racks/{name}")[2] == obj, name
+            assert call(app, "GET", "/health")[2]["status"] == "healthy"
+
+    def test_a_file_stored_deeper_by_an_older_version_still_loads(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data, history=False) as app:
+            rack = app.client.create("Rack", name="old")
+        path = data / "racks" / f"{rack.uid}.json"
+        doc = json.loads(path.read_text())
+        doc["spec"] = _nest(100)          # what the shorthand or JSON Patch could store before
+        path.write_text(json.dumps(doc))
+        with history_app(data, history=False) as app:
+            assert app.store.quarantined == []
+            assert app.client.get("Rack", "old").spec == _nest(100)
+            # a write that does not nest it deeper is never refused; one that does is
+            status, _, got = call(app, "PUT", "/racks/old/status", {"phase": "seen"})
+            assert status == 200, got
+            status, _, err = call(app, "PATCH", "/racks/old", [{"op": "add", "path": "/a" * 100, "value": {}}],
+                                  ctype="application/json-patch+json")
+            assert_error(status, err, 422)
+            served = call(app, "GET", "/racks/old")[2]
+        with history_app(data, history=False) as app:
+            assert call(app, "GET", "/racks/old")[2] == served
+
+    def test_depth_counts_containers_whatever_else_the_body_holds(self, app):
+        inner = b"[" * 63 + b"1" + b"]" * 63
+        status, _, got = call(app, "POST", "/racks", b'{"name": "d64", "a": ' + inner + b', "b": {}}')
+        assert status == 201, got
+        status, _, err = call(app, "POST", "/racks", b'{"name": "d65", "a": [' + inner + b'], "b": {}}')
+        assert_error(status, err, 400)
