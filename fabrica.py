@@ -82,6 +82,7 @@ import select
 import signal
 import socket
 import socketserver
+import stat
 import sys
 import threading
 import time
@@ -590,6 +591,9 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     rv = meta.get("resourceVersion")
     if not isinstance(rv, str) or not rv.isdigit() or not rv.isascii():
         return "metadata.resourceVersion is missing or not an integer string"
+    digits = rv.lstrip("0")
+    if len(digits) > 19 or int(digits or "0") > INT64_MAX:    # the reservation file has room for 2^63-1
+        return "metadata.resourceVersion is larger than 2^63-1"
     problem = _metadata_problem(meta)
     if problem:
         return problem
@@ -1923,7 +1927,9 @@ class Store:
         self._rv = 0
         self._opened = False
         self.on_commit = None       # callable(action, old, new, size), called under the lock
-        self.quarantined: list[dict] = []
+        self.quarantined: list[dict] = []       # files this start-up quarantined
+        self.still_quarantined: list[dict] = [] # files earlier start-ups quarantined that are still there
+        self.ignored: list[dict] = []           # folders of the data dir start-up did not load
         self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
         self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
         self.writes = 0
@@ -1961,7 +1967,8 @@ class Store:
         return self._rv
 
     def health(self) -> dict:
-        return {"quarantined": list(self.quarantined)}
+        """What start-up could not load: files in the quarantine (of any start-up) and ignored folders."""
+        return {"quarantined": [*self.quarantined, *self.still_quarantined], "ignored": list(self.ignored)}
 
     # -- reads -------------------------------------------------------------
     def get(self, kind: str, uid: str) -> dict | None:
@@ -2236,6 +2243,8 @@ class Store:
             if action == "deleted":
                 new = tomb
             rv = self._allocated + 1
+            if rv > INT64_MAX:      # start-up would refuse the object (a hand-edited file can get here)
+                raise StoreError(f"resourceVersions are used up (2^63-1): nothing can be written to {kind}")
             try:
                 self._reserve(rv)
             except OSError as exc:
@@ -2460,6 +2469,55 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _NotAFile(OSError):
+    """What _open_regular() found is not a regular file: ``what`` it is ("a FIFO"), and ``strerror``."""
+
+    def __init__(self, code: int, what: str, path: str):
+        super().__init__(code, f"{what} (not followed)" if code == errno.ELOOP else f"not a regular file ({what})",
+                         path)
+        self.what = what
+
+
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """A descriptor of the regular file at ``path``; _NotAFile for anything else, OSError if it cannot be opened.
+
+    Every file the store reads under the data dir is opened here: a symbolic
+    link is never followed (O_NOFOLLOW), a FIFO or a device never blocks the
+    open (O_NONBLOCK), and fstat tells what was opened before a byte is read.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise _NotAFile(exc.errno, "a symbolic link" if exc.errno == errno.ELOOP else "a directory",
+                            path) from None
+        raise
+    try:
+        kind = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(kind)), "unknown"), path)
+    return fd
+
+
+def _real_dir(path: str) -> bool:
+    """A directory, and not through a symbolic link (the store never follows one)."""
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of the regular file at ``path`` (see _open_regular)."""
+    with open(_open_regular(path), "rb") as f:
+        return f.read()
+
+
 class DirSyncer:
     """Group commit for directory fsyncs: one fsync covers every rename done before it began.
 
@@ -2573,7 +2631,11 @@ class FileStore(Store):
 
     def _acquire_lock(self):
         path = os.path.join(self.state_dir, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
+        except _NotAFile as exc:
+            raise StoreError(f"cannot lock the data dir: {path} is {exc.what}, not a regular file; remove it "
+                             "and start again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2595,31 +2657,32 @@ class FileStore(Store):
     def _load(self, discover):
         self._rv = self._read_reservation()
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        dirs = []
+        dirs, found = [], []
         for entry in sorted(os.listdir(self.data_dir)):
             path = os.path.join(self.data_dir, entry)
             if entry.startswith(".") or not os.path.isdir(path):
                 continue
             kind = by_plural.get(entry)
             if os.path.islink(path):
-                store_log.warning("ignoring %s/: a symbolic link (not followed)", path)
-                self.unsure.setdefault(kind or "*", f"{entry}/ is a symbolic link (not followed)")
-                continue
-            if kind is None and not discover:
-                store_log.warning("ignoring %s/: no registered kind has the plural %r", path, entry)
-                try:
-                    holds = any(name.endswith(".json") for name in os.listdir(path))
-                except OSError:
-                    holds = True
-                if holds:   # perhaps the folder of a kind whose plural= changed: anyone's owners may be in it
-                    self.unsure.setdefault("*", f"{entry}/ belongs to no registered kind")
-                continue
-            dirs.append((entry, kind))
+                self._ignore(entry, "a symbolic link (not followed)", kind)
+            elif kind is not None:
+                dirs.append((entry, kind))
+            elif not discover:      # perhaps the folder of a kind whose plural= changed
+                self._ignore(entry, "no registered kind has this plural")
+            elif not PLURAL_RE.fullmatch(entry) or entry in RESERVED_PATHS:
+                self._ignore(entry, "not a plural (lower-case letters and digits, not a reserved path)")
+            else:
+                found.append((entry, self._folder_kind(path)))
+        dirs += self._adopt(found)
         self._remove_temp_files({entry for entry, _ in dirs})
         for entry, kind in dirs:
+            if kind not in self._plurals:
+                self.add_kind(kind, entry)
+                self.discovered[kind] = entry
             self._load_dir(entry, kind)
         self._note_quarantine()
         self._load_history()
+        self._list_quarantine()
         self._reserved = self._rv
         if self.quarantined:
             store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
@@ -2627,6 +2690,68 @@ class FileStore(Store):
         store_log.info("loaded %d object(s) from %s (resourceVersion %d, %d temp file(s) removed, %d quarantined)",
                        sum(len(o) for o in self._objects.values()), self.data_dir, self._rv,
                        self.temp_removed, len(self.quarantined))
+
+    def _ignore(self, entry: str, reason: str, kind: str | None = None) -> None:
+        """Leave a folder of the data dir unloaded, and say why.
+
+        One that may hold resources (a link, or .json files) is listed in
+        /health and makes the store unsure of ``kind`` (None: of every kind),
+        so that no owner in it is taken for deleted (SPEC §3.0).
+        """
+        path = os.path.join(self.data_dir, entry)
+        store_log.warning("ignoring %s/: %s", path, reason)
+        try:
+            holds = os.path.islink(path) or any(name.endswith(".json") for name in os.listdir(path))
+        except OSError:
+            holds = True
+        if holds:
+            self.unsure.setdefault(kind or "*", f"{entry}/ is not loaded: {reason}")
+            self.ignored.append({"path": f"{entry}/", "reason": reason})
+
+    def _folder_kind(self, path) -> str | None:
+        """The kind of the first valid resource in a folder (by file name), None if it holds none."""
+        for entry in sorted(os.listdir(path)):
+            if entry.endswith(".json"):
+                problem, obj = self._read_file(os.path.join(path, entry), entry[:-5], None)
+                if problem is None:
+                    return obj["kind"]
+        return None
+
+    def _adopt(self, found) -> list[tuple[str, str]]:
+        """Which of the open server's folders to load, as (folder, kind); the others are ignored.
+
+        ``found`` lists each candidate folder with the kind of its first valid
+        resource. A folder holding none is not a kind's folder. A kind's
+        folder is its registered plural or, failing that, ``pluralize(kind)``
+        when that folder exists; any other folder of the kind (a copy, a
+        backup) is ignored. With neither, the kind's one folder is adopted,
+        and if it has several, none is: which one is right cannot be told.
+        """
+        names = {entry for entry, _ in found}
+        folders: dict[str, list[str]] = {}
+        for entry, kind in found:
+            if kind is None:
+                self._ignore(entry, "it holds no valid resource")
+            else:
+                folders.setdefault(kind, []).append(entry)
+        adopted = []
+        for kind, entries in folders.items():
+            home = self._plurals.get(kind) or pluralize(kind)
+            if kind in self._plurals or home in names:
+                chosen = home if home in entries and kind not in self._plurals else None
+                for entry in entries:
+                    if entry != chosen:
+                        self._ignore(entry, f"another folder of kind {kind}, whose folder is {home}/", kind)
+            elif len(entries) == 1:
+                chosen = entries[0]
+            else:
+                chosen = None
+                for entry in entries:
+                    self._ignore(entry, f"one of {len(entries)} folders of kind {kind} ({', '.join(entries)}), "
+                                 f"none of them {home}/: rename the right one to {home}/", kind)
+            if chosen is not None:
+                adopted.append((chosen, kind))
+        return adopted
 
     def _remove_temp_files(self, skip: set[str]) -> None:
         """Remove the temp files of writes that never committed (the rename is the commit point),
@@ -2652,16 +2777,9 @@ class FileStore(Store):
             if _TEMP_RE.fullmatch(entry):
                 self._remove_temp(path)
                 continue
-            if not entry.endswith(".json") or os.path.isdir(path):
+            if not entry.endswith(".json"):
                 continue
             reason, obj = self._read_file(path, entry[:-5], kind)
-            if reason is None and kind is None:
-                kind = obj["kind"]
-                if kind in self._plurals and self._plurals[kind] != plural:
-                    reason = f"kind {kind} belongs in {self._plurals[kind]}/"
-                else:
-                    self.add_kind(kind, plural)
-                    self.discovered[kind] = plural
             if reason is None and obj["metadata"]["name"] in self._names[kind]:
                 reason = f"duplicate name {obj['metadata']['name']!r}"
             if reason is None:
@@ -2673,11 +2791,10 @@ class FileStore(Store):
     def _read_document(path):
         """(problem, parsed JSON): the store's files are hand-editable, so a UTF-8 byte-order mark
         (and CRLF line ends, which JSON takes as whitespace) are accepted, unlike in a request body."""
-        if os.path.islink(path):
-            return "a symbolic link (not followed)", None
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = _read_regular(path)
+        except _NotAFile as exc:
+            return exc.strerror, None
         except OSError as exc:
             return f"unreadable: {exc.strerror}", None
         raw = raw.removeprefix(b"\xef\xbb\xbf")
@@ -2704,27 +2821,29 @@ class FileStore(Store):
         """
         root = os.path.join(self.state_dir, "quarantine")
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        for plural in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        for plural in sorted(os.listdir(root)) if _real_dir(root) else ():
             directory = os.path.join(root, plural)
-            if plural.startswith("history-") or not os.path.isdir(directory):
-                continue        # spec snapshots name no owner
+            if not PLURAL_RE.fullmatch(plural) or not _real_dir(directory):
+                continue        # spec snapshots (history-<plural>) and the store's own files name no owner
             entries = os.listdir(directory)
             if not entries:
                 continue
             why = f"quarantined files in .fabrica/quarantine/{plural}/"
             self.unsure.setdefault(by_plural.get(plural, "*"), why)
             for entry in entries:
-                with contextlib.suppress(OSError, BadRequestError):
-                    fd = os.open(os.path.join(directory, entry), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                    with open(fd, "rb") as f:       # O_NOFOLLOW: a quarantined link is never followed
-                        doc = read_json(f.read())
+                with contextlib.suppress(OSError, BadRequestError):     # a quarantined link is never followed
+                    doc = read_json(_read_regular(os.path.join(directory, entry)), max_depth=MAX_FILE_DEPTH)
                     if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
                         self.unsure.setdefault(doc["kind"], why)
 
     def _quarantine(self, path, plural, entry, reason):
-        qdir = os.path.join(self.state_dir, "quarantine", plural)
+        root = os.path.join(self.state_dir, "quarantine")
+        qdir = os.path.join(root, plural)
         item = {"path": os.path.relpath(path, self.data_dir), "reason": reason, "quarantinedTo": None}
         try:
+            for directory in (root, qdir):      # a file is never moved out of the data dir
+                if os.path.islink(directory):
+                    raise OSError(errno.ELOOP, f"{os.path.relpath(directory, self.data_dir)} is a symbolic link")
             os.makedirs(qdir, exist_ok=True)
             target, n = os.path.join(qdir, entry), 1
             while os.path.lexists(target):
@@ -2743,6 +2862,34 @@ class FileStore(Store):
         moved = f" (moved to {item['quarantinedTo']})" if item["quarantinedTo"] else ""
         store_log.error("quarantined %s: %s%s", item["path"], item["reason"], moved)
 
+    def _list_quarantine(self) -> None:
+        """Report every file in the quarantine, not only this start-up's (SPEC §3.1: never silently skipped).
+
+        While one sits there, its kind's objects count as not all loaded
+        (``unsure``), which holds garbage collection back: /health stays
+        degraded until each is mended and moved back, or deleted.
+        """
+        root = os.path.join(self.state_dir, "quarantine")
+        if os.path.lexists(root) and not _real_dir(root):
+            store_log.error("%s is not a directory (it is not followed): nothing can be quarantined", root)
+            self.still_quarantined.append({"path": os.path.relpath(root, self.data_dir), "quarantinedTo": None,
+                                           "reason": "not a directory: files start-up cannot load stay in place"})
+            return
+        moved = {item["quarantinedTo"] for item in self.quarantined}
+        for folder in sorted(os.listdir(root)) if _real_dir(root) else ():
+            directory = os.path.join(root, folder)
+            entries = [os.path.join(directory, e) for e in sorted(os.listdir(directory))] \
+                if _real_dir(directory) else [directory]
+            for path in entries:
+                where = os.path.relpath(path, self.data_dir)
+                if where not in moved:
+                    self.still_quarantined.append({"path": where, "quarantinedTo": where,
+                                                   "reason": "quarantined by an earlier start-up"})
+        if self.still_quarantined:
+            store_log.error("%d file(s) quarantined by earlier start-ups are still in %s (listed in /health): "
+                            "mend each and move it back, or delete it, then restart", len(self.still_quarantined),
+                            root)
+
     # -- the resourceVersion reservation ------------------------------------
     # resourceVersions are handed out from blocks reserved on disk first, so a
     # restart (or a delete of the newest object) can never reuse one. The file
@@ -2754,19 +2901,23 @@ class FileStore(Store):
     def _read_reservation(self) -> int:
         path = os.path.join(self.state_dir, "resource-version")
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = _read_regular(path)
         except FileNotFoundError:
+            raw = b""
+        except _NotAFile as exc:    # moved aside, so that a real file can take its place
+            self._quarantine(path, "fabrica-state", "resource-version", exc.strerror)
             raw = b""
         self._rv_slots = [_rv_slot_value(raw[i * _RV_SLOT:(i + 1) * _RV_SLOT]) for i in (0, 1)]
         if max(self._rv_slots) >= 0:
-            self._rv_fd = os.open(path, os.O_RDWR)
+            self._rv_fd = _open_regular(path, os.O_RDWR)
             return max(self._rv_slots)
         legacy = raw.removeprefix(b"\xef\xbb\xbf").strip()     # one number, written by temp file and rename
-        if legacy and not legacy.isdigit():
+        digits = legacy.lstrip(b"0") or b"0"
+        valid = legacy.isdigit() and len(digits) <= 19 and int(digits) <= INT64_MAX      # as every rv
+        if legacy and not valid:
             store_log.error("%s holds no valid reservation: resourceVersions go on after the newest object",
                             path)
-        reserved = int(legacy) if legacy.isdigit() else 0
+        reserved = int(digits) if valid else 0
         try:    # into the two-slot form, while there is space (else the first write tries again)
             self._write_reservation(reserved)
         except OSError as exc:
@@ -2778,7 +2929,7 @@ class FileStore(Store):
         if self._rv_fd is None:
             path = os.path.join(self.state_dir, "resource-version")
             self._atomic_write(self.state_dir, path, _rv_slot_bytes(block) * 2)
-            self._rv_fd = os.open(path, os.O_RDWR)
+            self._rv_fd = _open_regular(path, os.O_RDWR)
             self._rv_slots = [block, block]
             return
         slot = 0 if self._rv_slots[0] <= self._rv_slots[1] else 1
@@ -2804,6 +2955,9 @@ class FileStore(Store):
 
     def _ensure_dir(self, directory):
         if directory not in self._dirs_made:
+            if os.path.islink(directory):       # start-up does not load it, so nothing may be written there
+                raise OSError(errno.ELOOP, f"{os.path.basename(directory)}/ is a symbolic link, which the store "
+                              "does not follow")
             if not os.path.isdir(directory):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(directory)
@@ -2943,16 +3097,17 @@ class FileStore(Store):
         """
         root = os.path.join(self.state_dir, "history")
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        for plural in sorted(os.listdir(root) if os.path.isdir(root) else ()):
+        self._not_a_folder(root, "fabrica-state", "history")
+        for plural in sorted(os.listdir(root) if _real_dir(root) else ()):
             kind = by_plural.get(plural)
-            if kind is None or not os.path.isdir(os.path.join(root, plural)):
+            if kind is None or self._not_a_folder(os.path.join(root, plural), "fabrica-state", f"history-{plural}"):
                 continue        # a kind this app does not serve: leave its history alone
             held = self._quarantined_uids(plural)
             for uid in sorted(os.listdir(os.path.join(root, plural))):
                 directory = os.path.join(root, plural, uid)
                 obj = self._objects[kind].get(uid)
-                if (obj is None and uid in held) or not UID_RE.fullmatch(uid) or os.path.islink(directory) \
-                        or not os.path.isdir(directory):
+                if (obj is None and uid in held) or not UID_RE.fullmatch(uid) or \
+                        self._not_a_folder(directory, f"history-{plural}", uid):
                     continue
                 for entry in sorted(os.listdir(directory)):
                     if not entry.endswith(".json"):
@@ -2975,12 +3130,24 @@ class FileStore(Store):
                     with contextlib.suppress(OSError):
                         os.rmdir(directory)
 
+    def _not_a_folder(self, path, folder, entry) -> bool:
+        """Quarantine what stands where the store keeps a folder of its own; True if something did.
+
+        A file there would fail every write that needs the folder, and a
+        symbolic link would take reads and writes out of the data dir.
+        """
+        if not os.path.lexists(path) or _real_dir(path):
+            return False
+        self._quarantine(path, folder, entry, "a symbolic link (not followed)" if os.path.islink(path) else
+                         "not a folder, where the store keeps one")
+        return True
+
     def _quarantined_uids(self, plural) -> set[str]:
         """The uids whose object file of this plural sits in the quarantine (from any start)."""
         held = {os.path.basename(item["path"]).split(".")[0] for item in self.quarantined
                 if os.path.dirname(item["path"]) == plural}
         qdir = os.path.join(self.state_dir, "quarantine", plural)
-        held.update(entry.split(".")[0] for entry in (os.listdir(qdir) if os.path.isdir(qdir) else ()))
+        held.update(entry.split(".")[0] for entry in (os.listdir(qdir) if _real_dir(qdir) else ()))
         return held
 
     def _read_snapshot(self, path, uid, stem):
@@ -4996,7 +5163,8 @@ def _oa_components() -> dict:
             "Health": {"type": "object", "required": ["status", "service"], "properties": {
                 "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
                 "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
-                "quarantined": {"type": "array"}, "resourceVersion": {"type": "string"},
+                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
+                "resourceVersion": {"type": "string"},
                 "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
             "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
                 "apiVersion": {"type": "string"}, "kinds": {"type": "array", "items": {
@@ -6184,9 +6352,10 @@ class Fabrica:
 
     def health(self) -> dict:
         store = self.store
-        quarantined = store.quarantined if store is not None else []
-        return {"status": "degraded" if quarantined else "healthy", "service": self.service,
-                "version": __version__, "kinds": sorted(self.kinds), "quarantined": quarantined,
+        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
+        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
+                "service": self.service, "version": __version__, "kinds": sorted(self.kinds),
+                "quarantined": found["quarantined"], "ignored": found["ignored"],
                 "resourceVersion": str(store.resource_version) if store is not None else "0",
                 "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
 

@@ -12,6 +12,7 @@ Stdlib + pytest + hypothesis only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import http.client
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1967,3 +1969,222 @@ class TestWhatAWriteStoresStartUpLoads:
         assert status == 201, got
         status, _, err = call(app, "POST", "/racks", b'{"name": "d65", "a": [' + inner + b'], "b": {}}')
         assert_error(status, err, 400)
+
+
+def _open_app(data_dir) -> fabrica.Fabrica:
+    return fabrica.Fabrica(data_dir=str(data_dir), open=True)
+
+
+def _tree(root) -> dict:
+    """Every file under ``root`` and its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+class TestOpenServerFoldersThatAreNotItsKinds:
+    """Issue 11 review, F3: what else sits in the data dir neither stops an open server's start
+    nor quarantines its data."""
+
+    @pytest.fixture
+    def seeded(self, tmp_path):
+        data = tmp_path / "data"
+        with _open_app(data) as app:
+            assert call(app, "POST", "/widgets", {"name": "w1", "a": 1})[0] == 201
+        return data
+
+    @pytest.mark.parametrize("folder", ["old-widgets", "health", "My_Things"])
+    def test_a_folder_that_is_no_plural_is_ignored(self, seeded, folder):
+        (seeded / "widgets").rename(seeded / folder)
+        before = _tree(seeded / folder)
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded" and health["quarantined"] == [], health
+            assert [i["path"] for i in health["ignored"]] == [f"{folder}/"], health
+            assert "*" in app.store.unsure       # an owner may sit in it: nothing is collected behind it
+        assert _tree(seeded / folder) == before
+
+    def test_a_copy_of_a_kind_folder_is_ignored(self, seeded):
+        shutil.copytree(seeded / "widgets", seeded / "backup")     # sorts before widgets/
+        before = _tree(seeded / "backup")
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/widgets/w1")[2]["spec"] == {"a": 1}
+            assert call(app, "PUT", "/widgets/w1", {"a": 2})[0] == 200
+            health = call(app, "GET", "/health")[2]
+            assert health["quarantined"] == [] and [i["path"] for i in health["ignored"]] == ["backup/"], health
+            assert "another folder of kind Widget, whose folder is widgets/" in health["ignored"][0]["reason"]
+        assert _tree(seeded / "backup") == before
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/widgets/w1")[2]["spec"] == {"a": 2}
+
+    def test_one_other_folder_is_adopted_two_are_not(self, seeded):
+        (seeded / "widgets").rename(seeded / "things")
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/things/w1")[2]["spec"] == {"a": 1}
+            assert call(app, "GET", "/health")[2]["status"] == "healthy"
+        shutil.copytree(seeded / "things", seeded / "gadgets")
+        before = _tree(seeded)
+        with _open_app(seeded) as app:      # which of the two is the right one cannot be told
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            health = call(app, "GET", "/health")[2]
+            assert health["quarantined"] == [], health
+            assert sorted(i["path"] for i in health["ignored"]) == ["gadgets/", "things/"], health
+            assert "rename the right one to widgets/" in health["ignored"][0]["reason"]
+        after = _tree(seeded)
+        assert {k: v for k, v in after.items() if not k.startswith(".fabrica/")} == \
+            {k: v for k, v in before.items() if not k.startswith(".fabrica/")}
+
+
+def _start_within(app, timeout: float = 10.0, unblock=()):
+    """Start ``app`` in a thread; fail if that takes longer than ``timeout`` (a FIFO in ``unblock`` is then
+    opened for writing, so the stuck open returns and the test leaves no thread behind)."""
+    errors = []
+
+    def start():
+        try:
+            app.start()
+        except BaseException as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in unblock:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout)
+        app.stop()
+        pytest.fail(f"start-up blocked for {timeout}s")
+    if errors:
+        raise errors[0]
+
+
+class TestStartUpNeverBlocksOnOrFollowsAFile:
+    """Issue 11 review, F7: every file start-up reads is a regular file, opened without following
+    a link or blocking."""
+
+    @pytest.mark.parametrize("where", ["object", "snapshot", "reservation", "object-dir"])
+    def test_what_is_not_a_regular_file_is_quarantined(self, tmp_path, where):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+            app.client.patch("Rack", "r", {"v": 2})
+        target = {"object": data / "racks" / "rack-0badf1f0.json",
+                  "snapshot": history_dir(data, rack.uid) / "2.json",
+                  "reservation": data / ".fabrica" / "resource-version",
+                  "object-dir": data / "racks" / "rack-0badf1f1.json"}[where]
+        if target.exists():
+            target.unlink()
+        if where == "object-dir":
+            target.mkdir()
+        else:
+            os.mkfifo(target)
+        app = history_app(data)
+        _start_within(app, unblock=[target])
+        try:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded", health
+            [item] = health["quarantined"]
+            assert item["path"] == target.relative_to(data).as_posix(), health
+            assert ("a directory" if where == "object-dir" else "a FIFO") in item["reason"], item
+            if where == "reservation":      # a new one took its place
+                assert os.path.isfile(target) and not os.path.islink(target)
+            else:
+                assert not os.path.lexists(target)
+            assert app.client.get("Rack", "r").spec == {"v": 2}
+            assert app.client.patch("Rack", "r", {"v": 3}).spec == {"v": 3}
+        finally:
+            app.stop()
+        with history_app(data) as app:
+            assert app.client.get("Rack", "r").spec == {"v": 3}
+
+    def test_links_are_neither_read_nor_written_through(self, tmp_path):
+        data, outside = tmp_path / "data", tmp_path / "outside"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+        outside.mkdir()
+        (outside / "reservation").write_bytes(b"5000\n")
+        shutil.copytree(data / "racks", outside / "racks")
+        shutil.copytree(history_dir(data), outside / "history")
+        (data / ".fabrica" / "resource-version").unlink()
+        (data / ".fabrica" / "resource-version").symlink_to(outside / "reservation")
+        shutil.rmtree(history_dir(data))
+        history_dir(data).symlink_to(outside / "history")
+        before = _tree(outside)
+        with history_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            moved = sorted(item["path"] for item in health["quarantined"])
+            assert moved == [".fabrica/history/racks", ".fabrica/resource-version"], health
+            assert app.client.patch("Rack", "r", {"v": 2}).resource_version < "5000"
+            assert history_dir(data).is_dir() and not history_dir(data).is_symlink()
+        assert _tree(outside) == before
+        # a kind folder that is a link: not loaded, so not written either (a restart would not serve it)
+        shutil.rmtree(data / "racks")
+        (data / "racks").symlink_to(outside / "racks")
+        with history_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert [item["path"] for item in health["ignored"]] == ["racks/"], health
+            status, _, err = call(app, "POST", "/racks", {"name": "new"})
+            assert_error(status, err, 500)
+            assert "symbolic link" in err["error"], err
+        assert _tree(outside) == before
+
+
+def _reservation_slots(data) -> list[int]:
+    raw = (Path(data) / ".fabrica" / "resource-version").read_bytes()
+    return [fabrica._rv_slot_value(raw[i * fabrica._RV_SLOT:(i + 1) * fabrica._RV_SLOT]) for i in (0, 1)]
+
+
+class TestResourceVersionsFitTheReservation:
+    """Issue 11 review: a resourceVersion past 2^63-1 (a hand edit) fails its check instead of
+    breaking the reservation file."""
+
+    @pytest.mark.parametrize("rv", ["9" * 20, "9223372036854775808", "1" * 5000])
+    def test_an_object_past_int64_is_quarantined(self, tmp_path, rv):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            rack = app.client.create("Rack", name="r")
+            app.client.create("Rack", name="s")
+        path = data / "racks" / f"{rack.uid}.json"
+        path.write_text(path.read_text().replace('"resourceVersion": "1"', f'"resourceVersion": "{rv}"'))
+        with make_app(data) as app:
+            assert [q["path"] for q in app.store.quarantined] == [f"racks/{rack.uid}.json"]
+            assert "2^63-1" in app.store.quarantined[0]["reason"]
+            assert int(app.client.create("Rack", name="t").resource_version) < 10 ** 6
+        assert min(_reservation_slots(data)) >= 0
+        with make_app(data) as app:
+            assert app.client.get("Rack", "t").name == "t"
+
+    def test_a_reservation_past_int64_is_not_used(self, tmp_path):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            app.client.create("Rack", name="r")
+        (data / ".fabrica" / "resource-version").write_bytes(b"123456789012345678901\n")     # the legacy form
+        with make_app(data) as app:
+            assert int(app.client.create("Rack", name="s").resource_version) < 10 ** 6
+        assert min(_reservation_slots(data)) >= 0
+
+
+class TestHealthListsTheWholeQuarantine:
+    """Issue 11 review: /health lists every file in the quarantine, from any start-up, and stays
+    degraded while one is there."""
+
+    def test_an_earlier_start_ups_quarantine(self, tmp_path, caplog):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            rack = app.client.create("Rack", name="r")
+        (data / "racks" / f"{rack.uid}.json").write_text("{torn")
+        with make_app(data) as app:
+            first = call(app, "GET", "/health")[2]
+        assert first["status"] == "degraded" and len(first["quarantined"]) == 1, first
+        moved = first["quarantined"][0]["quarantinedTo"]
+        caplog.clear()
+        with make_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded", health
+            assert [(q["path"], q["quarantinedTo"]) for q in health["quarantined"]] == [(moved, moved)], health
+            assert "Rack" in app.store.unsure       # what holds garbage collection back is what /health shows
+        assert "1 file(s) quarantined by earlier start-ups are still in" in caplog.text
+        (data / moved).unlink()
+        with make_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "healthy" and health["quarantined"] == [], health
