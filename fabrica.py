@@ -1961,6 +1961,13 @@ class Store:
             self._labels.setdefault(kind, {})
             self._plurals[kind] = plural
 
+    def drop_kind(self, kind: str) -> None:
+        """Forget a kind that holds no object (an open server's new kind whose creates all failed)."""
+        with self._lock:
+            if not self._objects.get(kind):
+                for index in (self._objects, self._names, self._sorted, self._labels, self._plurals):
+                    index.pop(kind, None)
+
     @property
     def resource_version(self) -> int:
         """The newest committed resourceVersion."""
@@ -4616,10 +4623,8 @@ class RestAPI:
         kind = PATCH_TYPES[media] if patch else "body"
         return read_json(raw, want_object=kind != "json"), kind
 
-    def _kind(self, plural: str, *, create: bool = False):
+    def _kind(self, plural: str):
         info = self.app._by_plural.get(plural)
-        if info is None and self.app.open and create:
-            info = self.app._open_kind(plural, None)
         if info is None:
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         return info
@@ -4688,10 +4693,11 @@ class RestAPI:
         if plural in RESERVED_PATHS:
             raise NotFoundError(f"/{plural} is reserved")
         body, _ = self._json_body()
-        info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
-        if info is None:
-            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None, body)
-        obj = self.app._create(info, self.app._parse_body(info, body))
+        if self.app.open:
+            info, obj = self.app._create_open(plural, body)
+        else:
+            info = self._kind(plural)
+            obj = self.app._create(info, self.app._parse_body(info, body))
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
 
@@ -6141,7 +6147,8 @@ class Fabrica:
         self.bus = Bus(ring_size, ring_bytes)
         self.kinds: dict[str, KindInfo] = {}
         self._by_plural: dict[str, KindInfo] = {}
-        self._kind_lock = threading.Lock()          # guards open-server kind creation
+        self._kind_lock = threading.Lock()          # guards open-server kind creation and _new_kinds
+        self._new_kinds: dict[str, list] = {}       # plural -> [KindInfo, creates in flight] (not yet served)
         self._started = False
         self._host_check = False
         self._controllers: dict[str, object] = {}
@@ -6208,27 +6215,52 @@ class Fabrica:
             self.rest.mount(plural, info.history_on)
         return info
 
-    def _open_kind(self, plural: str, kind: str | None, body: dict | None = None) -> KindInfo:
-        """The open server's kind for a plural, made at first create.
+    def _create_open(self, plural: str, body: dict) -> tuple[KindInfo, dict]:
+        """POST /<plural> on the open server: (the kind, the stored object); a new kind is made by its first object.
 
         Kinds are named by clients, so there are at most OPEN_KINDS of them,
-        and a ``body`` that could not be stored (bad name, labels...) makes none.
+        counting the new ones being created. A new kind is provisional while
+        its creates run: the store can take its objects, but the kind is
+        declared (served, listed in /apis) only once one of them is stored,
+        and forgotten if none is, so a failed create leaves no kind behind.
+        Concurrent creates of one new kind share it.
         """
+        self._require_started()
+        kind = body.get("kind") if isinstance(body.get("kind"), str) else None
         with self._kind_lock:
             info = self._by_plural.get(plural)
+            pending = None
             if info is None:
-                kind = kind or singularize(plural)
-                if not KIND_RE.fullmatch(kind) or kind in self.kinds:
-                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}",
-                                          [{"field": "kind", "message": "must be CapWords and not already served"}])
-                if len(self.kinds) >= OPEN_KINDS:
-                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
-                                          f"serves {len(self.kinds)} kinds, its limit",
-                                          [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
-                if body is not None:
-                    self._parse_body(KindInfo(kind, plural, kind.lower()), body)
-                info = self._declare(kind, None, {"plural": plural}, mount=False)
-            return info
+                pending = self._new_kinds.get(plural)
+                if pending is None:
+                    kind = kind or singularize(plural)
+                    if not KIND_RE.fullmatch(kind) or kind in self.kinds or \
+                            any(p[0].kind == kind for p in self._new_kinds.values()):
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}", [
+                            {"field": "kind", "message": "must be CapWords and not already served"}])
+                    if len(self.kinds) + len(self._new_kinds) >= OPEN_KINDS:
+                        making = f" and is making {len(self._new_kinds)}" if self._new_kinds else ""
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
+                                              f"serves {len(self.kinds)} kinds{making}, its limit is {OPEN_KINDS}",
+                                              [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
+                    pending = self._new_kinds[plural] = [KindInfo(kind, plural, kind.lower()), 0]
+                    self.store.add_kind(kind, plural)
+                info = pending[0]
+                pending[1] += 1         # creates of the new kind in flight
+        if pending is None:
+            return info, self._create(info, self._parse_body(info, body))
+        try:
+            return info, self._create(info, self._parse_body(info, body))
+        finally:
+            with self._kind_lock:
+                pending[1] -= 1
+                # stored, even by a create that failed afterwards (a disk that did not confirm it)
+                if plural not in self._by_plural and self.store.count(info.kind):
+                    self._declare(info.kind, None, {"plural": plural}, mount=False)
+                if not pending[1]:
+                    del self._new_kinds[plural]
+                    if plural not in self._by_plural:
+                        self.store.drop_kind(info.kind)
 
     def resolve_kind(self, name: str) -> KindInfo:
         """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""

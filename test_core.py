@@ -2188,3 +2188,56 @@ class TestHealthListsTheWholeQuarantine:
         with make_app(data) as app:
             health = call(app, "GET", "/health")[2]
             assert health["status"] == "healthy" and health["quarantined"] == [], health
+
+
+class TestFailedCreatesMakeNoKind:
+    """Issue 11 review, F4: on the open server a kind exists only once an object of it is stored
+    (so /apis agrees with a restart)."""
+
+    def test_creates_that_fail_late_leave_no_kind(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(fabrica, "OPEN_KINDS", 4)
+        data = tmp_path / "data"
+        orphan = {"metadata": {"ownerReferences": [{"kind": "Foo", "uid": "foo-12345678"}]}, "spec": {}}
+        with fabrica.Fabrica(data_dir=str(data), open=True, max_body=2000) as app:
+            failing = [(f"/ghost{i}s", orphan, 409) for i in range(10)]     # the owner does not exist
+            failing += [(f"/big{i}s", {"pad": "x" * 1900}, 413) for i in range(10)]    # the object outgrows the body
+            for path, body, code in failing:
+                status, _, err = call(app, "POST", path, body)
+                assert_error(status, err, code)
+            full = _Fault(monkeypatch, "fsync", errno.ENOSPC, 1, persistent=True)
+            status, _, err = call(app, "POST", "/fulls", {"name": "f"})
+            assert_error(status, err, 507)
+            full.remove()
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            assert app.store._plurals == {}     # nothing of them is kept
+            assert call(app, "POST", "/widgets", {"name": "w1"})[0] == 201
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+        with fabrica.Fabrica(data_dir=str(data), open=True) as app:
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+
+    def test_a_failed_create_beside_one_in_flight(self, tmp_path, monkeypatch):
+        with _open_app(tmp_path / "data") as app:
+            store, real = app.store, app.store.create
+            inside, release = threading.Event(), threading.Event()
+
+            def held(obj, *args, **kwargs):
+                if obj["metadata"]["name"] == "slow":
+                    inside.set()
+                    assert release.wait(10)
+                return real(obj, *args, **kwargs)
+            monkeypatch.setattr(store, "create", held)
+            answers = []
+            thread = threading.Thread(target=lambda: answers.append(call(app, "POST", "/widgets", {"name": "slow"})))
+            thread.start()
+            try:
+                assert inside.wait(10)
+                orphan = {"metadata": {"name": "o", "ownerReferences": [{"kind": "Foo", "uid": "foo-12345678"}]}}
+                assert call(app, "POST", "/widgets", orphan)[0] == 409
+                assert call(app, "GET", "/apis")[2]["kinds"] == []      # nothing stored yet
+            finally:
+                release.set()
+                thread.join(10)
+            assert answers[0][0] == 201, answers
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+            assert call(app, "GET", "/widgets/slow")[0] == 200
+            assert call(app, "POST", "/widgets", {"name": "next"})[0] == 201
