@@ -3233,10 +3233,14 @@ def _write_all(fd, payload):
 # Handlers run in the subscriber's thread, never under a lock. The ring and
 # every queue are bounded in events AND in bytes (an event's size is its
 # JSON's): one large object written often must not multiply memory. Queues
-# and the ring share the event dicts; nothing is copied per subscriber.
+# and the ring share the event dicts; nothing is copied per subscriber. All
+# the queues of a bus also share one byte budget, so memory stays bounded
+# however many slow subscribers (SSE clients) there are: past it, the
+# subscriber holding the most bytes gets a gap, as on overflow.
 
 RING_BYTES = 64 << 20       # default byte bound of the event ring
 QUEUE_BYTES = 64 << 20      # default byte bound of each subscriber's queue
+QUEUES_BYTES = 256 << 20    # default byte budget all subscriber queues of a bus share
 _MATCH_CACHE = 256          # event types whose pattern verdict a subscriber remembers
 
 
@@ -3319,6 +3323,18 @@ class Subscription:
                 self.queued_bytes += size
             self._cond.notify()
 
+    def shed(self) -> int:
+        """Drop every queued event and mark a gap (the bus's shared budget ran out); the bytes freed."""
+        with self._cond:
+            freed = self.queued_bytes
+            if self._queue:
+                self.dropped += len(self._queue)
+                self._gap = True
+                self._queue.clear()
+                self.queued_bytes = 0
+                self._cond.notify()
+        return freed
+
     def pending(self) -> int:
         return len(self._queue)
 
@@ -3384,6 +3400,7 @@ class Tap:
     def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
                  kind: str | None = None):
         self._bus = bus
+        self.name = f"tap {pattern}" + (f" of {kind}" if kind else "")
         self._regex = compile_pattern(pattern)
         self._kind = kind
         self._queue: collections.deque = collections.deque()    # (event, size)
@@ -3413,6 +3430,19 @@ class Tap:
                 self.queued_bytes += size
             self._cond.notify()
 
+    def shed(self) -> int:
+        """Drop every queued event and overflow (the bus's shared budget ran out); the bytes freed."""
+        with self._cond:
+            freed = self.queued_bytes
+            if self._queue:
+                self.overflowed = True
+                self.dropped += len(self._queue)
+                self.gaps += 1
+                self._queue.clear()
+                self.queued_bytes = 0
+                self._cond.notify_all()
+        return freed
+
     def get(self, timeout: float | None = None) -> dict | None:
         """The next event, or None after ``timeout`` (or once closed/overflowed and drained)."""
         with self._cond:
@@ -3440,15 +3470,21 @@ class Bus:
     ``publish(event, position, size)`` is non-blocking and thread-safe;
     positions are ``(resourceVersion, n)`` tuples and must be published in
     order. The ring keeps at most ``ring_size`` events and ``ring_bytes``
-    bytes of them, whichever bound is reached first.
+    bytes of them, whichever bound is reached first. The subscriber queues
+    together hold at most ``queues_bytes`` (an event in several queues counts
+    in each): past it, the subscriber holding the most bytes loses its queue
+    to a gap (a Subscription calls ``on_gap``, a Tap overflows), until the
+    rest fit.
     """
 
-    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES):
+    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES, queues_bytes: int = QUEUES_BYTES):
         self._lock = threading.Lock()       # guards _subs, _ring, buffered_bytes, _evicted
         self._subs: tuple[Subscription, ...] = ()
         self._ring: collections.deque = collections.deque()     # (position, event, size)
         self.ring_size = ring_size
         self.ring_bytes = ring_bytes
+        self.queues_bytes = queues_bytes
+        self.shed = 0                        # queues dropped because the shared budget ran out
         self.buffered_bytes = 0              # the sizes of the events in the ring, summed
         self._evicted = None                 # position of the newest event pushed out of the ring
         self.start_rv = 0                    # events at or before this were committed before we started
@@ -3486,9 +3522,26 @@ class Bus:
             subs = self._subs
             self.published += 1
         event_type = event["type"]
+        held = 0
         for sub in subs:
             if sub.matches(event_type):
                 sub.offer(event, size)
+            held += sub.queued_bytes
+        if held > self.queues_bytes:
+            self._shed(subs, held)
+
+    def _shed(self, subs, held: int) -> None:
+        # read without the queues' locks: consumers only ever lower the sum
+        while held > self.queues_bytes:
+            victim = max(subs, key=lambda sub: sub.queued_bytes)
+            freed = victim.shed()
+            if not freed:
+                return
+            held -= freed
+            self.shed += 1
+            bus_log.warning("subscriber %s held %d bytes of events, the most of all, when the subscribers "
+                            "together passed their budget of %d; its queue is dropped (a gap)",
+                            victim.name, freed, self.queues_bytes)
 
     def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
         """Every buffered event after ``position``; GoneError if one of them is not available.
@@ -3512,7 +3565,8 @@ class Bus:
         subs = self._subs
         return {"published": self.published, "subscribers": len(subs),
                 "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs),
-                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes}
+                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes,
+                "queuedBytes": sum(s.queued_bytes for s in subs), "shed": self.shed}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close every subscription; queued events are delivered within ``timeout``."""
@@ -6422,6 +6476,8 @@ class Fabrica:
                [f"fabrica_event_ring_events {stats['buffered']}"])
         family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
                [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
+        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
+               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
         kinds = sorted(self.kinds)
         ctls = self._controllers
         per_kind = {

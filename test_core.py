@@ -2241,3 +2241,72 @@ class TestFailedCreatesMakeNoKind:
             assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
             assert call(app, "GET", "/widgets/slow")[0] == 200
             assert call(app, "POST", "/widgets", {"name": "next"})[0] == 201
+
+
+def _event(n: int, kind: str = "Rack") -> dict:
+    return {"type": f"io.fabrica.{kind.lower()}.updated", "resourcekind": kind, "sequence": str(n), "n": n}
+
+
+class TestSubscriberQueuesShareOneBudget:
+    """Issue 11 review, F6: however many slow subscribers there are, their queues together hold
+    at most the bus's budget."""
+
+    def test_the_biggest_holder_gets_the_gap(self):
+        bus = fabrica.Bus()
+        bus.queues_bytes = 10_000
+        early = bus.tap("**")
+        for n in range(4):
+            bus.publish(_event(n), (n + 1, 0), 1000)
+        late = bus.tap("**")
+        held = []
+        for n in range(4, 10):
+            bus.publish(_event(n), (n + 1, 0), 1000)
+            held.append(early.queued_bytes + late.queued_bytes)
+        assert max(held) <= 10_000, held
+        # the early tap held the most: it lost its queue and overflowed (GET /events ends its stream)
+        assert early.overflowed and early.get(0) is None and early.queued_bytes == 0
+        assert not late.overflowed and [late.get(0)["n"] for _ in range(6)] == [4, 5, 6, 7, 8, 9]
+        stats = bus.stats()
+        assert stats["gaps"] == 1 and stats["shed"] == 1 and stats["queuedBytes"] == 0
+
+    def test_a_subscription_is_resynced_and_keeps_receiving(self):
+        bus = fabrica.Bus()
+        bus.queues_bytes = 5_000
+        first, release, gaps, seen = threading.Event(), threading.Event(), [], []
+
+        def handler(event):
+            seen.append(event["n"])
+            first.set()
+            assert release.wait(10)
+        sub = bus.subscribe("**", handler, on_gap=lambda: gaps.append(len(seen)), name="slow")
+        watcher = bus.tap("**")         # a reader that keeps up
+        try:
+            bus.publish(_event(0), (1, 0), 1000)
+            assert first.wait(10)       # the handler holds event 0; the next ones queue
+            assert watcher.get(0)["n"] == 0
+            for n in range(1, 9):
+                bus.publish(_event(n), (n + 1, 0), 1000)
+                assert watcher.get(0)["n"] == n
+                assert sub.queued_bytes + watcher.queued_bytes <= 5_000
+            release.set()
+            bus.publish(_event(9), (10, 0), 1000)
+            assert wait_until(lambda: 9 in seen)
+            assert gaps == [1] and sub.dropped >= 1 and not watcher.overflowed
+        finally:
+            release.set()
+            sub.close(5)
+            watcher.close()
+
+    def test_an_apps_event_streams_and_controllers_share_it(self, tmp_path):
+        app = make_app(tmp_path / "data")
+        app.register("Shelf", reconcile=lambda ctx, obj: None)
+        with app:
+            app.bus.queues_bytes = 200_000
+            streams = [app.bus.tap("**") for _ in range(8)]        # GET /events clients that never read
+            for n in range(40):
+                app.client.create("Rack", name=f"r{n}", spec={"pad": "x" * 20_000})
+                assert sum(tap.queued_bytes for tap in streams) <= 200_000
+            assert sum(t.overflowed for t in streams) >= 4
+            assert re.search(r"^fabrica_event_queue_bytes \d+$", app.metrics_text(), re.M)
+            for tap in streams:
+                tap.close()
