@@ -2138,7 +2138,8 @@ class TestResourceVersionsFitTheReservation:
     """Issue 11 review: a resourceVersion past 2^63-1 (a hand edit) fails its check instead of
     breaking the reservation file."""
 
-    @pytest.mark.parametrize("rv", ["9" * 20, "9223372036854775808", "1" * 5000])
+    @pytest.mark.parametrize("rv", ["9" * 20, "9223372036854775808", "1" * 5000],
+                             ids=["20-digits", "2^63", "5000-digits"])
     def test_an_object_past_int64_is_quarantined(self, tmp_path, rv):
         data = tmp_path / "data"
         with make_app(data) as app:
