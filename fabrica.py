@@ -84,6 +84,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import sys
 import threading
 import time
@@ -116,7 +117,10 @@ API_VERSION = "v1"
 SCHEMA_VERSION = "v1"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10              # request line + headers; a longer head is refused with 431 (414 for the line)
-MAX_DEPTH = 64
+MAX_DEPTH = 64                   # how deep containers nest in a request body, and in a spec or a status
+MAX_OBJECT_DEPTH = MAX_DEPTH + 1  # a stored object: its spec or status one level down
+# what start-up loads: more than writes store, so a file an older version stored deeper still loads
+MAX_FILE_DEPTH = 2 * MAX_DEPTH
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
@@ -213,28 +217,44 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs, parse_float=_finite
                             parse_int=_bounded_int, parse_constant=_reject_constant)
 
 
-def _check_tree(value, depth=1):
-    """Depth cap and lone surrogates, walked only when the prefilters say it may matter."""
-    if depth > MAX_DEPTH:
-        raise ValueError(f"nesting deeper than {MAX_DEPTH}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            key.encode("utf-8")
-            _check_tree(item, depth + 1)
-    elif isinstance(value, list):
+def _check_tree(value, max_depth: int, depth: int = 0):
+    """Depth cap (``depth`` containers hold this value) and lone surrogates, walked only when the
+    prefilters say it may matter."""
+    if isinstance(value, (dict, list)):
+        if depth >= max_depth:
+            raise ValueError(f"nesting deeper than {max_depth}")
+        if isinstance(value, dict):
+            for key in value:
+                key.encode("utf-8")
+            value = value.values()
         for item in value:
-            _check_tree(item, depth + 1)
+            _check_tree(item, max_depth, depth + 1)
     elif isinstance(value, str):
         value.encode("utf-8")
 
 
-def read_json(raw: bytes, *, want_object: bool = True):
+def json_depth(value) -> int:
+    """How deep containers nest in a JSON value: 0 for a scalar, 1 for ``{}`` or ``[1]``, 2 for ``{"a": []}``.
+
+    Level by level, not recursion, so any depth is measured.
+    """
+    depth = 0
+    level = [value] if isinstance(value, (dict, list)) else []
+    while level:
+        depth += 1
+        level = [item for node in level for item in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(item, (dict, list))]
+    return depth
+
+
+def read_json(raw: bytes, *, want_object: bool = True, max_depth: int = MAX_DEPTH):
     """Parse a request body strictly; raise BadRequestError for anything that is not plain JSON.
 
     Rejected: invalid UTF-8, a byte-order mark, syntax errors, NaN/Infinity,
-    duplicate keys, nesting deeper than 64, floats that overflow, integers
-    outside signed 64-bit, lone surrogate escapes, raw control characters in
-    strings, and (with ``want_object``) anything but an object at the top.
+    duplicate keys, containers nested deeper than ``max_depth`` (64), floats
+    that overflow, integers outside signed 64-bit, lone surrogate escapes, raw
+    control characters in strings, and (with ``want_object``) anything but an
+    object at the top.
     """
     if raw.startswith(b"\xef\xbb\xbf"):
         raise BadRequestError("malformed JSON: a byte-order mark is not allowed")
@@ -246,10 +266,10 @@ def read_json(raw: bytes, *, want_object: bool = True):
         raise BadRequestError("malformed JSON: the body is empty")
     try:
         value = _DECODER.decode(text)
-        if (text.count("[") + text.count("{") > MAX_DEPTH) or _SURROGATE_RE.search(text):
-            _check_tree(value)
+        if (text.count("[") + text.count("{") > max_depth) or _SURROGATE_RE.search(text):
+            _check_tree(value, max_depth)
     except RecursionError:
-        raise BadRequestError(f"malformed JSON: nesting deeper than {MAX_DEPTH}") from None
+        raise BadRequestError(f"malformed JSON: nesting deeper than {max_depth}") from None
     except UnicodeEncodeError:
         raise BadRequestError("malformed JSON: lone surrogate in a string") from None
     except ValueError as exc:
@@ -627,6 +647,9 @@ def envelope_problem(obj, kind: str | None = None, uid: str | None = None) -> st
     rv = meta.get("resourceVersion")
     if not isinstance(rv, str) or not rv.isdigit() or not rv.isascii():
         return "metadata.resourceVersion is missing or not an integer string"
+    digits = rv.lstrip("0")
+    if len(digits) > 19 or int(digits or "0") > INT64_MAX:    # the reservation file has room for 2^63-1
+        return "metadata.resourceVersion is larger than 2^63-1"
     problem = _metadata_problem(meta)
     if problem:
         return problem
@@ -788,7 +811,7 @@ def merge_patch_diff(a, b):
     return patch
 
 
-def apply_json_patch(doc, ops, *, max_size: int | None = None):
+def apply_json_patch(doc, ops, *, max_size: int | None = None, max_depth: int | None = None):
     """Return *doc* with the JSON Patch (RFC 6902) *ops* applied.
 
     *ops* is a list of operation objects, each with a string "op" (add,
@@ -806,7 +829,10 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     operation grows it, and the values ``copy`` operations duplicate may not
     add up to more than ``max_size`` either, so a small patch of many copies
     (CVE-2019-1002100) fails with PatchTooLargeError (a PatchError, status
-    413) before the document grows, not after.
+    413) before the document grows, not after. ``max_depth`` bounds how deep
+    an operation may nest what it writes (its path plus its value's depth),
+    checked before each one, so stacked operations cannot build a document
+    deeper than that (PatchError).
     """
     if not isinstance(ops, list):
         raise PatchError(f"a JSON Patch must be an array of operations, not {_json_kind(ops)}")
@@ -814,7 +840,7 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     result = copy.deepcopy(doc)
     for index, op in enumerate(ops):
         try:
-            result = _apply_operation(result, op, budget)
+            result = _apply_operation(result, op, budget, max_depth)
         except PatchError as exc:
             name = op.get("op") if isinstance(op, dict) else None
             label = f"op {index} ({name})" if isinstance(name, str) else f"op {index}"
@@ -823,7 +849,7 @@ def apply_json_patch(doc, ops, *, max_size: int | None = None):
     return result
 
 
-def _apply_operation(doc, op, budget=None):
+def _apply_operation(doc, op, budget=None, max_depth=None):
     """Apply one operation to *doc* in place; return the (maybe new) root."""
     if not isinstance(op, dict):
         raise PatchError(f"an operation must be an object, not {_json_kind(op)}")
@@ -834,6 +860,8 @@ def _apply_operation(doc, op, budget=None):
     if name in ("add", "replace", "test") and "value" not in op:
         raise PatchError("missing 'value' member")
 
+    if name in ("add", "replace"):
+        _check_nesting(path, op["value"], max_depth)
     if name == "add":
         if budget is not None:
             budget.put(doc, path, _size(op["value"]))
@@ -859,6 +887,8 @@ def _apply_operation(doc, op, budget=None):
         return doc
 
     source = _pointer_member(op, "from")
+    if max_depth is not None and path[:len(source)] != source:     # a move into its own child fails below
+        _check_nesting(path, _walk(doc, source), max_depth)
     if name == "copy":
         value = _walk(doc, source)
         if budget is not None:
@@ -875,6 +905,12 @@ def _apply_operation(doc, op, budget=None):
     value = _remove(doc, source)
     budget.land(doc, path, value)
     return _add(doc, path, value)
+
+
+def _check_nesting(tokens, value, max_depth: int | None) -> None:
+    # the containers above the value (the root included), then the value's own
+    if max_depth is not None and len(tokens) + json_depth(value) > max_depth:
+        raise PatchError(f"{_brief(_format_pointer(tokens))} would nest the document deeper than {max_depth} levels")
 
 
 def _size(value) -> int:
@@ -1095,7 +1131,7 @@ def _brief(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def apply_shorthand_patch(doc, patch):
+def apply_shorthand_patch(doc, patch, *, max_depth: int | None = None):
     """Return *doc* with a shorthand patch such as ``{"a.b": 1, "c": None}`` applied.
 
     Each key is a dot-separated path of object members. A non-null value
@@ -1106,8 +1142,9 @@ def apply_shorthand_patch(doc, patch):
     that contain "." cannot be addressed.
 
     Raises PatchError if *doc* or *patch* is not an object, a key has an
-    empty segment ("a..b", ".a"), or a set passes through a value that is
-    not an object. *doc* and *patch* are never mutated.
+    empty segment ("a..b", ".a"), a set passes through a value that is
+    not an object, or (with ``max_depth``) a set would nest deeper than that:
+    its segments plus its value's depth. *doc* and *patch* are never mutated.
     """
     if not isinstance(patch, dict):
         raise PatchError(f"a shorthand patch must be an object, not {_json_kind(patch)}")
@@ -1116,6 +1153,9 @@ def apply_shorthand_patch(doc, patch):
     for path in patch:
         if not isinstance(path, str) or "" in path.split("."):
             raise PatchError(f"invalid shorthand path {_brief(path)}: expected names joined by '.'")
+        if max_depth is not None and patch[path] is not None and \
+                path.count(".") + 1 + json_depth(patch[path]) > max_depth:
+            raise PatchError(f"cannot set {_brief(path)}: it would nest the document deeper than {max_depth} levels")
     result = copy.deepcopy(doc)
     for path in sorted(patch):
         *parents, leaf = path.split(".")
@@ -1951,7 +1991,9 @@ class Store:
         self._rv = 0
         self._opened = False
         self.on_commit = None       # callable(action, old, new, size), called under the lock
-        self.quarantined: list[dict] = []
+        self.quarantined: list[dict] = []       # files this start-up quarantined
+        self.still_quarantined: list[dict] = [] # files earlier start-ups quarantined that are still there
+        self.ignored: list[dict] = []           # folders of the data dir start-up did not load
         self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
         self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
         self.writes = 0
@@ -1983,13 +2025,21 @@ class Store:
             self._labels.setdefault(kind, {})
             self._plurals[kind] = plural
 
+    def drop_kind(self, kind: str) -> None:
+        """Forget a kind that holds no object (an open server's new kind whose creates all failed)."""
+        with self._lock:
+            if not self._objects.get(kind):
+                for index in (self._objects, self._names, self._sorted, self._labels, self._plurals):
+                    index.pop(kind, None)
+
     @property
     def resource_version(self) -> int:
         """The newest committed resourceVersion."""
         return self._rv
 
     def health(self) -> dict:
-        return {"quarantined": list(self.quarantined)}
+        """What start-up could not load: files in the quarantine (of any start-up) and ignored folders."""
+        return {"quarantined": [*self.quarantined, *self.still_quarantined], "ignored": list(self.ignored)}
 
     # -- reads -------------------------------------------------------------
     def get(self, kind: str, uid: str) -> dict | None:
@@ -2166,7 +2216,9 @@ class Store:
         StoreError/InsufficientStorageError on I/O errors. ``guard()`` runs
         under the lock once no write to the ``wait_for`` keys is in flight
         (fabrica's owner check), so what it checks cannot change before the commit.
-        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError.
+        An object over ``max_size`` bytes of JSON raises PayloadTooLargeError, one whose
+        spec or status nests deeper than MAX_DEPTH ValidationError (both checked before
+        anything is written).
         """
         kind, meta = obj["kind"], obj["metadata"]
         objs, names = self._objects[kind], self._names[kind]
@@ -2188,7 +2240,9 @@ class Store:
 
         Raises NotFoundError if it is gone and StaleError (a ConflictError) if it moved on;
         PayloadTooLargeError if the object is over ``max_size`` bytes of JSON and larger
-        than the stored one (a write that does not grow an object is never refused).
+        than the stored one (a write that does not grow an object is never refused), and
+        ValidationError if its spec or status nests deeper than MAX_DEPTH and deeper than the
+        stored one's.
         """
         kind = obj["kind"]
         return self._write(action, obj, lambda old: self._check_current(kind, old, obj["metadata"]["name"],
@@ -2238,11 +2292,18 @@ class Store:
         kind = key[0]
         size = 0
         if new is not None:
-            try:        # before a resourceVersion is taken: a value that is not JSON must never reach a file
-                size = json_size(new)
+            # before a resourceVersion is taken: a value that is not JSON, or that nests deeper than
+            # start-up loads, must never reach a file (what a GET serves, a restart serves)
+            try:
+                text = dumps(new)
+            except RecursionError:      # hundreds of levels: far past any limit
+                raise self._depth_error(new) from None
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
                                       [{"field": "", "message": str(exc)}]) from None
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            if text.count("{") + text.count("[") > MAX_OBJECT_DEPTH:     # only then can it nest that deep
+                self._check_depth(new)
             if max_size is not None and size > max_size:
                 self._check_size(new, size, max_size)
         cond = self._cond
@@ -2259,6 +2320,8 @@ class Store:
             if action == "deleted":
                 new = tomb
             rv = self._allocated + 1
+            if rv > INT64_MAX:      # start-up would refuse the object (a hand-edited file can get here)
+                raise StoreError(f"resourceVersions are used up (2^63-1): nothing can be written to {kind}")
             try:
                 self._reserve(rv)
             except OSError as exc:
@@ -2339,6 +2402,23 @@ class Store:
             raise PayloadTooLargeError(
                 f'{new["kind"]} "{new["metadata"]["name"]}" would be {size} bytes of JSON; the limit for an object '
                 f"is {max_size} bytes", [{"field": "", "message": f"larger than {max_size} bytes"}])
+
+    def _check_depth(self, new: dict) -> None:
+        depth = json_depth(new)
+        if depth <= MAX_OBJECT_DEPTH:
+            return
+        # as with the size, an object a former version stored deeper (start-up loads up to
+        # MAX_FILE_DEPTH) may still be written as long as it gets no deeper
+        old = self._objects[new["kind"]].get(new["metadata"]["uid"])
+        if old is None or depth > min(json_depth(old), MAX_FILE_DEPTH):
+            raise self._depth_error(new)
+
+    @staticmethod
+    def _depth_error(new: dict) -> ValidationError:
+        depth, field = max((json_depth(new.get(part)), part) for part in ("spec", "status"))
+        return ValidationError(
+            f'{new["kind"]} "{new["metadata"]["name"]}" would nest its {field} {depth} levels deep; the limit is '
+            f"{MAX_DEPTH} levels", [{"field": field, "message": f"nests deeper than {MAX_DEPTH} levels"}])
 
     @staticmethod
     def _write_error(action: str, obj: dict, exc: OSError) -> FabricaError:
@@ -2466,6 +2546,55 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _NotAFile(OSError):
+    """What _open_regular() found is not a regular file: ``what`` it is ("a FIFO"), and ``strerror``."""
+
+    def __init__(self, code: int, what: str, path: str):
+        super().__init__(code, f"{what} (not followed)" if code == errno.ELOOP else f"not a regular file ({what})",
+                         path)
+        self.what = what
+
+
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """A descriptor of the regular file at ``path``; _NotAFile for anything else, OSError if it cannot be opened.
+
+    Every file the store reads under the data dir is opened here: a symbolic
+    link is never followed (O_NOFOLLOW), a FIFO or a device never blocks the
+    open (O_NONBLOCK), and fstat tells what was opened before a byte is read.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):
+            raise _NotAFile(exc.errno, "a symbolic link" if exc.errno == errno.ELOOP else "a directory",
+                            path) from None
+        raise
+    try:
+        kind = os.fstat(fd).st_mode
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(kind)), "unknown"), path)
+    return fd
+
+
+def _real_dir(path: str) -> bool:
+    """A directory, and not through a symbolic link (the store never follows one)."""
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of the regular file at ``path`` (see _open_regular)."""
+    with open(_open_regular(path), "rb") as f:
+        return f.read()
+
+
 class DirSyncer:
     """Group commit for directory fsyncs: one fsync covers every rename done before it began.
 
@@ -2579,7 +2708,11 @@ class FileStore(Store):
 
     def _acquire_lock(self):
         path = os.path.join(self.state_dir, "lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
+        except _NotAFile as exc:
+            raise StoreError(f"cannot lock the data dir: {path} is {exc.what}, not a regular file; remove it "
+                             "and start again") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2602,31 +2735,32 @@ class FileStore(Store):
     def _load(self, discover):
         self._rv = self._read_reservation()
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        dirs = []
+        dirs, found = [], []
         for entry in sorted(os.listdir(self.data_dir)):
             path = os.path.join(self.data_dir, entry)
             if entry.startswith(".") or not os.path.isdir(path):
                 continue
             kind = by_plural.get(entry)
             if os.path.islink(path):
-                store_log.warning("ignoring %s/: a symbolic link (not followed)", path)
-                self.unsure.setdefault(kind or "*", f"{entry}/ is a symbolic link (not followed)")
-                continue
-            if kind is None and not discover:
-                store_log.warning("ignoring %s/: no registered kind has the plural %r", path, entry)
-                try:
-                    holds = any(name.endswith(".json") for name in os.listdir(path))
-                except OSError:
-                    holds = True
-                if holds:   # perhaps the folder of a kind whose plural= changed: anyone's owners may be in it
-                    self.unsure.setdefault("*", f"{entry}/ belongs to no registered kind")
-                continue
-            dirs.append((entry, kind))
+                self._ignore(entry, "a symbolic link (not followed)", kind)
+            elif kind is not None:
+                dirs.append((entry, kind))
+            elif not discover:      # perhaps the folder of a kind whose plural= changed
+                self._ignore(entry, "no registered kind has this plural")
+            elif not PLURAL_RE.fullmatch(entry) or entry in RESERVED_PATHS:
+                self._ignore(entry, "not a plural (lower-case letters and digits, not a reserved path)")
+            else:
+                found.append((entry, self._folder_kind(path)))
+        dirs += self._adopt(found)
         self._remove_temp_files({entry for entry, _ in dirs})
         for entry, kind in dirs:
+            if kind not in self._plurals:
+                self.add_kind(kind, entry)
+                self.discovered[kind] = entry
             self._load_dir(entry, kind)
         self._note_quarantine()
         self._load_history()
+        self._list_quarantine()
         self._reserved = self._rv
         if self.quarantined:
             store_log.error("start-up recovery quarantined %d file(s) into %s", len(self.quarantined),
@@ -2634,6 +2768,68 @@ class FileStore(Store):
         store_log.info("loaded %d object(s) from %s (resourceVersion %d, %d temp file(s) removed, %d quarantined)",
                        sum(len(o) for o in self._objects.values()), self.data_dir, self._rv,
                        self.temp_removed, len(self.quarantined))
+
+    def _ignore(self, entry: str, reason: str, kind: str | None = None) -> None:
+        """Leave a folder of the data dir unloaded, and say why.
+
+        One that may hold resources (a link, or .json files) is listed in
+        /health and makes the store unsure of ``kind`` (None: of every kind),
+        so that no owner in it is taken for deleted (SPEC §3.0).
+        """
+        path = os.path.join(self.data_dir, entry)
+        store_log.warning("ignoring %s/: %s", path, reason)
+        try:
+            holds = os.path.islink(path) or any(name.endswith(".json") for name in os.listdir(path))
+        except OSError:
+            holds = True
+        if holds:
+            self.unsure.setdefault(kind or "*", f"{entry}/ is not loaded: {reason}")
+            self.ignored.append({"path": f"{entry}/", "reason": reason})
+
+    def _folder_kind(self, path) -> str | None:
+        """The kind of the first valid resource in a folder (by file name), None if it holds none."""
+        for entry in sorted(os.listdir(path)):
+            if entry.endswith(".json"):
+                problem, obj = self._read_file(os.path.join(path, entry), entry[:-5], None)
+                if problem is None:
+                    return obj["kind"]
+        return None
+
+    def _adopt(self, found) -> list[tuple[str, str]]:
+        """Which of the open server's folders to load, as (folder, kind); the others are ignored.
+
+        ``found`` lists each candidate folder with the kind of its first valid
+        resource. A folder holding none is not a kind's folder. A kind's
+        folder is its registered plural or, failing that, ``pluralize(kind)``
+        when that folder exists; any other folder of the kind (a copy, a
+        backup) is ignored. With neither, the kind's one folder is adopted,
+        and if it has several, none is: which one is right cannot be told.
+        """
+        names = {entry for entry, _ in found}
+        folders: dict[str, list[str]] = {}
+        for entry, kind in found:
+            if kind is None:
+                self._ignore(entry, "it holds no valid resource")
+            else:
+                folders.setdefault(kind, []).append(entry)
+        adopted = []
+        for kind, entries in folders.items():
+            home = self._plurals.get(kind) or pluralize(kind)
+            if kind in self._plurals or home in names:
+                chosen = home if home in entries and kind not in self._plurals else None
+                for entry in entries:
+                    if entry != chosen:
+                        self._ignore(entry, f"another folder of kind {kind}, whose folder is {home}/", kind)
+            elif len(entries) == 1:
+                chosen = entries[0]
+            else:
+                chosen = None
+                for entry in entries:
+                    self._ignore(entry, f"one of {len(entries)} folders of kind {kind} ({', '.join(entries)}), "
+                                 f"none of them {home}/: rename the right one to {home}/", kind)
+            if chosen is not None:
+                adopted.append((chosen, kind))
+        return adopted
 
     def _remove_temp_files(self, skip: set[str]) -> None:
         """Remove the temp files of writes that never committed (the rename is the commit point),
@@ -2659,16 +2855,9 @@ class FileStore(Store):
             if _TEMP_RE.fullmatch(entry):
                 self._remove_temp(path)
                 continue
-            if not entry.endswith(".json") or os.path.isdir(path):
+            if not entry.endswith(".json"):
                 continue
             reason, obj = self._read_file(path, entry[:-5], kind)
-            if reason is None and kind is None:
-                kind = obj["kind"]
-                if kind in self._plurals and self._plurals[kind] != plural:
-                    reason = f"kind {kind} belongs in {self._plurals[kind]}/"
-                else:
-                    self.add_kind(kind, plural)
-                    self.discovered[kind] = plural
             if reason is None and obj["metadata"]["name"] in self._names[kind]:
                 reason = f"duplicate name {obj['metadata']['name']!r}"
             if reason is None:
@@ -2680,18 +2869,17 @@ class FileStore(Store):
     def _read_document(path):
         """(problem, parsed JSON): the store's files are hand-editable, so a UTF-8 byte-order mark
         (and CRLF line ends, which JSON takes as whitespace) are accepted, unlike in a request body."""
-        if os.path.islink(path):
-            return "a symbolic link (not followed)", None
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = _read_regular(path)
+        except _NotAFile as exc:
+            return exc.strerror, None
         except OSError as exc:
             return f"unreadable: {exc.strerror}", None
         raw = raw.removeprefix(b"\xef\xbb\xbf")
         if not raw:
             return "empty file", None
         try:
-            return None, read_json(raw)
+            return None, read_json(raw, max_depth=MAX_FILE_DEPTH)
         except BadRequestError as exc:
             return exc.message.replace("malformed JSON", "does not parse"), None
 
@@ -2711,27 +2899,29 @@ class FileStore(Store):
         """
         root = os.path.join(self.state_dir, "quarantine")
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        for plural in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        for plural in sorted(os.listdir(root)) if _real_dir(root) else ():
             directory = os.path.join(root, plural)
-            if plural.startswith("history-") or not os.path.isdir(directory):
-                continue        # spec snapshots name no owner
+            if not PLURAL_RE.fullmatch(plural) or not _real_dir(directory):
+                continue        # spec snapshots (history-<plural>) and the store's own files name no owner
             entries = os.listdir(directory)
             if not entries:
                 continue
             why = f"quarantined files in .fabrica/quarantine/{plural}/"
             self.unsure.setdefault(by_plural.get(plural, "*"), why)
             for entry in entries:
-                with contextlib.suppress(OSError, BadRequestError):
-                    fd = os.open(os.path.join(directory, entry), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                    with open(fd, "rb") as f:       # O_NOFOLLOW: a quarantined link is never followed
-                        doc = read_json(f.read())
+                with contextlib.suppress(OSError, BadRequestError):     # a quarantined link is never followed
+                    doc = read_json(_read_regular(os.path.join(directory, entry)), max_depth=MAX_FILE_DEPTH)
                     if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
                         self.unsure.setdefault(doc["kind"], why)
 
     def _quarantine(self, path, plural, entry, reason):
-        qdir = os.path.join(self.state_dir, "quarantine", plural)
+        root = os.path.join(self.state_dir, "quarantine")
+        qdir = os.path.join(root, plural)
         item = {"path": os.path.relpath(path, self.data_dir), "reason": reason, "quarantinedTo": None}
         try:
+            for directory in (root, qdir):      # a file is never moved out of the data dir
+                if os.path.islink(directory):
+                    raise OSError(errno.ELOOP, f"{os.path.relpath(directory, self.data_dir)} is a symbolic link")
             os.makedirs(qdir, exist_ok=True)
             target, n = os.path.join(qdir, entry), 1
             while os.path.lexists(target):
@@ -2750,6 +2940,34 @@ class FileStore(Store):
         moved = f" (moved to {item['quarantinedTo']})" if item["quarantinedTo"] else ""
         store_log.error("quarantined %s: %s%s", item["path"], item["reason"], moved)
 
+    def _list_quarantine(self) -> None:
+        """Report every file in the quarantine, not only this start-up's (SPEC §3.1: never silently skipped).
+
+        While one sits there, its kind's objects count as not all loaded
+        (``unsure``), which holds garbage collection back: /health stays
+        degraded until each is mended and moved back, or deleted.
+        """
+        root = os.path.join(self.state_dir, "quarantine")
+        if os.path.lexists(root) and not _real_dir(root):
+            store_log.error("%s is not a directory (it is not followed): nothing can be quarantined", root)
+            self.still_quarantined.append({"path": os.path.relpath(root, self.data_dir), "quarantinedTo": None,
+                                           "reason": "not a directory: files start-up cannot load stay in place"})
+            return
+        moved = {item["quarantinedTo"] for item in self.quarantined}
+        for folder in sorted(os.listdir(root)) if _real_dir(root) else ():
+            directory = os.path.join(root, folder)
+            entries = [os.path.join(directory, e) for e in sorted(os.listdir(directory))] \
+                if _real_dir(directory) else [directory]
+            for path in entries:
+                where = os.path.relpath(path, self.data_dir)
+                if where not in moved:
+                    self.still_quarantined.append({"path": where, "quarantinedTo": where,
+                                                   "reason": "quarantined by an earlier start-up"})
+        if self.still_quarantined:
+            store_log.error("%d file(s) quarantined by earlier start-ups are still in %s (listed in /health): "
+                            "mend each and move it back, or delete it, then restart", len(self.still_quarantined),
+                            root)
+
     # -- the resourceVersion reservation ------------------------------------
     # resourceVersions are handed out from blocks reserved on disk first, so a
     # restart (or a delete of the newest object) can never reuse one. The file
@@ -2761,19 +2979,23 @@ class FileStore(Store):
     def _read_reservation(self) -> int:
         path = os.path.join(self.state_dir, "resource-version")
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = _read_regular(path)
         except FileNotFoundError:
+            raw = b""
+        except _NotAFile as exc:    # moved aside, so that a real file can take its place
+            self._quarantine(path, "fabrica-state", "resource-version", exc.strerror)
             raw = b""
         self._rv_slots = [_rv_slot_value(raw[i * _RV_SLOT:(i + 1) * _RV_SLOT]) for i in (0, 1)]
         if max(self._rv_slots) >= 0:
-            self._rv_fd = os.open(path, os.O_RDWR)
+            self._rv_fd = _open_regular(path, os.O_RDWR)
             return max(self._rv_slots)
         legacy = raw.removeprefix(b"\xef\xbb\xbf").strip()     # one number, written by temp file and rename
-        if legacy and not legacy.isdigit():
+        digits = legacy.lstrip(b"0") or b"0"
+        valid = legacy.isdigit() and len(digits) <= 19 and int(digits) <= INT64_MAX      # as every rv
+        if legacy and not valid:
             store_log.error("%s holds no valid reservation: resourceVersions go on after the newest object",
                             path)
-        reserved = int(legacy) if legacy.isdigit() else 0
+        reserved = int(digits) if valid else 0
         try:    # into the two-slot form, while there is space (else the first write tries again)
             self._write_reservation(reserved)
         except OSError as exc:
@@ -2785,7 +3007,7 @@ class FileStore(Store):
         if self._rv_fd is None:
             path = os.path.join(self.state_dir, "resource-version")
             self._atomic_write(self.state_dir, path, _rv_slot_bytes(block) * 2)
-            self._rv_fd = os.open(path, os.O_RDWR)
+            self._rv_fd = _open_regular(path, os.O_RDWR)
             self._rv_slots = [block, block]
             return
         slot = 0 if self._rv_slots[0] <= self._rv_slots[1] else 1
@@ -2811,6 +3033,9 @@ class FileStore(Store):
 
     def _ensure_dir(self, directory):
         if directory not in self._dirs_made:
+            if os.path.islink(directory):       # start-up does not load it, so nothing may be written there
+                raise OSError(errno.ELOOP, f"{os.path.basename(directory)}/ is a symbolic link, which the store "
+                              "does not follow")
             if not os.path.isdir(directory):
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(directory)
@@ -2950,16 +3175,17 @@ class FileStore(Store):
         """
         root = os.path.join(self.state_dir, "history")
         by_plural = {plural: kind for kind, plural in self._plurals.items()}
-        for plural in sorted(os.listdir(root) if os.path.isdir(root) else ()):
+        self._not_a_folder(root, "fabrica-state", "history")
+        for plural in sorted(os.listdir(root) if _real_dir(root) else ()):
             kind = by_plural.get(plural)
-            if kind is None or not os.path.isdir(os.path.join(root, plural)):
+            if kind is None or self._not_a_folder(os.path.join(root, plural), "fabrica-state", f"history-{plural}"):
                 continue        # a kind this app does not serve: leave its history alone
             held = self._quarantined_uids(plural)
             for uid in sorted(os.listdir(os.path.join(root, plural))):
                 directory = os.path.join(root, plural, uid)
                 obj = self._objects[kind].get(uid)
-                if (obj is None and uid in held) or not UID_RE.fullmatch(uid) or os.path.islink(directory) \
-                        or not os.path.isdir(directory):
+                if (obj is None and uid in held) or not UID_RE.fullmatch(uid) or \
+                        self._not_a_folder(directory, f"history-{plural}", uid):
                     continue
                 for entry in sorted(os.listdir(directory)):
                     if not entry.endswith(".json"):
@@ -2982,12 +3208,24 @@ class FileStore(Store):
                     with contextlib.suppress(OSError):
                         os.rmdir(directory)
 
+    def _not_a_folder(self, path, folder, entry) -> bool:
+        """Quarantine what stands where the store keeps a folder of its own; True if something did.
+
+        A file there would fail every write that needs the folder, and a
+        symbolic link would take reads and writes out of the data dir.
+        """
+        if not os.path.lexists(path) or _real_dir(path):
+            return False
+        self._quarantine(path, folder, entry, "a symbolic link (not followed)" if os.path.islink(path) else
+                         "not a folder, where the store keeps one")
+        return True
+
     def _quarantined_uids(self, plural) -> set[str]:
         """The uids whose object file of this plural sits in the quarantine (from any start)."""
         held = {os.path.basename(item["path"]).split(".")[0] for item in self.quarantined
                 if os.path.dirname(item["path"]) == plural}
         qdir = os.path.join(self.state_dir, "quarantine", plural)
-        held.update(entry.split(".")[0] for entry in (os.listdir(qdir) if os.path.isdir(qdir) else ()))
+        held.update(entry.split(".")[0] for entry in (os.listdir(qdir) if _real_dir(qdir) else ()))
         return held
 
     def _read_snapshot(self, path, uid, stem):
@@ -3066,10 +3304,14 @@ def _write_all(fd, payload):
 # Handlers run in the subscriber's thread, never under a lock. The ring and
 # every queue are bounded in events AND in bytes (an event's size is its
 # JSON's): one large object written often must not multiply memory. Queues
-# and the ring share the event dicts; nothing is copied per subscriber.
+# and the ring share the event dicts; nothing is copied per subscriber. All
+# the queues of a bus also share one byte budget, so memory stays bounded
+# however many slow subscribers (SSE clients) there are: past it, the
+# subscriber holding the most bytes gets a gap, as on overflow.
 
 RING_BYTES = 64 << 20       # default byte bound of the event ring
 QUEUE_BYTES = 64 << 20      # default byte bound of each subscriber's queue
+QUEUES_BYTES = 256 << 20    # default byte budget all subscriber queues of a bus share
 _MATCH_CACHE = 256          # event types whose pattern verdict a subscriber remembers
 
 
@@ -3152,6 +3394,18 @@ class Subscription:
                 self.queued_bytes += size
             self._cond.notify()
 
+    def shed(self) -> int:
+        """Drop every queued event and mark a gap (the bus's shared budget ran out); the bytes freed."""
+        with self._cond:
+            freed = self.queued_bytes
+            if self._queue:
+                self.dropped += len(self._queue)
+                self._gap = True
+                self._queue.clear()
+                self.queued_bytes = 0
+                self._cond.notify()
+        return freed
+
     def pending(self) -> int:
         return len(self._queue)
 
@@ -3217,6 +3471,7 @@ class Tap:
     def __init__(self, bus: Bus, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
                  kind: str | None = None):
         self._bus = bus
+        self.name = f"tap {pattern}" + (f" of {kind}" if kind else "")
         self._regex = compile_pattern(pattern)
         self._kind = kind
         self._queue: collections.deque = collections.deque()    # (event, size)
@@ -3246,6 +3501,19 @@ class Tap:
                 self.queued_bytes += size
             self._cond.notify()
 
+    def shed(self) -> int:
+        """Drop every queued event and overflow (the bus's shared budget ran out); the bytes freed."""
+        with self._cond:
+            freed = self.queued_bytes
+            if self._queue:
+                self.overflowed = True
+                self.dropped += len(self._queue)
+                self.gaps += 1
+                self._queue.clear()
+                self.queued_bytes = 0
+                self._cond.notify_all()
+        return freed
+
     def get(self, timeout: float | None = None) -> dict | None:
         """The next event, or None after ``timeout`` (or once closed/overflowed and drained)."""
         with self._cond:
@@ -3273,15 +3541,21 @@ class Bus:
     ``publish(event, position, size)`` is non-blocking and thread-safe;
     positions are ``(resourceVersion, n)`` tuples and must be published in
     order. The ring keeps at most ``ring_size`` events and ``ring_bytes``
-    bytes of them, whichever bound is reached first.
+    bytes of them, whichever bound is reached first. The subscriber queues
+    together hold at most ``queues_bytes`` (an event in several queues counts
+    in each): past it, the subscriber holding the most bytes loses its queue
+    to a gap (a Subscription calls ``on_gap``, a Tap overflows), until the
+    rest fit.
     """
 
-    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES):
+    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES, queues_bytes: int = QUEUES_BYTES):
         self._lock = threading.Lock()       # guards _subs, _ring, buffered_bytes, _evicted
         self._subs: tuple[Subscription, ...] = ()
         self._ring: collections.deque = collections.deque()     # (position, event, size)
         self.ring_size = ring_size
         self.ring_bytes = ring_bytes
+        self.queues_bytes = queues_bytes
+        self.shed = 0                        # queues dropped because the shared budget ran out
         self.buffered_bytes = 0              # the sizes of the events in the ring, summed
         self._evicted = None                 # position of the newest event pushed out of the ring
         self.start_rv = 0                    # events at or before this were committed before we started
@@ -3319,9 +3593,26 @@ class Bus:
             subs = self._subs
             self.published += 1
         event_type = event["type"]
+        held = 0
         for sub in subs:
             if sub.matches(event_type):
                 sub.offer(event, size)
+            held += sub.queued_bytes
+        if held > self.queues_bytes:
+            self._shed(subs, held)
+
+    def _shed(self, subs, held: int) -> None:
+        # read without the queues' locks: consumers only ever lower the sum
+        while held > self.queues_bytes:
+            victim = max(subs, key=lambda sub: sub.queued_bytes)
+            freed = victim.shed()
+            if not freed:
+                return
+            held -= freed
+            self.shed += 1
+            bus_log.warning("subscriber %s held %d bytes of events, the most of all, when the subscribers "
+                            "together passed their budget of %d; its queue is dropped (a gap)",
+                            victim.name, freed, self.queues_bytes)
 
     def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
         """Every buffered event after ``position``; GoneError if one of them is not available.
@@ -3352,7 +3643,8 @@ class Bus:
         subs = self._subs
         return {"published": self.published, "subscribers": len(subs),
                 "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs),
-                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes}
+                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes,
+                "queuedBytes": sum(s.queued_bytes for s in subs), "shed": self.shed}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close every subscription; queued events are delivered within ``timeout``."""
@@ -4492,10 +4784,8 @@ class RestAPI:
         kind = PATCH_TYPES[media] if patch else "body"
         return read_json(raw, want_object=kind != "json"), kind
 
-    def _kind(self, plural: str, *, create: bool = False):
+    def _kind(self, plural: str):
         info = self.app._by_plural.get(plural)
-        if info is None and self.app.open and create:
-            info = self.app._open_kind(plural, None)
         if info is None:
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         return info
@@ -4565,10 +4855,11 @@ class RestAPI:
         if plural in RESERVED_PATHS:
             raise NotFoundError(f"/{plural} is reserved")
         body, _ = self._json_body()
-        info = self._kind(plural, create=False) if not self.app.open else self.app._by_plural.get(plural)
-        if info is None:
-            info = self.app._open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None, body)
-        obj = self.app._create(info, self.app._parse_body(info, body))
+        if self.app.open:
+            info, obj = self.app._create_open(plural, body)
+        else:
+            info = self._kind(plural)
+            obj = self.app._create(info, self.app._parse_body(info, body))
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
 
@@ -5064,7 +5355,8 @@ def _oa_components() -> dict:
             "Health": {"type": "object", "required": ["status", "service"], "properties": {
                 "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
                 "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
-                "quarantined": {"type": "array"}, "resourceVersion": {"type": "string"},
+                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
+                "resourceVersion": {"type": "string"},
                 "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
             "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
                 "apiVersion": {"type": "string"},
@@ -6099,7 +6391,8 @@ class Fabrica:
         self.bus = Bus(ring_size, ring_bytes)
         self.kinds: dict[str, KindInfo] = {}
         self._by_plural: dict[str, KindInfo] = {}
-        self._kind_lock = threading.Lock()          # guards open-server kind creation
+        self._kind_lock = threading.Lock()          # guards open-server kind creation and _new_kinds
+        self._new_kinds: dict[str, list] = {}       # plural -> [KindInfo, creates in flight] (not yet served)
         self._started = False
         self._host_check = False
         self._app_name = "app"                      # what serve()'s ready line calls this app
@@ -6167,27 +6460,52 @@ class Fabrica:
             self.rest.mount(plural, info.history_on)
         return info
 
-    def _open_kind(self, plural: str, kind: str | None, body: dict | None = None) -> KindInfo:
-        """The open server's kind for a plural, made at first create.
+    def _create_open(self, plural: str, body: dict) -> tuple[KindInfo, dict]:
+        """POST /<plural> on the open server: (the kind, the stored object); a new kind is made by its first object.
 
         Kinds are named by clients, so there are at most OPEN_KINDS of them,
-        and a ``body`` that could not be stored (bad name, labels...) makes none.
+        counting the new ones being created. A new kind is provisional while
+        its creates run: the store can take its objects, but the kind is
+        declared (served, listed in /apis) only once one of them is stored,
+        and forgotten if none is, so a failed create leaves no kind behind.
+        Concurrent creates of one new kind share it.
         """
+        self._require_started()
+        kind = body.get("kind") if isinstance(body.get("kind"), str) else None
         with self._kind_lock:
             info = self._by_plural.get(plural)
+            pending = None
             if info is None:
-                kind = kind or singularize(plural)
-                if not KIND_RE.fullmatch(kind) or kind in self.kinds:
-                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}",
-                                          [{"field": "kind", "message": "must be CapWords and not already served"}])
-                if len(self.kinds) >= OPEN_KINDS:
-                    raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
-                                          f"serves {len(self.kinds)} kinds, its limit",
-                                          [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
-                if body is not None:
-                    self._parse_body(KindInfo(kind, plural, kind.lower()), body)
-                info = self._declare(kind, None, {"plural": plural}, mount=False)
-            return info
+                pending = self._new_kinds.get(plural)
+                if pending is None:
+                    kind = kind or singularize(plural)
+                    if not KIND_RE.fullmatch(kind) or kind in self.kinds or \
+                            any(p[0].kind == kind for p in self._new_kinds.values()):
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}", [
+                            {"field": "kind", "message": "must be CapWords and not already served"}])
+                    if len(self.kinds) + len(self._new_kinds) >= OPEN_KINDS:
+                        making = f" and is making {len(self._new_kinds)}" if self._new_kinds else ""
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
+                                              f"serves {len(self.kinds)} kinds{making}, its limit is {OPEN_KINDS}",
+                                              [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
+                    pending = self._new_kinds[plural] = [KindInfo(kind, plural, kind.lower()), 0]
+                    self.store.add_kind(kind, plural)
+                info = pending[0]
+                pending[1] += 1         # creates of the new kind in flight
+        if pending is None:
+            return info, self._create(info, self._parse_body(info, body))
+        try:
+            return info, self._create(info, self._parse_body(info, body))
+        finally:
+            with self._kind_lock:
+                pending[1] -= 1
+                # stored, even by a create that failed afterwards (a disk that did not confirm it)
+                if plural not in self._by_plural and self.store.count(info.kind):
+                    self._declare(info.kind, None, {"plural": plural}, mount=False)
+                if not pending[1]:
+                    del self._new_kinds[plural]
+                    if plural not in self._by_plural:
+                        self.store.drop_kind(info.kind)
 
     def resolve_kind(self, name: str) -> KindInfo:
         """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
@@ -6328,9 +6646,10 @@ class Fabrica:
 
     def health(self) -> dict:
         store = self.store
-        quarantined = store.quarantined if store is not None else []
-        return {"status": "degraded" if quarantined else "healthy", "service": self.service,
-                "version": __version__, "kinds": sorted(self.kinds), "quarantined": quarantined,
+        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
+        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
+                "service": self.service, "version": __version__, "kinds": sorted(self.kinds),
+                "quarantined": found["quarantined"], "ignored": found["ignored"],
                 "resourceVersion": str(store.resource_version) if store is not None else "0",
                 "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
 
@@ -6365,6 +6684,8 @@ class Fabrica:
                [f"fabrica_event_ring_events {stats['buffered']}"])
         family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
                [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
+        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
+               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
         kinds = sorted(self.kinds)
         ctls = self._controllers
         per_kind = {
@@ -6680,9 +7001,13 @@ class Fabrica:
 
     def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
                **pre) -> dict:
-        apply = {"merge": apply_merge_patch, "shorthand": apply_shorthand_patch,
-                 # a JSON Patch alone can multiply what it is given (copy): bounded as it runs
-                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body)}.get(patch_type)
+        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
+        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
+        # document would first meet recursion in validation and history)
+        apply = {"merge": apply_merge_patch,
+                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
+                 }.get(patch_type)
         if apply is None:
             raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
         part = "status" if status else "spec"

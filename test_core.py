@@ -12,6 +12,7 @@ Stdlib + pytest + hypothesis only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import http.client
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1878,3 +1880,434 @@ class TestLeftoversAreTidied:
             for name in ("a", "b"):
                 app.client.delete("Rack", name)
             assert list(history_dir(data).iterdir()) == []
+
+
+###############################################################################
+# Issue 11, adversarial review: what a write stores, start-up loads; the data
+# dir's odd corners neither stop a start nor lose data; bounded bus memory
+###############################################################################
+
+def _nest(levels: int, leaf=1):
+    """``levels`` objects nested in one another around ``leaf``: {"a": {"a": ... leaf}}."""
+    value = leaf
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+class TestWhatAWriteStoresStartUpLoads:
+    """Issue 11 review, F1: no write is acknowledged whose object start-up would refuse.
+
+    SPEC §3.0: what a GET serves, a restart serves.
+    """
+
+    def test_every_write_path(self, tmp_path):
+        data = tmp_path / "data"
+        shorthand = "application/shorthand-patch+json"
+        json_patch = "application/json-patch+json"
+        served = {}
+        with history_app(data) as app:
+            # bodies 64 levels deep, stored one level down: accepted, and loaded again below
+            accepted = [("POST", "/racks", {"name": "flat", **_nest(63)}, None),
+                        ("POST", "/racks", {"name": "st"}, None),
+                        ("PUT", "/racks/st/status", _nest(64), None),
+                        ("POST", "/racks", {"name": "merge"}, None),
+                        ("PATCH", "/racks/merge", _nest(63), None),
+                        ("PATCH", "/racks/merge/status", _nest(64), None),
+                        ("POST", "/racks", {"name": "sh"}, None),
+                        ("POST", "/racks", {"name": "jp"}, None)]
+            for method, path, body, ctype in accepted:
+                status, _, got = call(app, method, path, body, ctype=ctype or "application/json")
+                assert status in (200, 201), (path, got)
+            # deeper than any body: refused with the limit named, before anything is stored
+            refused = [("/racks/sh", {".".join(["a"] * 200): 1}, shorthand),
+                       ("/racks/sh", {".".join(["a"] * 64): {"b": 1}}, shorthand),
+                       ("/racks/jp", [{"op": "add", "path": "/x", "value": _nest(60)},
+                                      {"op": "add", "path": "/x" + "/a" * 60, "value": _nest(60)}], json_patch),
+                       ("/racks/jp", [{"op": "add", "path": "/x", "value": _nest(60)},
+                                      {"op": "copy", "from": "/x", "path": "/x" + "/a" * 59}], json_patch)]
+            for path, body, ctype in refused:
+                status, _, err = call(app, "PATCH", path, body, ctype=ctype)
+                assert_error(status, err, 422)
+                assert "64" in err["error"], err
+            with pytest.raises(fabrica.ValidationError, match="limit is 64 levels"):   # no body reader here
+                app.client.create("Rack", name="client", spec=_nest(70))
+            assert call(app, "GET", "/racks/client")[0] == 404
+            for name in ("flat", "st", "merge", "sh", "jp"):
+                served[name] = call(app, "GET", f"/racks/{name}")[2]
+            assert app.client.versions("Rack", "merge")[-1]["spec"] == _nest(63)
+        with history_app(data) as app:
+            assert app.store.quarantined == []
+            for name, obj in served.items():
+                assert call(app, "GET", f"/racks/{name}")[2] == obj, name
+            assert call(app, "GET", "/health")[2]["status"] == "healthy"
+
+    def test_a_file_stored_deeper_by_an_older_version_still_loads(self, tmp_path):
+        data = tmp_path / "data"
+        with history_app(data, history=False) as app:
+            rack = app.client.create("Rack", name="old")
+        path = data / "racks" / f"{rack.uid}.json"
+        doc = json.loads(path.read_text())
+        doc["spec"] = _nest(100)          # what the shorthand or JSON Patch could store before
+        path.write_text(json.dumps(doc))
+        with history_app(data, history=False) as app:
+            assert app.store.quarantined == []
+            assert app.client.get("Rack", "old").spec == _nest(100)
+            # a write that does not nest it deeper is never refused; one that does is
+            status, _, got = call(app, "PUT", "/racks/old/status", {"phase": "seen"})
+            assert status == 200, got
+            status, _, err = call(app, "PATCH", "/racks/old", [{"op": "add", "path": "/a" * 100, "value": {}}],
+                                  ctype="application/json-patch+json")
+            assert_error(status, err, 422)
+            served = call(app, "GET", "/racks/old")[2]
+        with history_app(data, history=False) as app:
+            assert call(app, "GET", "/racks/old")[2] == served
+
+    def test_depth_counts_containers_whatever_else_the_body_holds(self, app):
+        inner = b"[" * 63 + b"1" + b"]" * 63
+        status, _, got = call(app, "POST", "/racks", b'{"name": "d64", "a": ' + inner + b', "b": {}}')
+        assert status == 201, got
+        status, _, err = call(app, "POST", "/racks", b'{"name": "d65", "a": [' + inner + b'], "b": {}}')
+        assert_error(status, err, 400)
+
+
+def _open_app(data_dir) -> fabrica.Fabrica:
+    return fabrica.Fabrica(data_dir=str(data_dir), open=True)
+
+
+def _tree(root) -> dict:
+    """Every file under ``root`` and its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+class TestOpenServerFoldersThatAreNotItsKinds:
+    """Issue 11 review, F3: what else sits in the data dir neither stops an open server's start
+    nor quarantines its data."""
+
+    @pytest.fixture
+    def seeded(self, tmp_path):
+        data = tmp_path / "data"
+        with _open_app(data) as app:
+            assert call(app, "POST", "/widgets", {"name": "w1", "a": 1})[0] == 201
+        return data
+
+    @pytest.mark.parametrize("folder", ["old-widgets", "health", "My_Things"])
+    def test_a_folder_that_is_no_plural_is_ignored(self, seeded, folder):
+        (seeded / "widgets").rename(seeded / folder)
+        before = _tree(seeded / folder)
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded" and health["quarantined"] == [], health
+            assert [i["path"] for i in health["ignored"]] == [f"{folder}/"], health
+            assert "*" in app.store.unsure       # an owner may sit in it: nothing is collected behind it
+        assert _tree(seeded / folder) == before
+
+    def test_a_copy_of_a_kind_folder_is_ignored(self, seeded):
+        shutil.copytree(seeded / "widgets", seeded / "backup")     # sorts before widgets/
+        before = _tree(seeded / "backup")
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/widgets/w1")[2]["spec"] == {"a": 1}
+            assert call(app, "PUT", "/widgets/w1", {"a": 2})[0] == 200
+            health = call(app, "GET", "/health")[2]
+            assert health["quarantined"] == [] and [i["path"] for i in health["ignored"]] == ["backup/"], health
+            assert "another folder of kind Widget, whose folder is widgets/" in health["ignored"][0]["reason"]
+        assert _tree(seeded / "backup") == before
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/widgets/w1")[2]["spec"] == {"a": 2}
+
+    def test_one_other_folder_is_adopted_two_are_not(self, seeded):
+        (seeded / "widgets").rename(seeded / "things")
+        with _open_app(seeded) as app:
+            assert call(app, "GET", "/things/w1")[2]["spec"] == {"a": 1}
+            assert call(app, "GET", "/health")[2]["status"] == "healthy"
+        shutil.copytree(seeded / "things", seeded / "gadgets")
+        before = _tree(seeded)
+        with _open_app(seeded) as app:      # which of the two is the right one cannot be told
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            health = call(app, "GET", "/health")[2]
+            assert health["quarantined"] == [], health
+            assert sorted(i["path"] for i in health["ignored"]) == ["gadgets/", "things/"], health
+            assert "rename the right one to widgets/" in health["ignored"][0]["reason"]
+        after = _tree(seeded)
+        assert {k: v for k, v in after.items() if not k.startswith(".fabrica/")} == \
+            {k: v for k, v in before.items() if not k.startswith(".fabrica/")}
+
+
+def _start_within(app, timeout: float = 10.0, unblock=()):
+    """Start ``app`` in a thread; fail if that takes longer than ``timeout`` (a FIFO in ``unblock`` is then
+    opened for writing, so the stuck open returns and the test leaves no thread behind)."""
+    errors = []
+
+    def start():
+        try:
+            app.start()
+        except BaseException as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in unblock:
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout)
+        app.stop()
+        pytest.fail(f"start-up blocked for {timeout}s")
+    if errors:
+        raise errors[0]
+
+
+class TestStartUpNeverBlocksOnOrFollowsAFile:
+    """Issue 11 review, F7: every file start-up reads is a regular file, opened without following
+    a link or blocking."""
+
+    @pytest.mark.parametrize("where", ["object", "snapshot", "reservation", "object-dir"])
+    def test_what_is_not_a_regular_file_is_quarantined(self, tmp_path, where):
+        data = tmp_path / "data"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+            app.client.patch("Rack", "r", {"v": 2})
+        target = {"object": data / "racks" / "rack-0badf1f0.json",
+                  "snapshot": history_dir(data, rack.uid) / "2.json",
+                  "reservation": data / ".fabrica" / "resource-version",
+                  "object-dir": data / "racks" / "rack-0badf1f1.json"}[where]
+        if target.exists():
+            target.unlink()
+        if where == "object-dir":
+            target.mkdir()
+        else:
+            os.mkfifo(target)
+        app = history_app(data)
+        _start_within(app, unblock=[target])
+        try:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded", health
+            [item] = health["quarantined"]
+            assert item["path"] == target.relative_to(data).as_posix(), health
+            assert ("a directory" if where == "object-dir" else "a FIFO") in item["reason"], item
+            if where == "reservation":      # a new one took its place
+                assert os.path.isfile(target) and not os.path.islink(target)
+            else:
+                assert not os.path.lexists(target)
+            assert app.client.get("Rack", "r").spec == {"v": 2}
+            assert app.client.patch("Rack", "r", {"v": 3}).spec == {"v": 3}
+        finally:
+            app.stop()
+        with history_app(data) as app:
+            assert app.client.get("Rack", "r").spec == {"v": 3}
+
+    def test_links_are_neither_read_nor_written_through(self, tmp_path):
+        data, outside = tmp_path / "data", tmp_path / "outside"
+        with history_app(data) as app:
+            rack = app.client.create("Rack", name="r", spec={"v": 1})
+        outside.mkdir()
+        (outside / "reservation").write_bytes(b"5000\n")
+        shutil.copytree(data / "racks", outside / "racks")
+        shutil.copytree(history_dir(data), outside / "history")
+        (data / ".fabrica" / "resource-version").unlink()
+        (data / ".fabrica" / "resource-version").symlink_to(outside / "reservation")
+        shutil.rmtree(history_dir(data))
+        history_dir(data).symlink_to(outside / "history")
+        before = _tree(outside)
+        with history_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            moved = sorted(item["path"] for item in health["quarantined"])
+            assert moved == [".fabrica/history/racks", ".fabrica/resource-version"], health
+            assert app.client.patch("Rack", "r", {"v": 2}).resource_version < "5000"
+            assert history_dir(data).is_dir() and not history_dir(data).is_symlink()
+        assert _tree(outside) == before
+        # a kind folder that is a link: not loaded, so not written either (a restart would not serve it)
+        shutil.rmtree(data / "racks")
+        (data / "racks").symlink_to(outside / "racks")
+        with history_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert [item["path"] for item in health["ignored"]] == ["racks/"], health
+            status, _, err = call(app, "POST", "/racks", {"name": "new"})
+            assert_error(status, err, 500)
+            assert "symbolic link" in err["error"], err
+        assert _tree(outside) == before
+
+
+def _reservation_slots(data) -> list[int]:
+    raw = (Path(data) / ".fabrica" / "resource-version").read_bytes()
+    return [fabrica._rv_slot_value(raw[i * fabrica._RV_SLOT:(i + 1) * fabrica._RV_SLOT]) for i in (0, 1)]
+
+
+class TestResourceVersionsFitTheReservation:
+    """Issue 11 review: a resourceVersion past 2^63-1 (a hand edit) fails its check instead of
+    breaking the reservation file."""
+
+    @pytest.mark.parametrize("rv", ["9" * 20, "9223372036854775808", "1" * 5000],
+                             ids=["20-digits", "2^63", "5000-digits"])
+    def test_an_object_past_int64_is_quarantined(self, tmp_path, rv):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            rack = app.client.create("Rack", name="r")
+            app.client.create("Rack", name="s")
+        path = data / "racks" / f"{rack.uid}.json"
+        path.write_text(path.read_text().replace('"resourceVersion": "1"', f'"resourceVersion": "{rv}"'))
+        with make_app(data) as app:
+            assert [q["path"] for q in app.store.quarantined] == [f"racks/{rack.uid}.json"]
+            assert "2^63-1" in app.store.quarantined[0]["reason"]
+            assert int(app.client.create("Rack", name="t").resource_version) < 10 ** 6
+        assert min(_reservation_slots(data)) >= 0
+        with make_app(data) as app:
+            assert app.client.get("Rack", "t").name == "t"
+
+    def test_a_reservation_past_int64_is_not_used(self, tmp_path):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            app.client.create("Rack", name="r")
+        (data / ".fabrica" / "resource-version").write_bytes(b"123456789012345678901\n")     # the legacy form
+        with make_app(data) as app:
+            assert int(app.client.create("Rack", name="s").resource_version) < 10 ** 6
+        assert min(_reservation_slots(data)) >= 0
+
+
+class TestHealthListsTheWholeQuarantine:
+    """Issue 11 review: /health lists every file in the quarantine, from any start-up, and stays
+    degraded while one is there."""
+
+    def test_an_earlier_start_ups_quarantine(self, tmp_path, caplog):
+        data = tmp_path / "data"
+        with make_app(data) as app:
+            rack = app.client.create("Rack", name="r")
+        (data / "racks" / f"{rack.uid}.json").write_text("{torn")
+        with make_app(data) as app:
+            first = call(app, "GET", "/health")[2]
+        assert first["status"] == "degraded" and len(first["quarantined"]) == 1, first
+        moved = first["quarantined"][0]["quarantinedTo"]
+        caplog.clear()
+        with make_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "degraded", health
+            assert [(q["path"], q["quarantinedTo"]) for q in health["quarantined"]] == [(moved, moved)], health
+            assert "Rack" in app.store.unsure       # what holds garbage collection back is what /health shows
+        assert "1 file(s) quarantined by earlier start-ups are still in" in caplog.text
+        (data / moved).unlink()
+        with make_app(data) as app:
+            health = call(app, "GET", "/health")[2]
+            assert health["status"] == "healthy" and health["quarantined"] == [], health
+
+
+class TestFailedCreatesMakeNoKind:
+    """Issue 11 review, F4: on the open server a kind exists only once an object of it is stored
+    (so /apis agrees with a restart)."""
+
+    def test_creates_that_fail_late_leave_no_kind(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(fabrica, "OPEN_KINDS", 4)
+        data = tmp_path / "data"
+        orphan = {"metadata": {"ownerReferences": [{"kind": "Foo", "uid": "foo-12345678"}]}, "spec": {}}
+        with fabrica.Fabrica(data_dir=str(data), open=True, max_body=2000) as app:
+            failing = [(f"/ghost{i}s", orphan, 409) for i in range(10)]     # the owner does not exist
+            failing += [(f"/big{i}s", {"pad": "x" * 1900}, 413) for i in range(10)]    # the object outgrows the body
+            for path, body, code in failing:
+                status, _, err = call(app, "POST", path, body)
+                assert_error(status, err, code)
+            full = _Fault(monkeypatch, "fsync", errno.ENOSPC, 1, persistent=True)
+            status, _, err = call(app, "POST", "/fulls", {"name": "f"})
+            assert_error(status, err, 507)
+            full.remove()
+            assert call(app, "GET", "/apis")[2]["kinds"] == []
+            assert app.store._plurals == {}     # nothing of them is kept
+            assert call(app, "POST", "/widgets", {"name": "w1"})[0] == 201
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+        with fabrica.Fabrica(data_dir=str(data), open=True) as app:
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+
+    def test_a_failed_create_beside_one_in_flight(self, tmp_path, monkeypatch):
+        with _open_app(tmp_path / "data") as app:
+            store, real = app.store, app.store.create
+            inside, release = threading.Event(), threading.Event()
+
+            def held(obj, *args, **kwargs):
+                if obj["metadata"]["name"] == "slow":
+                    inside.set()
+                    assert release.wait(10)
+                return real(obj, *args, **kwargs)
+            monkeypatch.setattr(store, "create", held)
+            answers = []
+            thread = threading.Thread(target=lambda: answers.append(call(app, "POST", "/widgets", {"name": "slow"})))
+            thread.start()
+            try:
+                assert inside.wait(10)
+                orphan = {"metadata": {"name": "o", "ownerReferences": [{"kind": "Foo", "uid": "foo-12345678"}]}}
+                assert call(app, "POST", "/widgets", orphan)[0] == 409
+                assert call(app, "GET", "/apis")[2]["kinds"] == []      # nothing stored yet
+            finally:
+                release.set()
+                thread.join(10)
+            assert answers[0][0] == 201, answers
+            assert [k["kind"] for k in call(app, "GET", "/apis")[2]["kinds"]] == ["Widget"]
+            assert call(app, "GET", "/widgets/slow")[0] == 200
+            assert call(app, "POST", "/widgets", {"name": "next"})[0] == 201
+
+
+def _event(n: int, kind: str = "Rack") -> dict:
+    return {"type": f"io.fabrica.{kind.lower()}.updated", "resourcekind": kind, "sequence": str(n), "n": n}
+
+
+class TestSubscriberQueuesShareOneBudget:
+    """Issue 11 review, F6: however many slow subscribers there are, their queues together hold
+    at most the bus's budget."""
+
+    def test_the_biggest_holder_gets_the_gap(self):
+        bus = fabrica.Bus()
+        bus.queues_bytes = 10_000
+        early = bus.tap("**")
+        for n in range(4):
+            bus.publish(_event(n), (n + 1, 0), 1000)
+        late = bus.tap("**")
+        held = []
+        for n in range(4, 10):
+            bus.publish(_event(n), (n + 1, 0), 1000)
+            held.append(early.queued_bytes + late.queued_bytes)
+        assert max(held) <= 10_000, held
+        # the early tap held the most: it lost its queue and overflowed (GET /events ends its stream)
+        assert early.overflowed and early.get(0) is None and early.queued_bytes == 0
+        assert not late.overflowed and [late.get(0)["n"] for _ in range(6)] == [4, 5, 6, 7, 8, 9]
+        stats = bus.stats()
+        assert stats["gaps"] == 1 and stats["shed"] == 1 and stats["queuedBytes"] == 0
+
+    def test_a_subscription_is_resynced_and_keeps_receiving(self):
+        bus = fabrica.Bus()
+        bus.queues_bytes = 5_000
+        first, release, gaps, seen = threading.Event(), threading.Event(), [], []
+
+        def handler(event):
+            seen.append(event["n"])
+            first.set()
+            assert release.wait(10)
+        sub = bus.subscribe("**", handler, on_gap=lambda: gaps.append(len(seen)), name="slow")
+        watcher = bus.tap("**")         # a reader that keeps up
+        try:
+            bus.publish(_event(0), (1, 0), 1000)
+            assert first.wait(10)       # the handler holds event 0; the next ones queue
+            assert watcher.get(0)["n"] == 0
+            for n in range(1, 9):
+                bus.publish(_event(n), (n + 1, 0), 1000)
+                assert watcher.get(0)["n"] == n
+                assert sub.queued_bytes + watcher.queued_bytes <= 5_000
+            release.set()
+            bus.publish(_event(9), (10, 0), 1000)
+            assert wait_until(lambda: 9 in seen)
+            assert gaps == [1] and sub.dropped >= 1 and not watcher.overflowed
+        finally:
+            release.set()
+            sub.close(5)
+            watcher.close()
+
+    def test_an_apps_event_streams_and_controllers_share_it(self, tmp_path):
+        app = make_app(tmp_path / "data")
+        app.register("Shelf", reconcile=lambda ctx, obj: None)
+        with app:
+            app.bus.queues_bytes = 200_000
+            streams = [app.bus.tap("**") for _ in range(8)]        # GET /events clients that never read
+            for n in range(40):
+                app.client.create("Rack", name=f"r{n}", spec={"pad": "x" * 20_000})
+                assert sum(tap.queued_bytes for tap in streams) <= 200_000
+            assert sum(t.overflowed for t in streams) >= 4
+            assert re.search(r"^fabrica_event_queue_bytes \d+$", app.metrics_text(), re.M)
+            for tap in streams:
+                tap.close()
