@@ -178,6 +178,20 @@ def _utc_seconds() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})", re.ASCII)
+
+
+def _is_time(value) -> bool:
+    """Whether ``value`` is an RFC 3339 date-time string (section 5.6) that names a real instant."""
+    if not isinstance(value, str) or not _TIME_RE.fullmatch(value):
+        return False
+    try:        # the fraction is dropped: its digits are already checked, and 3.10 takes at most six
+        parse_time(value[:19] + ("Z" if value.endswith("Z") else value[-6:]))
+    except ValueError:
+        return False
+    return True
+
+
 def parse_time(text: str) -> float:
     """Seconds since the epoch for an RFC 3339 UTC time such as utcnow() writes."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -612,10 +626,11 @@ def _metadata_problem(meta: dict) -> str | None:
         if not _is_string_map(meta.get(key, {})):
             return f"metadata.{key} is not an object of strings"
     for key in ("createdAt", "updatedAt"):
-        if not isinstance(meta.get(key, ""), str):
-            return f"metadata.{key} is not a string"
-    if meta.get("deletionTimestamp") is not None and not isinstance(meta["deletionTimestamp"], str):
-        return "metadata.deletionTimestamp is neither null nor a string"
+        if key in meta and not _is_time(meta[key]):
+            return f"metadata.{key} is not an RFC 3339 time"
+    if meta.get("deletionTimestamp") is not None and not _is_time(meta["deletionTimestamp"]):
+        # a garbled one would otherwise start a deletion (and its cascade) at the next start-up
+        return "metadata.deletionTimestamp is neither null nor an RFC 3339 time"
     finalizers = meta.get("finalizers", [])
     if not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers):
         return "metadata.finalizers is not a list of strings"
@@ -3239,7 +3254,7 @@ class FileStore(Store):
                 problem = "uid does not match its folder"
             elif not isinstance(snap.get("spec"), dict):
                 problem = "spec is not an object"
-            elif not valid_name(snap.get("name", "x")) or not isinstance(snap.get("createdAt", ""), str):
+            elif not valid_name(snap.get("name", "x")) or ("createdAt" in snap and not _is_time(snap["createdAt"])):
                 problem = "name or createdAt is invalid"
             elif not _is_string_map(snap.get("labels", {})) or not _is_string_map(snap.get("annotations", {})):
                 problem = "labels or annotations is not an object of strings"

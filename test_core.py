@@ -1791,6 +1791,10 @@ class TestMistypedMetadataIsQuarantined:
         "generation-string": lambda o: o["metadata"].update(generation="2"),
         "created-at-int": lambda o: o["metadata"].update(createdAt=5),
         "deletion-timestamp-int": lambda o: o["metadata"].update(deletionTimestamp=5),
+        # a garbled deletionTimestamp would start a deletion (and its cascade) at start-up
+        "deletion-timestamp-garbage": lambda o: o["metadata"].update(deletionTimestamp="garbage"),
+        "created-at-garbage": lambda o: o["metadata"].update(createdAt="yesterday"),
+        "updated-at-not-a-date": lambda o: o["metadata"].update(updatedAt="2026-02-30T00:00:00Z"),
         "conditions-int": lambda o: o["status"].update(conditions=5),
         "condition-type-list": lambda o: o["status"].update(conditions=[{"type": ["Ready"], "status": "True"}]),
     }
