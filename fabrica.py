@@ -3058,13 +3058,22 @@ class FileStore(Store):
                     _fsync_dir(self.data_dir)
             self._dirs_made.add(directory)
 
-    def _atomic_write(self, directory, path, payload: bytes):
+    def _replace_file(self, directory, path, payload: bytes, *, strict: bool = True):
+        """Write ``payload`` to a unique temp file in ``directory``, fsync it, rename it to ``path``.
+
+        With ``strict=False`` a failed fsync is ignored (an undo on a failing
+        disk: the file must show the right content, durable or not).
+        """
         fd, tmp = _mkstemp(directory)
         try:
             try:
                 _write_all(fd, payload)
                 if self.durable:
-                    os.fsync(fd)
+                    try:
+                        os.fsync(fd)
+                    except OSError:
+                        if strict:
+                            raise
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -3072,6 +3081,9 @@ class FileStore(Store):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def _atomic_write(self, directory, path, payload: bytes):
+        self._replace_file(directory, path, payload)
         if self.durable:
             try:
                 self._dirsync.sync(directory)
@@ -3119,20 +3131,7 @@ class FileStore(Store):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             else:
-                fd, tmp = _mkstemp(directory)
-                try:
-                    try:
-                        _write_all(fd, _file_bytes(old))
-                        if self.durable:
-                            with contextlib.suppress(OSError):
-                                os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                self._replace_file(directory, path, _file_bytes(old), strict=False)
         except OSError:
             store_log.exception("could not put back the previous state of %s after a failed write", path)
             return False
