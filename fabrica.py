@@ -398,11 +398,13 @@ class StoreLockedError(ConfigurationError):
 
 
 class PermanentError(Exception):
-    """Raised by reconcile: recorded in conditions, not retried until the object changes."""
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
+    until the object changes."""
 
 
 class TemporaryError(Exception):
-    """Raised by reconcile: recorded in conditions, retried after exactly ``delay`` seconds."""
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
+    exactly ``delay`` seconds."""
 
     def __init__(self, message: str = "", delay: float = 60.0):
         super().__init__(message)
@@ -3751,16 +3753,26 @@ class _Run:
         self.recorded = threading.Event()
 
 
+# The reasons of the Ready=False conditions fabrica records for a failed run, one per retry policy, so
+# status tells whether (and when) a retry comes; the message ends with that fact too.
+_RETRIED_WITH_BACKOFF = "ReconcileError"            # any other exception: retried with backoff
+_NOT_RETRIED = "ReconcilePermanentError"            # PermanentError: not retried until the object changes
+_RETRIED_AFTER_DELAY = "ReconcileTemporaryError"    # TemporaryError: retried after exactly its delay
+_FAILURE_REASONS = frozenset((_RETRIED_WITH_BACKOFF, _NOT_RETRIED, _RETRIED_AFTER_DELAY))
+
+
 def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
     """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
 
-    Ready=False/ReconcileError becomes Ready=True/ReconcileSuccess unless the
-    function set Ready itself. Stalled/ReconcileTimeout is removed, as Flux
-    and kstatus do (an absent Stalled means not stalled), unless this very
-    run (``stalled``) overran its timeout; a conditions list left empty goes too.
+    Ready=False with one of fabrica's failure reasons (ReconcileError,
+    ReconcilePermanentError, ReconcileTemporaryError) becomes
+    Ready=True/ReconcileSuccess unless the function set Ready itself.
+    Stalled/ReconcileTimeout is removed, as Flux and kstatus do (an absent
+    Stalled means not stalled), unless this very run (``stalled``) overran its
+    timeout; a conditions list left empty goes too.
     """
     ready = obj.condition("Ready")
-    if ready is not None and ready.get("reason") == "ReconcileError":
+    if ready is not None and ready.get("reason") in _FAILURE_REASONS:
         obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
     stall = obj.condition("Stalled")
     if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
@@ -3773,6 +3785,11 @@ def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= _ERROR_MESSAGE_MAX else text[:_ERROR_MESSAGE_MAX - 1] + "…"
+
+
+def _seconds_text(seconds: float) -> str:
+    """A delay for a condition message: ``0.005s``, ``5.12s``, ``3600s``."""
+    return f"{seconds:.0f}s" if seconds >= 100 else f"{seconds:.3g}s"
 
 
 class Controller:
@@ -4016,16 +4033,17 @@ class Controller:
                 run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
         if outcome != "ok":
             self.errors += 1
-            self._record_failure(key, stored, error)
             if outcome == "permanent":
                 self.queue.forget(key)
+                self._record_failure(key, error, _NOT_RETRIED, "not retried until the object changes")
             elif outcome == "temporary":
                 self.queue.forget(key)
+                self._record_failure(key, error, _RETRIED_AFTER_DELAY, f"retrying in {_seconds_text(error.delay)}")
                 self.queue.add_after(key, error.delay, "TemporaryError")
             else:
                 self.retries += 1
                 attempt = self.queue.num_requeues(key) + 1
-                delay = self.queue.add_rate_limited(key, "retry after error")
+                delay = self._retry_with_backoff(key, error, "retry after error")
                 if attempt > 1:
                     ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
                                   getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
@@ -4038,8 +4056,7 @@ class Controller:
         except ValidationError as exc:
             self.errors += 1
             self.retries += 1
-            self._record_failure(key, stored, exc)
-            self.queue.add_rate_limited(key, "invalid status")
+            self._retry_with_backoff(key, exc, "invalid status")
             return
         if wrote is False:
             return      # conflict: re-queued rate limited (or already pending)
@@ -4085,9 +4102,16 @@ class Controller:
                 self.queue.add_rate_limited(key, "status conflict")
             return False
 
-    def _record_failure(self, key, stored, error) -> None:
-        message = _error_text(error)
-        self._write_condition(key, "Ready", "False", "ReconcileError", message)
+    def _retry_with_backoff(self, key, error, why: str) -> float:
+        """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
+        delay = self.queue.when(key)
+        self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
+        self.queue.add_after(key, delay, why)
+        return delay
+
+    def _record_failure(self, key, error, reason: str, retry: str) -> None:
+        """Ready=False with ``reason``; the message is the exception text, then what happens next."""
+        self._write_condition(key, "Ready", "False", reason, f"{_error_text(error)}; {retry}")
 
     def _write_condition(self, key, type, status, reason, message) -> None:
         def change(new):
@@ -8130,8 +8154,8 @@ _INIT_KIND = '''
 def reconcile_{snake}(ctx, obj):
     """Make the world match obj.spec; what is left in obj.status is written back (a status-only write).
 
-    Raise an exception to retry with backoff, fabrica.TemporaryError(seconds) to retry after a delay,
-    fabrica.PermanentError to wait for the next change. ctx.client reads and writes other objects.
+    Raise an exception to retry with backoff, fabrica.TemporaryError(message, delay=seconds) to retry after
+    a delay, fabrica.PermanentError to wait for the next change. ctx.client reads and writes other objects.
     """
     obj.status["phase"] = "Ready"
     obj.set_condition("Ready", True, reason="Reconciled", message="spec has %d field(s)" % len(obj.spec))

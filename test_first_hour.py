@@ -568,3 +568,77 @@ class TestWiringMistakes:
         app.register("VM", owns=["Disk"])
         with pytest.raises(fabrica.ConfigurationError, match="has none"):
             app.start()
+
+
+###############################################################################
+# Issue 14, the rest: status, discovery, metrics, the clients, the table ######
+###############################################################################
+
+def import_fabrica():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import fabrica
+    finally:
+        sys.path.remove(str(ROOT))
+    return fabrica
+
+
+class TestFailureReasons:
+    """Ready=False tells by its reason and message whether a retry comes, and when (SPEC §5.3)."""
+
+    @staticmethod
+    def app(tmp_path):
+        fabrica = import_fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        @app.register("Widget")
+        def reconcile(ctx, obj):
+            mode = obj.spec.get("mode")
+            if mode == "permanent":
+                raise fabrica.PermanentError("spec.size must be even")
+            if mode == "temporary":
+                raise fabrica.TemporaryError("controller busy", delay=3600)
+            if mode == "error":
+                raise ValueError("disk 'd1' is missing")
+            obj.status["phase"] = "Done"
+        return app
+
+    @pytest.mark.parametrize("mode, reason, message", [
+        ("permanent", "ReconcilePermanentError", r"spec\.size must be even; not retried until the object changes"),
+        ("temporary", "ReconcileTemporaryError", r"controller busy; retrying in 3600s"),
+        ("error", "ReconcileError", r"disk 'd1' is missing; retrying in [0-9.]+s"),
+    ])
+    def test_each_failure_has_its_reason_and_says_what_comes_next(self, tmp_path, mode, reason, message):
+        app = self.app(tmp_path)
+        with app:
+            c = app.client
+            c.create("Widget", name="w1", spec={"mode": mode})
+            ready = wait_for(lambda: c.get("Widget", "w1").condition("Ready"))
+            assert (ready["status"], ready["reason"]) == ("False", reason)
+            assert re.fullmatch(message, ready["message"]), ready["message"]
+
+    @pytest.mark.parametrize("mode", ["permanent", "temporary", "error"])
+    def test_the_first_successful_run_clears_each_of_them(self, tmp_path, mode):
+        app = self.app(tmp_path)
+        with app:
+            c = app.client
+            c.create("Widget", name="w1", spec={"mode": mode})
+            wait_for(lambda: c.get("Widget", "w1").condition("Ready"))
+            c.patch("Widget", "w1", {"mode": "ok"})
+            wait_for(lambda: c.get("Widget", "w1").status.get("phase") == "Done")
+            ready = c.get("Widget", "w1").condition("Ready")
+            assert (ready["status"], ready["reason"]) == ("True", "ReconcileSuccess")
+
+    def test_a_finalizer_that_fails_for_good_says_so(self, tmp_path):
+        fabrica = import_fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        def refuse(ctx, obj):
+            raise fabrica.PermanentError("cannot release")
+        app.register("Lease", finalize=refuse)
+        with app:
+            app.client.create("Lease", name="l1")
+            app.client.delete("Lease", "l1")
+            ready = wait_for(lambda: app.client.get("Lease", "l1").condition("Ready"))
+            assert ready["reason"] == "ReconcilePermanentError"
+            assert ready["message"] == "cannot release; not retried until the object changes"
