@@ -123,6 +123,7 @@ UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
 PREFIX_RE = re.compile(r"[a-z0-9]+")
 KIND_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
 PLURAL_RE = re.compile(r"[a-z][a-z0-9]{0,62}")
+ROOT_ROUTE = "fabrica.root"      # the name of fabrica's own GET / route (an app may add its own page)
 RESERVED_PATHS = {"health", "apis", "events", "openapi.json", "docs", "metrics"}
 _UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data", "metadata"}
 _IRREGULAR = {"child": "children", "person": "people", "man": "men", "woman": "women", "mouse": "mice",
@@ -4387,6 +4388,7 @@ class RestAPI:
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
         self._bodies_bytes = 0                  # the cached JSON's bytes, summed
         self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
@@ -4440,7 +4442,8 @@ class RestAPI:
         if cors and environ.get("HTTP_ORIGIN") == cors:
             res = bottle.response
             res.set_header("Access-Control-Allow-Origin", cors)
-            res.set_header("Vary", "Origin")
+            vary = res.get_header("Vary")       # GET / varies by Accept too
+            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
             res.set_header("Access-Control-Expose-Headers",
                            "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
 
@@ -4720,6 +4723,15 @@ class RestAPI:
 
     def apis(self):
         return self._send(self.app.discovery(), etag=False)
+
+    def root(self):
+        """Until the dashboard (SPEC §11) exists: a browser goes to /docs, a JSON client gets discovery."""
+        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
+            # relative to the mount point, so an app mounted under a prefix sends the browser to its own /docs
+            location = bottle.request.script_name + "docs"
+            return bottle.HTTPResponse(b"", 302, {"Location": location, "Vary": "Accept"})
+        bottle.response.set_header("Vary", "Accept")
+        return self.apis()
 
     def openapi(self):
         return self._send(openapi_document(self.app), etag=False)
@@ -5203,9 +5215,16 @@ def openapi_document(app) -> dict:
         "/metrics": system("getMetrics", "Prometheus text format",
                            {"200": _oa_ok("Metrics", text, media="text/plain")}),
     })
-    if any(r.rule == "/" and r.method == "GET" for r in app.wsgi.routes):
+    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
+    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
         paths["/"] = system("getDashboard", "A small HTML dashboard",
                             {"200": _oa_ok("HTML", text, media="text/html")})
+    elif roots:
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) is redirected to /docs",
+                      {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["302"] = {"description": "Accept names text/html: to /docs",
+                                           "headers": {"Location": {"schema": {"type": "string"}}}}
+        paths["/"] = root
     tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
     doc = {
         "openapi": "3.1.0",

@@ -583,6 +583,25 @@ def import_fabrica():
     return fabrica
 
 
+def wsgi(app, path, headers=None, method="GET"):
+    """One in-process request to ``app.wsgi``: (status, headers, body bytes); ``path`` may carry a query."""
+    import io
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "80", "HTTP_HOST": "127.0.0.1", "wsgi.input": io.BytesIO(b""), "CONTENT_LENGTH": "0",
+               "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1"}
+    for key, value in (headers or {}).items():
+        environ["HTTP_" + key.upper().replace("-", "_")] = value
+    got = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        got["status"], got["headers"] = int(status.split()[0]), dict(response_headers)
+    chunks = app.wsgi(environ, start_response)
+    body = b"".join(chunks)
+    getattr(chunks, "close", lambda: None)()
+    return got["status"], got["headers"], body
+
+
 class TestFailureReasons:
     """Ready=False tells by its reason and message whether a retry comes, and when (SPEC §5.3)."""
 
@@ -642,3 +661,33 @@ class TestFailureReasons:
             ready = wait_for(lambda: app.client.get("Lease", "l1").condition("Ready"))
             assert ready["reason"] == "ReconcilePermanentError"
             assert ready["message"] == "cannot release; not retried until the object changes"
+
+
+class TestRoot:
+    """GET / before the dashboard: a browser goes to /docs, a JSON client gets discovery (SPEC §6.1, §11)."""
+
+    BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Widget")
+        return app
+
+    def test_a_browser_is_sent_to_the_docs(self, app):
+        status, headers, _ = wsgi(app, "/", {"Accept": self.BROWSER})
+        assert (status, headers["Location"]) == (302, "/docs")
+        assert "Accept" in headers["Vary"]
+        status, headers, _ = wsgi(app, "/docs", {"Accept": self.BROWSER})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+
+    @pytest.mark.parametrize("accept", [None, "*/*", "application/json"])
+    def test_a_json_client_gets_the_discovery_document(self, app, accept):
+        status, headers, body = wsgi(app, "/", {"Accept": accept} if accept else None)
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body) == json.loads(wsgi(app, "/apis")[2])
+        assert [k["kind"] for k in json.loads(body)["kinds"]] == ["Widget"]
+
+    def test_the_openapi_document_describes_both_answers(self, app):
+        get = json.loads(wsgi(app, "/openapi.json")[2])["paths"]["/"]["get"]
+        assert {"200", "302"} <= set(get["responses"])
