@@ -5922,10 +5922,15 @@ class KindInfo:
         self.history = 0 if not history else (None if history is True else int(history))
         self.history_on = bool(history)
 
+    @property
+    def has_controller(self) -> bool:
+        """A controller runs this kind's reconcile or finalize (a finalizer alone needs one too)."""
+        return self.reconcile is not None or self.finalize is not None
+
     def describe(self) -> dict:
         return {"kind": self.kind, "plural": self.plural, "prefix": self.prefix,
                 "patchTypes": [MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH],
-                "controller": self.reconcile is not None, "history": self.history_on,
+                "controller": self.has_controller, "history": self.history_on,
                 "finalizer": self.finalize is not None}
 
 
@@ -6322,7 +6327,7 @@ class Fabrica:
 
     def _start_controllers(self):
         for info in self.kinds.values():
-            if info.reconcile is not None or info.finalize is not None:
+            if info.has_controller:
                 controller = Controller(self, info, clock=self.clock)
                 self._controllers[info.kind] = controller
                 controller.start()
@@ -6375,7 +6380,7 @@ class Fabrica:
         return {"status": "degraded" if quarantined else "healthy", "service": self.service,
                 "version": __version__, "kinds": sorted(self.kinds), "quarantined": quarantined,
                 "resourceVersion": str(store.resource_version) if store is not None else "0",
-                "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
+                "workers": {k: i.workers for k, i in self.kinds.items() if i.has_controller}}
 
     def metrics_text(self) -> str:
         """Everything /metrics shows, in the Prometheus text exposition format."""
@@ -6427,12 +6432,15 @@ class Fabrica:
         for k in kinds:
             items = store.list(k) if store is not None else []
             objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
+            if not self.kinds[k].has_controller:
+                continue        # nothing ever makes these Ready: they would look stuck forever
             pending = sum(1 for o in items if not any(
                 isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
                 for c in o["status"].get("conditions") or ()))
             not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
         family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind.", not_ready)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a controller (reconcile or finalize); "
+               "kinds without one are not listed.", not_ready)
         return "\n".join(out) + "\n"
 
     def discovery(self) -> dict:

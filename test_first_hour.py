@@ -691,3 +691,34 @@ class TestRoot:
     def test_the_openapi_document_describes_both_answers(self, app):
         get = json.loads(wsgi(app, "/openapi.json")[2])["paths"]["/"]["get"]
         assert {"200", "302"} <= set(get["responses"])
+
+
+class TestWhatHasAController:
+    """A kind with a reconcile or a finalize has a controller: discovery, /health and /metrics agree."""
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Plain")
+        app.register("Tag", finalize=lambda ctx, obj: None)
+        app.register("Rack", lambda ctx, obj: obj.set_condition("Ready", False, reason="Waiting"))
+        return app
+
+    def test_discovery_and_health_name_a_finalize_only_kind(self, app):
+        with app:
+            kinds = {k["kind"]: k["controller"] for k in json.loads(wsgi(app, "/apis")[2])["kinds"]}
+            assert kinds == {"Plain": False, "Tag": True, "Rack": True}
+            assert set(json.loads(wsgi(app, "/health")[2])["workers"]) == {"Tag", "Rack"}
+
+    def test_objects_not_ready_counts_only_kinds_with_a_controller(self, app):
+        with app:
+            for kind in ("Plain", "Tag", "Rack"):
+                app.client.create(kind, name="x1")
+            assert app.wait_idle(30)
+            text = wsgi(app, "/metrics")[2].decode()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                       if line.startswith("fabrica_objects_not_ready{"))
+        assert samples == {'fabrica_objects_not_ready{kind="Rack"}': "1", 'fabrica_objects_not_ready{kind="Tag"}': "1"}
+        help_line = next(line for line in text.splitlines() if line.startswith("# HELP fabrica_objects_not_ready "))
+        assert "with a controller" in help_line
+        assert 'fabrica_objects{kind="Plain"} 1' in text
