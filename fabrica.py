@@ -4177,6 +4177,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _wsgi_text(value: str, what: str) -> str:
+    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
+
+    BadRequestError names ``what`` when the bytes are not UTF-8.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequestError(f"{what} is not valid UTF-8") from None
+
+
 def _host_name(value: str) -> str:
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value
@@ -4410,10 +4421,15 @@ class RestAPI:
                 if len(self._hosts) < 1024:        # bounded: Host is client input
                     self._hosts[header] = ok
             if not ok:
-                host = _host_name(header)
+                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
                 raise self._error_response(ForbiddenError(
                     f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
                     "(serve with --host to bind elsewhere)"))
+        try:
+            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
+            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
+        except BadRequestError as err:
+            raise self._error_response(err) from None
         if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
             raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
         if app.token and environ.get("PATH_INFO") != "/health":
@@ -4566,7 +4582,7 @@ class RestAPI:
         info = self.app._by_plural.get(plural)
         if info is None and not (self.app.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        query = bottle.request.query
+        query = self._query()
         # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
         selector, name = query.get("labelSelector") or None, query.get("name") or None
         limit, token = query.get("limit") or None, query.get("continue") or None
@@ -4603,7 +4619,7 @@ class RestAPI:
         info = self._kind(plural)
         obj = self._obj(info, ref)
         res = bottle.response
-        if if_none_match_hit(bottle.request.environ.get("HTTP_IF_NONE_MATCH"), obj):
+        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
             res.status = 304
             res.set_header("ETag", etag_of(obj))
             return b""
@@ -4628,8 +4644,21 @@ class RestAPI:
         return cached[1]
 
     def _preconditions(self):
-        env = bottle.request.environ
-        return {"if_match": env.get("HTTP_IF_MATCH"), "if_none_match": env.get("HTTP_IF_NONE_MATCH")}
+        return {"if_match": self._header("HTTP_IF_MATCH"), "if_none_match": self._header("HTTP_IF_NONE_MATCH")}
+
+    @staticmethod
+    def _query() -> bottle.FormsDict:
+        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
+        try:
+            return bottle.request.query.decode()
+        except UnicodeError:
+            raise BadRequestError("the query string is not valid UTF-8") from None
+
+    @staticmethod
+    def _header(key: str) -> str | None:
+        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
+        value = bottle.request.environ.get(key)
+        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
 
     def update(self, plural, ref):
         info = self._kind(plural)
@@ -4650,7 +4679,7 @@ class RestAPI:
     def delete(self, plural, ref):
         info = self._kind(plural)
         self._obj(info, ref)
-        force = bottle.request.query.get("force", "").lower() in ("true", "1", "yes")
+        force = self._query().get("force", "").lower() in ("true", "1", "yes")
         obj, gone = self.app._delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
         if not gone:
             return self._send(obj, 202)
@@ -4685,7 +4714,7 @@ class RestAPI:
         """
         info = self._kind(plural)
         obj = self._obj(info, ref)
-        limit = bottle.request.query.get("limit") or "50"
+        limit = self._query().get("limit") or "50"
         if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
             raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
         return self._send(self.app.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
@@ -4746,7 +4775,7 @@ class RestAPI:
     def events(self):
         """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
         env = bottle.request.environ
-        query = bottle.request.query
+        query = self._query()
         pattern = query.get("type") or "**"
         try:
             compile_pattern(pattern)
@@ -4755,7 +4784,7 @@ class RestAPI:
         kind = query.get("kind") or None
         if kind is not None:
             kind = self.app.resolve_kind(kind).kind
-        since = env.get("HTTP_LAST_EVENT_ID") or query.get("since")
+        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
         store = self.app.store
         if position is not None and store is not None and position[0] > store.resource_version:

@@ -586,8 +586,9 @@ def import_fabrica():
 def wsgi(app, path, headers=None, method="GET"):
     """One in-process request to ``app.wsgi``: (status, headers, body bytes); ``path`` may carry a query."""
     import io
+    import urllib.parse
     path, _, query = path.partition("?")
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": urllib.parse.unquote(path, "latin-1"), "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
                "SERVER_PORT": "80", "HTTP_HOST": "127.0.0.1", "wsgi.input": io.BytesIO(b""), "CONTENT_LENGTH": "0",
                "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1"}
     for key, value in (headers or {}).items():
@@ -722,3 +723,47 @@ class TestWhatHasAController:
         help_line = next(line for line in text.splitlines() if line.startswith("# HELP fabrica_objects_not_ready "))
         assert "with a controller" in help_line
         assert 'fabrica_objects{kind="Plain"} 1' in text
+
+
+class TestUtf8Requests:
+    """Query parameters and headers are the UTF-8 text the client sent; bytes that are not UTF-8 are a 400."""
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Widget", history=True)
+        with app:
+            app.client.create("Widget", name="w1")
+            yield app
+
+    @pytest.mark.parametrize("path, value", [
+        ("/events?kind=%C3%BC", "'ü'"),                       # no such kind
+        ("/events?since=%C3%BC", "'ü'"),                      # no such event id
+        ("/widgets?labelSelector=%C3%BC%3D1", "ü"),           # no such label key
+        ("/widgets?limit=%C3%BC", "'ü'"),
+        ("/widgets/w1/events?limit=%C3%BC", "'ü'"),
+    ])
+    def test_a_non_ascii_parameter_comes_back_as_sent(self, app, path, value):
+        status, _, body = wsgi(app, path)
+        message = json.loads(body)["error"]
+        assert status in (400, 404), body
+        assert value in message and "Ã" not in message, message
+
+    def test_a_non_ascii_header_comes_back_as_sent(self, app):
+        status, _, body = wsgi(app, "/widgets/w1", {"If-Match": '"ü"'.encode().decode("latin-1")}, method="DELETE")
+        message = json.loads(body)["error"]
+        assert status == 412 and "ü" in message and "Ã" not in message, message
+
+    @pytest.mark.parametrize("path, headers", [
+        ("/events?kind=%FF", None),
+        ("/widgets?name=%FF", None),
+        ("/widgets/w1?force=%FF", None),
+        ("/widgets/w%FF1", None),                             # Bottle would drop the byte and find w1
+        ("/events", {"Last-Event-ID": "\xff"}),
+    ])
+    def test_bytes_that_are_not_utf8_are_a_bad_request(self, app, path, headers):
+        method = "DELETE" if "force" in path else "GET"
+        status, _, body = wsgi(app, path, headers, method=method)
+        assert status == 400, body
+        assert "not valid UTF-8" in json.loads(body)["error"]
+        assert app.client.get("Widget", "w1").name == "w1"
