@@ -7099,6 +7099,29 @@ def _controller_ref(owner: dict) -> dict:
     return {"kind": owner["kind"], "uid": owner["metadata"]["uid"], "controller": True}
 
 
+def _owner_object(client, owner, creating: str | None = None) -> dict:
+    """The object an ``owner=`` argument names: a Resource as it is, or a ``(kind, ref)`` tuple (a uid
+    or a name) read with ``client.get``.
+
+    A missing ``(kind, ref)`` owner raises NotFoundError, or, when ``creating`` (the new object's kind),
+    ConflictError as the server answers for a gone owner. Anything else is a TypeError.
+    """
+    if isinstance(owner, dict):
+        meta = owner.get("metadata")
+        if isinstance(owner.get("kind"), str) and isinstance(meta, dict) and isinstance(meta.get("uid"), str):
+            return owner
+    elif isinstance(owner, tuple) and len(owner) == 2 and all(isinstance(part, str) for part in owner):
+        try:
+            return client.get(*owner)
+        except NotFoundError:
+            if creating is None:
+                raise
+            raise ConflictError(f"cannot create a {creating} owned by {owner[0]} {owner[1]!r}: "
+                                "the owner does not exist") from None
+    raise TypeError(f"owner must be an object (a Resource, as get() returns) or a (kind, ref) tuple "
+                    f"like ('Rack', 'rack-a'), not {type(owner).__name__} {_one_line(repr(owner))[:60]}")
+
+
 class LocalClient:
     """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
 
@@ -7121,12 +7144,14 @@ class LocalClient:
         return self._out(obj)
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
-             owner: dict | None = None) -> list[Resource]:
-        """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object) keeps
-        the ones whose ownerReferences name it (one of their owners)."""
+             owner: dict | tuple | None = None) -> list[Resource]:
+        """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object, or a
+        ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name it (one of their owners)."""
         info = self._info(kind)
         self._app._require_started()
         store, sel = self._app.store, parse_selector(selector) if selector else None
+        if owner is not None:
+            owner = _owner_object(self, owner)
         if owner is None:
             items = store.query(info.kind, sel, limit=limit)[0]
         else:       # from the owner index: O(dependents), not O(objects of the kind)
@@ -7138,14 +7163,15 @@ class LocalClient:
         return [self._out(o) for o in items]
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
-               annotations: dict | None = None, owner: dict | None = None,
+               annotations: dict | None = None, owner: dict | tuple | None = None,
                finalizers: list | None = None) -> Resource:
-        """Create an object; ``owner`` makes it the controller owner (409 if it is gone or being deleted)."""
+        """Create an object; ``owner`` (an object, or a ``(kind, ref)`` tuple) makes it the controller
+        owner (409 if it is gone or being deleted)."""
         info = self._info(kind)
         meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
                                   ("finalizers", finalizers)) if v is not None}
         if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(owner)]
+            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, info.kind))]
         parsed = self._app._parse_body(info, {"metadata": meta, "spec": spec or {}})
         return self._out(self._app._create(info, parsed))
 
@@ -7329,13 +7355,14 @@ class Client:
         return Resource(self.request("GET", self._ref(kind, ref))[2])
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
-             owner: dict | None = None) -> list[Resource]:
+             owner: dict | tuple | None = None) -> list[Resource]:
         """Objects by name; without ``limit`` every page is fetched (following ``continue``).
 
-        ``owner`` (an object) keeps the ones whose ownerReferences name it; the
-        REST API has no such filter, so every page is read and filtered here.
+        ``owner`` (an object, or a ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name
+        it; the REST API has no such filter, so every page is read and filtered here.
         """
         if owner is not None:
+            owner = _owner_object(self, owner)
             key = (owner["kind"], owner["metadata"]["uid"])
             items = [o for o in self.list(kind, selector)
                      if any((r.get("kind"), r.get("uid")) == key for r in o["metadata"]["ownerReferences"])]
@@ -7354,12 +7381,12 @@ class Client:
             params["continue"] = token
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
-               annotations: dict | None = None, owner: dict | None = None,
+               annotations: dict | None = None, owner: dict | tuple | None = None,
                finalizers: list | None = None) -> Resource:
         meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
                                   ("finalizers", finalizers)) if v is not None}
         if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(owner)]
+            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, kind))]
         return Resource(self.request("POST", f"/{self._plural(kind)}", {"metadata": meta, "spec": spec or {}})[2])
 
     def update(self, obj: dict) -> Resource:

@@ -767,3 +767,58 @@ class TestUtf8Requests:
         assert status == 400, body
         assert "not valid UTF-8" in json.loads(body)["error"]
         assert app.client.get("Widget", "w1").name == "w1"
+
+
+@pytest.fixture(scope="module")
+def owners_url(tmp_path_factory):
+    """A server of kinds Owner and Part on a fresh data dir; its URL."""
+    tmp = tmp_path_factory.mktemp("owners")
+    (tmp / "owners.py").write_text('import fabrica\napp = fabrica.Fabrica()\napp.register("Owner")\n'
+                                   'app.register("Part")\n')
+    proc, port, _ = start([FABRICA_PY, "serve", tmp / "owners.py", "--data-dir", tmp / "data", "--port", "0",
+                           "--no-fsync"], cwd=tmp)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+class TestOwnerArgument:
+    """``owner=`` takes the object or a ``(kind, ref)`` tuple on both clients; anything else is a clear TypeError."""
+
+    @pytest.fixture(params=["app.client", "Client"])
+    def client(self, request, tmp_path):
+        fabrica = import_fabrica()
+        if request.param == "Client":
+            with fabrica.Client(request.getfixturevalue("owners_url")) as client:
+                yield client
+            return
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Owner")
+        app.register("Part")
+        with app:
+            yield app.client
+
+    def test_a_kind_and_ref_tuple_names_the_owner(self, client, request):
+        suffix = request.node.callspec.id.replace(".", "").lower()
+        owner = client.create("Owner", name=f"own-{suffix}")
+        by_name = client.create("Part", name=f"p1-{suffix}", owner=("Owner", owner.name))
+        by_uid = client.create("Part", name=f"p2-{suffix}", owner=("Owner", owner.uid))
+        client.create("Part", name=f"p3-{suffix}")
+        for part in (by_name, by_uid):
+            assert part.owner_references[0]["uid"] == owner.uid and part.owner_references[0]["controller"]
+        expected = [f"p1-{suffix}", f"p2-{suffix}"]
+        assert [p.name for p in client.list("Part", owner=("Owner", owner.name))] == expected
+        assert [p.name for p in client.list("Part", owner=owner)] == expected
+
+    def test_a_missing_owner_is_a_conflict_on_create_and_not_found_on_list(self, client):
+        fabrica = import_fabrica()
+        with pytest.raises(fabrica.ConflictError, match="does not exist"):
+            client.create("Part", name="orphan", owner=("Owner", "nobody"))
+        with pytest.raises(fabrica.NotFoundError):
+            client.list("Part", owner=("Owner", "nobody"))
+
+    @pytest.mark.parametrize("owner", ["own1", ("Owner",), ["Owner", "own1"], {"name": "own1"}, 42])
+    def test_anything_else_is_a_type_error_that_says_what_to_pass(self, client, owner):
+        with pytest.raises(TypeError, match=r"owner must be an object .* or a \(kind, ref\) tuple"):
+            client.create("Part", name="bad", owner=owner)
+        with pytest.raises(TypeError, match=r"owner must be an object .* or a \(kind, ref\) tuple"):
+            client.list("Part", owner=owner)
