@@ -6468,8 +6468,8 @@ class Fabrica:
                 for c in o["status"].get("conditions") or ()))
             not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
         family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a controller (reconcile or finalize); "
-               "kinds without one are not listed.", not_ready)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
+               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
         return "\n".join(out) + "\n"
 
     def discovery(self) -> dict:
@@ -7665,18 +7665,30 @@ def _age(created: str | None) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    """Aligned columns; every cell on one line (a newline or ESC from the server cannot forge rows)."""
+    rows = [[_one_line(str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _labels_text(labels: dict | None) -> str:
     return ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or "<none>"
 
 
+# what json.dumps leaves raw inside strings but a terminal acts on (CSI is \x9b) or breaks lines at
+_RAW_IN_JSON_RE = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_text(value) -> str:
+    """``value`` as indented JSON for a terminal: the same JSON, with those characters as \\u escapes."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _RAW_IN_JSON_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _render(value, fmt: str) -> str:
     """Objects, lists of objects or plain JSON in table/wide/json/yaml/name form ("" when there is nothing)."""
     if fmt == "json":
-        return json.dumps(value, indent=2, ensure_ascii=False)
+        return _json_text(value)
     if fmt == "yaml":
         try:
             import yaml
@@ -7687,13 +7699,13 @@ def _render(value, fmt: str) -> str:
     is_obj = all(isinstance(i, dict) and isinstance(i.get("metadata"), dict) for i in items)
     if fmt == "name":
         if not is_obj:
-            return "\n".join(str(next((i[k] for k in ("name", "kind", "versionId") if k in i), i))
-                             if isinstance(i, dict) else str(i) for i in items)
-        return "\n".join(f"{i['kind'].lower()}/{i['metadata']['name']}" for i in items)
+            return "\n".join(_one_line(str(next((i[k] for k in ("name", "kind", "versionId") if k in i), i))
+                                        if isinstance(i, dict) else str(i)) for i in items)
+        return "\n".join(_one_line(f"{i['kind'].lower()}/{i['metadata']['name']}") for i in items)
     if not is_obj or not items:
         if not items:
             return "No resources found."
-        return json.dumps(value, indent=2, ensure_ascii=False)
+        return _json_text(value)
     phase = any("phase" in (i.get("status") or {}) for i in items)
     rows = [["NAME", "UID", "PHASE" if phase else "READY", "AGE"]]
     if fmt == "wide":
@@ -7876,7 +7888,7 @@ class _CLI:
         if table and text:
             print(text)
         elif table and text is None:
-            print(json.dumps(value, indent=2, ensure_ascii=False))
+            print(_json_text(value))
         else:
             rendered = _render(value, "json" if stream and table else self.fmt)
             if rendered:
@@ -7963,7 +7975,7 @@ class _CLI:
         conditions = status.pop("conditions", None) or []
 
         def block(value) -> str:
-            return "\n".join("  " + ln for ln in json.dumps(value, indent=2, ensure_ascii=False).splitlines())
+            return "\n".join("  " + ln for ln in _json_text(value).split("\n"))
         owners = ", ".join(f"{r.get('kind')}/{r.get('name') or r.get('uid')}" + (" (controller)" if r.get("controller")
                            else "") for r in meta.get("ownerReferences") or ()) or "<none>"
         lines = [f"Name:         {meta['name']}", f"Kind:         {obj['kind']}", f"UID:          {meta['uid']}",
@@ -7975,6 +7987,7 @@ class _CLI:
                  f"Finalizers:   {', '.join(meta.get('finalizers') or ()) or '<none>'}"]
         if meta.get("deletionTimestamp"):
             lines.append(f"Deleting:     since {meta['deletionTimestamp']}")
+        lines = [_one_line(line) for line in lines]     # the server's fields, each on its own line
         lines += ["Spec:", block(obj.get("spec") or {}), "Status:", block(status), "Conditions:"]
         if conditions:
             lines.append(_table([["  TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]] + [
@@ -7982,7 +7995,7 @@ class _CLI:
                  _age(c.get("lastTransitionTime")), c.get("message") or ""] for c in conditions]))
         else:
             lines.append("  <none>")
-        dependents = [f"  {o['kind'].lower()}/{o['metadata']['name']}"
+        dependents = [_one_line(f"  {o['kind'].lower()}/{o['metadata']['name']}")
                       for k in self._discovery["kinds"] if "controller" in k
                       for o in self.client.list(k["kind"], owner=obj)]
         lines += ["Dependents:"] + (dependents or ["  <none>"]) + ["Events:"]

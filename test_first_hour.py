@@ -822,3 +822,49 @@ class TestOwnerArgument:
             client.create("Part", name="bad", owner=owner)
         with pytest.raises(TypeError, match=r"owner must be an object .* or a \(kind, ref\) tuple"):
             client.list("Part", owner=owner)
+
+
+class TestTerminalOutput:
+    """What the server holds reaches the terminal one field per line, without control characters."""
+
+    FORGED = "Ok\nforged-row   fake-1a2b3c4d   Ready   1s\x1b[31m\x9b2J\u2028"
+
+    @pytest.fixture
+    def url(self, owners_url, request):
+        fabrica = import_fabrica()
+        with fabrica.Client(owners_url) as client:
+            name = "term-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.split("_", 1)[1])[:40].strip("-")
+            obj = client.create("Part", name=name, annotations={"note": "a\nName:         forged"},
+                                spec={"text": "x\x9b2J\u2028y"})
+            client.update_status("Part", obj.uid, {"phase": self.FORGED, "conditions": [
+                {"type": "Ready", "status": "False", "reason": "Broken", "message": "m\x1b]0;title\x07\nREADY"}]})
+        return owners_url, name
+
+    @staticmethod
+    def assert_clean(text):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", text), repr(text)
+        assert "forged-row" not in [line.split(" ")[0] for line in text.splitlines()]
+
+    @pytest.mark.parametrize("wide", [[], ["-o", "wide"]])
+    def test_get_prints_one_row_per_object(self, url, wide):
+        base, name = url
+        res = cli(base, "get", "part", name, "-o", "table", *wide)
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        rows = res.stdout.splitlines()
+        assert len(rows) == 2 and rows[1].startswith(name) and "\\n" in rows[1] and "\\x1b" in rows[1], rows
+
+    def test_json_output_escapes_what_a_terminal_acts_on(self, url):
+        base, name = url
+        res = cli(base, "get", "part", name, "-o", "json")
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        assert json.loads(res.stdout)["status"]["phase"] == self.FORGED
+
+    def test_describe_keeps_each_field_on_its_line(self, url):
+        base, name = url
+        res = cli(base, "describe", "part", name)
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        assert [line for line in res.stdout.splitlines() if line.startswith("Name:")] == [f"Name:         {name}"]
+        assert not any(line.startswith("READY") for line in res.stdout.splitlines())
