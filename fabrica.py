@@ -127,6 +127,7 @@ UID_RE = re.compile(r"([a-z0-9]+)-([0-9a-f]{8})")
 PREFIX_RE = re.compile(r"[a-z0-9]+")
 KIND_RE = re.compile(r"[A-Z][A-Za-z0-9]{0,62}")
 PLURAL_RE = re.compile(r"[a-z][a-z0-9]{0,62}")
+ROOT_ROUTE = "fabrica.root"      # the name of fabrica's own GET / route (an app may add its own page)
 RESERVED_PATHS = {"health", "apis", "events", "openapi.json", "docs", "metrics"}
 _UNCOUNTABLE = {"chassis", "series", "species", "fish", "sheep", "news", "data", "metadata"}
 _IRREGULAR = {"child": "children", "person": "people", "man": "men", "woman": "women", "mouse": "mice",
@@ -432,11 +433,13 @@ class StoreLockedError(ConfigurationError):
 
 
 class PermanentError(Exception):
-    """Raised by reconcile: recorded in conditions, not retried until the object changes."""
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
+    until the object changes."""
 
 
 class TemporaryError(Exception):
-    """Raised by reconcile: recorded in conditions, retried after exactly ``delay`` seconds."""
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
+    exactly ``delay`` seconds."""
 
     def __init__(self, message: str = "", delay: float = 60.0):
         super().__init__(message)
@@ -4057,16 +4060,26 @@ class _Run:
         self.recorded = threading.Event()
 
 
+# The reasons of the Ready=False conditions fabrica records for a failed run, one per retry policy, so
+# status tells whether (and when) a retry comes; the message ends with that fact too.
+_RETRIED_WITH_BACKOFF = "ReconcileError"            # any other exception: retried with backoff
+_NOT_RETRIED = "ReconcilePermanentError"            # PermanentError: not retried until the object changes
+_RETRIED_AFTER_DELAY = "ReconcileTemporaryError"    # TemporaryError: retried after exactly its delay
+_FAILURE_REASONS = frozenset((_RETRIED_WITH_BACKOFF, _NOT_RETRIED, _RETRIED_AFTER_DELAY))
+
+
 def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
     """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
 
-    Ready=False/ReconcileError becomes Ready=True/ReconcileSuccess unless the
-    function set Ready itself. Stalled/ReconcileTimeout is removed, as Flux
-    and kstatus do (an absent Stalled means not stalled), unless this very
-    run (``stalled``) overran its timeout; a conditions list left empty goes too.
+    Ready=False with one of fabrica's failure reasons (ReconcileError,
+    ReconcilePermanentError, ReconcileTemporaryError) becomes
+    Ready=True/ReconcileSuccess unless the function set Ready itself.
+    Stalled/ReconcileTimeout is removed, as Flux and kstatus do (an absent
+    Stalled means not stalled), unless this very run (``stalled``) overran its
+    timeout; a conditions list left empty goes too.
     """
     ready = obj.condition("Ready")
-    if ready is not None and ready.get("reason") == "ReconcileError":
+    if ready is not None and ready.get("reason") in _FAILURE_REASONS:
         obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
     stall = obj.condition("Stalled")
     if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
@@ -4079,6 +4092,11 @@ def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
 def _error_text(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= _ERROR_MESSAGE_MAX else text[:_ERROR_MESSAGE_MAX - 1] + "…"
+
+
+def _seconds_text(seconds: float) -> str:
+    """A delay for a condition message: ``0.005s``, ``5.12s``, ``3600s``."""
+    return f"{seconds:.0f}s" if seconds >= 100 else f"{seconds:.3g}s"
 
 
 class Controller:
@@ -4322,16 +4340,17 @@ class Controller:
                 run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
         if outcome != "ok":
             self.errors += 1
-            self._record_failure(key, stored, error)
             if outcome == "permanent":
                 self.queue.forget(key)
+                self._record_failure(key, error, _NOT_RETRIED, "not retried until the object changes")
             elif outcome == "temporary":
                 self.queue.forget(key)
+                self._record_failure(key, error, _RETRIED_AFTER_DELAY, f"retrying in {_seconds_text(error.delay)}")
                 self.queue.add_after(key, error.delay, "TemporaryError")
             else:
                 self.retries += 1
                 attempt = self.queue.num_requeues(key) + 1
-                delay = self.queue.add_rate_limited(key, "retry after error")
+                delay = self._retry_with_backoff(key, error, "retry after error")
                 if attempt > 1:
                     ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
                                   getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
@@ -4344,8 +4363,7 @@ class Controller:
         except ValidationError as exc:
             self.errors += 1
             self.retries += 1
-            self._record_failure(key, stored, exc)
-            self.queue.add_rate_limited(key, "invalid status")
+            self._retry_with_backoff(key, exc, "invalid status")
             return
         if wrote is False:
             return      # conflict: re-queued rate limited (or already pending)
@@ -4391,9 +4409,16 @@ class Controller:
                 self.queue.add_rate_limited(key, "status conflict")
             return False
 
-    def _record_failure(self, key, stored, error) -> None:
-        message = _error_text(error)
-        self._write_condition(key, "Ready", "False", "ReconcileError", message)
+    def _retry_with_backoff(self, key, error, why: str) -> float:
+        """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
+        delay = self.queue.when(key)
+        self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
+        self.queue.add_after(key, delay, why)
+        return delay
+
+    def _record_failure(self, key, error, reason: str, retry: str) -> None:
+        """Ready=False with ``reason``; the message is the exception text, then what happens next."""
+        self._write_condition(key, "Ready", "False", reason, f"{_error_text(error)}; {retry}")
 
     def _write_condition(self, key, type, status, reason, message) -> None:
         def change(new):
@@ -4456,6 +4481,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _wsgi_text(value: str, what: str) -> str:
+    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
+
+    BadRequestError names ``what`` when the bytes are not UTF-8.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequestError(f"{what} is not valid UTF-8") from None
 
 
 def _host_name(value: str) -> str:
@@ -4669,6 +4705,7 @@ class RestAPI:
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
         self._bodies_bytes = 0                  # the cached JSON's bytes, summed
         self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
@@ -4690,10 +4727,15 @@ class RestAPI:
                 if len(self._hosts) < 1024:        # bounded: Host is client input
                     self._hosts[header] = ok
             if not ok:
-                host = _host_name(header)
+                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
                 raise self._error_response(ForbiddenError(
                     f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
                     "(serve with --host to bind elsewhere)"))
+        try:
+            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
+            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
+        except BadRequestError as err:
+            raise self._error_response(err) from None
         if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
             raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
         if app.token and environ.get("PATH_INFO") != "/health":
@@ -4722,7 +4764,8 @@ class RestAPI:
         if cors and environ.get("HTTP_ORIGIN") == cors:
             res = bottle.response
             res.set_header("Access-Control-Allow-Origin", cors)
-            res.set_header("Vary", "Origin")
+            vary = res.get_header("Vary")       # GET / varies by Accept too
+            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
             res.set_header("Access-Control-Expose-Headers",
                            "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
 
@@ -4843,7 +4886,7 @@ class RestAPI:
         info = self.app._by_plural.get(plural)
         if info is None and not (self.app.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        query = bottle.request.query
+        query = self._query()
         # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
         selector, name = query.get("labelSelector") or None, query.get("name") or None
         limit, token = query.get("limit") or None, query.get("continue") or None
@@ -4881,7 +4924,7 @@ class RestAPI:
         info = self._kind(plural)
         obj = self._obj(info, ref)
         res = bottle.response
-        if if_none_match_hit(bottle.request.environ.get("HTTP_IF_NONE_MATCH"), obj):
+        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
             res.status = 304
             res.set_header("ETag", etag_of(obj))
             return b""
@@ -4906,8 +4949,21 @@ class RestAPI:
         return cached[1]
 
     def _preconditions(self):
-        env = bottle.request.environ
-        return {"if_match": env.get("HTTP_IF_MATCH"), "if_none_match": env.get("HTTP_IF_NONE_MATCH")}
+        return {"if_match": self._header("HTTP_IF_MATCH"), "if_none_match": self._header("HTTP_IF_NONE_MATCH")}
+
+    @staticmethod
+    def _query() -> bottle.FormsDict:
+        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
+        try:
+            return bottle.request.query.decode()
+        except UnicodeError:
+            raise BadRequestError("the query string is not valid UTF-8") from None
+
+    @staticmethod
+    def _header(key: str) -> str | None:
+        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
+        value = bottle.request.environ.get(key)
+        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
 
     def update(self, plural, ref):
         info = self._kind(plural)
@@ -4928,7 +4984,7 @@ class RestAPI:
     def delete(self, plural, ref):
         info = self._kind(plural)
         self._obj(info, ref)
-        force = bottle.request.query.get("force", "").lower() in ("true", "1", "yes")
+        force = self._query().get("force", "").lower() in ("true", "1", "yes")
         obj, gone = self.app._delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
         if not gone:
             return self._send(obj, 202)
@@ -4963,7 +5019,7 @@ class RestAPI:
         """
         info = self._kind(plural)
         obj = self._obj(info, ref)
-        limit = bottle.request.query.get("limit") or "50"
+        limit = self._query().get("limit") or "50"
         if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
             raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
         return self._send(self.app.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
@@ -5002,6 +5058,15 @@ class RestAPI:
     def apis(self):
         return self._send(self.app.discovery(), etag=False)
 
+    def root(self):
+        """Until the dashboard (SPEC §11) exists: a browser goes to /docs, a JSON client gets discovery."""
+        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
+            # relative to the mount point, so an app mounted under a prefix sends the browser to its own /docs
+            location = bottle.request.script_name + "docs"
+            return bottle.HTTPResponse(b"", 302, {"Location": location, "Vary": "Accept"})
+        bottle.response.set_header("Vary", "Accept")
+        return self.apis()
+
     def openapi(self):
         return self._send(openapi_document(self.app), etag=False)
 
@@ -5015,7 +5080,7 @@ class RestAPI:
     def events(self):
         """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
         env = bottle.request.environ
-        query = bottle.request.query
+        query = self._query()
         pattern = query.get("type") or "**"
         try:
             compile_pattern(pattern)
@@ -5024,7 +5089,7 @@ class RestAPI:
         kind = query.get("kind") or None
         if kind is not None:
             kind = self.app.resolve_kind(kind).kind
-        since = env.get("HTTP_LAST_EVENT_ID") or query.get("since")
+        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
         store = self.app.store
         if position is not None and store is not None and position[0] > store.resource_version:
@@ -5485,9 +5550,16 @@ def openapi_document(app) -> dict:
         "/metrics": system("getMetrics", "Prometheus text format",
                            {"200": _oa_ok("Metrics", text, media="text/plain")}),
     })
-    if any(r.rule == "/" and r.method == "GET" for r in app.wsgi.routes):
+    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
+    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
         paths["/"] = system("getDashboard", "A small HTML dashboard",
                             {"200": _oa_ok("HTML", text, media="text/html")})
+    elif roots:
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) is redirected to /docs",
+                      {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["302"] = {"description": "Accept names text/html: to /docs",
+                                           "headers": {"Location": {"schema": {"type": "string"}}}}
+        paths["/"] = root
     tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
     doc = {
         "openapi": "3.1.0",
@@ -6185,10 +6257,15 @@ class KindInfo:
         self.history = 0 if not history else (None if history is True else int(history))
         self.history_on = bool(history)
 
+    @property
+    def has_controller(self) -> bool:
+        """A controller runs this kind's reconcile or finalize (a finalizer alone needs one too)."""
+        return self.reconcile is not None or self.finalize is not None
+
     def describe(self) -> dict:
         return {"kind": self.kind, "plural": self.plural, "prefix": self.prefix,
                 "patchTypes": [MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH],
-                "controller": self.reconcile is not None, "history": self.history_on,
+                "controller": self.has_controller, "history": self.history_on,
                 "finalizer": self.finalize is not None}
 
 
@@ -6611,7 +6688,7 @@ class Fabrica:
 
     def _start_controllers(self):
         for info in self.kinds.values():
-            if info.reconcile is not None or info.finalize is not None:
+            if info.has_controller:
                 controller = Controller(self, info, clock=self.clock)
                 self._controllers[info.kind] = controller
                 controller.start()
@@ -6665,7 +6742,7 @@ class Fabrica:
                 "service": self.service, "version": __version__, "kinds": sorted(self.kinds),
                 "quarantined": found["quarantined"], "ignored": found["ignored"],
                 "resourceVersion": str(store.resource_version) if store is not None else "0",
-                "workers": {k: i.workers for k, i in self.kinds.items() if i.reconcile is not None}}
+                "workers": {k: i.workers for k, i in self.kinds.items() if i.has_controller}}
 
     def metrics_text(self) -> str:
         """Everything /metrics shows, in the Prometheus text exposition format."""
@@ -6719,12 +6796,15 @@ class Fabrica:
         for k in kinds:
             items = store.list(k) if store is not None else []
             objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
+            if not self.kinds[k].has_controller:
+                continue        # nothing ever makes these Ready: they would look stuck forever
             pending = sum(1 for o in items if not any(
                 isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
                 for c in o["status"].get("conditions") or ()))
             not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
         family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind.", not_ready)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
+               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
         return "\n".join(out) + "\n"
 
     def discovery(self) -> dict:
@@ -7358,6 +7438,29 @@ def _controller_ref(owner: dict) -> dict:
     return {"kind": owner["kind"], "uid": owner["metadata"]["uid"], "controller": True}
 
 
+def _owner_object(client, owner, creating: str | None = None) -> dict:
+    """The object an ``owner=`` argument names: a Resource as it is, or a ``(kind, ref)`` tuple (a uid
+    or a name) read with ``client.get``.
+
+    A missing ``(kind, ref)`` owner raises NotFoundError, or, when ``creating`` (the new object's kind),
+    ConflictError as the server answers for a gone owner. Anything else is a TypeError.
+    """
+    if isinstance(owner, dict):
+        meta = owner.get("metadata")
+        if isinstance(owner.get("kind"), str) and isinstance(meta, dict) and isinstance(meta.get("uid"), str):
+            return owner
+    elif isinstance(owner, tuple) and len(owner) == 2 and all(isinstance(part, str) for part in owner):
+        try:
+            return client.get(*owner)
+        except NotFoundError:
+            if creating is None:
+                raise
+            raise ConflictError(f"cannot create a {creating} owned by {owner[0]} {owner[1]!r}: "
+                                "the owner does not exist") from None
+    raise TypeError(f"owner must be an object (a Resource, as get() returns) or a (kind, ref) tuple "
+                    f"like ('Rack', 'rack-a'), not {type(owner).__name__} {_one_line(repr(owner))[:60]}")
+
+
 class LocalClient:
     """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
 
@@ -7380,12 +7483,14 @@ class LocalClient:
         return self._out(obj)
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
-             owner: dict | None = None) -> list[Resource]:
-        """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object) keeps
-        the ones whose ownerReferences name it (one of their owners)."""
+             owner: dict | tuple | None = None) -> list[Resource]:
+        """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object, or a
+        ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name it (one of their owners)."""
         info = self._info(kind)
         self._app._require_started()
         store, sel = self._app.store, parse_selector(selector) if selector else None
+        if owner is not None:
+            owner = _owner_object(self, owner)
         if owner is None:
             items = store.query(info.kind, sel, limit=limit)[0]
         else:       # from the owner index: O(dependents), not O(objects of the kind)
@@ -7397,14 +7502,15 @@ class LocalClient:
         return [self._out(o) for o in items]
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
-               annotations: dict | None = None, owner: dict | None = None,
+               annotations: dict | None = None, owner: dict | tuple | None = None,
                finalizers: list | None = None) -> Resource:
-        """Create an object; ``owner`` makes it the controller owner (409 if it is gone or being deleted)."""
+        """Create an object; ``owner`` (an object, or a ``(kind, ref)`` tuple) makes it the controller
+        owner (409 if it is gone or being deleted)."""
         info = self._info(kind)
         meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
                                   ("finalizers", finalizers)) if v is not None}
         if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(owner)]
+            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, info.kind))]
         parsed = self._app._parse_body(info, {"metadata": meta, "spec": spec or {}})
         return self._out(self._app._create(info, parsed))
 
@@ -7588,13 +7694,14 @@ class Client:
         return Resource(self.request("GET", self._ref(kind, ref))[2])
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
-             owner: dict | None = None) -> list[Resource]:
+             owner: dict | tuple | None = None) -> list[Resource]:
         """Objects by name; without ``limit`` every page is fetched (following ``continue``).
 
-        ``owner`` (an object) keeps the ones whose ownerReferences name it; the
-        REST API has no such filter, so every page is read and filtered here.
+        ``owner`` (an object, or a ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name
+        it; the REST API has no such filter, so every page is read and filtered here.
         """
         if owner is not None:
+            owner = _owner_object(self, owner)
             key = (owner["kind"], owner["metadata"]["uid"])
             items = [o for o in self.list(kind, selector)
                      if any((r.get("kind"), r.get("uid")) == key for r in o["metadata"]["ownerReferences"])]
@@ -7613,12 +7720,12 @@ class Client:
             params["continue"] = token
 
     def create(self, kind: str, name: str | None = None, spec: dict | None = None, labels: dict | None = None,
-               annotations: dict | None = None, owner: dict | None = None,
+               annotations: dict | None = None, owner: dict | tuple | None = None,
                finalizers: list | None = None) -> Resource:
         meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
                                   ("finalizers", finalizers)) if v is not None}
         if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(owner)]
+            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, kind))]
         return Resource(self.request("POST", f"/{self._plural(kind)}", {"metadata": meta, "spec": spec or {}})[2])
 
     def update(self, obj: dict) -> Resource:
@@ -7897,18 +8004,30 @@ def _age(created: str | None) -> str:
 
 
 def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("   ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    """Aligned columns; every cell on one line (a newline or ESC from the server cannot forge rows)."""
+    rows = [[_one_line(str(c)) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _labels_text(labels: dict | None) -> str:
     return ",".join(f"{k}={v}" for k, v in (labels or {}).items()) or "<none>"
 
 
+# what json.dumps leaves raw inside strings but a terminal acts on (CSI is \x9b) or breaks lines at
+_RAW_IN_JSON_RE = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+
+
+def _json_text(value) -> str:
+    """``value`` as indented JSON for a terminal: the same JSON, with those characters as \\u escapes."""
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return _RAW_IN_JSON_RE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def _render(value, fmt: str) -> str:
     """Objects, lists of objects or plain JSON in table/wide/json/yaml/name form ("" when there is nothing)."""
     if fmt == "json":
-        return json.dumps(value, indent=2, ensure_ascii=False)
+        return _json_text(value)
     if fmt == "yaml":
         try:
             import yaml
@@ -7919,13 +8038,13 @@ def _render(value, fmt: str) -> str:
     is_obj = all(isinstance(i, dict) and isinstance(i.get("metadata"), dict) for i in items)
     if fmt == "name":
         if not is_obj:
-            return "\n".join(str(next((i[k] for k in ("name", "kind", "versionId") if k in i), i))
-                             if isinstance(i, dict) else str(i) for i in items)
-        return "\n".join(f"{i['kind'].lower()}/{i['metadata']['name']}" for i in items)
+            return "\n".join(_one_line(str(next((i[k] for k in ("name", "kind", "versionId") if k in i), i))
+                                        if isinstance(i, dict) else str(i)) for i in items)
+        return "\n".join(_one_line(f"{i['kind'].lower()}/{i['metadata']['name']}") for i in items)
     if not is_obj or not items:
         if not items:
             return "No resources found."
-        return json.dumps(value, indent=2, ensure_ascii=False)
+        return _json_text(value)
     phase = any("phase" in (i.get("status") or {}) for i in items)
     rows = [["NAME", "UID", "PHASE" if phase else "READY", "AGE"]]
     if fmt == "wide":
@@ -8108,7 +8227,7 @@ class _CLI:
         if table and text:
             print(text)
         elif table and text is None:
-            print(json.dumps(value, indent=2, ensure_ascii=False))
+            print(_json_text(value))
         else:
             rendered = _render(value, "json" if stream and table else self.fmt)
             if rendered:
@@ -8195,7 +8314,7 @@ class _CLI:
         conditions = status.pop("conditions", None) or []
 
         def block(value) -> str:
-            return "\n".join("  " + ln for ln in json.dumps(value, indent=2, ensure_ascii=False).splitlines())
+            return "\n".join("  " + ln for ln in _json_text(value).split("\n"))
         owners = ", ".join(f"{r.get('kind')}/{r.get('name') or r.get('uid')}" + (" (controller)" if r.get("controller")
                            else "") for r in meta.get("ownerReferences") or ()) or "<none>"
         lines = [f"Name:         {meta['name']}", f"Kind:         {obj['kind']}", f"UID:          {meta['uid']}",
@@ -8207,6 +8326,7 @@ class _CLI:
                  f"Finalizers:   {', '.join(meta.get('finalizers') or ()) or '<none>'}"]
         if meta.get("deletionTimestamp"):
             lines.append(f"Deleting:     since {meta['deletionTimestamp']}")
+        lines = [_one_line(line) for line in lines]     # the server's fields, each on its own line
         lines += ["Spec:", block(obj.get("spec") or {}), "Status:", block(status), "Conditions:"]
         if conditions:
             lines.append(_table([["  TYPE", "STATUS", "REASON", "AGE", "MESSAGE"]] + [
@@ -8214,7 +8334,7 @@ class _CLI:
                  _age(c.get("lastTransitionTime")), c.get("message") or ""] for c in conditions]))
         else:
             lines.append("  <none>")
-        dependents = [f"  {o['kind'].lower()}/{o['metadata']['name']}"
+        dependents = [_one_line(f"  {o['kind'].lower()}/{o['metadata']['name']}")
                       for k in self._discovery["kinds"] if "controller" in k
                       for o in self.client.list(k["kind"], owner=obj)]
         lines += ["Dependents:"] + (dependents or ["  <none>"]) + ["Events:"]
@@ -8469,8 +8589,8 @@ _INIT_KIND = '''
 def reconcile_{snake}(ctx, obj):
     """Make the world match obj.spec; what is left in obj.status is written back (a status-only write).
 
-    Raise an exception to retry with backoff, fabrica.TemporaryError(seconds) to retry after a delay,
-    fabrica.PermanentError to wait for the next change. ctx.client reads and writes other objects.
+    Raise an exception to retry with backoff, fabrica.TemporaryError(message, delay=seconds) to retry after
+    a delay, fabrica.PermanentError to wait for the next change. ctx.client reads and writes other objects.
     """
     obj.status["phase"] = "Ready"
     obj.set_condition("Ready", True, reason="Reconciled", message="spec has %d field(s)" % len(obj.spec))

@@ -568,3 +568,303 @@ class TestWiringMistakes:
         app.register("VM", owns=["Disk"])
         with pytest.raises(fabrica.ConfigurationError, match="has none"):
             app.start()
+
+
+###############################################################################
+# Issue 14, the rest: status, discovery, metrics, the clients, the table ######
+###############################################################################
+
+def import_fabrica():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import fabrica
+    finally:
+        sys.path.remove(str(ROOT))
+    return fabrica
+
+
+def wsgi(app, path, headers=None, method="GET"):
+    """One in-process request to ``app.wsgi``: (status, headers, body bytes); ``path`` may carry a query."""
+    import io
+    import urllib.parse
+    path, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": urllib.parse.unquote(path, "latin-1"), "QUERY_STRING": query, "SERVER_NAME": "127.0.0.1",
+               "SERVER_PORT": "80", "HTTP_HOST": "127.0.0.1", "wsgi.input": io.BytesIO(b""), "CONTENT_LENGTH": "0",
+               "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO(), "SERVER_PROTOCOL": "HTTP/1.1"}
+    for key, value in (headers or {}).items():
+        environ["HTTP_" + key.upper().replace("-", "_")] = value
+    got = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        got["status"], got["headers"] = int(status.split()[0]), dict(response_headers)
+    chunks = app.wsgi(environ, start_response)
+    body = b"".join(chunks)
+    getattr(chunks, "close", lambda: None)()
+    return got["status"], got["headers"], body
+
+
+class TestFailureReasons:
+    """Ready=False tells by its reason and message whether a retry comes, and when (SPEC §5.3)."""
+
+    @staticmethod
+    def app(tmp_path):
+        fabrica = import_fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        @app.register("Widget")
+        def reconcile(ctx, obj):
+            mode = obj.spec.get("mode")
+            if mode == "permanent":
+                raise fabrica.PermanentError("spec.size must be even")
+            if mode == "temporary":
+                raise fabrica.TemporaryError("controller busy", delay=3600)
+            if mode == "error":
+                raise ValueError("disk 'd1' is missing")
+            obj.status["phase"] = "Done"
+        return app
+
+    @pytest.mark.parametrize("mode, reason, message", [
+        ("permanent", "ReconcilePermanentError", r"spec\.size must be even; not retried until the object changes"),
+        ("temporary", "ReconcileTemporaryError", r"controller busy; retrying in 3600s"),
+        ("error", "ReconcileError", r"disk 'd1' is missing; retrying in [0-9.]+s"),
+    ])
+    def test_each_failure_has_its_reason_and_says_what_comes_next(self, tmp_path, mode, reason, message):
+        app = self.app(tmp_path)
+        with app:
+            c = app.client
+            c.create("Widget", name="w1", spec={"mode": mode})
+            ready = wait_for(lambda: c.get("Widget", "w1").condition("Ready"))
+            assert (ready["status"], ready["reason"]) == ("False", reason)
+            assert re.fullmatch(message, ready["message"]), ready["message"]
+
+    @pytest.mark.parametrize("mode", ["permanent", "temporary", "error"])
+    def test_the_first_successful_run_clears_each_of_them(self, tmp_path, mode):
+        app = self.app(tmp_path)
+        with app:
+            c = app.client
+            c.create("Widget", name="w1", spec={"mode": mode})
+            wait_for(lambda: c.get("Widget", "w1").condition("Ready"))
+            c.patch("Widget", "w1", {"mode": "ok"})
+            wait_for(lambda: c.get("Widget", "w1").status.get("phase") == "Done")
+            ready = c.get("Widget", "w1").condition("Ready")
+            assert (ready["status"], ready["reason"]) == ("True", "ReconcileSuccess")
+
+    def test_a_finalizer_that_fails_for_good_says_so(self, tmp_path):
+        fabrica = import_fabrica()
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+
+        def refuse(ctx, obj):
+            raise fabrica.PermanentError("cannot release")
+        app.register("Lease", finalize=refuse)
+        with app:
+            app.client.create("Lease", name="l1")
+            app.client.delete("Lease", "l1")
+            ready = wait_for(lambda: app.client.get("Lease", "l1").condition("Ready"))
+            assert ready["reason"] == "ReconcilePermanentError"
+            assert ready["message"] == "cannot release; not retried until the object changes"
+
+
+class TestRoot:
+    """GET / before the dashboard: a browser goes to /docs, a JSON client gets discovery (SPEC §6.1, §11)."""
+
+    BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Widget")
+        return app
+
+    def test_a_browser_is_sent_to_the_docs(self, app):
+        status, headers, _ = wsgi(app, "/", {"Accept": self.BROWSER})
+        assert (status, headers["Location"]) == (302, "/docs")
+        assert "Accept" in headers["Vary"]
+        status, headers, _ = wsgi(app, "/docs", {"Accept": self.BROWSER})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+
+    @pytest.mark.parametrize("accept", [None, "*/*", "application/json"])
+    def test_a_json_client_gets_the_discovery_document(self, app, accept):
+        status, headers, body = wsgi(app, "/", {"Accept": accept} if accept else None)
+        assert status == 200 and headers["Content-Type"].startswith("application/json")
+        assert json.loads(body) == json.loads(wsgi(app, "/apis")[2])
+        assert [k["kind"] for k in json.loads(body)["kinds"]] == ["Widget"]
+
+    def test_the_openapi_document_describes_both_answers(self, app):
+        get = json.loads(wsgi(app, "/openapi.json")[2])["paths"]["/"]["get"]
+        assert {"200", "302"} <= set(get["responses"])
+
+
+class TestWhatHasAController:
+    """A kind with a reconcile or a finalize has a controller: discovery, /health and /metrics agree."""
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Plain")
+        app.register("Tag", finalize=lambda ctx, obj: None)
+        app.register("Rack", lambda ctx, obj: obj.set_condition("Ready", False, reason="Waiting"))
+        return app
+
+    def test_discovery_and_health_name_a_finalize_only_kind(self, app):
+        with app:
+            kinds = {k["kind"]: k["controller"] for k in json.loads(wsgi(app, "/apis")[2])["kinds"]}
+            assert kinds == {"Plain": False, "Tag": True, "Rack": True}
+            assert set(json.loads(wsgi(app, "/health")[2])["workers"]) == {"Tag", "Rack"}
+
+    def test_objects_not_ready_counts_only_kinds_with_a_controller(self, app):
+        with app:
+            for kind in ("Plain", "Tag", "Rack"):
+                app.client.create(kind, name="x1")
+            assert app.wait_idle(30)
+            text = wsgi(app, "/metrics")[2].decode()
+        samples = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                       if line.startswith("fabrica_objects_not_ready{"))
+        assert samples == {'fabrica_objects_not_ready{kind="Rack"}': "1", 'fabrica_objects_not_ready{kind="Tag"}': "1"}
+        help_line = next(line for line in text.splitlines() if line.startswith("# HELP fabrica_objects_not_ready "))
+        assert "with a controller" in help_line
+        assert 'fabrica_objects{kind="Plain"} 1' in text
+
+
+class TestUtf8Requests:
+    """Query parameters and headers are the UTF-8 text the client sent; bytes that are not UTF-8 are a 400."""
+
+    @pytest.fixture
+    def app(self, tmp_path):
+        app = import_fabrica().Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Widget", history=True)
+        with app:
+            app.client.create("Widget", name="w1")
+            yield app
+
+    @pytest.mark.parametrize("path, value", [
+        ("/events?kind=%C3%BC", "'ü'"),                       # no such kind
+        ("/events?since=%C3%BC", "'ü'"),                      # no such event id
+        ("/widgets?labelSelector=%C3%BC%3D1", "ü"),           # no such label key
+        ("/widgets?limit=%C3%BC", "'ü'"),
+        ("/widgets/w1/events?limit=%C3%BC", "'ü'"),
+    ])
+    def test_a_non_ascii_parameter_comes_back_as_sent(self, app, path, value):
+        status, _, body = wsgi(app, path)
+        message = json.loads(body)["error"]
+        assert status in (400, 404), body
+        assert value in message and "Ã" not in message, message
+
+    def test_a_non_ascii_header_comes_back_as_sent(self, app):
+        status, _, body = wsgi(app, "/widgets/w1", {"If-Match": '"ü"'.encode().decode("latin-1")}, method="DELETE")
+        message = json.loads(body)["error"]
+        assert status == 412 and "ü" in message and "Ã" not in message, message
+
+    @pytest.mark.parametrize("path, headers", [
+        ("/events?kind=%FF", None),
+        ("/widgets?name=%FF", None),
+        ("/widgets/w1?force=%FF", None),
+        ("/widgets/w%FF1", None),                             # Bottle would drop the byte and find w1
+        ("/events", {"Last-Event-ID": "\xff"}),
+    ])
+    def test_bytes_that_are_not_utf8_are_a_bad_request(self, app, path, headers):
+        method = "DELETE" if "force" in path else "GET"
+        status, _, body = wsgi(app, path, headers, method=method)
+        assert status == 400, body
+        assert "not valid UTF-8" in json.loads(body)["error"]
+        assert app.client.get("Widget", "w1").name == "w1"
+
+
+@pytest.fixture(scope="module")
+def owners_url(tmp_path_factory):
+    """A server of kinds Owner and Part on a fresh data dir; its URL."""
+    tmp = tmp_path_factory.mktemp("owners")
+    (tmp / "owners.py").write_text('import fabrica\napp = fabrica.Fabrica()\napp.register("Owner")\n'
+                                   'app.register("Part")\n')
+    proc, port, _ = start([FABRICA_PY, "serve", tmp / "owners.py", "--data-dir", tmp / "data", "--port", "0",
+                           "--no-fsync"], cwd=tmp)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+class TestOwnerArgument:
+    """``owner=`` takes the object or a ``(kind, ref)`` tuple on both clients; anything else is a clear TypeError."""
+
+    @pytest.fixture(params=["app.client", "Client"])
+    def client(self, request, tmp_path):
+        fabrica = import_fabrica()
+        if request.param == "Client":
+            with fabrica.Client(request.getfixturevalue("owners_url")) as client:
+                yield client
+            return
+        app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False)
+        app.register("Owner")
+        app.register("Part")
+        with app:
+            yield app.client
+
+    def test_a_kind_and_ref_tuple_names_the_owner(self, client, request):
+        suffix = request.node.callspec.id.replace(".", "").lower()
+        owner = client.create("Owner", name=f"own-{suffix}")
+        by_name = client.create("Part", name=f"p1-{suffix}", owner=("Owner", owner.name))
+        by_uid = client.create("Part", name=f"p2-{suffix}", owner=("Owner", owner.uid))
+        client.create("Part", name=f"p3-{suffix}")
+        for part in (by_name, by_uid):
+            assert part.owner_references[0]["uid"] == owner.uid and part.owner_references[0]["controller"]
+        expected = [f"p1-{suffix}", f"p2-{suffix}"]
+        assert [p.name for p in client.list("Part", owner=("Owner", owner.name))] == expected
+        assert [p.name for p in client.list("Part", owner=owner)] == expected
+
+    def test_a_missing_owner_is_a_conflict_on_create_and_not_found_on_list(self, client):
+        fabrica = import_fabrica()
+        with pytest.raises(fabrica.ConflictError, match="does not exist"):
+            client.create("Part", name="orphan", owner=("Owner", "nobody"))
+        with pytest.raises(fabrica.NotFoundError):
+            client.list("Part", owner=("Owner", "nobody"))
+
+    @pytest.mark.parametrize("owner", ["own1", ("Owner",), ["Owner", "own1"], {"name": "own1"}, 42])
+    def test_anything_else_is_a_type_error_that_says_what_to_pass(self, client, owner):
+        with pytest.raises(TypeError, match=r"owner must be an object .* or a \(kind, ref\) tuple"):
+            client.create("Part", name="bad", owner=owner)
+        with pytest.raises(TypeError, match=r"owner must be an object .* or a \(kind, ref\) tuple"):
+            client.list("Part", owner=owner)
+
+
+class TestTerminalOutput:
+    """What the server holds reaches the terminal one field per line, without control characters."""
+
+    FORGED = "Ok\nforged-row   fake-1a2b3c4d   Ready   1s\x1b[31m\x9b2J\u2028"
+
+    @pytest.fixture
+    def url(self, owners_url, request):
+        fabrica = import_fabrica()
+        with fabrica.Client(owners_url) as client:
+            name = "term-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.split("_", 1)[1])[:40].strip("-")
+            obj = client.create("Part", name=name, annotations={"note": "a\nName:         forged"},
+                                spec={"text": "x\x9b2J\u2028y"})
+            client.update_status("Part", obj.uid, {"phase": self.FORGED, "conditions": [
+                {"type": "Ready", "status": "False", "reason": "Broken", "message": "m\x1b]0;title\x07\nREADY"}]})
+        return owners_url, name
+
+    @staticmethod
+    def assert_clean(text):
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]", text), repr(text)
+        assert "forged-row" not in [line.split(" ")[0] for line in text.splitlines()]
+
+    @pytest.mark.parametrize("wide", [[], ["-o", "wide"]])
+    def test_get_prints_one_row_per_object(self, url, wide):
+        base, name = url
+        res = cli(base, "get", "part", name, "-o", "table", *wide)
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        rows = res.stdout.splitlines()
+        assert len(rows) == 2 and rows[1].startswith(name) and "\\n" in rows[1] and "\\x1b" in rows[1], rows
+
+    def test_json_output_escapes_what_a_terminal_acts_on(self, url):
+        base, name = url
+        res = cli(base, "get", "part", name, "-o", "json")
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        assert json.loads(res.stdout)["status"]["phase"] == self.FORGED
+
+    def test_describe_keeps_each_field_on_its_line(self, url):
+        base, name = url
+        res = cli(base, "describe", "part", name)
+        assert res.returncode == 0, res.stderr
+        self.assert_clean(res.stdout)
+        assert [line for line in res.stdout.splitlines() if line.startswith("Name:")] == [f"Name:         {name}"]
+        assert not any(line.startswith("READY") for line in res.stdout.splitlines())
