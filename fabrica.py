@@ -985,7 +985,7 @@ class _PatchBudget:
         # (negative) the separators an inserted member adds; None if tokens does not resolve
         if not tokens:
             return self.size
-        try:
+        with contextlib.suppress(PatchError):     # an unresolvable path: the operation itself reports it
             parent = _walk(doc, tokens[:-1])
             key = tokens[-1]
             if isinstance(parent, dict):
@@ -995,8 +995,6 @@ class _PatchBudget:
             if isinstance(parent, list):
                 index = _array_index(parent, key, tokens, insert=not replace)
                 return _size(parent[index]) if replace else -self._separators(parent, key, 0)
-        except PatchError:
-            pass
         return None
 
     @staticmethod
