@@ -7886,7 +7886,7 @@ def _serve_parser(sub):
               ", ".join(f"FABRICA_{name}" for name, _ in _SERVE_ENV.values()) +
               ". app.serve() in a script reads the same variables, which override its arguments.")
     p = sub.add_parser("serve", help="run the REST API, the bus and the controllers", epilog=epilog,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_ServeHelpFormatter)
     env = _env_settings()
     p.add_argument("app", nargs="?", help="module:attr or path/to/file.py[:attr] holding a Fabrica "
                                           "(default: an open server where any kind can be created)")
@@ -7980,6 +7980,16 @@ def _split_globals(argv: list[str]) -> tuple[dict, list[str]]:
             rest.append(arg)
         i += 1
     return found, rest
+
+
+class _ServeHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once, and only a real one: a help text naming its own default, or a
+    flag that is off unless given (default None), is left as it is."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _UsageError(Exception):
