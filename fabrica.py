@@ -301,7 +301,10 @@ def dumps(value) -> str:
 
 def json_size(value) -> int:
     """The bytes of ``dumps(value)`` in UTF-8 (what the object limit measures); TypeError/ValueError if not JSON."""
-    text = dumps(value)
+    return _utf8_size(dumps(value))
+
+
+def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
@@ -934,8 +937,7 @@ def _check_nesting(tokens, value, max_depth: int | None) -> None:
 def _size(value) -> int:
     # json_size() that never raises: a value that is not JSON (app.client may pass one) is sized
     # by its str(), and the store refuses it later
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+    return _utf8_size(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
 
 
 class _PatchBudget:
@@ -2317,7 +2319,7 @@ class Store:
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f'{kind} "{new["metadata"]["name"]}" holds a value that is not JSON: {exc}',
                                       [{"field": "", "message": str(exc)}]) from None
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            size = _utf8_size(text)
             if text.count("{") + text.count("[") > MAX_OBJECT_DEPTH:     # only then can it nest that deep
                 self._check_depth(new)
             if max_size is not None and size > max_size:
