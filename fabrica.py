@@ -45,6 +45,7 @@ __all__ = [
     "PreconditionFailedError",
     "Resource",
     "Result",
+    "SQLiteStore",
     "Schema",
     "Store",
     "TemporaryError",
@@ -3308,6 +3309,803 @@ def _write_all(fd, payload):
     view = memoryview(payload)
     while view:
         view = view[os.write(fd, view):]
+
+
+###############################################################################
+# SQLite store ################################################################
+###############################################################################
+#
+# SQLiteStore keeps everything in one SQLite file (stdlib sqlite3, WAL): the
+# objects, their label and owner index rows, spec history, the change feed and
+# the resourceVersion counter. Nothing is loaded into memory but a count per
+# kind. One writer thread owns the only writing connection: every write is a
+# job on its queue, and each batch it drains is ONE transaction (a savepoint
+# per job) and one COMMIT, acknowledged only after that COMMIT (group commit).
+# Reads take a connection from a pool, so they never wait for a write.
+
+SQLITE_APPLICATION_ID = 0x46616272     # "Fabr" in PRAGMA application_id: marks a fabrica database
+SQLITE_SCHEMA_VERSION = 1              # PRAGMA user_version
+SQLITE_BATCH = 256                     # writes in one transaction at most
+SQLITE_QUICK_CHECK_BYTES = 64 << 20    # start-up runs PRAGMA quick_check on databases up to this size
+CHANGE_RETENTION = 100_000             # changes the feed keeps by default
+
+_SQLITE_SCHEMA = """
+CREATE TABLE fabrica (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE kinds (kind TEXT PRIMARY KEY, plural TEXT NOT NULL, objects INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE objects (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, uid TEXT NOT NULL, name TEXT NOT NULL,
+    labels TEXT NOT NULL,           -- metadata.labels as JSON: what a selector matches
+    doc TEXT NOT NULL,              -- the whole object as JSON
+    UNIQUE (kind, uid), UNIQUE (kind, name));
+CREATE TABLE labels (
+    kind TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    id INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
+    PRIMARY KEY (kind, key, value, id)) WITHOUT ROWID;
+CREATE INDEX labels_of_object ON labels (id);
+CREATE TABLE owners (
+    owner_kind TEXT NOT NULL, owner_uid TEXT NOT NULL,
+    id INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
+    PRIMARY KEY (owner_kind, owner_uid, id)) WITHOUT ROWID;
+CREATE INDEX owners_of_object ON owners (id);
+CREATE TABLE history (
+    kind TEXT NOT NULL, uid TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (kind, uid, version)) WITHOUT ROWID;
+CREATE TABLE changes (
+    resource_version INTEGER PRIMARY KEY, action TEXT NOT NULL, time TEXT NOT NULL,
+    object TEXT NOT NULL, previous TEXT);
+INSERT INTO fabrica VALUES ('resourceVersion', 0), ('pruned', 0);
+"""
+_SQLITE_TABLES = {"fabrica", "kinds", "objects", "labels", "owners", "history", "changes"}
+# the query parameters a database URL may carry (Go Fabrica's go-sqlite3 DSN ones, and ours)
+_SQLITE_PARAMS = {"_fk": "foreign keys are always on", "_foreign_keys": "foreign keys are always on",
+                  "_busy_timeout": "the busy timeout in ms", "_timeout": "the busy timeout in ms",
+                  "_journal_mode": "WAL only", "_journal": "WAL only", "cache": "ignored (one process)",
+                  "mode": "rwc only", "change_retention": "changes the feed keeps"}
+
+
+def parse_database_url(url: str) -> tuple[str, dict]:
+    """(scheme, settings) of a ``database_url``; ConfigurationError if it is not one fabrica can open.
+
+    ``sqlite:///relative/app.db``, ``sqlite:////absolute/app.db`` (SQLAlchemy's
+    form) and Go Fabrica's ``file:path/app.db?_fk=1`` give scheme "sqlite" and
+    settings ``path``, ``busy_timeout`` (seconds), ``change_retention``;
+    ``postgresql://...`` gives "postgresql" and ``{"url": url}``.
+    """
+    scheme, sep, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme in ("postgres", "postgresql"):
+        return "postgresql", {"url": url}
+    if not sep or scheme not in ("sqlite", "file"):
+        raise ConfigurationError(f"database_url {url!r}: use sqlite:///path/app.db, file:path/app.db or "
+                                 "postgresql://...")
+    rest, _, query = rest.partition("?")
+    if scheme == "sqlite":
+        if not rest.startswith("//") or rest[2:3] not in ("/", ""):
+            raise ConfigurationError(f"database_url {url!r}: a SQLite URL has no host; write sqlite:///relative/"
+                                     "app.db or sqlite:////absolute/app.db")
+        path = rest[3:]
+    else:
+        path = rest[len("//localhost"):] if rest.startswith("//localhost/") else \
+            rest[2:] if rest.startswith("///") else rest
+        if path.startswith("//"):
+            raise ConfigurationError(f"database_url {url!r}: a file: URL names no host; write file:path/app.db")
+    path = urllib.parse.unquote(path)
+    if not path or path == ":memory:":
+        raise ConfigurationError(f"database_url {url!r} names no file: the SQLite store keeps a file, "
+                                 "e.g. sqlite:///data/app.db")
+    settings = {"path": path, "busy_timeout": 5.0, "change_retention": CHANGE_RETENTION}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        low = value.lower()
+        if key not in _SQLITE_PARAMS:
+            raise ConfigurationError(f"database_url {url!r}: unknown parameter {key!r}; known: " +
+                                     ", ".join(f"{k} ({v})" for k, v in _SQLITE_PARAMS.items()))
+        if key in ("_busy_timeout", "_timeout", "change_retention"):
+            if not value.isascii() or not value.isdigit() or (key == "change_retention" and int(value) < 1):
+                raise ConfigurationError(f"database_url {url!r}: {key} must be a whole number"
+                                         f"{' of at least 1' if key == 'change_retention' else ''}, not {value!r}")
+            if key == "change_retention":
+                settings["change_retention"] = int(value)
+            else:
+                settings["busy_timeout"] = int(value) / 1000
+        elif (key in ("_journal_mode", "_journal") and low != "wal") or (key == "mode" and low != "rwc") or \
+                (key in ("_fk", "_foreign_keys") and low not in ("1", "true", "on", "yes")):
+            raise ConfigurationError(f"database_url {url!r}: {key}={value} is not available: "
+                                     f"{_SQLITE_PARAMS[key]}")
+    return "sqlite", settings
+
+
+def _sqlite3():
+    try:
+        return importlib.import_module("sqlite3")
+    except ImportError:
+        raise ConfigurationError("this Python has no sqlite3 module (it is built without SQLite); "
+                                 "use data_dir= (the JSON file store)") from None
+
+
+def _sqlite_code(exc) -> str:
+    """SQLite's name of an error ("SQLITE_FULL"...); read from the message where Python gives no name (3.10)."""
+    name = getattr(exc, "sqlite_errorname", None)
+    if name:
+        return name
+    text = str(exc)
+    return "SQLITE_FULL" if "full" in text else "SQLITE_CORRUPT" if "malformed" in text else \
+        "SQLITE_NOTADB" if "not a database" in text else "SQLITE_ERROR"
+
+
+class _Job:
+    """One write waiting for the writer thread: ``apply(conn, rv)`` runs inside the batch's transaction."""
+
+    __slots__ = ("apply", "done", "result", "error", "change", "what")
+
+    def __init__(self, apply, what):
+        self.apply = apply
+        self.what = what            # (action, object) for the error message of a failed COMMIT
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+        self.change = None          # (action, old, new, size) once it took a resourceVersion
+
+
+class SQLiteStore(Store):
+    """Objects, label index, owners, spec history and the change feed in one SQLite database file.
+
+    ``SQLiteStore("data/app.db", durable=True, busy_timeout=5.0,
+    change_retention=100000)``; ``from_url()`` takes a ``database_url``.
+    WAL journal; ``synchronous=FULL`` when durable (every acknowledged write
+    survives a power loss), NORMAL otherwise (it survives a crash of the
+    process). A lock file ``<path>.lock`` (flock, holding the pid) keeps it
+    to one process. Reads use a pool of connections; writes go through one
+    writer thread that commits what has queued up in one transaction, so
+    concurrent writers share a COMMIT and its fsync. Every method is
+    thread-safe. Objects returned are fresh dicts, parsed per read.
+    """
+
+    def __init__(self, path: str, *, durable: bool = True, busy_timeout: float = 5.0,
+                 change_retention: int = CHANGE_RETENTION):
+        super().__init__()
+        self.path = os.path.abspath(path)
+        self.durable = durable
+        self.busy_timeout = busy_timeout
+        self.change_retention = max(1, int(change_retention))
+        self._sql = None                # the sqlite3 module, imported by open()
+        self._lock_fd = None
+        self._wconn = None              # the writer connection: used by the writer thread only
+        self._writer = None
+        self._writer_ident = None
+        self._wcond = threading.Condition(threading.Lock())    # guards _jobs and _closing
+        self._jobs: collections.deque = collections.deque()
+        self._closing = False
+        self._idle: list = []           # reader connections not in use (list.pop/append are atomic)
+        self._counts: dict[str, int] = {}      # kind -> objects, as committed
+        self._stored_kinds: dict[str, str] = {}     # kind -> plural, as the kinds table holds them
+        self._pruned = 0                # the feed holds every change after this resourceVersion
+
+    @classmethod
+    def from_url(cls, url: str, *, durable: bool = True) -> SQLiteStore:
+        scheme, settings = parse_database_url(url)
+        if scheme != "sqlite":
+            raise ConfigurationError(f"{url!r} is not a SQLite URL")
+        return cls(settings["path"], durable=durable, busy_timeout=settings["busy_timeout"],
+                   change_retention=settings["change_retention"])
+
+    # -- life cycle --------------------------------------------------------
+    def open(self, kinds, *, discover=False):
+        self._sql = _sqlite3()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._check_file()
+            try:
+                self._wconn = self._connect()
+                self._prepare(self._wconn)
+                self._load_state(self._wconn)
+            except self._sql.DatabaseError as exc:
+                raise self._open_error(exc) from None
+            for kind, plural in kinds.items():
+                self.add_kind(kind, plural)
+            if discover:
+                for kind, plural in self._stored_kinds.items():
+                    if kind not in self._plurals and self._counts.get(kind):
+                        self.add_kind(kind, plural)
+                        self.discovered[kind] = plural
+            self._closing = False
+            self._writer = threading.Thread(target=self._write_loop, name="fabrica-sqlite-writer", daemon=True)
+            self._writer.start()
+            self._opened = True
+        except BaseException:
+            self.close()
+            raise
+        store_log.info("opened %s: %d object(s), resourceVersion %d, change feed after %d%s", self.path,
+                       sum(self._counts.values()), self._rv, self._pruned,
+                       "" if self.durable else " (synchronous=NORMAL: no fsync per write)")
+
+    def close(self):
+        """Finish the queued writes, stop the writer thread, close every connection, release the lock."""
+        super().close()
+        if self._writer is not None:
+            with self._wcond:
+                self._closing = True
+                self._wcond.notify_all()
+            if self._writer is not threading.current_thread():
+                self._writer.join()
+            self._writer = None
+        while self._idle:
+            with contextlib.suppress(Exception):
+                self._idle.pop().close()
+        if self._wconn is not None:
+            with contextlib.suppress(Exception):
+                self._wconn.close()
+            self._wconn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)     # releases the flock
+            self._lock_fd = None
+
+    def _acquire_lock(self):
+        path = self.path + ".lock"
+        try:
+            fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
+        except _NotAFile as exc:
+            raise StoreError(f"cannot lock the database: {path} is {exc.what}, not a regular file; remove it "
+                             "and start again") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(f"database {self.path} is locked by pid {holder}: another fabrica process is "
+                                   "using it; stop it or use another database (serve --database-url, "
+                                   "FABRICA_DATABASE_URL or Fabrica(database_url=...))") from None
+        pid = f"{os.getpid()}\n".encode()
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)     # never name a stale holder
+            store_log.warning("could not write the pid into %s: %s", path, exc.strerror or exc)
+        self._lock_fd = fd
+
+    def _check_file(self):
+        """StoreError unless the path is absent, empty, or starts as a SQLite database does.
+
+        The file is read before SQLite opens it (which would take any file and
+        fail later), and closed before any connection exists: closing a
+        descriptor drops the process's POSIX locks, SQLite's included.
+        """
+        try:
+            fd = _open_regular(self.path)
+        except FileNotFoundError:
+            return
+        except _NotAFile as exc:
+            raise StoreError(f"{self.path} is {exc.what}, not a SQLite database file") from None
+        except OSError as exc:
+            raise StoreError(f"cannot open {self.path}: {exc.strerror or exc}") from None
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
+        if head and head != b"SQLite format 3\x00":
+            raise StoreError(f"{self.path} is not a fabrica database: it is not a SQLite file (it starts with "
+                             f"{head[:8]!r}); give the path of a database fabrica made, or of a new file")
+
+    def _connect(self, *, reader: bool = False):
+        conn = self._sql.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                 check_same_thread=False, cached_statements=64)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        if reader:
+            conn.execute("PRAGMA query_only = ON")
+        else:
+            conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _prepare(self, conn):
+        """Check what the file holds (a fabrica database, a new one, or something else) and set it up."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id == 0 and not tables:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # not executescript(): it commits first; the schema goes in statement by statement
+                for statement in _SQLITE_SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {SQLITE_APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            store_log.info("created the fabrica database %s", self.path)
+        elif app_id != SQLITE_APPLICATION_ID:
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StoreError(f"{self.path} is not a fabrica database: it is a SQLite database of another "
+                             f"application (tables: {shown or 'none'}); give another path")
+        elif version > SQLITE_SCHEMA_VERSION:
+            raise StoreError(f"{self.path} was written by a newer fabrica (schema {version}, this one reads "
+                             f"{SQLITE_SCHEMA_VERSION}); upgrade fabrica")
+        elif not _SQLITE_TABLES <= tables:
+            raise StoreError(f"{self.path} is a damaged fabrica database: table(s) "
+                             f"{', '.join(sorted(_SQLITE_TABLES - tables))} missing; restore it from a backup")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"{self.path}: SQLite could not switch it to WAL mode (it is in {mode} mode)")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'NORMAL'}")
+        if os.path.getsize(self.path) <= SQLITE_QUICK_CHECK_BYTES:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise self._sql.DatabaseError("; ".join(problems))
+
+    def _open_error(self, exc) -> StoreError:
+        code, text = _sqlite_code(exc), _one_line(str(exc))
+        if code == "SQLITE_NOTADB":
+            return StoreError(f"{self.path} is not a fabrica database (SQLite: {text}); give the path of a "
+                              "database fabrica made, or of a new file")
+        if code in ("SQLITE_CORRUPT", "SQLITE_ERROR"):
+            return StoreError(f"{self.path} is corrupt (SQLite: {text}); restore it from a backup or recover it "
+                              f"with: sqlite3 {self.path} .recover")
+        return StoreError(f"cannot open {self.path} (SQLite: {text})")
+
+    def _load_state(self, conn):
+        meta = dict(conn.execute("SELECT key, value FROM fabrica"))
+        self._rv = self._allocated = int(meta.get("resourceVersion", 0))
+        self._pruned = int(meta.get("pruned", 0))
+        for kind, plural, count in conn.execute("SELECT kind, plural, objects FROM kinds"):
+            self._stored_kinds[kind] = plural
+            self._counts[kind] = count
+
+    def add_kind(self, kind, plural):
+        with self._lock:
+            self._plurals[kind] = plural
+
+    def drop_kind(self, kind):
+        with self._lock:
+            if not self._counts.get(kind):
+                self._plurals.pop(kind, None)
+
+    # -- reads -------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reading(self):
+        """A connection to read with: the writer's own on the writer thread (so that a guard sees
+        the batch it runs in), else one from the pool, returned to it afterwards."""
+        if threading.get_ident() == self._writer_ident:
+            yield self._wconn
+            return
+        if not self._opened:
+            raise StoreError(f"the database {self.path} is closed")
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._connect(reader=True)
+        try:
+            yield conn
+        except self._sql.Error as exc:
+            with contextlib.suppress(Exception):
+                conn.close()
+            conn = None
+            raise StoreError(f"could not read from {self.path} (SQLite: {_one_line(str(exc))})") from None
+        finally:
+            if conn is not None:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if self._opened and len(self._idle) < 16:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+
+    def _one(self, sql: str, args) -> dict | None:
+        with self._reading() as conn:
+            row = conn.execute(sql, args).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def get(self, kind, uid):
+        if kind not in self._plurals:
+            return None
+        return self._one("SELECT doc FROM objects WHERE kind = ? AND uid = ?", (kind, uid))
+
+    def find(self, kind, name):
+        if kind not in self._plurals:
+            return None
+        return self._one("SELECT doc FROM objects WHERE kind = ? AND name = ?", (kind, name))
+
+    def resolve(self, kind, ref):
+        if kind not in self._plurals:
+            return None
+        with self._reading() as conn:
+            rows = conn.execute("SELECT uid = ?2, doc FROM objects WHERE kind = ?1 AND (uid = ?2 OR name = ?2)",
+                                (kind, ref)).fetchall()
+        return json.loads(max(rows)[1]) if rows else None      # the uid match first (SPEC §1)
+
+    def query(self, kind, selector=None, *, name=None, after=None, limit=None):
+        """As Store.query. Without a selector a page is one index range; a selector's equality,
+        ``in`` and exists requirements pick rows through the label index, the rest is matched on
+        each candidate's labels, and only the page's documents are read and parsed."""
+        if kind not in self._plurals:
+            return [], 0, None
+        with self._reading() as conn:
+            if not conn.in_transaction:
+                conn.execute("BEGIN")       # one snapshot for the whole answer
+            if selector is None and name is None:
+                total = self._counts.get(kind, 0)
+                sql = "SELECT doc FROM objects WHERE kind = ? AND name > ? ORDER BY name"
+                args = (kind, "" if after is None else after)
+                if limit is not None:
+                    sql += " LIMIT ?"
+                    args += (limit + 1,)
+                items = [json.loads(doc) for doc, in conn.execute(sql, args)]
+                if conn is not self._wconn:
+                    conn.execute("COMMIT")
+                more = None
+                if limit is not None and len(items) > limit:
+                    items = items[:limit]
+                    more = items[-1]["metadata"]["name"]
+                return items, total, more
+            rows = self._candidates(conn, kind, selector, name)
+            if selector is not None:
+                rows = [row for row in rows if selector.matches(json.loads(row[2]))]
+            rows.sort(key=lambda row: row[0])
+            total = len(rows)
+            if after is not None:
+                rows = rows[bisect.bisect_right([row[0] for row in rows], after):]
+            more = None
+            if limit is not None and len(rows) > limit:
+                rows = rows[:limit]
+                more = rows[-1][0]
+            docs = {}
+            ids = [row[1] for row in rows]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                docs.update(conn.execute(f"SELECT id, doc FROM objects WHERE id IN ({','.join('?' * len(chunk))})",
+                                         chunk))
+            if conn is not self._wconn:
+                conn.execute("COMMIT")
+        return [json.loads(docs[i]) for i in ids if i in docs], total, more
+
+    @staticmethod
+    def _candidates(conn, kind, selector, name) -> list[tuple[str, int, str]]:
+        """(name, id, labels JSON) of the rows that may match: by name, through the label index, or all."""
+        if name is not None:
+            return conn.execute("SELECT name, id, labels FROM objects WHERE kind = ? AND name = ?",
+                                (kind, name)).fetchall()
+        lookups, args = [], []
+        for key, values in selector.index_candidates():
+            if values is None:
+                lookups.append("SELECT id FROM labels WHERE kind = ? AND key = ?")
+                args += [kind, key]
+            else:
+                lookups.append(f"SELECT id FROM labels WHERE kind = ? AND key = ? AND value IN "
+                               f"({','.join('?' * len(values))})")
+                args += [kind, key, *sorted(values)]
+        if not lookups:
+            return conn.execute("SELECT name, id, labels FROM objects WHERE kind = ?", (kind,)).fetchall()
+        # CROSS JOIN keeps the index lookups outermost: SQLite never scans the kind to avoid a sort
+        return conn.execute(f"SELECT o.name, o.id, o.labels FROM ({' INTERSECT '.join(lookups)}) AS c "
+                            "CROSS JOIN objects AS o ON o.id = c.id", args).fetchall()
+
+    def count(self, kind):
+        return self._counts.get(kind, 0) if kind in self._plurals else 0
+
+    def dependents(self, kind, uid):
+        with self._reading() as conn:
+            return [tuple(row) for row in conn.execute(
+                "SELECT o.kind, o.uid FROM owners AS w JOIN objects AS o ON o.id = w.id "
+                "WHERE w.owner_kind = ? AND w.owner_uid = ? ORDER BY o.kind, o.uid", (kind, uid))]
+
+    def gone(self, kind, uid):
+        """True for a declared kind that holds no such uid: every object is in the database, none unloaded."""
+        return kind in self._plurals and self.get(kind, uid) is None
+
+    # -- spec history ------------------------------------------------------
+    def versions(self, kind, uid):
+        with self._reading() as conn:
+            return [json.loads(doc) for doc, in conn.execute(
+                "SELECT doc FROM history WHERE kind = ? AND uid = ? ORDER BY version", (kind, uid))]
+
+    def get_version(self, kind, uid, version_id):
+        if not isinstance(version_id, str) or not version_id.isascii() or not version_id.isdigit() or \
+                version_id != str(int(version_id)) or int(version_id) > INT64_MAX:
+            return None
+        return self._one("SELECT doc FROM history WHERE kind = ? AND uid = ? AND version = ?",
+                         (kind, uid, int(version_id)))
+
+    def delete_version(self, kind, uid, version_id):
+        if self.get_version(kind, uid, version_id) is None:
+            return False
+
+        def apply(conn, rv):
+            return conn.execute("DELETE FROM history WHERE kind = ? AND uid = ? AND version = ?",
+                                (kind, uid, int(version_id))).rowcount > 0
+        return self._submit(_Job(apply, ("deleted", f"version {version_id} of {kind} {uid}")))
+
+    def prune_versions(self, kind, uid, keep):
+        if keep is None:
+            return True
+
+        def apply(conn, rv):
+            conn.execute("DELETE FROM history WHERE kind = ?1 AND uid = ?2 AND version NOT IN (SELECT version "
+                         "FROM history WHERE kind = ?1 AND uid = ?2 ORDER BY version DESC LIMIT ?3)",
+                         (kind, uid, keep))
+            return True
+        try:
+            return self._submit(_Job(apply, ("deleted", f"old versions of {kind} {uid}")))
+        except FabricaError as exc:     # housekeeping after a committed write: never raises
+            store_log.warning("could not prune the versions of %s %s (%s); the next prune retries", kind, uid,
+                              exc.message)
+            return False
+
+    # -- writes ------------------------------------------------------------
+    def create(self, obj, snapshot=None, guard=None, wait_for=(), *, max_size=None):
+        self._checked(obj, max_size, stored=False)
+        kind, meta = obj["kind"], obj["metadata"]
+        uid, name = meta["uid"], meta["name"]
+
+        def apply(conn, rv):
+            if guard is not None:
+                guard()     # in the batch's transaction: what it reads cannot change before the COMMIT
+            hits = conn.execute("SELECT uid, name FROM objects WHERE kind = ?1 AND (uid IN (?2, ?3) OR "
+                                "name IN (?2, ?3))", (kind, uid, name)).fetchall()
+            if any(uid in row for row in hits):
+                raise ConflictError(f"uid {uid} is taken", [{"field": "metadata.uid", "message": "taken"}])
+            if any(row[1] == name or row[0] == name for row in hits):
+                raise self._name_taken(kind, name)
+            meta["resourceVersion"] = str(rv)
+            doc = dumps(obj)
+            if self._stored_kinds.get(kind) != self._plurals[kind]:
+                conn.execute("INSERT OR IGNORE INTO kinds VALUES (?, ?, 0)", (kind, self._plurals[kind]))
+                conn.execute("UPDATE kinds SET plural = ? WHERE kind = ?", (self._plurals[kind], kind))
+            try:
+                oid = conn.execute("INSERT INTO objects (kind, uid, name, labels, doc) VALUES (?, ?, ?, ?, ?)",
+                                   (kind, uid, name, dumps(meta["labels"]), doc)).lastrowid
+            except self._sql.IntegrityError:
+                raise self._name_taken(kind, name) from None
+            self._index_rows(conn, oid, kind, None, obj)
+            if snapshot is not None:
+                self._put_version(conn, kind, uid, snapshot)
+            conn.execute("UPDATE kinds SET objects = objects + 1 WHERE kind = ?", (kind,))
+            self._record(conn, rv, "created", meta["updatedAt"], doc, None)
+            return ("created", None, obj, _utf8_size(doc))
+        return self._submit(_Job(apply, ("created", obj)))
+
+    def replace(self, obj, expected_rv, action="updated", snapshot=None, *, max_size=None):
+        self._checked(obj, max_size, stored=True)
+        kind, meta = obj["kind"], obj["metadata"]
+
+        def apply(conn, rv):
+            row = conn.execute("SELECT id, doc FROM objects WHERE kind = ? AND uid = ?",
+                               (kind, meta["uid"])).fetchone()
+            old = None if row is None else json.loads(row[1])
+            self._check_current(kind, old, meta["name"], expected_rv)
+            meta["resourceVersion"] = str(rv)
+            doc = dumps(obj)
+            conn.execute("UPDATE objects SET name = ?, labels = ?, doc = ? WHERE id = ?",
+                         (meta["name"], dumps(meta["labels"]), doc, row[0]))
+            self._index_rows(conn, row[0], kind, old, obj)
+            if snapshot is not None:
+                self._put_version(conn, kind, meta["uid"], snapshot)
+            self._record(conn, rv, action, meta["updatedAt"], doc, row[1])
+            return (action, old, obj, _utf8_size(doc))
+        return self._submit(_Job(apply, (action, obj)))
+
+    def delete(self, kind, uid, expected_rv=None, last=None):
+        def apply(conn, rv):
+            row = conn.execute("SELECT id, doc FROM objects WHERE kind = ? AND uid = ?", (kind, uid)).fetchone()
+            old = None if row is None else json.loads(row[1])
+            self._check_current(kind, old, uid, expected_rv)
+            tomb = last if last is not None else dict(old, metadata=dict(old["metadata"]))
+            tomb["metadata"]["resourceVersion"] = str(rv)
+            doc = dumps(tomb)
+            conn.execute("DELETE FROM objects WHERE id = ?", (row[0],))     # its label and owner rows cascade
+            conn.execute("DELETE FROM history WHERE kind = ? AND uid = ?", (kind, uid))
+            conn.execute("UPDATE kinds SET objects = objects - 1 WHERE kind = ?", (kind,))
+            self._record(conn, rv, "deleted", utcnow(), doc, row[1])
+            return ("deleted", old, tomb, _utf8_size(doc))
+        return self._submit(_Job(apply, ("deleted", {"kind": kind, "metadata": {"name": uid}})))
+
+    def _checked(self, obj: dict, max_size, *, stored: bool) -> None:
+        """What Store._write checks before a write is queued: JSON, then nesting and size.
+
+        The stored object (``stored``: a replace) is read only when the new one
+        is over a limit: one stored before a limit was lowered may still be
+        written as long as it does not grow.
+        """
+        try:
+            text = dumps(obj)
+        except RecursionError:
+            raise self._depth_error(obj) from None
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f'{obj["kind"]} "{obj["metadata"]["name"]}" holds a value that is not JSON: '
+                                  f'{exc}', [{"field": "", "message": str(exc)}]) from None
+        size = _utf8_size(text)
+        deep = text.count("{") + text.count("[") > MAX_OBJECT_DEPTH and json_depth(obj) > MAX_OBJECT_DEPTH
+        big = max_size is not None and size > max_size
+        if deep or big:
+            old = self.get(obj["kind"], obj["metadata"]["uid"]) if stored else None
+            if deep and (old is None or json_depth(obj) > min(json_depth(old), MAX_FILE_DEPTH)):
+                raise self._depth_error(obj)
+            if big and (old is None or size > json_size(old)):
+                raise PayloadTooLargeError(
+                    f'{obj["kind"]} "{obj["metadata"]["name"]}" would be {size} bytes of JSON; the limit for an '
+                    f"object is {max_size} bytes", [{"field": "", "message": f"larger than {max_size} bytes"}])
+
+    @staticmethod
+    def _name_taken(kind, name) -> ConflictError:
+        return ConflictError(f'{kind} "{name}" already exists; choose another name',
+                             [{"field": "metadata.name", "message": "already exists"}])
+
+    @staticmethod
+    def _index_rows(conn, oid, kind, old, new):
+        """Keep the label and owner rows of one object in step with it (in the write's transaction)."""
+        old_labels = old["metadata"]["labels"] if old else {}
+        new_labels = new["metadata"]["labels"]
+        if old_labels != new_labels:
+            gone = [(k, v) for k, v in old_labels.items() if new_labels.get(k) != v]
+            added = [(k, v) for k, v in new_labels.items() if old_labels.get(k) != v]
+            conn.executemany("DELETE FROM labels WHERE kind = ? AND key = ? AND value = ? AND id = ?",
+                             [(kind, k, v, oid) for k, v in gone])
+            conn.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", [(kind, k, v, oid) for k, v in added])
+        old_refs = old["metadata"]["ownerReferences"] if old else []
+        new_refs = new["metadata"]["ownerReferences"]
+        if old_refs != new_refs:
+            conn.execute("DELETE FROM owners WHERE id = ?", (oid,))
+            conn.executemany("INSERT OR IGNORE INTO owners VALUES (?, ?, ?)",
+                             [(ref["kind"], ref["uid"], oid) for ref in new_refs])
+
+    @staticmethod
+    def _put_version(conn, kind, uid, snapshot):
+        conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?)",
+                     (kind, uid, int(snapshot["versionId"]), dumps(snapshot)))
+
+    def _record(self, conn, rv, action, when, doc, previous):
+        """The change row of a write, and the feed's retention (both in the write's transaction)."""
+        conn.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?)", (rv, action, when, doc, previous))
+
+    # -- the writer thread ---------------------------------------------------
+    def _submit(self, job: _Job):
+        """Queue a write for the writer thread and wait until its batch committed (or failed)."""
+        if threading.get_ident() == self._writer_ident:
+            raise StoreError("a store write from inside a write (a guard or on_commit) would wait for itself")
+        with self._wcond:
+            if self._closing or self._writer is None:
+                raise StoreError(f"the database {self.path} is closed; nothing was written")
+            self._jobs.append(job)
+            self._wcond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _write_loop(self):
+        self._writer_ident = threading.get_ident()
+        while True:
+            with self._wcond:
+                while not self._jobs and not self._closing:
+                    self._wcond.wait()
+                if not self._jobs:
+                    return
+                batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), SQLITE_BATCH))]
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        """One transaction for ``batch`` (the writer thread's one iteration; tests may call it by hand).
+
+        Each job runs under its own savepoint: one that raises (a conflict, a
+        stale resourceVersion) is rolled back alone and answers its error.
+        The rest share the COMMIT; only after it are they published (in
+        resourceVersion order) and acknowledged. If SQLite fails (a full disk,
+        an I/O error), the whole transaction is rolled back: nothing of it is
+        stored, published or counted, and every job answers the error.
+        """
+        conn, sql = self._wconn, self._sql
+        rv, pruned = self._rv, self._pruned
+        done: list[_Job] = []
+        failure = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.apply(conn, rv + 1)
+                except BaseException as exc:
+                    if isinstance(exc, sql.Error) and not isinstance(exc, sql.IntegrityError):
+                        raise       # the transaction may be gone: the whole batch fails
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    job.error = exc
+                    continue
+                conn.execute("RELEASE job")
+                if isinstance(job.result, tuple):
+                    rv += 1
+                    job.change, job.result = job.result, job.result[2]
+                done.append(job)
+            if rv != self._rv:
+                conn.execute("UPDATE fabrica SET value = ? WHERE key = 'resourceVersion'", (rv,))
+                if rv - pruned > self.change_retention + max(1, self.change_retention // 8):
+                    pruned = rv - self.change_retention
+                    conn.execute("DELETE FROM changes WHERE resource_version <= ?", (pruned,))
+                    conn.execute("UPDATE fabrica SET value = ? WHERE key = 'pruned'", (pruned,))
+            self._commit(conn)
+        except BaseException as exc:      # nothing of this batch is stored
+            failure = exc
+            with contextlib.suppress(Exception):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+        try:
+            if failure is None:
+                self._committed(done, rv, pruned)
+            else:
+                for job in batch:
+                    if job.error is None:
+                        job.error = self._sqlite_write_error(job, failure)
+                        job.result = job.change = None
+                        self.write_failures += 1
+        finally:
+            for job in batch:
+                job.done.set()
+
+    def _commit(self, conn):
+        conn.execute("COMMIT")
+
+    def _committed(self, done, rv, pruned):
+        """After the COMMIT: counters, then the changes published in resourceVersion order."""
+        with self._lock:
+            for job in done:
+                if job.change is None:
+                    continue
+                action, old, new, size = job.change
+                kind = new["kind"]
+                if action == "created":
+                    self._counts[kind] = self._counts.get(kind, 0) + 1
+                    self._stored_kinds[kind] = self._plurals.get(kind, self._stored_kinds.get(kind))
+                elif action == "deleted":
+                    self._counts[kind] -= 1
+            self._allocated = self._rv = rv
+            self._pruned = pruned
+        for job in done:
+            if job.change is not None:
+                self.writes += 1
+                self._notify(*job.change)
+
+    def _sqlite_write_error(self, job, exc) -> FabricaError:
+        if not isinstance(exc, self._sql.Error):
+            store_log.error("a write batch failed: %r", exc, exc_info=exc)
+            return StoreError(f"the database write failed ({type(exc).__name__}); nothing of it was stored")
+        action, obj = job.what
+        if isinstance(obj, str):
+            what, verb, kept = obj, "delete", "it is still stored"
+        else:
+            what = f'{obj["kind"]} "{obj["metadata"]["name"]}"'
+            verb = {"created": "create", "deleted": "delete"}.get(action, "write")
+            kept = {"created": "nothing was stored", "deleted": "it is still stored"}.get(
+                action, "the previous version is intact")
+        text = _one_line(str(exc))
+        if _sqlite_code(exc) == "SQLITE_FULL":
+            return InsufficientStorageError(f"no space left to {verb} {what} (SQLite: {text}); {kept}, free "
+                                            "space and retry")
+        return StoreError(f"could not {verb} {what} (SQLite: {text}); {kept}")
+
+    # -- the change feed -------------------------------------------------------
+    def changes(self, since: int):
+        """The retained changes after resourceVersion ``since``, oldest first, as
+        (resourceVersion, action, object, previous or None, time); GoneError when
+        some of them were pruned (more than ``change_retention`` ago)."""
+        while True:
+            with self._reading() as conn:
+                conn.execute("BEGIN")
+                pruned = conn.execute("SELECT value FROM fabrica WHERE key = 'pruned'").fetchone()[0]
+                if since < pruned:
+                    raise GoneError(f"changes after resourceVersion {since} are no longer kept (the feed keeps "
+                                    f"the last {self.change_retention}, after {pruned}); re-list and watch from now")
+                rows = conn.execute("SELECT resource_version, action, object, previous, time FROM changes "
+                                    "WHERE resource_version > ? ORDER BY resource_version LIMIT 500",
+                                    (since,)).fetchall()
+                conn.execute("COMMIT")
+            for rv, action, obj, previous, when in rows:
+                yield rv, action, json.loads(obj), None if previous is None else json.loads(previous), when
+            if len(rows) < 500:
+                return
+            since = rows[-1][0]
 
 
 ###############################################################################
@@ -6626,9 +7424,11 @@ class Fabrica:
 
     def _make_store(self) -> Store:
         if self.database_url:
-            raise ConfigurationError(
-                f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
-                f"fabrica {__version__}; use data_dir= (the JSON file store)")
+            if parse_database_url(self.database_url)[0] != "sqlite":
+                raise ConfigurationError(
+                    f"database_url {self.database_url!r}: the PostgreSQL store is not available in "
+                    f"fabrica {__version__}; use sqlite:///path/app.db or data_dir= (the JSON file store)")
+            return SQLiteStore.from_url(self.database_url, durable=self.durable)
         return FileStore(self.data_dir, durable=self.durable)
 
     def start(self) -> Fabrica:
