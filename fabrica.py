@@ -3658,6 +3658,8 @@ SQLITE_SCHEMA_VERSION = 1              # PRAGMA user_version
 SQLITE_BATCH = 256                     # writes in one transaction at most
 SQLITE_QUICK_CHECK_BYTES = 64 << 20    # start-up runs PRAGMA quick_check on databases up to this size
 CHANGE_RETENTION = RING_SIZE          # changes the feed keeps by default (as many as the file store's)
+SQLITE_CACHE = 4096                    # parsed objects kept for reads of an unchanged row ...
+SQLITE_CACHE_BYTES = 16 << 20          # ... and the characters of their documents, at most
 
 _SQLITE_SCHEMA = """
 CREATE TABLE fabrica (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -3813,6 +3815,9 @@ class SQLiteStore(Store):
         self._counts: dict[str, int] = {}      # kind -> objects, as committed
         self._stored_kinds: dict[str, str] = {}     # kind -> plural, as the kinds table holds them
         self._pruned = 0                # the feed holds every change after this resourceVersion
+        self._cache: dict[tuple[str, str], tuple[str, dict]] = {}   # (kind, uid) -> (document, parsed), oldest first
+        self._cache_bytes = 0           # the cached documents' characters, summed
+        self._cache_lock = threading.Lock()     # guards writes to _cache and _cache_bytes (reads take none)
 
     @classmethod
     def from_url(cls, url: str, *, durable: bool = True, change_retention: int = CHANGE_RETENTION) -> SQLiteStore:
@@ -4035,28 +4040,53 @@ class SQLiteStore(Store):
                 else:
                     conn.close()
 
-    def _one(self, sql: str, args) -> dict | None:
+    def _parsed(self, kind: str, uid: str, doc: str) -> dict:
+        """The object a stored document holds: the one parsed last time while the document is the same.
+
+        Every read still reads the row; the cache only saves parsing it and
+        hands out the same dict for the same version, as the in-memory
+        stores do (so the REST layer's cache of encoded bodies works too).
+        """
+        key = (kind, uid)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == doc:
+            return hit[1]
+        obj = json.loads(doc)
+        with self._cache_lock:
+            stale = self._cache.pop(key, None)
+            if stale is not None:
+                self._cache_bytes -= len(stale[0])
+            self._cache[key] = (doc, obj)
+            self._cache_bytes += len(doc)
+            while len(self._cache) > SQLITE_CACHE or self._cache_bytes > SQLITE_CACHE_BYTES:
+                self._cache_bytes -= len(self._cache.pop(next(iter(self._cache)))[0])     # the oldest
+        return obj
+
+    def _one(self, kind: str, sql: str, args) -> dict | None:
         with self._reading() as conn:
             row = conn.execute(sql, args).fetchone()
-        return None if row is None else json.loads(row[0])
+        return None if row is None else self._parsed(kind, row[0], row[1])
 
     def get(self, kind, uid):
         if kind not in self._plurals:
             return None
-        return self._one("SELECT doc FROM objects WHERE kind = ? AND uid = ?", (kind, uid))
+        return self._one(kind, "SELECT uid, doc FROM objects WHERE kind = ? AND uid = ?", (kind, uid))
 
     def find(self, kind, name):
         if kind not in self._plurals:
             return None
-        return self._one("SELECT doc FROM objects WHERE kind = ? AND name = ?", (kind, name))
+        return self._one(kind, "SELECT uid, doc FROM objects WHERE kind = ? AND name = ?", (kind, name))
 
     def resolve(self, kind, ref):
         if kind not in self._plurals:
             return None
         with self._reading() as conn:
-            rows = conn.execute("SELECT uid = ?2, doc FROM objects WHERE kind = ?1 AND (uid = ?2 OR name = ?2)",
-                                (kind, ref)).fetchall()
-        return json.loads(max(rows)[1]) if rows else None      # the uid match first (SPEC §1)
+            rows = conn.execute("SELECT uid = ?2, uid, doc FROM objects WHERE kind = ?1 AND (uid = ?2 OR "
+                                "name = ?2)", (kind, ref)).fetchall()
+        if not rows:
+            return None
+        _, uid, doc = max(rows)         # the uid match first (SPEC §1)
+        return self._parsed(kind, uid, doc)
 
     def query(self, kind, selector=None, *, name=None, after=None, limit=None):
         """As Store.query. Without a selector a page is one index range; a selector's equality,
@@ -4147,8 +4177,10 @@ class SQLiteStore(Store):
         if not isinstance(version_id, str) or not version_id.isascii() or not version_id.isdigit() or \
                 version_id != str(int(version_id)) or int(version_id) > INT64_MAX:
             return None
-        return self._one("SELECT doc FROM history WHERE kind = ? AND uid = ? AND version = ?",
-                         (kind, uid, int(version_id)))
+        with self._reading() as conn:
+            row = conn.execute("SELECT doc FROM history WHERE kind = ? AND uid = ? AND version = ?",
+                               (kind, uid, int(version_id))).fetchone()
+        return None if row is None else json.loads(row[0])
 
     def delete_version(self, kind, uid, version_id):
         if self.get_version(kind, uid, version_id) is None:
@@ -4184,8 +4216,9 @@ class SQLiteStore(Store):
         def apply(conn, rv):
             if guard is not None:
                 guard()     # in the batch's transaction: what it reads cannot change before the COMMIT
-            hits = conn.execute("SELECT uid, name FROM objects WHERE kind = ?1 AND (uid IN (?2, ?3) OR "
-                                "name IN (?2, ?3))", (kind, uid, name)).fetchall()
+            hits = conn.execute("SELECT uid, name FROM objects WHERE kind = ?1 AND uid IN (?2, ?3) UNION ALL "
+                                "SELECT uid, name FROM objects WHERE kind = ?1 AND name IN (?2, ?3)",
+                                (kind, uid, name)).fetchall()     # two index lookups (an OR would scan)
             if any(uid in row for row in hits):
                 raise ConflictError(f"uid {uid} is taken", [{"field": "metadata.uid", "message": "taken"}])
             if any(row[1] == name or row[0] == name for row in hits):

@@ -6,7 +6,10 @@ Modes:
   bare-writes   durable creates/s of a bare loop (temp+fsync+replace+dir fsync) with C threads;
                 --variant per_write (the baseline), locked (one global lock held across the
                 fsyncs, as fabrica's store does) or group (a group-commit prototype)
-  store-writes  fabrica's store in process: app.client.create from C threads (no HTTP)
+  store-writes  fabrica's store in process: app.client.create from C threads (no HTTP);
+                --database-url URL for another store than the file store
+  sqlite-bare-writes  durable inserts/s of a bare sqlite3 loop with C threads, each committing one
+                row per transaction (WAL, synchronous=FULL, a busy timeout: fabrica's settings)
   controller    no-op reconciles/s with W workers vs a bare queue.Queue baseline
   ready         create->Ready latency under a background write load vs the baseline
   storm         reconciles per 100 updates of one key vs the baseline
@@ -170,7 +173,7 @@ def bare_writes(args) -> dict:
 
 
 def store_writes(args) -> dict:
-    app = fabrica.Fabrica(data_dir=args.dir)
+    app = fabrica.Fabrica(data_dir=args.dir, database_url=args.database_url)
     app.register("Item")
     app.start()
     try:
@@ -194,6 +197,43 @@ def store_writes(args) -> dict:
         elapsed = time.perf_counter() - start_at
     finally:
         app.stop()
+    return {"writes_per_s": sum(counts) / elapsed, "writes": sum(counts), "seconds": elapsed}
+
+
+def sqlite_bare_writes(args) -> dict:
+    """One row per transaction, one connection per thread: the physical limit of one commit per write."""
+    import sqlite3
+    os.makedirs(args.dir, exist_ok=True)
+    path = os.path.join(args.dir, "bare.db")
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("PRAGMA journal_mode = WAL")
+    setup.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, uid TEXT UNIQUE, doc TEXT)")
+    setup.close()
+    doc = json.dumps(seed.make_object("Item", "item", 7), separators=(",", ":"))
+    counts = [0] * args.conc
+    start_at = time.perf_counter() + 0.05
+    stop_at = start_at + args.duration
+
+    def worker(t):
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        i = 0
+        while time.perf_counter() < start_at:
+            time.sleep(0.001)
+        while time.perf_counter() < stop_at and i < args.max_writes:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO items (uid, doc) VALUES (?, ?)", (f"item-{t:02x}{i:06x}", doc))
+            conn.execute("COMMIT")
+            i += 1
+        counts[t] = i
+        conn.close()
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(args.conc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start_at
     return {"writes_per_s": sum(counts) / elapsed, "writes": sum(counts), "seconds": elapsed}
 
 
@@ -454,7 +494,8 @@ def parse(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("bare-writes", "store-writes", "controller", "ready", "storm", "parse"))
+    p.add_argument("mode", choices=("bare-writes", "store-writes", "sqlite-bare-writes", "controller", "ready",
+                                    "storm", "parse"))
     p.add_argument("--dir", required=True)
     p.add_argument("--conc", type=int, default=1)
     p.add_argument("--duration", type=float, default=3.0)
@@ -464,10 +505,12 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--count", type=int, default=50)
     p.add_argument("--updates", type=int, default=100)
+    p.add_argument("--database-url", default=None)
     args = p.parse_args()
     import logging
     logging.basicConfig(level=logging.ERROR)
-    fn = {"bare-writes": bare_writes, "store-writes": store_writes, "controller": controller, "ready": ready,
+    fn = {"bare-writes": bare_writes, "store-writes": store_writes, "sqlite-bare-writes": sqlite_bare_writes,
+          "controller": controller, "ready": ready,
           "storm": storm, "parse": parse}[args.mode]
     print(json.dumps(fn(args)))
 

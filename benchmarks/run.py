@@ -16,6 +16,10 @@ durability.c16, scale.get, controller.noop):
   peer        json-server 1.x and 0.17 (npm, installed into a temp folder): GET, list page, POST
   scale       1k/10k/100k objects: start-up, memory, GET p50/p99, selector and page lists, resync
   controller  no-op reconciles/s (1, 2, 4 workers), create->Ready latency, update storm
+  sqlite      the SQLite store: durable creates/s at 1, 4, 16 clients vs the file store and vs a bare
+              sqlite3 loop (one commit per row); GET and selector latency, start-up time and memory vs
+              the file store (1k; full: 1k and 100k, start-up and memory also at 1M vs the file store
+              at 100k, as a million files is impractical)
 
 --quick: N = 1,000 only, short runs, fewer repetitions, the built-in server
 only; finishes in about two minutes. Full mode takes 20-35 minutes.
@@ -45,15 +49,17 @@ from common import (BENCH, FABRICA, PY, SERVER_CPU, Server, Unavailable, free_po
 from loadgen import LoadGen  # noqa: E402
 
 RESULTS = BENCH / "results.json"
-SECTIONS = ("overhead", "durability", "peer", "scale", "controller")
+SECTIONS = ("overhead", "durability", "peer", "scale", "controller", "sqlite")
 
 QUICK = {"duration": 2.0, "short": 1.0, "runs": 2, "scale_runs": 1, "sizes": [1000], "servers": ["builtin"],
          "durability_runs": 1, "diagnostics": False, "peer_runs": 1, "startup_runs": 2, "controller_passes": 10,
-         "ready_count": 30, "conc": [1, 4, 16], "server_survey": False}
+         "ready_count": 30, "conc": [1, 4, 16], "server_survey": False, "sqlite_sizes": [1000],
+         "sqlite_startup": [1000]}
 FULL = {"duration": 3.0, "short": 3.0, "runs": 4, "scale_runs": 3, "sizes": [1000, 10000, 100000],
         "servers": ["builtin", "waitress", "granian", "granian-t4"], "durability_runs": 5, "diagnostics": True,
         "peer_runs": 3, "startup_runs": 3, "controller_passes": 20, "ready_count": 100, "conc": [1, 4, 16],
-        "server_survey": True}
+        "server_survey": True, "sqlite_sizes": [1000, 100000], "sqlite_startup": [100000, 1000000]}
+FILE_STORE_MAX = 100000         # the largest file store the sqlite rows seed (a million files is impractical)
 CONNS = 4                       # connections for the throughput rows
 OBJECTS = 1000                  # objects behind the overhead and controller rows
 LIST_SIZE = 100                 # the "list 100 resources" collection
@@ -178,10 +184,13 @@ class Bench:
         return None
 
     # -- servers ---------------------------------------------------------------
-    def fabrica_server(self, data_dir, *, server="builtin", threads=None, durable=True, name="fabrica") -> Server:
+    def fabrica_server(self, data_dir, *, server="builtin", threads=None, durable=True, name="fabrica",
+                       database_url=None) -> Server:
         port = free_port()
         cmd = [PY, str(FABRICA), "serve", str(BENCH / "bench_app.py"), "--data-dir", str(data_dir),
                "--port", str(port), "--log-level", "warning"]
+        if database_url:
+            cmd += ["--database-url", database_url]
         if server != "builtin":
             cmd += ["--server", server]
         if threads:
@@ -578,6 +587,108 @@ class Bench:
         if not out.get("fabrica_converged"):
             self.table.rows[-1]["met"] = False
 
+    # -- 6. the SQLite store --------------------------------------------------------------
+    def sqlite(self):
+        self.step("sqlite", "SQLite store: durable creates/s", self._sqlite_durability)
+        self._file_ref = {}         # n -> the file store's start-up seconds and RSS
+        for n in sorted(set(self.cfg["sqlite_sizes"]) | set(self.cfg["sqlite_startup"])):
+            self.step("sqlite", f"SQLite store at {n:,} objects", self._sqlite_size, n)
+
+    def _sqlite_url(self, name) -> tuple[Path, str]:
+        folder = self.root / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return folder, f"sqlite:///{folder / 'app.db'}"         # an absolute path: sqlite:////...
+
+    def _sqlite_durability(self):
+        concs = [c for c in self.cfg["conc"] if self.want(f"sqlite.c{c}")]
+        body = '{"color":"red","size":__N__,"replicas":3,"owner":"team-1"}'
+        runs, dur = self.cfg["durability_runs"], self.cfg["short"]
+        fdir = self.seed("sqlite-durability-files", 0)
+        sdir, url = self._sqlite_url("sqlite-durability")
+        with self.fabrica_server(fdir, name="files") as fab, \
+                self.fabrica_server(sdir, database_url=url, name="sqlite") as sq:
+            for c in concs:
+                s_runs, f_runs, b_runs = [], [], []
+                for r in range(runs):
+                    pair = [(sq, s_runs), (fab, f_runs)]
+                    for server, sink in (pair if r % 2 == 0 else pair[::-1]):
+                        sink.append(self.load.run(server.port, "POST", ["/items"], conns=c, duration=dur,
+                                                  body=body)["rps"])
+                    bdir = self.root / f"sqlite-bare-{c}-{r}"
+                    b_runs.append(run_json([PY, str(BENCH / "inproc.py"), "sqlite-bare-writes", "--dir", str(bdir),
+                                            "--conc", str(c), "--duration", str(dur)], dur + 60,
+                                           SERVER_CPU)["writes_per_s"])
+                    shutil.rmtree(bdir, ignore_errors=True)
+                self.table.add(f"sqlite.c{c}", f"SQLite durable creates/s, {c} client(s) [HTTP POST]",
+                               median(s_runs), median(f_runs), unit="writes/s", baseline_name="file store",
+                               raw={"sqlite": s_runs, "file": f_runs})
+                self.table.add(f"sqlite.c{c}.bare", f"SQLite durable creates/s, {c} client(s), vs one commit/row",
+                               median(s_runs), median(b_runs), unit="writes/s", baseline_name="bare sqlite3",
+                               target=(">=", 1.0) if c == max(self.cfg["conc"]) else None,
+                               raw={"sqlite": s_runs, "bare": b_runs})
+
+    def _sqlite_size(self, n):
+        import seed as seedmod
+        runs, dur = self.cfg["scale_runs"], self.cfg["short"]
+        log(f"seeding {n:,} objects into SQLite ...")
+        sdir, url = self._sqlite_url(f"sqlite-{n}")
+        t0 = time.perf_counter()
+        seedmod.seed_sqlite(sdir / "app.db", "Item", "items", n)
+        seeded = time.perf_counter() - t0
+        per_object = (sdir / "app.db").stat().st_size / n
+        fdir = self.seed(f"sqlite-files-{n}", n) if n <= FILE_STORE_MAX else None
+        sample = [seedmod.make_object("Item", "item", i) for i in range(0, n, max(1, n // 1000))]
+        try:
+            if n in self.cfg["sqlite_startup"] and self.want("sqlite.startup"):
+                s_t, s_rss = self._startup(sdir, url, "sqlite")
+                if fdir is not None:
+                    self._file_ref[n] = self._startup(fdir, None, "files")
+                ref_n = n if n in self._file_ref else max((k for k in self._file_ref if k < n), default=None)
+                if ref_n is None:
+                    raise Unavailable(f"no file store measured at or below {n:,} objects")
+                f_t, f_rss = self._file_ref[ref_n]
+                basis = "file store" + ("" if ref_n == n else f" at {ref_n:,}")
+                note = f"{per_object:.0f} B/object on disk; seeded in {seeded:.0f}s"
+                self.table.add(f"sqlite.{n}.startup", f"SQLite start-up to first answer, {n:,} objects", s_t, f_t,
+                               unit="s", better="lower", baseline_name=basis, note=note)
+                self.table.add(f"sqlite.{n}.rss", f"SQLite server RSS after start-up, {n:,} objects", s_rss, f_rss,
+                               unit="B", better="lower", baseline_name=basis)
+            if n in self.cfg["sqlite_sizes"] and fdir is not None and self.want("sqlite.latency"):
+                with self.fabrica_server(sdir, database_url=url, name="sqlite") as sq, \
+                        self.fabrica_server(fdir, name="files") as fab:
+                    gets = [f"/items/{o['metadata']['uid']}" for o in sample]
+                    groups = sorted({o["metadata"]["labels"]["group"] for o in sample})
+                    selectors = [f"/items?labelSelector=group%3D{g}" for g in groups]
+                    for key, label, paths in (("get", "GET p50", gets),
+                                              ("selector", "list with selector (10 matches) p50", selectors)):
+                        s_res, f_res = [], []
+                        for r in range(runs):
+                            pair = [(sq, s_res), (fab, f_res)]
+                            for server, sink in (pair if r % 2 == 0 else pair[::-1]):
+                                sink.append(self.load.run(server.port, "GET", paths, conns=1, duration=dur,
+                                                          random=True)["p50_ms"])
+                        self.table.add(f"sqlite.{n}.{key}", f"SQLite {label}, 1 client, {n:,} objects",
+                                       median(s_res), median(f_res), unit="ms", better="lower",
+                                       baseline_name="file store", raw={"sqlite": s_res, "file": f_res})
+        finally:
+            shutil.rmtree(sdir, ignore_errors=True)
+            if fdir is not None:
+                shutil.rmtree(fdir, ignore_errors=True)
+
+    def _startup(self, folder, url, name) -> tuple[float, int]:
+        """(median start-up seconds to the first answer, RSS after it and one page list) of a real server."""
+        times, rss = [], []
+        for _ in range(self.cfg["startup_runs"]):
+            srv = self.fabrica_server(folder, database_url=url, name=name)
+            srv.ready_timeout = 900
+            with srv:
+                times.append(srv.startup_seconds)
+                http("GET", srv.port, "/items?limit=1")
+                rss.append(srv.rss_bytes())
+        return median(times), median(rss)
+
     # -- driver ------------------------------------------------------------------------
     def run(self) -> int:
         started = time.perf_counter()
@@ -590,6 +701,8 @@ class Bench:
                 self.sizes()
             if self.want("controller"):
                 self.controller()
+            if self.want("sqlite"):
+                self.sqlite()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
         elapsed = time.perf_counter() - started

@@ -50,6 +50,31 @@ def seed_fabrica(data_dir: Path, kind: str, plural: str, n: int, *, prefix: str 
     return objs
 
 
+def seed_sqlite(db_path: Path, kind: str, plural: str, n: int, *, threads: int = 16) -> None:
+    """Create objects 0..n-1 of ``kind`` (as seed_fabrica) in a SQLite database, through fabrica's
+    SQLiteStore itself (fsync off while seeding; concurrent creates share transactions)."""
+    import threading
+    store = fabrica.SQLiteStore(str(db_path), durable=False)
+    store.open({kind: plural})
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(t, n, threads):
+                store.create(make_object(kind, kind.lower(), i))
+        except Exception as exc:        # reported below: a half-seeded database must not pass silently
+            errors.append(exc)
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    count = store.count(kind)
+    store.close()
+    if errors or count != n:
+        raise RuntimeError(f"seeding {db_path}: {count} of {n} objects ({errors[:1]})")
+
+
 def seed_json_server(path: Path, collection: str, objs: list[dict]) -> None:
     """json-server's db.json holding the same objects (``id`` = fabrica's uid)."""
     with open(path, "w", encoding="utf-8") as f:
