@@ -180,17 +180,17 @@ def test_per_key_exponential_backoff_capped_and_forget_resets():
     delays = [q.add_rate_limited(K(1)) for _ in range(5)]
     assert delays == pytest.approx([0.005, 0.01, 0.02, 0.03, 0.03])
     assert q.num_requeues(K(1)) == 5
-    assert q.when(K(2)) == pytest.approx(0.005)       # per key
+    assert q.add_rate_limited(K(2)) == pytest.approx(0.005)   # per key
     q.forget(K(1))
     assert q.num_requeues(K(1)) == 0
-    assert q.when(K(1)) == pytest.approx(0.005)
+    assert q.add_rate_limited(K(1)) == pytest.approx(0.005)
 
 
 def test_default_backoff_sequence_and_huge_failure_counts():
     q = WorkQueue(clock=FakeClock(), **NO_BUCKET)
-    assert [q.when(K(1)) for _ in range(4)] == pytest.approx([0.005, 0.01, 0.02, 0.04])
+    assert [q.add_rate_limited(K(1)) for _ in range(4)] == pytest.approx([0.005, 0.01, 0.02, 0.04])
     for _ in range(1100):                             # must not overflow
-        d = q.when(K(1))
+        d = q.add_rate_limited(K(1))
     assert d == 300.0
 
 
@@ -211,9 +211,9 @@ def test_token_bucket_third_immediate_reservation_waits_one_second():
     assert d == pytest.approx([1e-6, 1e-6, 1.0, 2.0])
     assert q.next_due() == pytest.approx(10.0 + 1e-6)
     clock.now = 11.0                                  # one token refilled, but two are owed
-    assert q.when(K(9)) == pytest.approx(2.0)
+    assert q.add_rate_limited(K(9)) == pytest.approx(2.0)
     clock.now = 1000.0                                # refill caps at burst
-    assert [q.when(K(10 + i)) for i in range(3)] == pytest.approx([1e-6, 1e-6, 1.0])
+    assert [q.add_rate_limited(K(10 + i)) for i in range(3)] == pytest.approx([1e-6, 1e-6, 1.0])
 
 
 @settings(max_examples=60, deadline=None)
@@ -227,7 +227,7 @@ def test_token_bucket_never_exceeds_rate(qps, burst, gaps):
     avail = []
     for i, gap in enumerate(gaps):
         clock.now += gap
-        avail.append(clock.now + q.when(K(i)))
+        avail.append(clock.now + q.add_rate_limited(K(i)))
     avail.sort()
     for i, j in itertools.combinations(range(len(avail)), 2):
         assert j - i + 1 <= burst + qps * (avail[j] - avail[i]) + 1e-6
@@ -306,7 +306,7 @@ def test_timer_thread_delivers_delayed_and_wakes_for_earlier_items():
         # Make sure the timer is asleep (its ~1 s heartbeat) before the earlier
         # item arrives; Condition._waiters is private, but only a test peeks.
         deadline = time.monotonic() + 2
-        while len(q._cond._waiters) != 1:
+        while len(q._due_changed._waiters) != 1:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         t0 = time.monotonic()
