@@ -2340,6 +2340,8 @@ class IndexedStore(Store):
         for kind, plural in kinds.items():
             self.add_kind(kind, plural)
         self._load(discover)
+        for names in self._sorted.values():
+            names.sort()
         self._allocated = self._floor = self._rv
         self._feed.clear()
         self._feed_held, self._boundary = 0, None
@@ -2821,17 +2823,25 @@ class IndexedStore(Store):
         exists; best effort, never raises)."""
 
     def _index(self, obj: dict) -> None:
-        """Add a loaded object to the index (start-up; no event)."""
+        """Add a loaded object to the index (start-up, from _load(); no change is recorded).
+
+        Its name goes to the end of the kind's names: open() sorts them once
+        _load() returns (one sort instead of an insertion per object).
+        """
         kind, meta = obj["kind"], obj["metadata"]
         self._objects[kind][meta["uid"]] = obj
         self._names[kind][meta["name"]] = meta["uid"]
-        self._indexes(kind, None, obj)
-        self._rv = max(self._rv, int(meta["resourceVersion"]))
+        self._indexes(kind, None, obj, ordered=False)
+        rv = int(meta["resourceVersion"])
+        if rv > self._rv:
+            self._rv = rv
 
-    def _indexes(self, kind: str, old: dict | None, new: dict | None) -> None:
-        """Keep the sorted names and the label index in step (lock held)."""
+    def _indexes(self, kind: str, old: dict | None, new: dict | None, *, ordered: bool = True) -> None:
+        """Keep the sorted names (``ordered``), the owners and the label index in step (lock held)."""
         names, index = self._sorted[kind], self._labels[kind]
-        if old is None or new is None:
+        if not ordered:
+            names.append(new["metadata"]["name"])
+        elif old is None or new is None:
             name = (new or old)["metadata"]["name"]
             at = bisect.bisect_left(names, name)
             if new is not None:
@@ -2913,6 +2923,11 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
     link is never followed (O_NOFOLLOW), a FIFO or a device never blocks the
     open (O_NONBLOCK), and fstat tells what was opened before a byte is read.
     """
+    return _open_regular_stat(path, flags, mode)[0]
+
+
+def _open_regular_stat(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> tuple[int, os.stat_result]:
+    """_open_regular(), and what fstat said of the file."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     except OSError as exc:
@@ -2921,14 +2936,15 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
                             path) from None
         raise
     try:
-        kind = os.fstat(fd).st_mode
+        info = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
-    if not stat.S_ISREG(kind):
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(kind)), "unknown"), path)
-    return fd
+        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(info.st_mode)), "unknown"),
+                        path)
+    return fd, info
 
 
 def _real_dir(path: str) -> bool:
@@ -2938,8 +2954,20 @@ def _real_dir(path: str) -> bool:
 
 def _read_regular(path: str) -> bytes:
     """The bytes of the regular file at ``path`` (see _open_regular)."""
-    with open(_open_regular(path), "rb") as f:
-        return f.read()
+    fd, info = _open_regular_stat(path)
+    try:
+        # os.read with the size fstat gave: start-up reads every file, and a file object per read
+        # costs as much as the read itself. A short read of a regular file is its end.
+        data = os.read(fd, info.st_size + 1)
+        if len(data) == info.st_size:
+            return data
+        chunks = [data]     # it changed since the fstat: read on to the end
+        while data:
+            data = os.read(fd, 1 << 16)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class DirSyncer:
@@ -2990,6 +3018,7 @@ class DirSyncer:
 
 
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
+_OBJECT_KEYS = ("apiVersion", "kind", "schemaVersion", "metadata", "spec", "status")
 _RV_SLOT = 30       # b"<20 digits> <crc32 of the digits, 8 hex>\n"
 _RV_SLOT_RE = re.compile(rb"(\d{20}) ([0-9a-f]{8})\n")
 
@@ -3234,7 +3263,13 @@ class FileStore(IndexedStore):
     def _read_file(self, path, stem, kind):
         problem, obj = self._read_document(path)
         problem = problem or envelope_problem(obj, kind, stem)
-        return problem, (None if problem else normalize_object(obj))
+        if problem:
+            return problem, None
+        # a file this store wrote holds every key in wire order: it is its own normal form
+        if tuple(obj) != _OBJECT_KEYS or tuple(obj["metadata"]) != METADATA_KEYS or obj["spec"] is None or \
+                obj["status"] is None:
+            obj = normalize_object(obj)
+        return None, obj
 
     def _note_quarantine(self):
         """Mark the kinds that quarantined files (of this or an earlier start-up) may belong to as unsure.
