@@ -2103,7 +2103,8 @@ class Store:
         self.discovered: dict[str, str] = {}               # kinds found in storage: kind -> plural
         self.writes = 0
         self.write_failures = 0
-        self._listeners: tuple[StoreWatch, ...] = ()
+        self._listeners: tuple[StoreWatch, ...] = ()       # replaced whole under _watch_lock
+        self._watch_lock = threading.Lock()
 
     # -- override these ------------------------------------------------------
     def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
@@ -2236,11 +2237,13 @@ class Store:
         raises is logged; the write it announces stays committed.
         """
         handle = StoreWatch(self, listener)
-        self._listeners = self._listeners + (handle,)
+        with self._watch_lock:
+            self._listeners = self._listeners + (handle,)
         return handle
 
     def _unwatch(self, handle: StoreWatch) -> None:
-        self._listeners = tuple(h for h in self._listeners if h is not handle)
+        with self._watch_lock:
+            self._listeners = tuple(h for h in self._listeners if h is not handle)
 
     @staticmethod
     def make_change(action: str, old: dict | None, new: dict) -> Change:
@@ -3018,7 +3021,6 @@ class DirSyncer:
 
 
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
-_OBJECT_KEYS = ("apiVersion", "kind", "schemaVersion", "metadata", "spec", "status")
 _RV_SLOT = 30       # b"<20 digits> <crc32 of the digits, 8 hex>\n"
 _RV_SLOT_RE = re.compile(rb"(\d{20}) ([0-9a-f]{8})\n")
 
@@ -3263,13 +3265,9 @@ class FileStore(IndexedStore):
     def _read_file(self, path, stem, kind):
         problem, obj = self._read_document(path)
         problem = problem or envelope_problem(obj, kind, stem)
-        if problem:
-            return problem, None
-        # a file this store wrote holds every key in wire order: it is its own normal form
-        if tuple(obj) != _OBJECT_KEYS or tuple(obj["metadata"]) != METADATA_KEYS or obj["spec"] is None or \
-                obj["status"] is None:
-            obj = normalize_object(obj)
-        return None, obj
+        # normalize_object() also puts the shared key constants in place of each file's own key
+        # strings: taking a file that already holds every key in order as it is costs 1 KB an object
+        return problem, (None if problem else normalize_object(obj))
 
     def _note_quarantine(self):
         """Mark the kinds that quarantined files (of this or an earlier start-up) may belong to as unsure.
@@ -4102,9 +4100,10 @@ class Bus:
                             "together passed their budget of %d; its queue is dropped (a gap)",
                             victim.name, freed, self.queues_bytes)
 
-    def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
-        """Every event after ``position``, derived from the store's feed; GoneError if one of them is
-        not available (no longer retained, or committed before this process started)."""
+    def since(self, position: tuple[int, int], kind: str | None = None) -> list[tuple[tuple[int, int], dict]]:
+        """Every event after ``position`` (of ``kind``'s objects only, if given), derived from the
+        store's feed; GoneError if one of them is not available (no longer retained, or committed
+        before this process started)."""
         rv, n = position
         store = self._store
         gone = GoneError(f"events after {format_position(position)} are no longer available; "
@@ -4122,6 +4121,8 @@ class Bus:
                 raise gone from None
         out = []
         for change in found:
+            if kind is not None and change.kind != kind:
+                continue
             events = change_events(change, prefix=self.prefix, source=self.source)
             out.extend(((change.resource_version, i), event) for i, event in enumerate(events)
                        if (change.resource_version, i) > position)
@@ -5571,8 +5572,7 @@ class RestAPI:
         tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
         try:
             backlog = [] if position is None else [
-                (pos, ev) for pos, ev in bus.since(position)
-                if tap.matches(ev["type"]) and (kind is None or ev.get("resourcekind") == kind)]
+                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
         except FabricaError:
             tap.close()
             raise

@@ -306,8 +306,8 @@ class TestResume:
 
 
 class TestLoadPath:
-    """Issue 12 item 6: the start-up load reads with one os.read, takes canonical files as they are
-    and sorts the names once; what it serves is unchanged."""
+    """Issue 12 item 6: the start-up load reads each file with one os.read and sorts the names once;
+    what it serves is unchanged."""
 
     def test_names_are_in_order_after_a_load(self, tmp_path):
         store = fabrica.FileStore(str(tmp_path / "data"), durable=False)
@@ -327,7 +327,7 @@ class TestLoadPath:
         finally:
             again.close()
 
-    def test_a_file_missing_keys_is_normalised_and_a_canonical_one_kept(self, tmp_path):
+    def test_every_loaded_object_is_in_its_normal_form(self, tmp_path):
         folder = tmp_path / "data" / "racks"
         folder.mkdir(parents=True)
         full = fabrica.new_object("Rack", "full", "rack-0000000f", labels={"a": "b"})
