@@ -2105,7 +2105,8 @@ class Store:
         self.discovered: dict[str, str] = {}               # kinds found in storage: kind -> plural
         self.writes = 0
         self.write_failures = 0
-        self._listeners: tuple[StoreWatch, ...] = ()
+        self._listeners: tuple[StoreWatch, ...] = ()       # replaced whole under _watch_lock
+        self._watch_lock = threading.Lock()
 
     # -- override these ------------------------------------------------------
     def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
@@ -2238,11 +2239,13 @@ class Store:
         raises is logged; the write it announces stays committed.
         """
         handle = StoreWatch(self, listener)
-        self._listeners = self._listeners + (handle,)
+        with self._watch_lock:
+            self._listeners = self._listeners + (handle,)
         return handle
 
     def _unwatch(self, handle: StoreWatch) -> None:
-        self._listeners = tuple(h for h in self._listeners if h is not handle)
+        with self._watch_lock:
+            self._listeners = tuple(h for h in self._listeners if h is not handle)
 
     @staticmethod
     def make_change(action: str, old: dict | None, new: dict) -> Change:
@@ -2342,6 +2345,8 @@ class IndexedStore(Store):
         for kind, plural in kinds.items():
             self.add_kind(kind, plural)
         self._load(discover)
+        for names in self._sorted.values():
+            names.sort()
         self._allocated = self._floor = self._rv
         self._feed.clear()
         self._feed_held, self._boundary = 0, None
@@ -2823,17 +2828,25 @@ class IndexedStore(Store):
         exists; best effort, never raises)."""
 
     def _index(self, obj: dict) -> None:
-        """Add a loaded object to the index (start-up; no event)."""
+        """Add a loaded object to the index (start-up, from _load(); no change is recorded).
+
+        Its name goes to the end of the kind's names: open() sorts them once
+        _load() returns (one sort instead of an insertion per object).
+        """
         kind, meta = obj["kind"], obj["metadata"]
         self._objects[kind][meta["uid"]] = obj
         self._names[kind][meta["name"]] = meta["uid"]
-        self._indexes(kind, None, obj)
-        self._rv = max(self._rv, int(meta["resourceVersion"]))
+        self._indexes(kind, None, obj, ordered=False)
+        rv = int(meta["resourceVersion"])
+        if rv > self._rv:
+            self._rv = rv
 
-    def _indexes(self, kind: str, old: dict | None, new: dict | None) -> None:
-        """Keep the sorted names and the label index in step (lock held)."""
+    def _indexes(self, kind: str, old: dict | None, new: dict | None, *, ordered: bool = True) -> None:
+        """Keep the sorted names (``ordered``), the owners and the label index in step (lock held)."""
         names, index = self._sorted[kind], self._labels[kind]
-        if old is None or new is None:
+        if not ordered:
+            names.append(new["metadata"]["name"])
+        elif old is None or new is None:
             name = (new or old)["metadata"]["name"]
             at = bisect.bisect_left(names, name)
             if new is not None:
@@ -2915,6 +2928,11 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
     link is never followed (O_NOFOLLOW), a FIFO or a device never blocks the
     open (O_NONBLOCK), and fstat tells what was opened before a byte is read.
     """
+    return _open_regular_stat(path, flags, mode)[0]
+
+
+def _open_regular_stat(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> tuple[int, os.stat_result]:
+    """_open_regular(), and what fstat said of the file."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     except OSError as exc:
@@ -2923,14 +2941,15 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
                             path) from None
         raise
     try:
-        kind = os.fstat(fd).st_mode
+        info = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
-    if not stat.S_ISREG(kind):
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(kind)), "unknown"), path)
-    return fd
+        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(info.st_mode)), "unknown"),
+                        path)
+    return fd, info
 
 
 def _real_dir(path: str) -> bool:
@@ -2940,8 +2959,20 @@ def _real_dir(path: str) -> bool:
 
 def _read_regular(path: str) -> bytes:
     """The bytes of the regular file at ``path`` (see _open_regular)."""
-    with open(_open_regular(path), "rb") as f:
-        return f.read()
+    fd, info = _open_regular_stat(path)
+    try:
+        # os.read with the size fstat gave: start-up reads every file, and a file object per read
+        # costs as much as the read itself. A short read of a regular file is its end.
+        data = os.read(fd, info.st_size + 1)
+        if len(data) == info.st_size:
+            return data
+        chunks = [data]     # it changed since the fstat: read on to the end
+        while data:
+            data = os.read(fd, 1 << 16)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class DirSyncer:
@@ -3236,6 +3267,8 @@ class FileStore(IndexedStore):
     def _read_file(self, path, stem, kind):
         problem, obj = self._read_document(path)
         problem = problem or envelope_problem(obj, kind, stem)
+        # normalize_object() also puts the shared key constants in place of each file's own key
+        # strings: taking a file that already holds every key in order as it is costs 1 KB an object
         return problem, (None if problem else normalize_object(obj))
 
     def _note_quarantine(self):
@@ -4932,9 +4965,10 @@ class Bus:
                             "together passed their budget of %d; its queue is dropped (a gap)",
                             victim.name, freed, self.queues_bytes)
 
-    def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
-        """Every event after ``position``, derived from the store's feed; GoneError if one of them is
-        not available (no longer retained, or committed before this process started)."""
+    def since(self, position: tuple[int, int], kind: str | None = None) -> list[tuple[tuple[int, int], dict]]:
+        """Every event after ``position`` (of ``kind``'s objects only, if given), derived from the
+        store's feed; GoneError if one of them is not available (no longer retained, or committed
+        before this process started)."""
         rv, n = position
         store = self._store
         gone = GoneError(f"events after {format_position(position)} are no longer available; "
@@ -4952,6 +4986,8 @@ class Bus:
                 raise gone from None
         out = []
         for change in found:
+            if kind is not None and change.kind != kind:
+                continue
             events = change_events(change, prefix=self.prefix, source=self.source)
             out.extend(((change.resource_version, i), event) for i, event in enumerate(events)
                        if (change.resource_version, i) > position)
@@ -6483,8 +6519,7 @@ class RestAPI:
         tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
         try:
             backlog = [] if position is None else [
-                (pos, ev) for pos, ev in bus.since(position)
-                if tap.matches(ev["type"]) and (kind is None or ev.get("resourcekind") == kind)]
+                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
         except FabricaError:
             tap.close()
             raise
