@@ -4085,7 +4085,11 @@ class SQLiteStore(Store):
         hit = self._cache.get(key)
         if hit is not None and hit[0] == doc:
             return hit[1]
-        obj = json.loads(doc)
+        try:
+            obj = json.loads(doc)
+        except ValueError as exc:       # a row edited by hand: never a traceback, and say which
+            raise StoreError(f"{kind} {uid} in {self.path} is not valid JSON ({exc}); mend or delete its row "
+                             "(table objects)") from None
         with self._cache_lock:
             stale = self._cache.pop(key, None)
             if stale is not None:
