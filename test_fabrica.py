@@ -9860,10 +9860,12 @@ def run_cli(*args, server: str | None = None, env: dict | None = None, stdin: st
     return result
 
 
-@pytest.fixture(scope="class")
-def cli_server(tmp_path_factory):
+@pytest.fixture(scope="class", params=["file", "sqlite"])
+def cli_server(request, tmp_path_factory):
+    """The CLI's server, on each store that ``serve`` can take (file, then SQLite)."""
     tmp = tmp_path_factory.mktemp("cli")
-    server = Server.serve(tmp / "data", write_app(tmp, name="cli_app"), "--no-fsync").start()
+    server = Server.serve(tmp / "data", write_app(tmp, name="cli_app"), "--no-fsync",
+                          *STORES[request.param].serve(tmp / "data")).start()
     yield server
     server.kill()
 
@@ -10203,9 +10205,11 @@ def check_tree(server: Server, rack: dict, chassis: int, blades: int, nodes: int
             assert conds.get("Ready") == "True", obj
 
 
-@pytest.fixture(scope="class")
-def rack_server(tmp_path_factory):
-    server = Server.serve(tmp_path_factory.mktemp("rack"), RACK_APP, "--no-fsync").start()
+@pytest.fixture(scope="class", params=["file", "sqlite"])
+def rack_server(request, tmp_path_factory):
+    """The rack example served on each store that ``serve`` can take (file, then SQLite)."""
+    data = tmp_path_factory.mktemp("rack")
+    server = Server.serve(data, RACK_APP, "--no-fsync", *STORES[request.param].serve(data)).start()
     yield server
     server.kill()
 
@@ -11575,8 +11579,10 @@ def test_readme_starts_with_the_two_commands():
     assert lines[1] in ci.splitlines(), ".ci/run must run the README's test command verbatim"
 
 
-def test_rack_walkthrough_runs_as_written(tmp_path, servers):
-    server = servers(tmp_path / "data", EXAMPLES / "rack_reconciliation.py", "--no-fsync", cwd=tmp_path)
+@pytest.mark.parametrize("store", [[], ["--database-url", "sqlite:///data/app.db"]], ids=["file", "sqlite"])
+def test_rack_walkthrough_runs_as_written(tmp_path, servers, store):
+    server = servers(tmp_path / "data", EXAMPLES / "rack_reconciliation.py", "--no-fsync", *store, cwd=tmp_path)
+    assert (tmp_path / "data" / "app.db").is_file() == bool(store)    # the README's URL, relative to the folder
     env = dict(os.environ, FABRICA_SERVER=server.url)
 
     def get(path):
