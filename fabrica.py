@@ -3816,14 +3816,21 @@ class SQLiteStore(Store):
     """Objects, label index, owners, spec history and the change feed in one SQLite database file.
 
     ``SQLiteStore("data/app.db", durable=True, busy_timeout=5.0,
-    change_retention=100000)``; ``from_url()`` takes a ``database_url``.
-    WAL journal; ``synchronous=FULL`` when durable (every acknowledged write
+    change_retention=10000)`` (busy_timeout in seconds; change_retention:
+    changes the feed keeps); ``from_url()`` takes a ``database_url``. WAL
+    journal; ``synchronous=FULL`` when durable (every acknowledged write
     survives a power loss), NORMAL otherwise (it survives a crash of the
     process). A lock file ``<path>.lock`` (flock, holding the pid) keeps it
-    to one process. Reads use a pool of connections; writes go through one
-    writer thread that commits what has queued up in one transaction, so
-    concurrent writers share a COMMIT and its fsync. Every method is
-    thread-safe. Objects returned are fresh dicts, parsed per read.
+    to one process: open() raises StoreLockedError naming the holder, and
+    StoreError for a file that is not a fabrica database or is corrupt.
+
+    Thread-safety: every method is thread-safe. Reads take a connection from
+    a pool (sqlite3 connections are not shared between threads while in
+    use) and never wait for a write; writes are queued to one writer thread,
+    the only user of the one writing connection, which commits what has
+    queued up in one transaction, so concurrent writers share a COMMIT and
+    its fsync, and announces the changes in resourceVersion order. Objects
+    returned are shared while their row is unchanged: treat them as read-only.
     """
 
     def __init__(self, path: str, *, durable: bool = True, busy_timeout: float = 5.0,
@@ -4018,7 +4025,7 @@ class SQLiteStore(Store):
         if code == "SQLITE_NOTADB":
             return StoreError(f"{self.path} is not a fabrica database (SQLite: {text}); give the path of a "
                               "database fabrica made, or of a new file")
-        if code in ("SQLITE_CORRUPT", "SQLITE_ERROR"):
+        if code.startswith("SQLITE_CORRUPT") or code == "SQLITE_ERROR":
             return StoreError(f"{self.path} is corrupt (SQLite: {text}); restore it from a backup or recover it "
                               f"with: sqlite3 {self.path} .recover")
         return StoreError(f"cannot open {self.path} (SQLite: {text})")
