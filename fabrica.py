@@ -4075,7 +4075,8 @@ class SQLiteStore(Store):
         finally:
             if conn is not None:
                 if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                    with contextlib.suppress(self._sql.Error):
+                        conn.execute("ROLLBACK")
                 if self._opened and len(self._idle) < 16:
                     self._idle.append(conn)
                 else:
@@ -4434,6 +4435,9 @@ class SQLiteStore(Store):
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
+                if rv >= INT64_MAX:     # as the file store: a resourceVersion is an int64
+                    job.error = StoreError("resourceVersions are used up (2^63-1): nothing can be written")
+                    continue
                 conn.execute("SAVEPOINT job")
                 try:
                     job.result = job.apply(conn, rv + 1)
@@ -4442,7 +4446,7 @@ class SQLiteStore(Store):
                         raise       # the transaction may be gone: the whole batch fails
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    job.error = exc
+                    job.error = self._sqlite_write_error(job, exc) if isinstance(exc, sql.Error) else exc
                     continue
                 conn.execute("RELEASE job")
                 if isinstance(job.result, tuple):

@@ -3383,6 +3383,22 @@ class TestSQLiteWrites:
                 [f"r{i:03d}" for i in range(70, 80) if i % 3]
             assert seen == [10]         # the 10 rows of group=g7, not the 300 of the kind
 
+    def test_resource_versions_stop_at_int64_and_a_garbled_row_is_named(self, tmp_path):
+        db = tmp_path / "app.db"
+        _fabrica_db(db, 1)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE fabrica SET value = ? WHERE key = 'resourceVersion'", (2 ** 63 - 2,))
+            conn.execute("UPDATE objects SET doc = '{\"kind\": ' WHERE name = 'r0'")
+        conn.close()
+        with sqlite_app(db) as app:
+            assert call(app, "POST", "/racks", {"name": "last"})[2]["metadata"]["resourceVersion"] == str(2 ** 63 - 1)
+            status, _, err = call(app, "POST", "/racks", {"name": "past"})
+            assert_error(status, err, 500)
+            assert "used up" in err["error"] and call(app, "GET", "/racks/past")[0] == 404
+            status, _, err = call(app, "GET", "/racks/r0")
+            assert_error(status, err, 500)
+            assert "is not valid JSON" in err["error"] and "Traceback" not in err["error"]
+
     def test_start_up_reads_no_object(self, tmp_path, monkeypatch):
         db = tmp_path / "app.db"
         _fabrica_db(db, 50)
