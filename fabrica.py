@@ -2221,6 +2221,17 @@ class Store:
         """Every object of a kind, sorted by name (a stable order for paging)."""
         return self.query(kind)[0]
 
+    def orphan_candidates(self, kind: str) -> list[dict]:
+        """Objects of ``kind`` with an ownerReference to an object the store does not hold (the start-up
+        orphan sweep looks at these only). A store with an owner index answers without reading the rest."""
+        return [obj for obj in self.list(kind) if any(self.get(ref["kind"], ref["uid"]) is None
+                                                       for ref in obj["metadata"]["ownerReferences"])]
+
+    def finalizer_candidates(self, kind: str, finalizer: str, *, present: bool) -> list[dict]:
+        """Objects of ``kind`` whose finalizers hold ``finalizer`` (``present``) or do not (the start-up
+        finalizer sweep looks at these only). A store with a finalizer index answers from it."""
+        return [obj for obj in self.list(kind) if (finalizer in obj["metadata"]["finalizers"]) == present]
+
     def health(self) -> dict:
         """What start-up could not load: ``{"quarantined": [...], "ignored": [...]}``."""
         return {"quarantined": [], "ignored": []}
@@ -3713,6 +3724,11 @@ CREATE TABLE owners (
     id INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
     PRIMARY KEY (owner_kind, owner_uid, id)) WITHOUT ROWID;
 CREATE INDEX owners_of_object ON owners (id);
+CREATE TABLE finalizers (
+    kind TEXT NOT NULL, finalizer TEXT NOT NULL,
+    id INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
+    PRIMARY KEY (kind, finalizer, id)) WITHOUT ROWID;
+CREATE INDEX finalizers_of_object ON finalizers (id);
 CREATE TABLE history (
     kind TEXT NOT NULL, uid TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
     PRIMARY KEY (kind, uid, version)) WITHOUT ROWID;
@@ -3721,7 +3737,7 @@ CREATE TABLE changes (
     object TEXT NOT NULL, previous TEXT);
 INSERT INTO fabrica VALUES ('resourceVersion', 0), ('pruned', 0);
 """
-_SQLITE_TABLES = {"fabrica", "kinds", "objects", "labels", "owners", "history", "changes"}
+_SQLITE_TABLES = {"fabrica", "kinds", "objects", "labels", "owners", "finalizers", "history", "changes"}
 # the query parameters a database URL may carry (Go Fabrica's go-sqlite3 DSN ones, and ours)
 _SQLITE_PARAMS = {"_fk": "foreign keys are always on", "_foreign_keys": "foreign keys are always on",
                   "_busy_timeout": "the busy timeout in ms", "_timeout": "the busy timeout in ms",
@@ -4145,12 +4161,12 @@ class SQLiteStore(Store):
                 conn.execute("BEGIN")       # one snapshot for the whole answer
             if selector is None and name is None:
                 total = self._counts.get(kind, 0)
-                sql = "SELECT doc FROM objects WHERE kind = ? AND name > ? ORDER BY name"
+                sql = "SELECT uid, doc FROM objects WHERE kind = ? AND name > ? ORDER BY name"
                 args = (kind, "" if after is None else after)
                 if limit is not None:
                     sql += " LIMIT ?"
                     args += (limit + 1,)
-                items = [json.loads(doc) for doc, in conn.execute(sql, args)]
+                items = [self._parsed(kind, uid, doc) for uid, doc in conn.execute(sql, args)]
                 if conn is not self._wconn:
                     conn.execute("COMMIT")
                 more = None
@@ -4173,11 +4189,11 @@ class SQLiteStore(Store):
             ids = [row[1] for row in rows]
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                docs.update(conn.execute(f"SELECT id, doc FROM objects WHERE id IN ({','.join('?' * len(chunk))})",
-                                         chunk))
+                docs.update((oid, (uid, doc)) for oid, uid, doc in conn.execute(
+                    f"SELECT id, uid, doc FROM objects WHERE id IN ({','.join('?' * len(chunk))})", chunk))
             if conn is not self._wconn:
                 conn.execute("COMMIT")
-        return [json.loads(docs[i]) for i in ids if i in docs], total, more
+        return [self._parsed(kind, *docs[i]) for i in ids if i in docs], total, more
 
     @staticmethod
     def _candidates(conn, kind, selector, name) -> list[tuple[str, int, str]]:
@@ -4202,6 +4218,30 @@ class SQLiteStore(Store):
 
     def count(self, kind):
         return self._counts.get(kind, 0) if kind in self._plurals else 0
+
+    def _rows(self, kind, sql, args) -> list[dict]:
+        if kind not in self._plurals:
+            return []
+        with self._reading() as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [self._parsed(kind, uid, doc) for uid, doc in sorted(rows)]
+
+    def orphan_candidates(self, kind):
+        """From the owner rows (all of them, not the kind's objects), in SQLite: only the objects with
+        an owner not stored are read."""
+        return self._rows(kind, "SELECT DISTINCT o.uid, o.doc FROM owners AS w CROSS JOIN objects AS o ON o.id = w.id "
+                                "WHERE o.kind = ?1 AND NOT EXISTS (SELECT 1 FROM objects AS p WHERE "
+                                "p.kind = w.owner_kind AND p.uid = w.owner_uid)", (kind,))
+
+    def finalizer_candidates(self, kind, finalizer, *, present):
+        """From the finalizer rows: a range of that index, or the kind's index entries without a row in it
+        (in SQLite; only the objects returned are read)."""
+        if present:
+            return self._rows(kind, "SELECT o.uid, o.doc FROM finalizers AS f CROSS JOIN objects AS o ON "
+                                    "o.id = f.id WHERE f.kind = ? AND f.finalizer = ?", (kind, finalizer))
+        return self._rows(kind, "SELECT o.uid, o.doc FROM objects AS o WHERE o.kind = ?1 AND NOT EXISTS "
+                                "(SELECT 1 FROM finalizers AS f WHERE f.kind = ?1 AND f.finalizer = ?2 AND "
+                                "f.id = o.id)", (kind, finalizer))
 
     def dependents(self, kind, uid):
         with self._reading() as conn:
@@ -4367,6 +4407,12 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM owners WHERE id = ?", (oid,))
             conn.executemany("INSERT OR IGNORE INTO owners VALUES (?, ?, ?)",
                              [(ref["kind"], ref["uid"], oid) for ref in new_refs])
+        old_fins = old["metadata"]["finalizers"] if old else []
+        new_fins = new["metadata"]["finalizers"]
+        if old_fins != new_fins:
+            conn.execute("DELETE FROM finalizers WHERE id = ?", (oid,))
+            conn.executemany("INSERT OR IGNORE INTO finalizers VALUES (?, ?, ?)",
+                             [(kind, name, oid) for name in new_fins])
 
     @staticmethod
     def _put_version(conn, kind, uid, snapshot):
@@ -8223,10 +8269,10 @@ class Fabrica:
                                                      f'kind="{_prom_escape(k)}"')])
         objects, not_ready = [], []
         for k in kinds:
-            items = store.list(k) if store is not None else []
-            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
+            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {store.count(k) if store is not None else 0}')
             if not self.kinds[k].has_controller:
                 continue        # nothing ever makes these Ready: they would look stuck forever
+            items = store.list(k) if store is not None else []
             pending = sum(1 for o in items if not any(
                 isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
                 for c in o["status"].get("conditions") or ()))
@@ -8606,7 +8652,8 @@ class Fabrica:
         """
         count = 0
         for info in list(self.kinds.values()):
-            for obj in self.store.list(info.kind):
+            # the objects the rule may change: a kind without finalize= never carries it, one with it always
+            for obj in self.store.finalizer_candidates(info.kind, FINALIZER, present=info.finalize is None):
                 meta = obj["metadata"]
                 if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
                         meta["finalizers"]:
@@ -8633,7 +8680,7 @@ class Fabrica:
         """
         orphans, kept = [], 0
         for info in list(self.kinds.values()):
-            for obj in self.store.list(info.kind):
+            for obj in self.store.orphan_candidates(info.kind):     # an owner not held: not all present
                 refs = obj["metadata"]["ownerReferences"]
                 if self._owners_gone(obj):
                     orphans.append((info.kind, obj["metadata"]["uid"]))

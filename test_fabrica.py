@@ -3417,6 +3417,32 @@ class TestSQLiteWrites:
             assert store.count("Rack") == 50 and store.resource_version == 50
         finally:
             store.close()
+        statements.clear()
+        with sqlite_app(db) as app:     # the app's start-up sweeps and /metrics ask the index rows, not every row
+            assert "fabrica_objects{kind=\"Rack\"} 50" in call(app, "GET", "/metrics")[2].decode()
+        reads = [s for s in statements if s.startswith("SELECT") and "doc" in s and "owners" not in s and
+                 "finalizers" not in s]
+        assert not reads, reads
+
+    def test_the_start_up_sweep_collects_orphans_from_the_owner_rows(self, tmp_path):
+        db = tmp_path / "app.db"
+        with sqlite_app(db) as app:
+            keep, lost = app.client.create("Rack", "keep"), app.client.create("Rack", "lost")
+            for owner in (keep, lost):
+                app.client.create("Chassis", f"of-{owner.name}", owner=owner)
+        with sqlite3.connect(db) as conn:       # what a crash between a delete and its cascade leaves
+            conn.execute("DELETE FROM objects WHERE uid = ?", (lost.uid,))
+        conn.close()
+        store = fabrica.SQLiteStore(str(db))
+        store.open({"Rack": "racks", "Chassis": "chassis"})
+        try:
+            assert [o["metadata"]["name"] for o in store.orphan_candidates("Chassis")] == ["of-lost"]
+            assert store.orphan_candidates("Rack") == []
+        finally:
+            store.close()
+        with sqlite_app(db) as app:
+            assert wait_until(lambda: call(app, "GET", "/chassis/of-lost")[0] == 404)
+            assert call(app, "GET", "/chassis/of-keep")[0] == 200
 
 
 ###############################################################################

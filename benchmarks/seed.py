@@ -50,29 +50,33 @@ def seed_fabrica(data_dir: Path, kind: str, plural: str, n: int, *, prefix: str 
     return objs
 
 
-def seed_sqlite(db_path: Path, kind: str, plural: str, n: int, *, threads: int = 16) -> None:
-    """Create objects 0..n-1 of ``kind`` (as seed_fabrica) in a SQLite database, through fabrica's
-    SQLiteStore itself (fsync off while seeding; concurrent creates share transactions)."""
-    import threading
+def seed_sqlite(db_path: Path, kind: str, plural: str, n: int, *, chunk: int = 10000) -> None:
+    """Objects 0..n-1 of ``kind`` (as seed_fabrica) in a SQLite database, written directly, as
+    seed_fabrica writes files: fabrica's SQLiteStore makes the database (its schema), then the rows
+    its writes would leave (object, label index rows, kind count, resourceVersion) go in by the
+    thousand; the change feed starts empty (``pruned`` = n), as after a long-running server."""
+    import sqlite3
     store = fabrica.SQLiteStore(str(db_path), durable=False)
     store.open({kind: plural})
-    errors = []
-
-    def worker(t):
-        try:
-            for i in range(t, n, threads):
-                store.create(make_object(kind, kind.lower(), i))
-        except Exception as exc:        # reported below: a half-seeded database must not pass silently
-            errors.append(exc)
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    count = store.count(kind)
     store.close()
-    if errors or count != n:
-        raise RuntimeError(f"seeding {db_path}: {count} of {n} objects ({errors[:1]})")
+    conn = sqlite3.connect(str(db_path), isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("BEGIN")
+    for start in range(0, n, chunk):
+        objs = [make_object(kind, kind.lower(), i) for i in range(start, min(n, start + chunk))]
+        for obj in objs:
+            obj["metadata"]["resourceVersion"] = str(int(obj["metadata"]["resourceVersion"]))
+        rows = [(obj["metadata"]["resourceVersion"], kind, obj["metadata"]["uid"], obj["metadata"]["name"],
+                 fabrica.dumps(obj["metadata"]["labels"]), fabrica.dumps(obj)) for obj in objs]
+        conn.executemany("INSERT INTO objects (id, kind, uid, name, labels, doc) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)",
+                         [(kind, k, v, int(obj["metadata"]["resourceVersion"])) for obj in objs
+                          for k, v in obj["metadata"]["labels"].items()])
+    conn.execute("INSERT INTO kinds VALUES (?, ?, ?)", (kind, plural, n))
+    conn.execute("UPDATE fabrica SET value = ? WHERE key IN ('resourceVersion', 'pruned')", (n,))
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
 
 
 def seed_json_server(path: Path, collection: str, objs: list[dict]) -> None:
