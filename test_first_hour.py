@@ -665,7 +665,7 @@ class TestFailureReasons:
 
 
 class TestRoot:
-    """GET / before the dashboard: a browser goes to /docs, a JSON client gets discovery (SPEC §6.1, §11)."""
+    """GET /: a browser gets the dashboard, a JSON client gets discovery (SPEC §6.1, §11)."""
 
     BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 
@@ -675,10 +675,10 @@ class TestRoot:
         app.register("Widget")
         return app
 
-    def test_a_browser_is_sent_to_the_docs(self, app):
-        status, headers, _ = wsgi(app, "/", {"Accept": self.BROWSER})
-        assert (status, headers["Location"]) == (302, "/docs")
-        assert "Accept" in headers["Vary"]
+    def test_a_browser_gets_the_dashboard(self, app):
+        status, headers, body = wsgi(app, "/", {"Accept": self.BROWSER})
+        assert status == 200 and headers["Content-Type"].startswith("text/html")
+        assert b"EventSource" in body and "Accept" in headers["Vary"]
         status, headers, _ = wsgi(app, "/docs", {"Accept": self.BROWSER})
         assert status == 200 and headers["Content-Type"].startswith("text/html")
 
@@ -691,7 +691,7 @@ class TestRoot:
 
     def test_the_openapi_document_describes_both_answers(self, app):
         get = json.loads(wsgi(app, "/openapi.json")[2])["paths"]["/"]["get"]
-        assert {"200", "302"} <= set(get["responses"])
+        assert set(get["responses"]["200"]["content"]) == {"application/json", "text/html"}
 
 
 class TestWhatHasAController:
