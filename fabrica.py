@@ -4746,7 +4746,7 @@ class RestAPI:
             if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
                 try:
                     admitted = dashboard_admits(self, environ)
-                except UnauthorizedError as err:
+                except FabricaError as err:     # a ticket, refused: the error says why
                     raise self._error_response(err) from None
                 if not admitted:
                     raise self._error_response(UnauthorizedError(
@@ -5745,6 +5745,10 @@ STREAM_TICKET_TTL = 30          # seconds a stream ticket stays redeemable
 _TICKET_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})", re.ASCII)
 
 
+class _TicketsBusyError(FabricaError):
+    status = 429
+
+
 class StreamTickets:
     """The stream tickets of one server: ``issue()`` one, ``redeem()`` it once (thread-safe).
 
@@ -5786,7 +5790,7 @@ class StreamTickets:
             if len(self._used) >= self.capacity:
                 self._used = {n: e for n, e in self._used.items() if e > now}
                 if len(self._used) >= self.capacity:     # forgetting one would let it be replayed
-                    raise UnauthorizedError(f"{self.capacity} stream tickets were redeemed in the last "
+                    raise _TicketsBusyError(f"{self.capacity} stream tickets were redeemed in the last "
                                             f"{self.ttl:g} s; retry shortly")
             self._used[nonce] = expiry
 
@@ -5797,16 +5801,15 @@ def dashboard_admits(rest: RestAPI, environ: dict) -> bool:
     The page is the same for every server and carries no data. A ticket is
     redeemed here, so a bad one raises UnauthorizedError naming what is wrong.
     """
-    method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
-    if method == "GET" and path == "/" and "text/html" in environ.get("HTTP_ACCEPT", ""):
-        return True
-    if method != "GET" or path != "/events":
+    if environ.get("REQUEST_METHOD") != "GET":
         return False
-    ticket = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("ticket")
-    if not ticket:
-        return False
-    rest.tickets.redeem(ticket[-1])
-    return True
+    if environ.get("PATH_INFO") == "/":
+        return "text/html" in environ.get("HTTP_ACCEPT", "")
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")) if environ.get("PATH_INFO") == "/events" else {}
+    ticket = query.get("ticket")
+    if ticket:
+        rest.tickets.redeem(ticket[-1])
+    return bool(ticket)
 
 
 def dashboard_page() -> bottle.HTTPResponse:
@@ -5822,50 +5825,41 @@ DASHBOARD_HTML = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fabrica</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <style>
-:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;
---bad:#f85149;--acc:#58a6ff}
-*{box-sizing:border-box}[hidden]{display:none!important}
+:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;--bad:#f85149;
+--acc:#58a6ff}*{box-sizing:border-box}[hidden]{display:none!important}
 body{margin:0;height:100vh;font:13px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--line);display:grid;
 gap:1px;grid-template:44px minmax(0,1fr) minmax(0,34%)/220px minmax(0,1fr) minmax(0,38%)}
-body>*{background:var(--bg);min-height:0;min-width:0}
+body>*{background:var(--bg);min-height:0;min-width:0}section{display:flex;flex-direction:column}
 header{grid-column:1/-1;display:flex;align-items:center;gap:16px;padding:0 14px;background:var(--pane)}
-header b{font-size:15px;letter-spacing:.02em}
-nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
-#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}
-section{display:flex;flex-direction:column}
+header b{font-size:15px;letter-spacing:.02em}nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
+#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}h3{margin:8px 0;font-size:15px}
 h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;color:var(--dim);margin:14px 14px 6px}
-h3{margin:8px 0;font-size:15px}
 .kind{display:flex;gap:6px;padding:4px 14px;cursor:pointer}.kind span:first-child{flex:1}
 .kind:hover,.row:hover{background:var(--pane)}.kind.on{background:#1f6feb26;box-shadow:inset 3px 0 var(--acc)}
-.n{font-variant-numeric:tabular-nums;color:var(--dim)}
+.n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
 .bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
-.bar span:nth-child(3){flex:1}
-input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px 8px}
-.grid{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;align-items:center;
-padding:0 12px;height:26px;white-space:nowrap}
-.grid span{overflow:hidden;text-overflow:ellipsis}.grid span:nth-child(n+3){text-align:right}
-.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
+input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
+.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;align-items:center;
+padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
+.grid span:nth-child(n+3){text-align:right}.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
 .vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
-.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.row.sel{background:#1f6feb33}
+.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
 .dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;
 background:var(--wait)}.ok::before{background:var(--ok)}.bad::before{background:var(--bad)}
 .none::before{background:var(--line)}.dim{color:var(--dim)}.lag{color:var(--wait)}.red{color:var(--bad)}
-.grn{color:var(--ok)}a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
+.grn{color:var(--ok)}.acc,a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
 pre{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;background:var(--pane);
-padding:10px;border-radius:6px;margin:8px 0}
-#log{font:12px/20px ui-monospace,monospace}#log div div{padding:0 10px;height:20px;white-space:nowrap;
-overflow:hidden;text-overflow:ellipsis;cursor:pointer}#log i{font-style:normal;color:var(--acc)}
-table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}
+padding:10px;border-radius:6px;margin:8px 0}#log{font:12px/20px ui-monospace,monospace}#log span{margin-right:8px}
+#log .row{padding:0 10px;height:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border:0}
+table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}th{font-weight:normal;font-size:11px}
 td,th{text-align:right;padding:2px 0 2px 14px}td:first-child,th:first-child{text-align:left;padding-left:0}
-th{color:var(--dim);font-weight:normal;font-size:11px}
 dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:8px}
 </style></head>
 <body>
 <header><b>fabrica</b><span id="svc" class="dim"></span><span id="live" class="dot">connecting</span>
 <span id="rv" class="n"></span><span style="flex:1"></span><span id="rate" class="n"></span></header>
-<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2>
-<table><thead><tr><th>kind</th><th>queue</th><th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody>
-</table></nav>
+<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2><table><thead class="dim"><tr><th>kind</th><th>queue</th>
+<th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody></table></nav>
 <section><div class="bar"><b id="title"></b><span id="shown" class="n"></span><span></span>
 <input id="filter" type="search" placeholder="filter by name"></div>
 <div class="grid th"><span>name</span><span>ready / phase</span><span>gen / obs</span><span>age</span></div>
@@ -5878,14 +5872,13 @@ dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);borde
 <input id="token" type="password" size="40" autocomplete="off"> <button>Connect</button></form></dialog>
 <script>
 "use strict";
-const $ = (id) => document.getElementById(id);
-const el = (tag, cls, text) => {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
+const $ = (id) => document.getElementById(id), LOG_KEEP = 5000;
+function el(tag, cls, text, ...kids) {
+  const e = Object.assign(document.createElement(tag), {className: cls || ""});
+  e.append(...(text === undefined ? [] : [String(text)]), ...kids);
   return e;
-};
-const LOG_KEEP = 5000;
+}
+const set = (e, text, cls) => { e.textContent = text; if (cls !== undefined) e.className = cls; };
 const kinds = new Map();    // kind -> {info, rows: Map uid -> row, view: rows sorted by name, sorted, el, notReady}
 let log = [], logView = log, match = null;    // log: {time, type, kind, uid, name, text}, oldest first
 let token = sessionStorage.getItem("fabrica-token") || "", current = "", filter = "", selected = null;
@@ -5899,10 +5892,11 @@ async function api(path, opts = {}) {
   return res;
 }
 const json = async (path, opts) => (await api(path, opts)).json();
+const hashKind = () => decodeURIComponent(location.hash.slice(1));
 
 class VList {     // a virtualised list: only the rows in sight exist, reused as it scrolls
-  constructor(box, height, make, paint) {
-    Object.assign(this, {box, height, make, paint, pool: []});
+  constructor(box, height, cells, click) {
+    Object.assign(this, {box, height, cells, click, pool: []});
     this.spacer = box.appendChild(el("div"));
     this.rows = box.appendChild(el("div"));
     box.onscroll = () => { this.dirty = true; schedule(); };
@@ -5911,45 +5905,30 @@ class VList {     // a virtualised list: only the rows in sight exist, reused as
     this.first = Math.floor(this.box.scrollTop / this.height);
     this.n = Math.ceil(this.box.clientHeight / this.height) + 1;
   }
-  render(count, item) {
-    const first = this.first, n = this.n;
+  render(count, item) {   // item(i): the i-th item; cells(item): [[text, class], ...], one per column
     this.spacer.style.height = count * this.height + "px";
-    this.rows.style.transform = `translateY(${first * this.height}px)`;
-    while (this.pool.length < n) this.pool.push(this.rows.appendChild(this.make()));
-    this.pool.forEach((e, i) => { e.hidden = first + i >= count; if (!e.hidden) this.paint(e, item(first + i)); });
+    this.rows.style.transform = `translateY(${this.first * this.height}px)`;
+    while (this.pool.length < this.n) {
+      const e = this.rows.appendChild(Object.assign(el("div", "row"), {onclick: () => this.click(e.item)}));
+      this.pool.push(e);
+    }
+    this.pool.forEach((e, i) => {
+      if ((e.hidden = this.first + i >= count)) return;
+      const x = e.item = item(this.first + i), cells = this.cells(x);
+      while (e.children.length < cells.length) e.append(el("span"));
+      cells.forEach(([text, cls], j) => set(e.children[j], text, cls || ""));
+      e.classList.toggle("sel", !!selected && selected.uid === x.uid);
+    });
     this.dirty = false;
   }
 }
-const table = new VList($("table"), 26, () => {
-  const e = el("div", "grid row");
-  e.append(el("span"), el("span", "dot"), el("span"), el("span", "dim"));
-  e.onclick = () => select(current, e.row.uid);
-  return e;
-}, (e, r) => {
-  const [name, st, gen, old] = e.children, [cls, word] = status(r);
-  e.row = r;
-  e.classList.toggle("sel", !!selected && selected.uid === r.uid);
-  name.textContent = r.name;
-  st.className = "dot " + cls;
-  st.textContent = word;
-  gen.textContent = r.ogen === undefined ? r.gen : r.gen + " / " + r.ogen;
-  gen.className = r.ogen !== undefined && r.ogen !== r.gen ? "lag" : "";
-  old.textContent = age(r.created);
-});
-const events = new VList($("log"), 20, () => {
-  const e = el("div");
-  e.append(el("span", "dim"), " ", el("span"), " ", el("i"), " ", el("span", "dim"));
-  e.onclick = () => go(e.entry.kind, e.entry.uid);
-  return e;
-}, (e, x) => {
-  const c = e.children;
-  e.entry = x;
-  c[0].textContent = x.time;
-  c[1].textContent = x.type;
-  c[1].className = /created$/.test(x.type) ? "grn" : /deleted$/.test(x.type) ? "red" : "";
-  c[2].textContent = `${x.kind}/${x.name}`;
-  c[3].textContent = x.text;
-});
+const table = new VList($("table"), 26, (r) => {
+  const [cls, word] = status(r), lag = r.ogen !== undefined && r.ogen !== r.gen;
+  return [[r.name], [word, "dot " + cls], [r.ogen === undefined ? r.gen : `${r.gen} / ${r.ogen}`, lag ? "lag" : ""],
+    [age(r.created), "dim"]];
+}, (r) => select(current, r.uid));
+const events = new VList($("log"), 20, (x) => [[x.time, "dim"], [x.type, /created$/.test(x.type) ? "grn"
+  : /deleted$/.test(x.type) ? "red" : ""], [`${x.kind}/${x.name}`, "acc"], [x.text, "dim"]], (x) => go(x.kind, x.uid));
 
 function addKind(info) {
   const k = kinds.get(info.kind) || {rows: new Map(), view: [], sorted: false, el: null, notReady: 0};
@@ -5960,11 +5939,12 @@ function summary(kind, o) {
   const m = o.metadata, s = o.status || {}, c = (s.conditions || []).find((c) => c && c.type === "Ready") || {};
   return {kind, uid: m.uid, name: m.name, rv: +m.resourceVersion, gen: m.generation, ogen: s.observedGeneration,
     phase: typeof s.phase === "string" ? s.phase : "", ready: c.status || "", reason: c.reason || "",
-    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp, owners: (m.ownerReferences || []).map((r) => r.uid)};
+    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp,
+    owners: (m.ownerReferences || []).map((r) => r.uid)};
 }
 const byName = (a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
 function place(k, row, add) {   // keeps a sorted view sorted: a binary search, not a sort per change
-  if (!k.sorted || (add && filter && !row.name.includes(filter))) return;
+  if (!k.sorted || (add && !row.name.includes(filter))) return;
   let lo = 0, hi = k.view.length;
   while (lo < hi) { const mid = (lo + hi) >> 1; if (byName(k.view[mid], row) < 0) lo = mid + 1; else hi = mid; }
   if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
@@ -5978,7 +5958,7 @@ function put(kind, o, deleted) {      // the newest resourceVersion wins, whethe
   if (deleted && tombs) tombs.set(uid, rv);
   if (deleted && old) { k.rows.delete(uid); place(k, old, false); }
   if (!deleted && !old) { k.rows.set(uid, row); place(k, row, true); }
-  if (!deleted && old) { if (old.name !== row.name) k.sorted = false; Object.assign(old, row); }
+  if (!deleted && old) { k.sorted &&= old.name === row.name; Object.assign(old, row); }
   if (!deleted) k.notReady += row.ready !== "True" ? 1 : 0;
   dirty.counts = true;
   dirty.table ||= kind === current;
@@ -5987,29 +5967,28 @@ function put(kind, o, deleted) {      // the newest resourceVersion wins, whethe
 
 function onEvent(text) {
   const ev = JSON.parse(text), d = ev.data || {}, kind = ev.resourcekind || d.resourceKind, uid = d.resourceUID;
+  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
   seen++;
   if (d.resource) put(kind, d.resource, d.action === "deleted");
   if (d.resource && selected && selected.uid === uid) {
     Object.assign(selected, {obj: d.resource, gone: d.action === "deleted"});
     dirty.detail = true;
   }
-  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
-  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid, name: d.resourceName || (row ? row.name : uid),
+  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid,
+    name: d.resourceName || (row ? row.name : uid),
     text: d.resource ? d.action + (/updated|patched/.test(d.action) ? " " + d.updateType : "")
       : `${d.conditionType} ${d.previousStatus || "-"} \u2192 ${d.status} ${d.reason || ""}`});
   dirty.log = true;
 }
-function schedule() {
-  if (scheduled) return;
+function schedule() {   // one flush per animation frame (a timer while the tab is hidden: no frames then)
+  if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
   scheduled = true;
-  if (document.hidden) setTimeout(flush, 500); else requestAnimationFrame(flush);
 }
 function flush() {    // what arrived since the last frame, rendered once
-  scheduled = false;
+  const batch = pending;
+  [scheduled, pending] = [false, []];
   table.measure();
   events.measure();
-  const batch = pending;
-  pending = [];
   batch.forEach(onEvent);
   if (log.length > 2 * LOG_KEEP) log = log.slice(-LOG_KEEP);
   if (dirty.counts) renderKinds();
@@ -6017,52 +5996,42 @@ function flush() {    // what arrived since the last frame, rendered once
   if (dirty.log) logView = match ? log.filter((x) => match(x.type)) : log;
   if (dirty.log || events.dirty) events.render(logView.length, (i) => logView[logView.length - 1 - i]);
   if (dirty.detail && selected) renderDetail();
-  $("logn").textContent = seen.toLocaleString();
+  set($("logn"), seen.toLocaleString());
   dirty = {counts: false, table: false, log: false, detail: false};
 }
 
-function renderKinds() {
-  let added = false;
+function renderKinds() {   // in the order the app registered them
   for (const [name, k] of kinds) {
-    if (!k.el) {
-      k.el = el("div", "kind");
-      k.el.append(el("span", "", name), el("span", "lag n"), el("span", "n"));
-      k.el.onclick = () => show(name);
-      added = true;
-    }
+    k.el = k.el || $("kinds").appendChild(el("div", "kind", undefined, el("span", "", name), el("span"), el("span")));
+    k.el.onclick = () => show(name);
     k.el.classList.toggle("on", name === current);
-    k.el.children[1].textContent = k.info.controller && k.notReady ? k.notReady + " not ready" : "";
-    k.el.children[2].textContent = k.rows.size.toLocaleString();
+    set(k.el.children[1], k.info.controller && k.notReady ? k.notReady + " not ready" : "", "lag n");
+    set(k.el.children[2], k.rows.size.toLocaleString(), "n");
   }
-  if (added) $("kinds").replaceChildren(...[...kinds.keys()].sort().map((name) => kinds.get(name).el));
 }
 function view(k) {
-  if (!k.sorted) {
-    const rows = [...k.rows.values()];
-    k.view = (filter ? rows.filter((r) => r.name.includes(filter)) : rows).sort(byName);
-    k.sorted = true;
-  }
+  if (!k.sorted) k.view = [...k.rows.values()].filter((r) => r.name.includes(filter)).sort(byName);
+  k.sorted = true;
   return k.view;
 }
 function age(ms) {
-  const s = Math.max(0, (Date.now() - ms) / 1000);
-  return s < 90 ? Math.floor(s) + "s" : s < 5400 ? Math.floor(s / 60) + "m" : s < 172800 ? Math.floor(s / 3600) + "h"
-    : Math.floor(s / 86400) + "d";
+  const s = Math.max(0, (Date.now() - ms) / 1000), [n, unit] = s < 90 ? [s, "s"] : s < 5400 ? [s / 60, "m"]
+    : s < 172800 ? [s / 3600, "h"] : [s / 86400, "d"];
+  return Math.floor(n) + unit;
 }
-function status(r) {
+function status(r) {    // [dot class, "phase or Ready · reason"]
   const word = r.deleting ? "Deleting" : r.phase || (r.ready === "True" ? "Ready" : r.ready ? "NotReady" : "-");
-  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad" : r.ready || r.phase ? "" : "none";
+  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad"
+    : r.ready || r.phase ? "" : "none";
   return [cls, r.reason && r.reason !== word ? word + " \u00b7 " + r.reason : word];
 }
 function renderTable() {
-  const k = kinds.get(current);
-  if (!k) return;
-  const rows = view(k);
-  $("title").textContent = current;
-  $("shown").textContent = (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString();
+  const k = kinds.get(current), rows = k ? view(k) : [];
+  set($("title"), current);
+  set($("shown"), k ? (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString() : "");
   table.render(rows.length, (i) => rows[i]);
 }
-function show(kind, uid) {
+function show(kind, uid) {   // a kind's table, scrolled to uid when given
   current = kind;
   history.replaceState(null, "", "#" + encodeURIComponent(kind));
   const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
@@ -6070,7 +6039,7 @@ function show(kind, uid) {
   dirty.counts = dirty.table = true;
   schedule();
 }
-function go(kind, uid) {
+function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
   if (!kinds.has(kind)) return;
   if (kind !== current) show(kind, uid);
   select(kind, uid);
@@ -6078,7 +6047,7 @@ function go(kind, uid) {
 
 async function select(kind, uid) {
   const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
-  dirty.detail = dirty.table = true;
+  dirty.detail = dirty.table = dirty.log = true;
   schedule();
   if (!k || !k.info.plural) return;
   try {
@@ -6090,10 +6059,9 @@ async function select(kind, uid) {
 }
 function renderDetail() {
   const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
-  const link = (r) => { const a = el("a", "", `${r.kind} ${r.name || r.uid}`); a.onclick = () => go(r.kind, r.uid); return a; };
-  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${o ? o.metadata.name : row ? row.name : s.uid}`));
-  if (s.gone) box.append(el("p", "red", "deleted"));
-  if (!o) return box.append(el("p", "dim", s.gone ? "" : "loading\u2026"));
+  const link = (r) => Object.assign(el("a", "", `${r.kind} ${r.name || r.uid}`), {onclick: () => go(r.kind, r.uid)});
+  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${(o ? o.metadata : row || s).name || s.uid}`));
+  if (s.gone || !o) return box.append(el("p", s.gone ? "red" : "dim", s.gone ? "deleted" : "loading\u2026"));
   const owners = el("div", "links", "owner: "), deps = el("div", "links", "dependents: "), found = [];
   for (const k of kinds.values()) for (const r of k.rows.values()) if (r.owners.includes(s.uid)) found.push(r);
   owners.append(...(o.metadata.ownerReferences || []).map(link));
@@ -6121,18 +6089,13 @@ async function pollControllers() {
     }
   } catch (e) { return; }
   $("ctl").replaceChildren(...Object.keys(stats).sort().map((kind) => {
-    const s = stats[kind], tr = el("tr");
-    tr.append(el("td", "", kind), el("td", s.queue_depth ? "lag" : "", s.queue_depth),
-      el("td", s.reconcile_retries_total ? "lag" : "", s.reconcile_retries_total),
-      el("td", s.reconcile_errors_total ? "red" : "", s.reconcile_errors_total));
-    return tr;
+    const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
+    return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
+      td(s.reconcile_errors_total, "red"));
   }));
 }
 
-function live(state) {
-  $("live").textContent = state;
-  $("live").className = "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : "");
-}
+const live = (state) => set($("live"), state, "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : ""));
 async function connect(since) {   // resolves once the stream is open, or has failed
   live(since ? "reconnecting" : "connecting");
   const retry = () => setTimeout(() => since ? connect(since) : start(), Math.min(10000, 500 * 2 ** attempt++));
@@ -6160,13 +6123,15 @@ async function start() {    // (re)list everything; the stream opens first, so n
   if (es) es.close();
   es = null;
   pending = [];
-  let apis, health;
-  try { [apis, health] = await Promise.all([json("apis"), json("health")]); } catch (e) { return live("offline"); }
-  $("svc").textContent = `${health.service} ${health.version}`;
+  const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
+  if (!apis) return live("offline");
+  set($("svc"), `${health.service} ${health.version}`);
   kinds.clear();
+  $("kinds").replaceChildren();
   apis.kinds.forEach(addKind);
-  const names = [...kinds.keys()], hash = decodeURIComponent(location.hash.slice(1));
-  current = kinds.has(hash) ? hash : (apis.kinds.find((k) => k.controller) || apis.kinds[0] || {}).kind || "";
+  const names = [...kinds.keys()];
+  const first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
+  current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
   if (current) show(current);
   lastId = "";
   tombs = new Map();
@@ -6192,16 +6157,24 @@ $("filter").oninput = () => {
   dirty.table = true;
   schedule();
 };
-$("types").oninput = () => { const v = $("types").value.trim(); match = v ? matcher(v) : null; dirty.log = true; schedule(); };
-$("auth").onclose = () => { token = $("token").value.trim(); sessionStorage.setItem("fabrica-token", token); start(); };
+$("types").oninput = () => {
+  match = $("types").value.trim() && matcher($("types").value.trim());
+  dirty.log = true;
+  schedule();
+};
+$("auth").onclose = () => {
+  token = $("token").value.trim();
+  sessionStorage.setItem("fabrica-token", token);     // the same key as /docs: one token per tab for both
+  start();
+};
 window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
-window.onhashchange = () => { const kind = decodeURIComponent(location.hash.slice(1)); if (kinds.has(kind)) show(kind); };
+window.onhashchange = () => kinds.has(hashKind()) && show(hashKind());
 document.onvisibilitychange = () => { scheduled = false; schedule(); };
-setInterval(() => {
-  $("rate").textContent = `${seen - was} events/s`;
-  $("rv").textContent = lastId ? "last event " + lastId : "";
+setInterval(() => {     // the rate, and the ages
+  set($("rate"), `${seen - was} events/s`);
+  set($("rv"), lastId ? "last event " + lastId : "");
   was = seen;
-  dirty.table = true;     // the ages
+  dirty.table = true;
   schedule();
 }, 1000);
 setInterval(pollControllers, 2000);

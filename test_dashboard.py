@@ -115,8 +115,9 @@ class TestStreamTickets:
         tickets = fabrica.StreamTickets(ttl=30, clock=clock, capacity=3)
         for _ in range(3):
             tickets.redeem(tickets.issue()["ticket"])
-        with pytest.raises(fabrica.UnauthorizedError, match="retry shortly"):
+        with pytest.raises(fabrica.FabricaError, match="retry shortly") as refused:
             tickets.redeem(tickets.issue()["ticket"])
+        assert refused.value.status == 429
         clock.now += 31         # the three have expired: forgotten, so there is room again
         tickets.redeem(tickets.issue()["ticket"])
         assert len(tickets._used) == 1
