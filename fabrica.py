@@ -5841,7 +5841,8 @@ h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;
 input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
 .grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;align-items:center;
 padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
-.grid span:nth-child(n+3){text-align:right}.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
+.grid span:nth-child(n+3){text-align:right}
+.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
 .vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
 .row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
 .dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;

@@ -407,6 +407,28 @@ class TestInABrowser:
         browser.save_screenshot(str(artifacts / "dashboard.png"))
         assert (artifacts / "dashboard.png").stat().st_size > 10000
 
+    def test_a_dropped_stream_resumes_and_a_lost_position_relists(self, browser, rack_server):
+        open_page(browser, rack_server.url, "#RackTemplate")
+        live = lambda: page(browser, "return document.getElementById('live').textContent") == "live"  # noqa: E731
+        names = lambda: {r[0] for r in table_rows(browser)}     # noqa: E731
+        page(browser, "document.getElementById('filter').value = 'after-';"
+                      "document.getElementById('filter').dispatchEvent(new Event('input'))")
+        rack_server.create("racktemplates", template("after-open", 1))
+        assert wait_until(lambda: "after-open" in names()), names()
+        listed = page(browser, "return epoch")
+        page(browser, "es.onerror()")         # as when the server ends the stream: a new ticket, ?since=
+        assert wait_until(live)
+        rack_server.create("racktemplates", template("after-resume", 1))
+        assert wait_until(lambda: "after-resume" in names()), names()
+        assert page(browser, "return epoch") == listed, "resumed from the last event, not listed again"
+        page(browser, "lastId = '999999999'; es.onerror()")   # a position the server never had: 410, relist
+        assert wait_until(lambda: page(browser, "return epoch") == listed + 1 and live())
+        rack_server.create("racktemplates", template("after-relist", 1))
+        assert wait_until(lambda: {"after-open", "after-resume", "after-relist"} <= names()), names()
+        assert wait_until(lambda: shown_counts(browser) == rack_server.counts()), shown_counts(browser)
+        assert page(browser, "return window.loadedOnce") is True
+        assert severe_logs(browser, allow="/events?") == []     # the 410 is the one expected failure
+
     def test_with_a_token_the_page_asks_and_the_stream_uses_a_ticket(self, browser, tmp_path):
         server = Serve(tmp_path / "data", "--token", TOKEN, "--log-level", "debug")
         try:

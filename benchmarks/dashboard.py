@@ -17,6 +17,7 @@ the same run, in the same browser:
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -26,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import http.client
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
