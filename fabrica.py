@@ -5951,6 +5951,10 @@ function place(k, row, add) {   // keeps a sorted view sorted: a binary search, 
   if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
 }
 function put(kind, o, deleted) {      // the newest resourceVersion wins, whether the list or the stream brings it
+  if (!kinds.has(kind)) {   // a kind the open server made just now: its plural is in /apis
+    json("apis").then((apis) => apis.kinds.forEach(addKind), () => {});
+    if (!current) show(kind);
+  }
   const k = kinds.get(kind) || addKind({kind, plural: "", controller: false});
   const uid = o.metadata.uid, rv = +o.metadata.resourceVersion, old = k.rows.get(uid);
   if ((old && old.rv >= rv) || (tombs && tombs.get(uid) >= rv)) return;
