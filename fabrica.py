@@ -5922,8 +5922,8 @@ h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;
 .n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
 .bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
 input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
-.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;align-items:center;
-padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
+.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;
+align-items:center;padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
 .grid span:nth-child(n+3){text-align:right}
 .th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
 .vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
@@ -6072,6 +6072,7 @@ function schedule() {   // one flush per animation frame (a timer while the tab 
   if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
   scheduled = true;
 }
+const touch = (...parts) => { parts.forEach((p) => { dirty[p] = true; }); schedule(); };
 function flush() {    // what arrived since the last frame, rendered once
   const batch = pending;
   [scheduled, pending] = [false, []];
@@ -6124,8 +6125,7 @@ function show(kind, uid) {   // a kind's table, scrolled to uid when given
   history.replaceState(null, "", "#" + encodeURIComponent(kind));
   const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
   $("table").scrollTop = Math.max(0, (at - 3) * 26);
-  dirty.counts = dirty.table = true;
-  schedule();
+  touch("counts", "table");
 }
 function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
   if (!kinds.has(kind)) return;
@@ -6135,15 +6135,13 @@ function go(kind, uid) {    // to an object of any kind: its table, its row, its
 
 async function select(kind, uid) {
   const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
-  dirty.detail = dirty.table = dirty.log = true;
-  schedule();
+  touch("detail", "table", "log");
   if (!k || !k.info.plural) return;
   try {
     const o = await json(`${k.info.plural}/${encodeURIComponent(uid)}`);
     if (!s.obj || +s.obj.metadata.resourceVersion < +o.metadata.resourceVersion) s.obj = o;
   } catch (e) { s.gone = !s.obj; }
-  dirty.detail = true;
-  schedule();
+  touch("detail");
 }
 function renderDetail() {
   const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
@@ -6209,20 +6207,17 @@ async function connect(since) {   // resolves once the stream is open, or has fa
 async function start() {    // (re)list everything; the stream opens first, so no change falls in between
   const mine = ++epoch;
   if (es) es.close();
-  es = null;
-  pending = [];
+  [es, pending] = [null, []];
   const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
   if (!apis) return live("offline");
   set($("svc"), `${health.service} ${health.version}`);
   kinds.clear();
   $("kinds").replaceChildren();
   apis.kinds.forEach(addKind);
-  const names = [...kinds.keys()];
-  const first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
+  const names = [...kinds.keys()], first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
   current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
   if (current) show(current);
-  lastId = "";
-  tombs = new Map();
+  [lastId, tombs] = ["", new Map()];
   await connect("");
   await Promise.all([current, ...names.filter((n) => n !== current)].map(async (name) => {
     for (let next = ""; ;) {
@@ -6242,17 +6237,11 @@ $("filter").oninput = () => {
   filter = $("filter").value.trim();
   kinds.forEach((k) => { k.sorted = false; });
   $("table").scrollTop = 0;
-  dirty.table = true;
-  schedule();
+  touch("table");
 };
-$("types").oninput = () => {
-  match = $("types").value.trim() && matcher($("types").value.trim());
-  dirty.log = true;
-  schedule();
-};
-$("auth").onclose = () => {
-  token = $("token").value.trim();
-  sessionStorage.setItem("fabrica-token", token);     // the same key as /docs: one token per tab for both
+$("types").oninput = () => { match = $("types").value.trim() && matcher($("types").value.trim()); touch("log"); };
+$("auth").onclose = () => {     // the same sessionStorage key as /docs: one token per tab for both pages
+  sessionStorage.setItem("fabrica-token", token = $("token").value.trim());
   start();
 };
 window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
@@ -6262,8 +6251,7 @@ setInterval(() => {     // the rate, and the ages
   set($("rate"), `${seen - was} events/s`);
   set($("rv"), lastId ? "last event " + lastId : "");
   was = seen;
-  dirty.table = true;
-  schedule();
+  touch("table");
 }, 1000);
 setInterval(pollControllers, 2000);
 start();
