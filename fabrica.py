@@ -6174,7 +6174,7 @@ async function pollControllers() {
       if (m) (stats[m[2]] = stats[m[2]] || {})[m[1]] = +m[3];
     }
   } catch (e) { return; }
-  $("ctl").replaceChildren(...Object.keys(stats).sort().map((kind) => {
+  $("ctl").replaceChildren(...[...kinds.keys()].filter((kind) => stats[kind]).map((kind) => {
     const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
     return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
       td(s.reconcile_errors_total, "red"));
