@@ -2,7 +2,7 @@
 
 Sections, in fabrica.py's order: Helpers, Errors, Resources, Patches, Label
 selectors, JSON Schema, Schemas, Stores, File store, Bus, Work queue,
-Controller, REST API, OpenAPI, HTTP server, Fabrica, Clients, CLI; then the
+Controller, REST API, OpenAPI, Dashboard, HTTP server, Fabrica, Clients, CLI; then the
 examples, the README and the benchmarks, run as a user runs them. A failure
 points to a banner: ``grep -n '^# .*####' test_fabrica.py``.
 
@@ -37,6 +37,7 @@ the apps' tests already cover with fsync off).
 
 from __future__ import annotations   # the dataclasses below are resolved with get_type_hints
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -8460,6 +8461,362 @@ OPENAPI_TESTS = [f"test_fabrica.py::{name}" for name in (   # run again in a fre
 
 
 ###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+# The stream tickets, GET / and GET /events with --token, the page's own text; then the page in a real
+# headless Chromium: Debian's chromium and chromium-driver driven by Selenium against
+# `fabrica.py serve examples/rack_reconciliation.py`. Those skip, saying why, only when Selenium, Chromium or
+# its driver is missing or cannot start (.ci/run installs them). Screenshots go to $FABRICA_ARTIFACTS when it
+# is set, else to the test's tmp dir.
+
+DASH_TOKEN = "s3cret-dashboard-token"
+DASH_BEARER = {"Authorization": f"Bearer {DASH_TOKEN}"}
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class TestStreamTickets:
+    def test_a_ticket_is_redeemed_once(self):
+        tickets = fabrica.StreamTickets(clock=FakeClock(1.8e9))
+        issued = tickets.issue()
+        assert set(issued) == {"ticket", "expiresAt"} and RFC3339.fullmatch(issued["expiresAt"])
+        tickets.redeem(issued["ticket"])
+        with pytest.raises(fabrica.UnauthorizedError, match="used already"):
+            tickets.redeem(issued["ticket"])
+
+    def test_an_expired_ticket_is_refused(self):
+        clock = FakeClock(1.8e9)
+        tickets = fabrica.StreamTickets(ttl=30, clock=clock)
+        ticket = tickets.issue()["ticket"]
+        clock.advance(30)
+        with pytest.raises(fabrica.UnauthorizedError, match="expired"):
+            tickets.redeem(ticket)
+
+    @pytest.mark.parametrize("mangle", [
+        lambda t: "", lambda t: "not-a-ticket", lambda t: t + "x", lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
+        lambda t: str(int(t.split(".")[0]) + 3600) + t[t.index("."):],      # a later expiry, the same mac
+        lambda t: t.replace(".", "\n", 1), lambda t: "\u0661" + t])
+    def test_a_forged_or_malformed_ticket_is_refused(self, mangle):
+        tickets = fabrica.StreamTickets(clock=FakeClock(1.8e9))
+        with pytest.raises(fabrica.UnauthorizedError, match="invalid stream ticket"):
+            tickets.redeem(mangle(tickets.issue()["ticket"]))
+
+    def test_another_servers_ticket_is_refused(self):
+        clock = FakeClock(1.8e9)
+        with pytest.raises(fabrica.UnauthorizedError, match="invalid"):
+            fabrica.StreamTickets(clock=clock).redeem(fabrica.StreamTickets(clock=clock).issue()["ticket"])
+
+    def test_the_redeemed_set_is_bounded(self):
+        clock = FakeClock(1.8e9)
+        tickets = fabrica.StreamTickets(ttl=30, clock=clock, capacity=3)
+        for _ in range(3):
+            tickets.redeem(tickets.issue()["ticket"])
+        with pytest.raises(fabrica.FabricaError, match="retry shortly") as refused:
+            tickets.redeem(tickets.issue()["ticket"])
+        assert refused.value.status == 429
+        clock.advance(31)       # the three have expired: forgotten, so there is room again
+        tickets.redeem(tickets.issue()["ticket"])
+        assert len(tickets._used) == 1
+
+
+@pytest.fixture
+def token_app(tmp_path):
+    app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, token=DASH_TOKEN)
+    app.register("Widget")
+    app.rest.tickets.clock = FakeClock(1.8e9)
+    with app:
+        yield app
+
+
+def stream_ticket(app) -> str:
+    status, headers, body = call(app, "POST", "/events/ticket", headers=DASH_BEARER)
+    assert status == 200 and headers["cache-control"] == "no-store", body
+    return body["ticket"]
+
+
+class TestDashboardTokenAndStream:
+    def test_the_page_needs_no_token_and_the_data_does(self, token_app):
+        status, headers, body = call(token_app, "GET", "/", headers={"Accept": BROWSER_ACCEPT})
+        assert status == 200 and body == fabrica.DASHBOARD_HTML.encode()
+        assert "frame-ancestors 'none'" in headers["content-security-policy"] and "Accept" in headers["vary"]
+        for path in ("/", "/apis", "/widgets", "/metrics", "/events"):
+            assert_error(*call(token_app, "GET", path)[::2], 401)
+        assert_error(*call(token_app, "POST", "/events/ticket")[::2], 401)
+
+    @pytest.mark.parametrize("query", ["", "?ticket=", "?ticket=123.abc.def", "?since=0"])
+    def test_the_stream_refuses_no_ticket_or_a_bad_one(self, token_app, query):
+        assert_error(*call(token_app, "GET", "/events" + query)[::2], 401)
+
+    def test_the_stream_refuses_an_expired_or_a_used_ticket(self, token_app):
+        used = stream_ticket(token_app)
+        token_app.rest.tickets.redeem(used)
+        status, _, body = call(token_app, "GET", f"/events?ticket={used}")
+        assert status == 401 and "used already" in body["error"]
+        expired = stream_ticket(token_app)
+        token_app.rest.tickets.clock.advance(fabrica.STREAM_TICKET_TTL)
+        status, _, body = call(token_app, "GET", f"/events?ticket={expired}")
+        assert status == 401 and "expired" in body["error"]
+
+    def test_a_ticket_opens_nothing_but_the_stream(self, token_app):
+        ticket = stream_ticket(token_app)
+        for method, path in (("GET", "/apis"), ("GET", "/widgets"), ("POST", "/events/ticket"), ("GET", "/"),
+                             ("GET", "/widgets/w1/events")):
+            assert call(token_app, method, f"{path}?ticket={ticket}")[0] == 401, path
+        token_app.rest.tickets.redeem(ticket)      # it was not spent by any of those
+
+    def test_a_ticket_opens_a_real_stream_once_and_untyped_frames_carry_no_event_field(self, tmp_path, servers,
+                                                                                       streams):
+        server = servers(tmp_path / "data", write_app(tmp_path), "--no-fsync", "--token", DASH_TOKEN)
+        ticket = lambda: server.request("POST", "/events/ticket", headers=DASH_BEARER)[2]["ticket"]  # noqa: E731
+        typed, first = streams(server.port, f"?ticket={ticket()}"), ticket()
+        untyped = streams(server.port, f"?ticket={first}&untyped=true")
+        again = streams(server.port, f"?ticket={first}")
+        assert (typed.status, untyped.status, again.status) == (200, 200, 401)
+        assert "used already" in again.json_body()["error"]
+        assert server.request("POST", "/widgets", {"name": "w1"}, DASH_BEARER)[0] == 201
+        frame = typed.events(1)[0]
+        assert frame["event"] == "io.fabrica.widget.created" and frame["json"]["type"] == frame["event"]
+        frame = untyped.events(1)[0]
+        assert set(frame) == {"id", "data", "json"} and frame["json"]["type"] == "io.fabrica.widget.created"
+
+    def test_the_openapi_document_names_the_ticket(self, token_app):
+        doc = call(token_app, "GET", "/openapi.json", headers=DASH_BEARER)[2]
+        assert "post" in doc["paths"]["/events/ticket"]
+        names = {p["$ref"].rsplit("/", 1)[1] for p in doc["paths"]["/events"]["get"]["parameters"]}
+        assert {"StreamTicket", "Untyped"} <= names
+
+
+def test_the_dashboard_page_is_offline_and_in_budget():
+    html = fabrica.DASHBOARD_HTML
+    assert html.startswith("<!doctype html>") and "new EventSource(" in html
+    assert not re.search(r"https?://", html), "nothing is fetched from another host"
+    assert not re.search(r"<script[^>]*\bsrc\s*=|@import|url\(", html, re.I), "scripts and styles are inline"
+    urls = re.findall(r"""<\w[^>]*\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", html)
+    assert urls and all(url.startswith("data:") for url in urls), urls
+    assert "innerHTML" not in html, "text from the server goes in with textContent only"
+    assert len(html.encode()) < 24 * 1024
+
+
+# -- the page in a real browser ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium through chromedriver; skips (with the reason) when either is missing or cannot start."""
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install '.[test]')")
+    binary = os.environ.get("FABRICA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = os.environ.get("FABRICA_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    for path, package in ((binary, "chromium"), (driver_path, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} is missing: apt-get install -y {package} (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1440,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # performance: requests
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"chromium could not start: {str(exc).strip().splitlines()[0]}")
+    driver.set_script_timeout(10)
+    yield driver
+    driver.quit()
+
+
+class RackServer:
+    """``fabrica.py serve examples/rack_reconciliation.py`` (see ``Server``) with a keep-alive connection per
+    thread, for bursts."""
+
+    def __init__(self, data_dir: Path, *args: str):
+        self.server = Server.serve(data_dir, EXAMPLES / "rack_reconciliation.py", "--no-fsync", *args).start()
+        self.url, self.headers, self._local = self.server.url, {}, threading.local()
+
+    def request(self, method: str, path: str, body=None):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.server.connection(WAIT)
+        return http_call(conn, method, path, body, self.headers)
+
+    def create(self, plural: str, spec: dict) -> dict:
+        status, _, body = self.request("POST", f"/{plural}", spec)
+        assert status == 201, body
+        return body
+
+    def counts(self) -> dict[str, int]:
+        return {k["kind"]: int(self.request("GET", f"/{k['plural']}?limit=1")[1]["x-total-count"])
+                for k in self.request("GET", "/apis")[2]["kinds"]}
+
+
+@pytest.fixture(scope="module")
+def dash_server(tmp_path_factory):
+    server = RackServer(tmp_path_factory.mktemp("dashboard") / "data")
+    yield server
+    server.server.kill()
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    """Where screenshots go: $FABRICA_ARTIFACTS, else the test's tmp dir."""
+    folder = Path(os.environ.get("FABRICA_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def page(driver, js: str, *args):
+    return driver.execute_script(js, *args)
+
+
+def shown_counts(driver) -> dict[str, int]:
+    return page(driver, """const out = {};
+        for (const e of document.querySelectorAll('#kinds .kind'))
+          out[e.children[0].textContent] = +e.children[2].textContent.replace(/[^0-9]/g, '');
+        return out;""")
+
+
+def table_rows(driver) -> list[list[str]]:
+    return page(driver, """return [...document.querySelectorAll('#table .row')].filter((e) => !e.hidden)
+        .map((e) => [...e.children].map((c) => c.textContent));""")
+
+
+def page_text(driver, element_id: str) -> str:
+    return page(driver, "return document.getElementById(arguments[0]).innerText", element_id)
+
+
+def severe_logs(driver, allow: str | None = None) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and not (allow and allow in e["message"])]
+
+
+def click_row(driver, name: str) -> None:
+    assert page(driver, """for (const e of document.querySelectorAll('#table .row'))
+        if (!e.hidden && e.children[0].textContent === arguments[0]) { e.click(); return true; }
+        return false;""", name), f"no row {name!r}: {table_rows(driver)}"
+
+
+def type_into(driver, element_id: str, text: str) -> None:
+    page(driver, "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                 "e.dispatchEvent(new Event('input'))", element_id, text)
+
+
+def is_live(driver) -> bool:
+    return page_text(driver, "live") == "live"
+
+
+def open_page(driver, url: str, fragment: str = "") -> None:
+    driver.get("about:blank")       # a new document, even when only the fragment differs
+    driver.get(url + "/" + fragment)
+    page(driver, "window.loadedOnce = true;")     # gone if the page ever reloads
+    assert wait_until(lambda: is_live(driver), 20), page(driver, "return document.body.innerText")
+
+
+def rack_template(name: str, chassis: int, blades: int = 2, nodes: int = 1) -> dict:
+    return {"name": name, "chassisCount": chassis,
+            "chassisConfig": {"bladeCount": blades, "bladeConfig": {"nodeCount": nodes, "bmcMode": "shared"}}}
+
+
+class TestDashboardInABrowser:
+    def test_a_rack_appears_turns_ready_and_shows_its_chassis(self, browser, dash_server, artifacts):
+        open_page(browser, dash_server.url, "#Rack")
+        dash_server.create("racktemplates", rack_template("standard", chassis=2))
+        dash_server.create("racks", {"name": "rack-01", "templateUID": "standard"})
+        assert wait_until(lambda: any(r[0] == "rack-01" and r[1].startswith("Ready") for r in table_rows(browser)),
+                          20), table_rows(browser)
+        row = next(r for r in table_rows(browser) if r[0] == "rack-01")
+        assert row[2] == "1 / 1" and re.fullmatch(r"\d+s", row[3]), row
+        click_row(browser, "rack-01")
+        detail = lambda: page_text(browser, "detail")     # noqa: E731
+        assert wait_until(lambda: "Chassis rack-01-c0" in detail() and "Chassis rack-01-c1" in detail()), detail()
+        assert '"totalChassis": 2' in detail()
+        page(browser, """for (const a of document.querySelectorAll('#detail a'))
+            if (a.textContent === 'Chassis rack-01-c1') a.click();""")     # a dependent: its owner links back
+        assert wait_until(lambda: "owner: Rack rack-01" in detail()), detail()
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts()), shown_counts(browser)
+        assert page(browser, "return window.loadedOnce") is True, "the page reloaded"
+        assert severe_logs(browser) == []
+        browser.save_screenshot(str(artifacts / "dashboard-rack.png"))
+
+    def test_a_burst_of_2000_leaves_the_page_responsive_and_right(self, browser, dash_server, artifacts):
+        open_page(browser, dash_server.url, "#RackTemplate")
+        page(browser, """window.worstGap = 0; let last = performance.now();
+            window.probe = setInterval(() => { const now = performance.now();
+              window.worstGap = Math.max(window.worstGap, now - last); last = now; }, 50);""")
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: dash_server.create("racktemplates", rack_template(f"burst-{n:04d}", 1)),
+                          range(2000)))
+        dash_server.create("racks", {"name": "rack-02", "templateUID": "burst-0007"})
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts(), 60), \
+            (shown_counts(browser), dash_server.counts())
+        caught_up = time.monotonic() - started
+        worst = page(browser, "clearInterval(window.probe); return window.worstGap")
+        click_row(browser, "burst-0000")
+        assert wait_until(lambda: "RackTemplate burst-0000" in page_text(browser, "detail"), 5)
+        type_into(browser, "types", "io.**.created")
+        assert wait_until(lambda: page(browser, """const t = [...document.querySelectorAll('#log > div > div')]
+            .filter((e) => !e.hidden).map((e) => e.children[1].textContent);
+            return t.length > 5 && t.every((x) => x.endsWith('.created'));"""))
+        print(f"\n2,000 creates: the page showed the right counts {caught_up:.1f} s after the burst began; "
+              f"longest gap between 50 ms timer ticks {worst:.0f} ms")
+        assert worst < 5000, f"the page froze for {worst:.0f} ms"
+        assert severe_logs(browser) == []
+        page(browser, "[...document.querySelectorAll('#kinds .kind')].find((e) => e.firstChild.textContent === "
+                      "'Rack').click()")
+        assert wait_until(lambda: any(r[0] == "rack-02" for r in table_rows(browser)))
+        click_row(browser, "rack-02")
+        assert wait_until(lambda: "dependents: Chassis" in page_text(browser, "detail"))
+        browser.save_screenshot(str(artifacts / "dashboard.png"))
+        assert (artifacts / "dashboard.png").stat().st_size > 10000
+
+    def test_a_dropped_stream_resumes_and_a_lost_position_relists(self, browser, dash_server):
+        open_page(browser, dash_server.url, "#RackTemplate")
+        names = lambda: {r[0] for r in table_rows(browser)}     # noqa: E731
+        type_into(browser, "filter", "after-")
+        dash_server.create("racktemplates", rack_template("after-open", 1))
+        assert wait_until(lambda: "after-open" in names()), names()
+        listed = page(browser, "return epoch")
+        page(browser, "es.onerror()")         # as when the server ends the stream: a new ticket, ?since=
+        assert wait_until(lambda: is_live(browser))
+        dash_server.create("racktemplates", rack_template("after-resume", 1))
+        assert wait_until(lambda: "after-resume" in names()), names()
+        assert page(browser, "return epoch") == listed, "resumed from the last event, not listed again"
+        page(browser, "lastId = '999999999'; es.onerror()")   # a position the server never had: 410, relist
+        assert wait_until(lambda: page(browser, "return epoch") == listed + 1 and is_live(browser))
+        dash_server.create("racktemplates", rack_template("after-relist", 1))
+        assert wait_until(lambda: {"after-open", "after-resume", "after-relist"} <= names()), names()
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts()), shown_counts(browser)
+        assert page(browser, "return window.loadedOnce") is True
+        assert severe_logs(browser, allow="/events?") == []     # the 410 is the one expected failure
+
+    def test_with_a_token_the_page_asks_and_the_stream_uses_a_ticket(self, browser, tmp_path):
+        server = RackServer(tmp_path / "data", "--token", DASH_TOKEN, "--log-level", "debug")
+        try:
+            server.headers.update(DASH_BEARER)
+            browser.get("about:blank")
+            browser.get_log("performance")      # only this test's requests from here on
+            browser.get(server.url + "/#RackTemplate")
+            assert wait_until(lambda: page(browser, "return document.getElementById('auth').open"))
+            page(browser, "document.getElementById('token').value = arguments[0];"
+                          "document.querySelector('#auth button').click()", DASH_TOKEN)
+            assert wait_until(lambda: is_live(browser), 20)
+            server.create("racktemplates", rack_template("tokened", 1))
+            assert wait_until(lambda: any(r[0] == "tokened" for r in table_rows(browser))), table_rows(browser)
+            assert severe_logs(browser, allow=" 401 ") == []    # the first GET /apis, before the token
+            urls = [m["params"]["request"]["url"] for m in (json.loads(e["message"])["message"]
+                                                            for e in browser.get_log("performance"))
+                    if m["method"] == "Network.requestWillBeSent"]
+            assert any("/events?ticket=" in url for url in urls), urls
+            assert not any(DASH_TOKEN in url for url in urls), "the stream's URL carries a ticket, never the token"
+            assert DASH_TOKEN not in server.server.log()
+        finally:
+            page(browser, "sessionStorage.clear()")
+            server.server.kill()
+
+
+###############################################################################
 # HTTP server #################################################################
 ###############################################################################
 
@@ -11391,7 +11748,7 @@ class TestFailureReasons:
 
 
 class TestRoot:
-    """GET / before the dashboard: a browser goes to /docs, a JSON client gets discovery (SPEC §6.1, §11)."""
+    """GET /: a browser gets the dashboard, a JSON client gets discovery (SPEC §6.1, §11)."""
 
     BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 
@@ -11401,10 +11758,10 @@ class TestRoot:
         app.register("Widget")
         return app
 
-    def test_a_browser_is_sent_to_the_docs(self, app):
-        status, headers, _ = call(app, "GET", "/", headers={"Accept": self.BROWSER})
-        assert (status, headers["location"]) == (302, "/docs")
-        assert "Accept" in headers["vary"]
+    def test_a_browser_gets_the_dashboard(self, app):
+        status, headers, body = call(app, "GET", "/", headers={"Accept": self.BROWSER})
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b"EventSource" in body and "Accept" in headers["vary"]
         status, headers, _ = call(app, "GET", "/docs", headers={"Accept": self.BROWSER})
         assert status == 200 and headers["content-type"].startswith("text/html")
 
@@ -11417,7 +11774,7 @@ class TestRoot:
 
     def test_the_openapi_document_describes_both_answers(self, app):
         get = call(app, "GET", "/openapi.json")[2]["paths"]["/"]["get"]
-        assert {"200", "302"} <= set(get["responses"])
+        assert set(get["responses"]["200"]["content"]) == {"application/json", "text/html"}
 
 
 class TestWhatHasAController:
