@@ -630,6 +630,22 @@ class Bench:
                                median(s_runs), median(b_runs), unit="writes/s", baseline_name="bare sqlite3",
                                target=(">=", 1.0) if c == max(self.cfg["conc"]) else None,
                                raw={"sqlite": s_runs, "bare": b_runs})
+        # the store alone (no HTTP, whose CPU on one core can hide the commits): group commit vs one commit/row
+        top = max(self.cfg["conc"])
+        if self.want("sqlite.store"):
+            s_runs, b_runs = [], []
+            for r in range(runs):
+                for mode, sink, extra in (("store-writes", s_runs, ["--database-url", "sqlite:///{dir}/app.db"]),
+                                          ("sqlite-bare-writes", b_runs, [])):
+                    wdir = self.root / f"sqlite-{mode}-{r}"
+                    wdir.mkdir(parents=True, exist_ok=True)
+                    sink.append(run_json([PY, str(BENCH / "inproc.py"), mode, "--dir", str(wdir), "--conc", str(top),
+                                          "--duration", str(dur), *[a.format(dir=wdir) for a in extra]],
+                                         dur + 60, SERVER_CPU)["writes_per_s"])
+                    shutil.rmtree(wdir, ignore_errors=True)
+            self.table.add("sqlite.store", f"SQLite durable creates/s, {top} threads [in process, no HTTP]",
+                           median(s_runs), median(b_runs), unit="writes/s", baseline_name="bare sqlite3",
+                           target=(">=", 1.0), raw={"sqlite": s_runs, "bare": b_runs})
 
     def _sqlite_size(self, n):
         import seed as seedmod
