@@ -4155,14 +4155,13 @@ class SQLiteStore(Store):
         return self._parsed(kind, uid, doc)
 
     def query(self, kind, selector=None, *, name=None, after=None, limit=None):
-        """As Store.query. Without a selector a page is one index range; a selector's equality,
-        ``in`` and exists requirements pick rows through the label index, the rest is matched on
-        each candidate's labels, and only the page's documents are read and parsed."""
+        """As Store.query. Without a selector a page is one index range. A selector's equality, ``in``
+        and exists requirements pick rows through the label index (when it has no other kind, that
+        is the answer); the others are matched on each candidate's labels. A page (``limit``) reads
+        and parses only its own documents."""
         if kind not in self._plurals:
             return [], 0, None
         with self._reading() as conn:
-            if not conn.in_transaction:
-                conn.execute("BEGIN")       # one snapshot for the whole answer
             if selector is None and name is None:
                 total = self._counts.get(kind, 0)
                 sql = "SELECT uid, doc FROM objects WHERE kind = ? AND name > ? ORDER BY name"
@@ -4170,16 +4169,18 @@ class SQLiteStore(Store):
                 if limit is not None:
                     sql += " LIMIT ?"
                     args += (limit + 1,)
-                items = [self._parsed(kind, uid, doc) for uid, doc in conn.execute(sql, args)]
-                if conn is not self._wconn:
-                    conn.execute("COMMIT")
+                items = [self._parsed(kind, uid, doc) for uid, doc in conn.execute(sql, args).fetchall()]
                 more = None
                 if limit is not None and len(items) > limit:
                     items = items[:limit]
                     more = items[-1]["metadata"]["name"]
                 return items, total, more
-            rows = self._candidates(conn, kind, selector, name)
-            if selector is not None:
+            with_docs = limit is None       # the whole answer in one statement; else ids first, then a page
+            if not with_docs and not conn.in_transaction:
+                conn.execute("BEGIN")       # one snapshot for both statements
+            rows = self._candidates(conn, kind, selector, name, docs=with_docs)
+            exact = name is None and all(op in ("=", "in", "exists") for _, op, _ in selector.requirements)
+            if selector is not None and not exact:
                 rows = [row for row in rows if selector.matches(json.loads(row[2]))]
             rows.sort(key=lambda row: row[0])
             total = len(rows)
@@ -4189,6 +4190,8 @@ class SQLiteStore(Store):
             if limit is not None and len(rows) > limit:
                 rows = rows[:limit]
                 more = rows[-1][0]
+            if with_docs:
+                return [self._parsed(kind, row[3], row[4]) for row in rows], total, more
             docs = {}
             ids = [row[1] for row in rows]
             for start in range(0, len(ids), 500):
@@ -4200,10 +4203,12 @@ class SQLiteStore(Store):
         return [self._parsed(kind, *docs[i]) for i in ids if i in docs], total, more
 
     @staticmethod
-    def _candidates(conn, kind, selector, name) -> list[tuple[str, int, str]]:
-        """(name, id, labels JSON) of the rows that may match: by name, through the label index, or all."""
+    def _candidates(conn, kind, selector, name, *, docs: bool) -> list[tuple]:
+        """(name, id, labels JSON[, uid, doc with ``docs``]) of the rows that may match: by name,
+        through the label index, or all of the kind."""
+        columns = "o.name, o.id, o.labels" + (", o.uid, o.doc" if docs else "")
         if name is not None:
-            return conn.execute("SELECT name, id, labels FROM objects WHERE kind = ? AND name = ?",
+            return conn.execute(f"SELECT {columns} FROM objects AS o WHERE o.kind = ? AND o.name = ?",
                                 (kind, name)).fetchall()
         lookups, args = [], []
         for key, values in selector.index_candidates():
@@ -4215,9 +4220,9 @@ class SQLiteStore(Store):
                                f"({','.join('?' * len(values))})")
                 args += [kind, key, *sorted(values)]
         if not lookups:
-            return conn.execute("SELECT name, id, labels FROM objects WHERE kind = ?", (kind,)).fetchall()
+            return conn.execute(f"SELECT {columns} FROM objects AS o WHERE o.kind = ?", (kind,)).fetchall()
         # CROSS JOIN keeps the index lookups outermost: SQLite never scans the kind to avoid a sort
-        return conn.execute(f"SELECT o.name, o.id, o.labels FROM ({' INTERSECT '.join(lookups)}) AS c "
+        return conn.execute(f"SELECT {columns} FROM ({' INTERSECT '.join(lookups)}) AS c "
                             "CROSS JOIN objects AS o ON o.id = c.id", args).fetchall()
 
     def count(self, kind):

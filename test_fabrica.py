@@ -3653,8 +3653,8 @@ class TestSQLiteWrites:
             seen = []
             real = fabrica.SQLiteStore._candidates
 
-            def candidates(conn, kind, selector, name):
-                rows = real(conn, kind, selector, name)
+            def candidates(conn, kind, selector, name, **options):
+                rows = real(conn, kind, selector, name, **options)
                 seen.append(len(rows))
                 return rows
             monkeypatch.setattr(fabrica.SQLiteStore, "_candidates", staticmethod(candidates))
