@@ -593,6 +593,8 @@ class Bench:
     def sqlite(self):
         self.step("sqlite", "SQLite store: durable creates/s", self._sqlite_durability)
         self._file_ref = {}         # n -> the file store's start-up seconds and RSS
+        if not self.want("sqlite.startup") and not self.want("sqlite.latency"):
+            return
         for n in sorted(set(self.cfg["sqlite_sizes"]) | set(self.cfg["sqlite_startup"])):
             self.step("sqlite", f"SQLite store at {n:,} objects", self._sqlite_size, n)
 
