@@ -77,6 +77,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import select
 import shlex
@@ -3690,13 +3691,19 @@ def parse_position(text: str) -> tuple[int, int]:
 # Work queue ##################################################################
 ###############################################################################
 #
-# WorkQueue: client-go's work queue semantics in one class. A key is queued
-# once however often it is added, never handed to two workers, and re-queued
-# once by done() when it was added while running; one timer thread serves
-# add_after(); per-key exponential backoff under an overall token bucket.
+# WorkQueue: client-go's work queue built on the standard library's
+# queue.Queue, as PriorityQueue is: _init/_qsize/_put/_get over Queue's own
+# mutex and conditions. A key is queued once however often it is added, never
+# handed to two workers, and re-queued once by done() when it was added while
+# running; one timer thread serves add_after(); per-key exponential backoff
+# under an overall token bucket.
 
-class WorkQueue:
-    """A rate-limited, delaying, de-duplicating work queue (client-go semantics).
+_NO_KEY = object()  # task_done() called the stdlib way, without a key
+
+
+class WorkQueue(queue.Queue):
+    """A rate-limited, delaying, de-duplicating work queue (client-go semantics)
+    that is a :class:`queue.Queue`.
 
     Keys are hashable ``(kind, uid)`` tuples.  The guarantees:
 
@@ -3704,11 +3711,31 @@ class WorkQueue:
     * A key is never handed to two workers at once: ``add`` while it is being
       processed marks it dirty, and ``done`` puts it back in the queue exactly once.
     * Reasons are coalesced per pending run (ordered, no duplicates) and returned
-      by ``get`` together with the key.
+      by ``get`` together with the key.  Ready keys come out first in, first out.
 
-    All methods are thread-safe.  Only ``get`` (until a key is ready),
-    ``wait_until`` and ``stop`` (joining the timer thread) block.  Due times
-    are measured on the injected ``clock``; blocking timeouts are real seconds.
+    The ``queue.Queue`` methods, on those semantics:
+
+    * ``put(key)`` and ``put_nowait(key)`` are ``add(key)``.  A WorkQueue is
+      unbounded (``maxsize`` 0, ``full()`` always False), so they never block
+      and ignore ``block``/``timeout``, as ``SimpleQueue.put`` does.
+    * ``get(block=True, timeout=None)`` returns ``(key, reasons)`` and marks the
+      key processing; on timeout and after shutdown it returns None rather than
+      raising ``Empty`` (client-go's ``Get`` reports shutdown the same way).
+      ``get_nowait()`` returns ``(key, reasons)`` or raises ``queue.Empty``.
+    * ``task_done(key)`` is ``done(key)``: the queue tracks each key, not a
+      count, so ``task_done()`` without the key raises TypeError.
+    * ``unfinished_tasks`` counts the keys queued, owed a re-run or processing;
+      ``join()`` blocks until it is 0.  A delayed key counts once it is due.
+    * ``qsize()`` (and ``len(q)``) is the number of keys ready to hand out now,
+      so ``empty()`` is true while every pending key is delayed or processing.
+    * ``shutdown(drain=False)`` is client-go's ShutDown (or, with ``drain``,
+      ShutDownWithDrain); ``is_shutdown`` tells.  Python 3.13's
+      ``Queue.shutdown(immediate=False)`` makes the same choice the other way
+      round and drains by default; this one does not.
+
+    Every method is thread-safe.  Only ``get`` (until a key is ready), ``join``,
+    ``wait_until`` and ``stop`` (joining the timer thread) block.  Due times are
+    measured on the injected ``clock``; blocking timeouts are real seconds.
     """
 
     _HEARTBEAT = 1.0  # the timer thread re-checks at least this often (seconds)
@@ -3722,19 +3749,31 @@ class WorkQueue:
         self._max_delay = max_delay
         self._qps = qps
         self._burst = max(1, burst)  # a bucket smaller than one token could never be reserved
-        # One lock, one condition: every waiter (getters, the timer thread,
-        # wait_until) re-checks its own predicate, so every state change uses
-        # notify_all() -- notify() could wake the wrong kind of waiter.
-        #
-        # Invariant, guarded by _cond:
-        #   every key is in at most one of: _queue (=> also in _dirty), _processing;
-        #   _dirty ∩ _processing = keys re-added while running (done() re-queues them),
-        #   so len(_dirty) - len(_queue) = number of running keys owed another run;
+        super().__init__()  # maxsize 0; calls _init, makes mutex and its conditions
+        # Queue's conditions: getters wait on not_empty (one notify per key that
+        # becomes ready, notify_all on shutdown), join() on all_tasks_done;
+        # not_full is never waited on (unbounded).  Two more share the mutex:
+        # the timer thread waits on _due_changed (an earlier due time, shutdown),
+        # wait_until on _state_changed (every change, counted in _changes so a
+        # change between its check and its wait is not lost).
+        self._due_changed = threading.Condition(self.mutex)
+        self._state_changed = threading.Condition(self.mutex)
+        self._changes = 0
+        self.is_shutdown = False  # Python 3.13's Queue has the same attribute
+        self._drain = False
+        self._timer: threading.Thread | None = None
+
+    # -- queue.Queue's extension points; called with self.mutex held ----------------
+
+    def _init(self, maxsize: int) -> None:
+        # Invariant, guarded by self.mutex:
+        #   every key is in at most one of: self.queue (=> also in _dirty), _processing;
+        #   _dirty ∩ _processing = keys re-added while running (done() re-queues them);
+        #   unfinished_tasks = len(_dirty ∪ _processing) = len(queue) + len(_processing);
         #   _reasons[key] = reasons for the key's next run (exists only while dirty);
         #   _waiting[key] = (due, seq) of the key's one live heap entry; heap
         #   entries that don't match it are stale and skipped (lazy deletion).
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[Hashable] = deque()
+        self.queue: deque[Hashable] = deque()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._reasons: dict[Hashable, dict[str, None]] = {}  # dict = ordered set
@@ -3745,30 +3784,41 @@ class WorkQueue:
         self._failures: dict[Hashable, int] = {}
         self._tokens = float(self._burst)
         self._last_refill: float | None = None
-        self._changes = 0  # bumped on every state change; lets wait_until avoid lost wakeups
-        self._shutting_down = False
-        self._drain = False
-        self._timer: threading.Thread | None = None
+
+    def _qsize(self) -> int:
+        return len(self.queue)
+
+    def _put(self, key: Hashable) -> None:
+        if key in self._dirty:
+            return  # already queued, or will be re-queued by done()
+        self._dirty.add(key)
+        if key not in self._processing:
+            self.queue.append(key)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+        self._changed()
+
+    def _get(self) -> tuple[Hashable, list[str]]:
+        key = self.queue.popleft()
+        self._dirty.discard(key)
+        self._processing.add(key)
+        self._changed()
+        return key, list(self._reasons.pop(key, ()))
 
     # -- internals; all called with the lock held -------------------------------
 
     def _changed(self) -> None:
         self._changes += 1
-        self._cond.notify_all()
+        self._state_changed.notify_all()
 
     def _add_locked(self, key: Hashable, reasons) -> None:
-        if self._shutting_down:
+        if self.is_shutdown:
             return
         pending = self._reasons.setdefault(key, {})
         for r in reasons:
             if r is not None:
                 pending[r] = None
-        if key in self._dirty:
-            return  # already queued, or will be re-queued by done()
-        self._dirty.add(key)
-        if key not in self._processing:
-            self._queue.append(key)
-        self._changed()
+        self._put(key)
 
     def _prune_locked(self) -> None:
         while self._heap:
@@ -3790,7 +3840,7 @@ class WorkQueue:
             fired += 1
 
     def _add_after_locked(self, key: Hashable, delay: float, reason: str | None) -> None:
-        if self._shutting_down:
+        if self.is_shutdown:
             return
         if delay <= 0:
             self._add_locked(key, (reason,))
@@ -3804,15 +3854,8 @@ class WorkQueue:
         entry = (due, next(self._seq))
         self._waiting[key] = entry
         heapq.heappush(self._heap, (*entry, key))
-        self._changed()  # the timer may need to wake earlier
-
-    def _when_locked(self, key: Hashable) -> float:
-        failures = self._failures.get(key, 0)
-        self._failures[key] = failures + 1
-        # 2.0 ** 1024 overflows a float; long before that we are at max_delay anyway.
-        backoff = self._max_delay if failures >= 1024 else min(
-            self._base_delay * 2.0 ** failures, self._max_delay)
-        return max(backoff, self._reserve_locked())
+        self._due_changed.notify()  # the timer may need to wake earlier
+        self._changed()
 
     def _reserve_locked(self) -> float:
         """Reserve one token like golang.org/x/time/rate Reserve: tokens may go
@@ -3831,112 +3874,142 @@ class WorkQueue:
 
     def add(self, key: Hashable, reason: str | None = None) -> None:
         """Queue ``key`` (or merge ``reason`` if already pending). Ignored after shutdown."""
-        with self._cond:
+        with self.mutex:
             self._add_locked(key, (reason,))
+
+    def put(self, key: Hashable, block: bool = True, timeout: float | None = None) -> None:
+        """``add(key)``: never blocks (unbounded); ``block`` and ``timeout`` are ignored."""
+        with self.mutex:
+            self._add_locked(key, ())
 
     def add_after(self, key: Hashable, delay: float, reason: str | None = None) -> None:
         """Add ``key`` once ``delay`` seconds (on the clock) have passed.
 
         Per key only the earliest due time is kept; reasons are merged either way.
         """
-        with self._cond:
+        with self.mutex:
             self._add_after_locked(key, delay, reason)
 
     def add_rate_limited(self, key: Hashable, reason: str | None = None) -> float:
-        """Count a failure for ``key`` and add it after ``when(key)``; return that delay."""
-        with self._cond:
-            delay = self._when_locked(key)
+        """Count a failure for ``key`` and add it after max(per-key backoff, token-bucket
+        delay); return that delay in seconds.  The backoff is ``base_delay`` doubling per
+        failure since the last ``forget``, capped at ``max_delay``."""
+        with self.mutex:
+            failures = self._failures.get(key, 0)
+            self._failures[key] = failures + 1
+            # 2.0 ** 1024 overflows a float; long before that we are at max_delay anyway.
+            backoff = self._max_delay if failures >= 1024 else min(
+                self._base_delay * 2.0 ** failures, self._max_delay)
+            delay = max(backoff, self._reserve_locked())
             self._add_after_locked(key, delay, reason)
             return delay
 
-    def when(self, key: Hashable) -> float:
-        """Count a failure for ``key`` and return max(per-key backoff, token-bucket delay)."""
-        with self._cond:
-            return self._when_locked(key)
-
     def forget(self, key: Hashable) -> None:
         """Reset ``key``'s failure count (call after a successful run)."""
-        with self._cond:
+        with self.mutex:
             self._failures.pop(key, None)
 
     def num_requeues(self, key: Hashable) -> int:
-        with self._cond:
+        """Failures counted for ``key`` by ``add_rate_limited`` since its last ``forget``."""
+        with self.mutex:
             return self._failures.get(key, 0)
 
     # -- consumers ---------------------------------------------------------------
 
-    def get(self, timeout: float | None = None) -> tuple[Hashable, list[str]] | None:
+    def get(self, block: bool = True, timeout: float | None = None) -> tuple[Hashable, list[str]] | None:
         """Block until a key is ready, mark it processing and return ``(key, reasons)``.
 
-        Returns None after ``timeout`` real seconds (``timeout <= 0`` never blocks),
-        or once shut down -- immediately without drain; with drain when nothing is
-        queued and no running key is owed a re-run by ``done``.
-        The caller must call ``done(key)`` when finished.
+        Returns None after ``timeout`` real seconds (``timeout <= 0`` or
+        ``block=False`` never blocks), or once shut down -- immediately without
+        drain; with drain when nothing is queued and no running key is owed a
+        re-run by ``done``.  The caller must call ``done(key)`` when finished.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self.not_empty:
             while True:
-                if self._shutting_down and not self._drain:
+                if self.is_shutdown and not self._drain:
                     return None
-                if self._queue:
-                    break
-                # len(dirty) > len(queue): some running key will be re-queued by done().
-                if self._shutting_down and len(self._dirty) == len(self._queue):
+                if self._qsize():
+                    return self._get()
+                # a dirty key that is not queued is running and will be re-queued by done()
+                if self.is_shutdown and not self._dirty:
+                    return None
+                if not block:
                     return None
                 if deadline is None:
-                    self._cond.wait()
+                    self.not_empty.wait()
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
-                    self._cond.wait(remaining)
-            key = self._queue.popleft()
-            self._dirty.discard(key)
-            self._processing.add(key)
-            reasons = list(self._reasons.pop(key, ()))
-            self._changed()
-            return key, reasons
+                    self.not_empty.wait(remaining)
+
+    def get_nowait(self) -> tuple[Hashable, list[str]]:
+        """``(key, reasons)`` of a ready key, now processing; raises ``queue.Empty`` if
+        none is ready (or the queue is shut down)."""
+        item = self.get(block=False)
+        if item is None:
+            raise queue.Empty
+        return item
 
     def done(self, key: Hashable) -> None:
-        """Mark ``key`` finished; if it was added meanwhile, queue it again (once)."""
-        with self._cond:
+        """Mark ``key`` finished; if it was added meanwhile, queue it again (once).
+
+        A key that is not processing is ignored (a stray or second ``done``)."""
+        with self.mutex:
             if key not in self._processing:
                 return  # a stray/double done() must not queue a pending key twice
             self._processing.discard(key)
             if key in self._dirty:
-                self._queue.append(key)
+                self.queue.append(key)
+                self.not_empty.notify()
+            else:
+                self.unfinished_tasks -= 1
+                if not self.unfinished_tasks:
+                    self.all_tasks_done.notify_all()
+            if self.is_shutdown:
+                self.not_empty.notify_all()  # draining getters may be done waiting
             self._changed()
+
+    def task_done(self, key: Hashable = _NO_KEY) -> None:
+        """``done(key)``.  Raises TypeError without the key ``get`` returned."""
+        if key is _NO_KEY:
+            raise TypeError("WorkQueue.task_done() needs the key that get() returned: "
+                            "call done(key) (or task_done(key))")
+        self.done(key)
 
     # -- introspection -----------------------------------------------------------
 
     def is_pending(self, key: Hashable) -> bool:
         """True if ``key`` is queued or owed a re-run (delayed-only keys don't count)."""
-        with self._cond:
+        with self.mutex:
             return key in self._dirty
 
     def is_processing(self, key: Hashable) -> bool:
-        with self._cond:
+        """True between the ``get`` that returned ``key`` and its ``done``."""
+        with self.mutex:
             return key in self._processing
 
     def __len__(self) -> int:
-        """Number of keys ready in the FIFO."""
-        with self._cond:
-            return len(self._queue)
+        """Number of keys ready to hand out now: ``qsize()``."""
+        with self.mutex:
+            return len(self.queue)
 
     def delayed_count(self) -> int:
-        with self._cond:
+        """Number of keys waiting for their due time."""
+        with self.mutex:
             return len(self._waiting)
 
     def next_due(self) -> float | None:
         """Earliest due time of a delayed key, on the injected clock, or None."""
-        with self._cond:
+        with self.mutex:
             self._prune_locked()
             return self._heap[0][0] if self._heap else None
 
     def idle(self, within: float = 0.0) -> bool:
         """True if nothing is queued or processing and nothing is due within ``within``."""
-        with self._cond:
-            if self._queue or self._processing:
+        with self.mutex:
+            if self.queue or self._processing:
                 return False
             self._prune_locked()
             return not self._heap or self._heap[0][0] > self._clock() + within
@@ -3948,11 +4021,11 @@ class WorkQueue:
         least every 50 ms (it may depend on things outside the queue)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._cond:
+            with self.mutex:
                 seen = self._changes
             if predicate():
                 return True
-            with self._cond:
+            with self.mutex:
                 wait = 0.05
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
@@ -3960,29 +4033,29 @@ class WorkQueue:
                         return False
                     wait = min(wait, remaining)
                 if self._changes == seen:  # otherwise re-check straight away
-                    self._cond.wait(wait)
+                    self._state_changed.wait(wait)
 
     # -- timer and lifecycle -----------------------------------------------------
 
     def fire_due(self) -> int:
         """One timer iteration: queue every delayed key that is due; return how many."""
-        with self._cond:
+        with self.mutex:
             return self._fire_due_locked()
 
     def _run_timer(self) -> None:
-        with self._cond:
-            while not self._shutting_down:
+        with self.mutex:
+            while not self.is_shutdown:
                 self._fire_due_locked()
                 wait = self._HEARTBEAT
                 if self._heap:  # _fire_due_locked left a live entry on top
                     wait = min(wait, max(0.0, self._heap[0][0] - self._clock()))
                 # Woken early by add_after (an earlier item) or shutdown.
-                self._cond.wait(wait)
+                self._due_changed.wait(wait)
 
     def start(self) -> None:
         """Start the single timer thread (idempotent; no-op after shutdown)."""
-        with self._cond:
-            if self._timer is not None or self._shutting_down:
+        with self.mutex:
+            if self._timer is not None or self.is_shutdown:
                 return
             self._timer = threading.Thread(target=self._run_timer, daemon=True,
                                            name=f"fabrica-{self.name}-timer")
@@ -3991,23 +4064,34 @@ class WorkQueue:
     def shutdown(self, drain: bool = False) -> None:
         """Stop accepting adds and wake every waiter.  Delayed keys are dropped.
 
-        With ``drain`` ``get`` keeps handing out queued keys until none are left.
+        Without ``drain`` the queued keys are dropped too (``get`` returns None,
+        ``join`` waits only for the keys processing); with ``drain`` ``get`` keeps
+        handing out queued keys, and those ``done`` re-queues, until none are left.
         Only the first call decides ``drain``.
         """
-        with self._cond:
-            if self._shutting_down:
+        with self.mutex:
+            if self.is_shutdown:
                 return
-            self._shutting_down = True
+            self.is_shutdown = True
             self._drain = drain
             self._heap.clear()
             self._waiting.clear()
             self._waiting_reasons.clear()
+            if not drain:
+                self.unfinished_tasks -= len(self.queue)
+                self.queue.clear()
+                self._dirty.clear()
+                self._reasons.clear()
+            if not self.unfinished_tasks:
+                self.all_tasks_done.notify_all()
+            self.not_empty.notify_all()
+            self._due_changed.notify_all()
             self._changed()
 
     def stop(self, timeout: float | None = None) -> None:
         """``shutdown()`` (keeping an earlier drain choice) and join the timer thread."""
         self.shutdown()
-        with self._cond:
+        with self.mutex:
             timer = self._timer
         if timer is not None and timer is not threading.current_thread():
             timer.join(timeout)
@@ -4280,7 +4364,7 @@ class Controller:
     # -- execution -----------------------------------------------------------------
     def process_next(self, timeout: float | None = 0.5) -> bool:
         """Take one key, reconcile it, and mark it done; False if nothing came within ``timeout``."""
-        item = self.queue.get(timeout)
+        item = self.queue.get(timeout=timeout)
         if item is None:
             return False
         key, reasons = item
@@ -4411,9 +4495,8 @@ class Controller:
 
     def _retry_with_backoff(self, key, error, why: str) -> float:
         """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
-        delay = self.queue.when(key)
+        delay = self.queue.add_rate_limited(key, why)
         self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
-        self.queue.add_after(key, delay, why)
         return delay
 
     def _record_failure(self, key, error, reason: str, retry: str) -> None:
@@ -4621,17 +4704,18 @@ def _media_type(environ) -> str:
     return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
 
-def _sse_frame(position, event) -> bytes:
+def _sse_frame(position, event, typed: bool = True) -> bytes:
     """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
 
     A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
     break inside one would start a field or an event of its sender's
     choosing: the id and event fields have their control characters escaped
     whatever reaches here, and the data is one line of JSON (json.dumps
-    escapes every control character in a string).
+    escapes every control character in a string). ``typed=False`` leaves the
+    event field out (the type stays in the data).
     """
-    return (f"id: {_one_line(format_position(position))}\nevent: {_one_line(str(event['type']))}\n"
-            f"data: {dumps(event)}\n\n").encode()
+    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
+    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
 
 
 def _peer_closed(sock) -> bool:
@@ -4705,12 +4789,14 @@ class RestAPI:
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
         self._bodies_bytes = 0                  # the cached JSON's bytes, summed
         self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
         self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
         self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
         self.wsgi.route("/events", "GET", self._endpoint(self.events))
+        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
         self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
 
     # -- plumbing ----------------------------------------------------------
@@ -4741,9 +4827,14 @@ class RestAPI:
         if app.token and environ.get("PATH_INFO") != "/health":
             got = environ.get("HTTP_AUTHORIZATION", "")
             if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
-                raise self._error_response(UnauthorizedError(
-                    "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
-                    {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+                try:
+                    admitted = dashboard_admits(self, environ)
+                except FabricaError as err:     # a ticket, refused: the error says why
+                    raise self._error_response(err) from None
+                if not admitted:
+                    raise self._error_response(UnauthorizedError(
+                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
+                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
 
     def _after(self):
         environ = bottle.request.environ
@@ -5059,11 +5150,9 @@ class RestAPI:
         return self._send(self.app.discovery(), etag=False)
 
     def root(self):
-        """Until the dashboard (SPEC §11) exists: a browser goes to /docs, a JSON client gets discovery."""
+        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
         if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
-            # relative to the mount point, so an app mounted under a prefix sends the browser to its own /docs
-            location = bottle.request.script_name + "docs"
-            return bottle.HTTPResponse(b"", 302, {"Location": location, "Vary": "Accept"})
+            return dashboard_page()
         bottle.response.set_header("Vary", "Accept")
         return self.apis()
 
@@ -5089,6 +5178,8 @@ class RestAPI:
         kind = query.get("kind") or None
         if kind is not None:
             kind = self.app.resolve_kind(kind).kind
+        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
+        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
         since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
         store = self.app.store
@@ -5110,16 +5201,21 @@ class RestAPI:
         res.content_type = "text/event-stream; charset=utf-8"
         res.set_header("Cache-Control", "no-cache")
         res.set_header("X-Accel-Buffering", "no")
-        return self._stream(tap, backlog, position or (0, 0), env)
+        return self._stream(tap, backlog, position or (0, 0), env, typed)
 
-    def _stream(self, tap: Tap, backlog, last, env):
+    def event_ticket(self):
+        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
+        bottle.response.set_header("Cache-Control", "no-store")
+        return self._send(self.tickets.issue(), etag=False)
+
+    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
         sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
         keepalive = self.keepalive
         quiet_since = time.monotonic()
         try:
             yield b": stream open\n\n"
             for pos, event in backlog:
-                yield _sse_frame(pos, event)
+                yield _sse_frame(pos, event, typed)
                 last = pos
             while self.app._started and not (server is not None and server.stopping):
                 event = tap.get(timeout=min(1.0, keepalive))
@@ -5135,7 +5231,7 @@ class RestAPI:
                     continue        # already sent from the backlog
                 last = pos
                 quiet_since = time.monotonic()
-                yield _sse_frame(pos, event)
+                yield _sse_frame(pos, event, typed)
         finally:
             tap.close()
 
@@ -5475,6 +5571,10 @@ def _oa_components() -> dict:
                            {"type": "string"}),
             "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
                                  {"type": "string"}),
+            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
+                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
+            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
+                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
         },
         "headers": {
             "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
@@ -5542,7 +5642,8 @@ def openapi_document(app) -> dict:
         "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
                           {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
                                          media="text/event-stream")}, "400 404 410",
-                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID")]),
+                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
+                                                              "StreamTicket", "Untyped")]),
         "/openapi.json": system("getOpenAPI", "This document",
                                 {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
         "/docs": system("getDocs", "An offline page that browses this document",
@@ -5555,11 +5656,15 @@ def openapi_document(app) -> dict:
         paths["/"] = system("getDashboard", "A small HTML dashboard",
                             {"200": _oa_ok("HTML", text, media="text/html")})
     elif roots:
-        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) is redirected to /docs",
-                      {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
-        root["get"]["responses"]["302"] = {"description": "Accept names text/html: to /docs",
-                                           "headers": {"Location": {"schema": {"type": "string"}}}}
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
+                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
         paths["/"] = root
+    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
+                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
+                        "type": "object", "required": ["ticket", "expiresAt"],
+                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
+    paths["/events/ticket"] = {"post": ticket["get"]}
     tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
     doc = {
         "openapi": "3.1.0",
@@ -5706,6 +5811,454 @@ fetch("/openapi.json", {headers: headers()})
 </script>
 </body></html>
 """
+
+
+###############################################################################
+# Dashboard ####################################################################
+###############################################################################
+#
+# GET / for a browser (SPEC §11): DASHBOARD_HTML lists every kind through the
+# REST API, follows GET /events with an EventSource and polls /metrics for the
+# controllers. The page holds no data, so it is served without the token; an
+# EventSource sends no headers, so the page trades its bearer token (POST
+# /events/ticket) for a StreamTickets ticket: signed, scoped to GET /events,
+# valid STREAM_TICKET_TTL seconds and redeemed once.
+
+STREAM_TICKET_TTL = 30          # seconds a stream ticket stays redeemable
+_TICKET_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})", re.ASCII)
+
+
+class _TicketsBusyError(FabricaError):
+    status = 429
+
+
+class StreamTickets:
+    """The stream tickets of one server: ``issue()`` one, ``redeem()`` it once (thread-safe).
+
+    A ticket is ``<expiry>.<nonce>.<mac>``: the expiry in whole Unix seconds of
+    ``clock``, 128 random bits, and HMAC-SHA256 over both and the scope under a
+    key drawn at construction (so a restart voids every ticket). Redeemed
+    nonces are remembered until their expiry, at most ``capacity`` of them.
+    """
+
+    def __init__(self, ttl: float = STREAM_TICKET_TTL, clock: Callable[[], float] = time.time,
+                 capacity: int = 10000):
+        self.ttl, self.clock, self.capacity = ttl, clock, capacity
+        self._key = os.urandom(32)
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}     # nonce -> expiry of every redeemed, unexpired ticket; under _lock
+
+    def _mac(self, body: str) -> str:
+        mac = hmac.new(self._key, b"GET /events\n" + body.encode(), "sha256").digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def issue(self) -> dict:
+        """``{"ticket", "expiresAt"}``: a new ticket and its expiry (RFC 3339 UTC)."""
+        expiry = math.ceil(self.clock() + self.ttl)
+        body = f"{expiry}.{os.urandom(16).hex()}"
+        return {"ticket": f"{body}.{self._mac(body)}",
+                "expiresAt": datetime.fromtimestamp(expiry, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def redeem(self, ticket: str) -> None:
+        """Accept ``ticket`` once; UnauthorizedError if it is malformed, forged, expired or used."""
+        match = _TICKET_RE.fullmatch(ticket)
+        if not match or not hmac.compare_digest(match[3], self._mac(f"{match[1]}.{match[2]}")):
+            raise UnauthorizedError("invalid stream ticket; POST /events/ticket with the bearer token for one")
+        expiry, nonce, now = int(match[1]), match[2], self.clock()
+        if expiry <= now:
+            raise UnauthorizedError("the stream ticket expired; POST /events/ticket for a new one")
+        with self._lock:
+            if nonce in self._used:
+                raise UnauthorizedError("the stream ticket was used already; POST /events/ticket for a new one")
+            if len(self._used) >= self.capacity:
+                self._used = {n: e for n, e in self._used.items() if e > now}
+                if len(self._used) >= self.capacity:     # forgetting one would let it be replayed
+                    raise _TicketsBusyError(f"{self.capacity} stream tickets were redeemed in the last "
+                                            f"{self.ttl:g} s; retry shortly")
+            self._used[nonce] = expiry
+
+
+def dashboard_admits(rest: RestAPI, environ: dict) -> bool:
+    """Whether a request without the bearer token may pass: the page itself, or GET /events with a ticket.
+
+    The page is the same for every server and carries no data. A ticket is
+    redeemed here, so a bad one raises UnauthorizedError naming what is wrong.
+    """
+    if environ.get("REQUEST_METHOD") != "GET":
+        return False
+    if environ.get("PATH_INFO") == "/":
+        return "text/html" in environ.get("HTTP_ACCEPT", "")
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")) if environ.get("PATH_INFO") == "/events" else {}
+    ticket = query.get("ticket")
+    if ticket:
+        rest.tickets.redeem(ticket[-1])
+    return bool(ticket)
+
+
+def dashboard_page() -> bottle.HTTPResponse:
+    """The page, with a policy that lets it fetch nothing but this server and be framed by no one."""
+    return bottle.HTTPResponse(_DASHBOARD_BYTES, 200, {
+        "Content-Type": "text/html; charset=utf-8", "Vary": "Accept", "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                   "connect-src 'self'; img-src data:; frame-ancestors 'none'"})
+
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fabrica</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>
+:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;--bad:#f85149;
+--acc:#58a6ff}*{box-sizing:border-box}[hidden]{display:none!important}
+body{margin:0;height:100vh;font:13px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--line);display:grid;
+gap:1px;grid-template:44px minmax(0,1fr) minmax(0,34%)/220px minmax(0,1fr) minmax(0,38%)}
+body>*{background:var(--bg);min-height:0;min-width:0}section{display:flex;flex-direction:column}
+header{grid-column:1/-1;display:flex;align-items:center;gap:16px;padding:0 14px;background:var(--pane)}
+header b{font-size:15px;letter-spacing:.02em}nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
+#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}h3{margin:8px 0;font-size:15px}
+h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;color:var(--dim);margin:14px 14px 6px}
+.kind{display:flex;gap:6px;padding:4px 14px;cursor:pointer}.kind span:first-child{flex:1}
+.kind:hover,.row:hover{background:var(--pane)}.kind.on{background:#1f6feb26;box-shadow:inset 3px 0 var(--acc)}
+.n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
+.bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
+input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
+.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;
+align-items:center;padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
+.grid span:nth-child(n+3){text-align:right}
+.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
+.vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
+.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
+.dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;
+background:var(--wait)}.ok::before{background:var(--ok)}.bad::before{background:var(--bad)}
+.none::before{background:var(--line)}.dim{color:var(--dim)}.lag{color:var(--wait)}.red{color:var(--bad)}
+.grn{color:var(--ok)}.acc,a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
+pre{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;background:var(--pane);
+padding:10px;border-radius:6px;margin:8px 0}#log{font:12px/20px ui-monospace,monospace}#log span{margin-right:8px}
+#log .row{padding:0 10px;height:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border:0}
+table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}th{font-weight:normal;font-size:11px}
+td,th{text-align:right;padding:2px 0 2px 14px}td:first-child,th:first-child{text-align:left;padding-left:0}
+dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:8px}
+</style></head>
+<body>
+<header><b>fabrica</b><span id="svc" class="dim"></span><span id="live" class="dot">connecting</span>
+<span id="rv" class="n"></span><span style="flex:1"></span><span id="rate" class="n"></span></header>
+<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2><table><thead class="dim"><tr><th>kind</th><th>queue</th>
+<th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody></table></nav>
+<section><div class="bar"><b id="title"></b><span id="shown" class="n"></span><span></span>
+<input id="filter" type="search" placeholder="filter by name"></div>
+<div class="grid th"><span>name</span><span>ready / phase</span><span>gen / obs</span><span>age</span></div>
+<div id="table" class="vl"></div></section>
+<aside id="detail"><h2>Resource</h2><p class="dim">Click a row for its JSON, owner and dependents.</p></aside>
+<section><div class="bar"><b>Events</b><span id="logn" class="n"></span><span></span>
+<input id="types" type="search" size="34" placeholder="type filter: rack, **.deleted, io.fabrica.node.*"></div>
+<div id="log" class="vl"></div></section>
+<dialog id="auth"><form method="dialog"><p>This server asks for its bearer token (serve --token).</p>
+<input id="token" type="password" size="40" autocomplete="off"> <button>Connect</button></form></dialog>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id), LOG_KEEP = 5000;
+function el(tag, cls, text, ...kids) {
+  const e = Object.assign(document.createElement(tag), {className: cls || ""});
+  e.append(...(text === undefined ? [] : [String(text)]), ...kids);
+  return e;
+}
+const set = (e, text, cls) => { e.textContent = text; if (cls !== undefined) e.className = cls; };
+const kinds = new Map();    // kind -> {info, rows: Map uid -> row, view: rows sorted by name, sorted, el, notReady}
+let log = [], logView = log, match = null;    // log: {time, type, kind, uid, name, text}, oldest first
+let token = sessionStorage.getItem("fabrica-token") || "", current = "", filter = "", selected = null;
+let pending = [], scheduled = false, es = null, lastId = "", tombs = null, attempt = 0, epoch = 0, seen = 0, was = 0;
+let dirty = {counts: true, table: true, log: false, detail: false};
+
+async function api(path, opts = {}) {
+  const res = await fetch(path, {...opts, headers: token ? {Authorization: "Bearer " + token} : {}});
+  if (res.status === 401 && !$("auth").open) { $("token").value = token; $("auth").showModal(); }
+  if (!res.ok) throw new Error(path + " answered " + res.status);
+  return res;
+}
+const json = async (path, opts) => (await api(path, opts)).json();
+const hashKind = () => decodeURIComponent(location.hash.slice(1));
+
+class VList {     // a virtualised list: only the rows in sight exist, reused as it scrolls
+  constructor(box, height, cells, click) {
+    Object.assign(this, {box, height, cells, click, pool: []});
+    this.spacer = box.appendChild(el("div"));
+    this.rows = box.appendChild(el("div"));
+    box.onscroll = () => { this.dirty = true; schedule(); };
+  }
+  measure() {   // read before any write of the frame, so the frame lays out once
+    this.first = Math.floor(this.box.scrollTop / this.height);
+    this.n = Math.ceil(this.box.clientHeight / this.height) + 1;
+  }
+  render(count, item) {   // item(i): the i-th item; cells(item): [[text, class], ...], one per column
+    this.spacer.style.height = count * this.height + "px";
+    this.rows.style.transform = `translateY(${this.first * this.height}px)`;
+    while (this.pool.length < this.n) {
+      const e = this.rows.appendChild(Object.assign(el("div", "row"), {onclick: () => this.click(e.item)}));
+      this.pool.push(e);
+    }
+    this.pool.forEach((e, i) => {
+      if ((e.hidden = this.first + i >= count)) return;
+      const x = e.item = item(this.first + i), cells = this.cells(x);
+      while (e.children.length < cells.length) e.append(el("span"));
+      cells.forEach(([text, cls], j) => set(e.children[j], text, cls || ""));
+      e.classList.toggle("sel", !!selected && selected.uid === x.uid);
+    });
+    this.dirty = false;
+  }
+}
+const table = new VList($("table"), 26, (r) => {
+  const [cls, word] = status(r), lag = r.ogen !== undefined && r.ogen !== r.gen;
+  return [[r.name], [word, "dot " + cls], [r.ogen === undefined ? r.gen : `${r.gen} / ${r.ogen}`, lag ? "lag" : ""],
+    [age(r.created), "dim"]];
+}, (r) => select(current, r.uid));
+const events = new VList($("log"), 20, (x) => [[x.time, "dim"], [x.type, /created$/.test(x.type) ? "grn"
+  : /deleted$/.test(x.type) ? "red" : ""], [`${x.kind}/${x.name}`, "acc"], [x.text, "dim"]], (x) => go(x.kind, x.uid));
+
+function addKind(info) {
+  const k = kinds.get(info.kind) || {rows: new Map(), view: [], sorted: false, el: null, notReady: 0};
+  kinds.set(info.kind, Object.assign(k, {info}));
+  return k;
+}
+function summary(kind, o) {
+  const m = o.metadata, s = o.status || {}, c = (s.conditions || []).find((c) => c && c.type === "Ready") || {};
+  return {kind, uid: m.uid, name: m.name, rv: +m.resourceVersion, gen: m.generation, ogen: s.observedGeneration,
+    phase: typeof s.phase === "string" ? s.phase : "", ready: c.status || "", reason: c.reason || "",
+    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp,
+    owners: (m.ownerReferences || []).map((r) => r.uid)};
+}
+const byName = (a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+function place(k, row, add) {   // keeps a sorted view sorted: a binary search, not a sort per change
+  if (!k.sorted || (add && !row.name.includes(filter))) return;
+  let lo = 0, hi = k.view.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (byName(k.view[mid], row) < 0) lo = mid + 1; else hi = mid; }
+  if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
+}
+function put(kind, o, deleted) {      // the newest resourceVersion wins, whether the list or the stream brings it
+  if (!kinds.has(kind)) {   // a kind the open server made just now: its plural is in /apis
+    json("apis").then((apis) => apis.kinds.forEach(addKind), () => {});
+    if (!current) show(kind);
+  }
+  const k = kinds.get(kind) || addKind({kind, plural: "", controller: false});
+  const uid = o.metadata.uid, rv = +o.metadata.resourceVersion, old = k.rows.get(uid);
+  if ((old && old.rv >= rv) || (tombs && tombs.get(uid) >= rv)) return;
+  const row = deleted ? old : summary(kind, o), mine = selected && row && row.owners.includes(selected.uid);
+  k.notReady -= old && old.ready !== "True" ? 1 : 0;
+  if (deleted && tombs) tombs.set(uid, rv);
+  if (deleted && old) { k.rows.delete(uid); place(k, old, false); }
+  if (!deleted && !old) { k.rows.set(uid, row); place(k, row, true); }
+  if (!deleted && old) { k.sorted &&= old.name === row.name; Object.assign(old, row); }
+  if (!deleted) k.notReady += row.ready !== "True" ? 1 : 0;
+  dirty.counts = true;
+  dirty.table ||= kind === current;
+  dirty.detail ||= mine && (deleted || !old);
+}
+
+function onEvent(text) {
+  const ev = JSON.parse(text), d = ev.data || {}, kind = ev.resourcekind || d.resourceKind, uid = d.resourceUID;
+  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
+  seen++;
+  if (d.resource) put(kind, d.resource, d.action === "deleted");
+  if (d.resource && selected && selected.uid === uid) {
+    Object.assign(selected, {obj: d.resource, gone: d.action === "deleted"});
+    dirty.detail = true;
+  }
+  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid,
+    name: d.resourceName || (row ? row.name : uid),
+    text: d.resource ? d.action + (/updated|patched/.test(d.action) ? " " + d.updateType : "")
+      : `${d.conditionType} ${d.previousStatus || "-"} \u2192 ${d.status} ${d.reason || ""}`});
+  dirty.log = true;
+}
+function schedule() {   // one flush per animation frame (a timer while the tab is hidden: no frames then)
+  if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
+  scheduled = true;
+}
+const touch = (...parts) => { parts.forEach((p) => { dirty[p] = true; }); schedule(); };
+function flush() {    // what arrived since the last frame, rendered once
+  const batch = pending;
+  [scheduled, pending] = [false, []];
+  table.measure();
+  events.measure();
+  batch.forEach(onEvent);
+  if (log.length > 2 * LOG_KEEP) log = log.slice(-LOG_KEEP);
+  if (dirty.counts) renderKinds();
+  if (dirty.table || table.dirty) renderTable();
+  if (dirty.log) logView = match ? log.filter((x) => match(x.type)) : log;
+  if (dirty.log || events.dirty) events.render(logView.length, (i) => logView[logView.length - 1 - i]);
+  if (dirty.detail && selected) renderDetail();
+  set($("logn"), seen.toLocaleString());
+  dirty = {counts: false, table: false, log: false, detail: false};
+}
+
+function renderKinds() {   // in the order the app registered them
+  for (const [name, k] of kinds) {
+    k.el = k.el || $("kinds").appendChild(el("div", "kind", undefined, el("span", "", name), el("span"), el("span")));
+    k.el.onclick = () => show(name);
+    k.el.classList.toggle("on", name === current);
+    set(k.el.children[1], k.info.controller && k.notReady ? k.notReady + " not ready" : "", "lag n");
+    set(k.el.children[2], k.rows.size.toLocaleString(), "n");
+  }
+}
+function view(k) {
+  if (!k.sorted) k.view = [...k.rows.values()].filter((r) => r.name.includes(filter)).sort(byName);
+  k.sorted = true;
+  return k.view;
+}
+function age(ms) {
+  const s = Math.max(0, (Date.now() - ms) / 1000), [n, unit] = s < 90 ? [s, "s"] : s < 5400 ? [s / 60, "m"]
+    : s < 172800 ? [s / 3600, "h"] : [s / 86400, "d"];
+  return Math.floor(n) + unit;
+}
+function status(r) {    // [dot class, "phase or Ready · reason"]
+  const word = r.deleting ? "Deleting" : r.phase || (r.ready === "True" ? "Ready" : r.ready ? "NotReady" : "-");
+  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad"
+    : r.ready || r.phase ? "" : "none";
+  return [cls, r.reason && r.reason !== word ? word + " \u00b7 " + r.reason : word];
+}
+function renderTable() {
+  const k = kinds.get(current), rows = k ? view(k) : [];
+  set($("title"), current);
+  set($("shown"), k ? (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString() : "");
+  table.render(rows.length, (i) => rows[i]);
+}
+function show(kind, uid) {   // a kind's table, scrolled to uid when given
+  current = kind;
+  history.replaceState(null, "", "#" + encodeURIComponent(kind));
+  const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
+  $("table").scrollTop = Math.max(0, (at - 3) * 26);
+  touch("counts", "table");
+}
+function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
+  if (!kinds.has(kind)) return;
+  if (kind !== current) show(kind, uid);
+  select(kind, uid);
+}
+
+async function select(kind, uid) {
+  const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
+  touch("detail", "table", "log");
+  if (!k || !k.info.plural) return;
+  try {
+    const o = await json(`${k.info.plural}/${encodeURIComponent(uid)}`);
+    if (!s.obj || +s.obj.metadata.resourceVersion < +o.metadata.resourceVersion) s.obj = o;
+  } catch (e) { s.gone = !s.obj; }
+  touch("detail");
+}
+function renderDetail() {
+  const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
+  const link = (r) => Object.assign(el("a", "", `${r.kind} ${r.name || r.uid}`), {onclick: () => go(r.kind, r.uid)});
+  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${(o ? o.metadata : row || s).name || s.uid}`));
+  if (s.gone || !o) return box.append(el("p", s.gone ? "red" : "dim", s.gone ? "deleted" : "loading\u2026"));
+  const owners = el("div", "links", "owner: "), deps = el("div", "links", "dependents: "), found = [];
+  for (const k of kinds.values()) for (const r of k.rows.values()) if (r.owners.includes(s.uid)) found.push(r);
+  owners.append(...(o.metadata.ownerReferences || []).map(link));
+  deps.append(...found.sort(byName).slice(0, 100).map(link));
+  if (found.length > 100) deps.append(el("span", "dim", `and ${found.length - 100} more`));
+  for (const e of [owners, deps]) if (!e.children.length) e.append(el("span", "dim", "none"));
+  box.append(owners, deps, el("pre", "", JSON.stringify(o, null, 2)));
+}
+
+function matcher(pattern) {   // GET /events' type patterns (* one segment, ** any number), else a substring
+  if (!pattern.includes("*")) return (t) => t.includes(pattern);
+  const p = pattern.split(".");
+  const m = (i, t, j) => i === p.length ? j === t.length
+    : p[i] === "**" ? m(i + 1, t, j) || (j < t.length && m(i, t, j + 1))
+    : j < t.length && (p[i] === "*" || p[i] === t[j]) && m(i + 1, t, j + 1);
+  return (t) => m(0, t.split("."), 0);
+}
+async function pollControllers() {
+  if (document.hidden || !kinds.size) return;
+  const stats = {}, re = /^fabrica_(queue_depth|reconcile_retries_total|reconcile_errors_total)\{kind="(.*)"\} (\S+)$/;
+  try {
+    for (const line of (await (await api("metrics")).text()).split("\n")) {
+      const m = re.exec(line);
+      if (m) (stats[m[2]] = stats[m[2]] || {})[m[1]] = +m[3];
+    }
+  } catch (e) { return; }
+  $("ctl").replaceChildren(...[...kinds.keys()].filter((kind) => stats[kind]).map((kind) => {
+    const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
+    return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
+      td(s.reconcile_errors_total, "red"));
+  }));
+}
+
+const live = (state) => set($("live"), state, "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : ""));
+async function connect(since) {   // resolves once the stream is open, or has failed
+  live(since ? "reconnecting" : "connecting");
+  const retry = () => setTimeout(() => since ? connect(since) : start(), Math.min(10000, 500 * 2 ** attempt++));
+  let src, opened = false;
+  try {
+    const q = new URLSearchParams({ticket: (await json("events/ticket", {method: "POST"})).ticket, untyped: "true"});
+    if (since) q.set("since", since);
+    src = es = new EventSource("events?" + q);
+  } catch (e) { return retry(); }
+  await new Promise((done) => {
+    src.onopen = () => { opened = true; attempt = 0; live("live"); done(); };
+    src.onmessage = (m) => { lastId = m.lastEventId; pending.push(m.data); schedule(); };
+    src.onerror = () => {   // the ticket is spent: a new one, from the last event seen (else relist)
+      src.close();
+      done();
+      if (es !== src) return;
+      live("offline");
+      since = opened && lastId;
+      retry();
+    };
+  });
+}
+async function start() {    // (re)list everything; the stream opens first, so no change falls in between
+  const mine = ++epoch;
+  if (es) es.close();
+  [es, pending] = [null, []];
+  const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
+  if (!apis) return live("offline");
+  set($("svc"), `${health.service} ${health.version}`);
+  kinds.clear();
+  $("kinds").replaceChildren();
+  apis.kinds.forEach(addKind);
+  const names = [...kinds.keys()], first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
+  current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
+  if (current) show(current);
+  [lastId, tombs] = ["", new Map()];
+  await connect("");
+  await Promise.all([current, ...names.filter((n) => n !== current)].map(async (name) => {
+    for (let next = ""; ;) {
+      const res = await api(`${kinds.get(name).info.plural}?limit=1000` + (next ? "&continue=" + next : ""));
+      const items = await res.json();
+      if (mine !== epoch) return;     // a newer start() lists afresh
+      items.forEach((o) => put(name, o, false));
+      schedule();
+      if (!(next = encodeURIComponent(res.headers.get("X-Continue") || ""))) break;
+    }
+  })).catch(() => {});
+  if (mine === epoch) tombs = null;
+  pollControllers();
+}
+
+$("filter").oninput = () => {
+  filter = $("filter").value.trim();
+  kinds.forEach((k) => { k.sorted = false; });
+  $("table").scrollTop = 0;
+  touch("table");
+};
+$("types").oninput = () => { match = $("types").value.trim() && matcher($("types").value.trim()); touch("log"); };
+$("auth").onclose = () => {     // the same sessionStorage key as /docs: one token per tab for both pages
+  sessionStorage.setItem("fabrica-token", token = $("token").value.trim());
+  start();
+};
+window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
+window.onhashchange = () => kinds.has(hashKind()) && show(hashKind());
+document.onvisibilitychange = () => { scheduled = false; schedule(); };
+setInterval(() => {     // the rate, and the ages
+  set($("rate"), `${seen - was} events/s`);
+  set($("rv"), lastId ? "last event " + lastId : "");
+  was = seen;
+  touch("table");
+}, 1000);
+setInterval(pollControllers, 2000);
+start();
+</script>
+</body></html>
+"""
+_DASHBOARD_BYTES = DASHBOARD_HTML.encode()
 
 
 ###############################################################################
@@ -6416,7 +6969,7 @@ class GarbageCollector:
 
     def process_next(self, timeout: float | None = 0.0) -> bool:
         """Retry one queued step (and the cascade below it); False if none was ready within ``timeout``."""
-        item = self.queue.get(timeout)
+        item = self.queue.get(timeout=timeout)
         if item is None:
             return False
         key = item[0]
