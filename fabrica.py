@@ -1963,6 +1963,82 @@ class Schema:
 
 
 ###############################################################################
+# Leader election #############################################################
+###############################################################################
+#
+# Which process runs the controllers and the garbage collector's sweeps. A
+# store gives the elector (Store.leader_elector): one that a single process
+# opens always leads; one several processes share campaigns for a lease.
+# Transitions run their callback one at a time, in order (self._transition).
+
+
+class LeaderElector:
+    """Whether this process is the leader, modelled on client-go's leaderelection.
+
+    ``start(on_started_leading, on_stopped_leading)`` begins: the first
+    callback runs when this process becomes the leader, the second when it
+    stops being one (the lease is lost, or stop() gives it up). Both take no
+    argument; they run one at a time, in the order of the transitions, in
+    the thread that saw the transition (for this class: start()'s and
+    stop()'s). ``is_leader()`` and ``leader`` (the holder's identity, as far
+    as this process knows; None when unknown) are thread-safe.
+
+    This class is the elector of a store only one process opens (the file
+    store holds a lock on its directory): it leads from start() until
+    stop(). A store that several processes share returns a subclass from
+    Store.leader_elector that overrides start() to campaign for a lease in
+    its own thread (Kubernetes Lease semantics: holder, renew deadline) and
+    stop() to release it, and reports with ``_started_leading()`` and
+    ``_stopped_leading(holder)``; a leader that cannot renew must call
+    ``_stopped_leading`` before its lease can pass to another process.
+    """
+
+    def __init__(self, identity: str):
+        self.identity = identity
+        self._leading = False
+        self._holder: str | None = None
+        self._callbacks: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self._transition = threading.Lock()     # held while a transition runs its callback
+
+    def start(self, on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None]) -> None:
+        """Begin; this class leads at once, so ``on_started_leading()`` runs before start() returns."""
+        self._callbacks = (on_started_leading, on_stopped_leading)
+        self._started_leading()
+
+    def stop(self) -> None:
+        """Give leadership up: ``on_stopped_leading()`` runs if this process led; no callback runs after."""
+        self._stopped_leading(None)
+        self._callbacks = None
+
+    def is_leader(self) -> bool:
+        return self._leading
+
+    @property
+    def leader(self) -> str | None:
+        """The identity of the leader (this process's ``identity`` while it leads), or None."""
+        return self._holder
+
+    # -- for subclasses: report a transition -------------------------------------
+    def _started_leading(self) -> None:
+        """This process has become the leader: run on_started_leading (once per transition)."""
+        with self._transition:
+            if self._leading or self._callbacks is None:
+                return
+            self._leading, self._holder = True, self.identity
+            self._callbacks[0]()
+
+    def _stopped_leading(self, holder: str | None = None) -> None:
+        """This process no longer leads (``holder`` does, if known): run on_stopped_leading first."""
+        with self._transition:
+            self._holder = holder
+            if not self._leading:
+                return
+            self._leading = False
+            if self._callbacks is not None:
+                self._callbacks[1]()
+
+
+###############################################################################
 # Stores #######################################################################
 ###############################################################################
 #
@@ -2058,6 +2134,14 @@ class Store:
     def health(self) -> dict:
         """What start-up could not load: files in the quarantine (of any start-up) and ignored folders."""
         return {"quarantined": [*self.quarantined, *self.still_quarantined], "ignored": list(self.ignored)}
+
+    def leader_elector(self, identity: str) -> LeaderElector:
+        """The elector that decides whether the process ``identity`` leads (runs the controllers).
+
+        A store that one process alone opens always leads: this returns
+        LeaderElector(identity). A store several processes share overrides it.
+        """
+        return LeaderElector(identity)
 
     # -- reads -------------------------------------------------------------
     def get(self, kind: str, uid: str) -> dict | None:
@@ -4039,9 +4123,10 @@ class Context:
 
     __slots__ = ("app", "client", "kind", "key", "reasons", "deleting", "stopping", "log")
 
-    def __init__(self, app: Fabrica, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None):
+    def __init__(self, client, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None,
+                 app=None):
         self.app = app
-        self.client = app.client
+        self.client = client
         self.kind = kind
         self.key = key
         self.reasons = reasons
@@ -4102,6 +4187,10 @@ def _seconds_text(seconds: float) -> str:
 class Controller:
     """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
 
+    It reads and writes through ``registry`` (the status it writes, the
+    conditions it records, the finalizer it takes off), hears of changes on
+    ``bus`` (events typed ``<event_prefix>.<kind>.<action>``) and hands
+    reconcile a Context with ``client`` (and ``app``, the application).
     ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
     one iteration of the housekeeping loop, so tests can drive them by hand.
     """
@@ -4109,7 +4198,12 @@ class Controller:
     event_queue_size = 1_000_000    # events waiting for the controller's bus thread; overflow -> resync
     event_queue_bytes = QUEUE_BYTES  # and their bytes: events hold whole objects
 
-    def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
+    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, event_prefix: str = "io.fabrica",
+                 clock=time.monotonic, max_delay: float = 300.0, app=None):
+        self.registry = registry
+        self.bus = bus
+        self.client = client
+        self.event_prefix = event_prefix
         self.app = app
         self.info = info
         self.kind = info.kind
@@ -4130,10 +4224,10 @@ class Controller:
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
-        app, info = self.app, self.info
+        info = self.info
         patterns = {info.kind} | set(info.owns) | set(info.watches)
-        self._subscription = app.bus.subscribe(
-            f"{app.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
+        self._subscription = self.bus.subscribe(
+            f"{self.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
             queue_bytes=self.event_queue_bytes,
             name=f"{self.kind.lower()}-controller",
             on_gap=lambda: self.resync("gap"), copy_events=False)
@@ -4214,13 +4308,13 @@ class Controller:
     def _add_ref(self, ref, reason):
         if isinstance(ref, dict):
             ref = ref.get("metadata", {}).get("uid") or ref.get("uid")
-        obj = self.app.store.resolve(self.kind, ref) if isinstance(ref, str) else None
+        obj = self.registry.store.resolve(self.kind, ref) if isinstance(ref, str) else None
         if obj is not None:
             self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
 
     def resync(self, reason: str = "resync") -> int:
         """Queue every object of the kind (start-up list, periodic resync, bus gap)."""
-        objs = self.app.store.list(self.kind)
+        objs = self.registry.store.list(self.kind)
         for obj in objs:
             self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
         if reason != "startup":
@@ -4294,8 +4388,8 @@ class Controller:
         return True
 
     def _process(self, key, reasons) -> None:
-        app, info = self.app, self.info
-        stored = app.store.get(*key)
+        info = self.info
+        stored = self.registry.store.get(*key)
         if stored is None:
             self.queue.forget(key)      # deleted: never reconcile what no longer exists
             return
@@ -4311,7 +4405,7 @@ class Controller:
         else:
             fn = info.reconcile
         obj = Resource(deepcopy_json(stored))
-        ctx = Context(app, self.kind, key, reasons, deleting, self.log)
+        ctx = Context(self.client, self.kind, key, reasons, deleting, self.log, app=self.app)
         run = _Run(key, ctx, self.clock())
         with self._lock:
             self._runs[key] = run
@@ -4397,10 +4491,10 @@ class Controller:
         if _json_equal(status, stored["status"]):
             return None
         # a ValidationError is recorded like a failure
-        status = self.app._check_status(self.info, status, stored["status"])
+        status = self.registry.check_status(self.info, status, stored["status"])
         try:
-            self.app._mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
-                             expected_rv=stored["metadata"]["resourceVersion"])
+            self.registry.mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
+                                 resource_version=stored["metadata"]["resourceVersion"])
             return True
         except NotFoundError:
             return None     # deleted meanwhile: drop the write, never re-create
@@ -4425,7 +4519,7 @@ class Controller:
             res = Resource(new)
             res.set_condition(type, status, reason=reason, message=message)
         try:
-            self.app._mutate(self.info, key[1], change)
+            self.registry.mutate(self.info, key[1], change)
         except (NotFoundError, ConflictError):
             pass
         except FabricaError:
@@ -4438,7 +4532,7 @@ class Controller:
             # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
             _clear_framework_conditions(Resource(new))
         try:
-            self.app._mutate(self.info, key[1], change)
+            self.registry.mutate(self.info, key[1], change)
             self.queue.forget(key)
         except NotFoundError:
             self.queue.forget(key)
@@ -4522,6 +4616,80 @@ def if_none_match_hit(header: str | None, obj: dict) -> bool:
         return False
     tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
     return "*" in tags or etag_of(obj) in tags
+
+
+def etag_versions(header: str | None) -> tuple[str, ...] | None:
+    """The resourceVersions an If-Match or If-None-Match header names, for a write; None without one.
+
+    ``"7"`` names resourceVersion 7 and ``*`` stays ``*`` (any). A weak tag
+    (``W/"7"``) or a malformed one names none: a write compares entity tags
+    strongly (RFC 9110 §13.1.1), so it can never match.
+    """
+    if header is None:
+        return None
+    return tuple(t if t == "*" else t[1:-1] for t in _etag_list(header)
+                 if t == "*" or (len(t) >= 2 and t[0] == t[-1] == '"'))
+
+
+# A body's two forms (SPEC §6.2): the envelope ({"metadata": ..., "spec": ...}, what GET answers) and
+# the flat one (the spec's fields at the top, with name/labels/annotations beside them).
+_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
+_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
+_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
+
+
+def parse_body(info: KindInfo, body: dict, *, update: bool = False) -> dict:
+    """The Registry.create (or, with ``update``, Registry.update) arguments a flat or envelope body gives.
+
+    Checks the body's form: unknown top-level or metadata fields,
+    ``apiVersion`` and ``kind``, a status in a flat body (ValidationError),
+    metadata or spec not an object (BadRequestError); the registry checks
+    the fields' values. ``ownerReferences`` are taken at create only (they
+    are immutable); an update merges a flat body's labels and annotations.
+    """
+    out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
+           "resource_version": None}
+    envelope = "metadata" in body or "spec" in body
+    if envelope:
+        unknown = sorted(set(body) - _ENVELOPE_KEYS)
+        if unknown:
+            raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
+                                  "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
+                                  [{"field": k, "message": "unknown field"} for k in unknown])
+        meta = body.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise BadRequestError("metadata must be a JSON object")
+        unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
+        if unknown:
+            raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
+                                  [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
+        if "spec" in body:
+            if not isinstance(body["spec"], dict):
+                raise BadRequestError("spec must be a JSON object")
+            out["spec"] = body["spec"]
+        for key in ("name", "labels", "annotations", "finalizers"):
+            if key in meta:
+                out[key] = meta[key]
+        if not update:      # set at create, then immutable
+            refs = meta.get("ownerReferences")
+            out["owner_references"] = [] if refs is None else refs
+        if "resourceVersion" in meta:
+            out["resource_version"] = meta["resourceVersion"]
+    else:
+        out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
+        for key in ("name", "labels", "annotations"):
+            if key in body:
+                out[key] = body[key]
+    if update:
+        out["merge_metadata"] = not envelope
+    if "apiVersion" in body and body["apiVersion"] != API_VERSION:
+        raise _validation("apiVersion", f"must be {API_VERSION!r}")
+    if "kind" in body and body["kind"] != info.kind:
+        raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+    if not envelope and "status" in body:
+        # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
+        raise _not_spec("status")
+    return out
 
 
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -4690,10 +4858,20 @@ def _prom_escape(value: str) -> str:
 
 
 class RestAPI:
-    """Builds the Bottle routes of a Fabrica; one instance per app."""
+    """Builds the Bottle routes of a Fabrica; one instance per app.
 
-    def __init__(self, app: Fabrica):
+    Writes go to ``registry``, events come from ``bus``, /metrics reads
+    ``controllers`` (kind -> Controller, kept up to date by the app); of
+    ``app`` it reads settings only (token, cors, service, elector).
+    ``host_check`` answers only loopback Host names (serve sets it).
+    """
+
+    def __init__(self, app, registry: Registry, bus: Bus, controllers: dict[str, Controller]):
         self.app = app
+        self.registry = registry
+        self.bus = bus
+        self.controllers = controllers
+        self.host_check = False
         self.wsgi = bottle.Bottle()
         self.wsgi.default_error_handler = self._bottle_error
         self.wsgi.add_hook("before_request", self._guard)
@@ -4718,7 +4896,7 @@ class RestAPI:
         app = self.app
         environ = bottle.request.environ
         environ["fabrica.t0"] = time.perf_counter()
-        if app._host_check:
+        if self.host_check:
             header = environ.get("HTTP_HOST", "")
             ok = self._hosts.get(header)
             if ok is None:
@@ -4836,19 +5014,19 @@ class RestAPI:
                     f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
         elif media not in ("", JSON_TYPE):
             raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
-        raw = read_body(environ, self.app.max_body)
+        raw = read_body(environ, self.registry.max_body)
         # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
         kind = PATCH_TYPES[media] if patch else "body"
         return read_json(raw, want_object=kind != "json"), kind
 
     def _kind(self, plural: str):
-        info = self.app._by_plural.get(plural)
+        info = self.registry.served(plural)
         if info is None:
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         return info
 
     def _obj(self, info, ref: str) -> dict:
-        obj = self.app.store.resolve(info.kind, ref)
+        obj = self.registry.store.resolve(info.kind, ref)
         if obj is None:
             if not valid_name(ref):
                 raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
@@ -4883,8 +5061,8 @@ class RestAPI:
             route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
 
     def list(self, plural):
-        info = self.app._by_plural.get(plural)
-        if info is None and not (self.app.open and plural not in RESERVED_PATHS):
+        info = self.registry.served(plural)
+        if info is None and not (self.registry.open and plural not in RESERVED_PATHS):
             raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
         query = self._query()
         # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
@@ -4894,7 +5072,7 @@ class RestAPI:
             if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
                 raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
             limit = int(limit)
-        items, total, more = self.app.store.query(
+        items, total, more = self.registry.store.query(
             info.kind if info else "", parse_selector(selector) if selector else None, name=name,
             after=decode_continue(token) if token is not None else None, limit=limit)
         res = bottle.response
@@ -4912,11 +5090,13 @@ class RestAPI:
         if plural in RESERVED_PATHS:
             raise NotFoundError(f"/{plural} is reserved")
         body, _ = self._json_body()
-        if self.app.open:
-            info, obj = self.app._create_open(plural, body)
+        registry = self.registry
+        if registry.open:
+            with registry.open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None) as info:
+                obj = registry.create(info, **parse_body(info, body))
         else:
             info = self._kind(plural)
-            obj = self.app._create(info, self.app._parse_body(info, body))
+            obj = registry.create(info, **parse_body(info, body))
         bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
         return self._send(obj, 201)
 
@@ -4948,8 +5128,10 @@ class RestAPI:
         res.set_header("ETag", etag_of(obj))
         return cached[1]
 
-    def _preconditions(self):
-        return {"if_match": self._header("HTTP_IF_MATCH"), "if_none_match": self._header("HTTP_IF_NONE_MATCH")}
+    def _preconditions(self) -> dict:
+        """The resourceVersions the request's If-Match and If-None-Match name (None: no such header)."""
+        return {"if_match": etag_versions(self._header("HTTP_IF_MATCH")),
+                "if_none_match": etag_versions(self._header("HTTP_IF_NONE_MATCH"))}
 
     @staticmethod
     def _query() -> bottle.FormsDict:
@@ -4969,15 +5151,14 @@ class RestAPI:
         info = self._kind(plural)
         self._obj(info, ref)
         body, _ = self._json_body()
-        parsed = self.app._parse_body(info, body, update=True)
-        obj = self.app._update(info, ref, parsed, **self._preconditions())
+        obj = self.registry.update(info, ref, **parse_body(info, body, update=True), **self._preconditions())
         return self._send(obj)
 
     def patch(self, plural, ref):
         info = self._kind(plural)
         self._obj(info, ref)
         body, kind = self._json_body(patch=True)
-        obj = self.app._patch(info, ref, body, kind, **self._preconditions())
+        obj = self.registry.patch(info, ref, body, kind, **self._preconditions())
         bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
         return self._send(obj)
 
@@ -4985,7 +5166,7 @@ class RestAPI:
         info = self._kind(plural)
         self._obj(info, ref)
         force = self._query().get("force", "").lower() in ("true", "1", "yes")
-        obj, gone = self.app._delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
+        obj, gone = self.registry.delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
         if not gone:
             return self._send(obj, 202)
         return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
@@ -5001,14 +5182,14 @@ class RestAPI:
         info = self._kind(plural)
         self._obj(info, ref)
         body, _ = self._json_body()
-        obj = self.app._update_status(info, ref, body, **self._preconditions())
+        obj = self.registry.update_status(info, ref, body, **self._preconditions())
         return self._send(obj)
 
     def patch_status(self, plural, ref):
         info = self._kind(plural)
         self._obj(info, ref)
         body, kind = self._json_body(patch=True)
-        obj = self.app._patch(info, ref, body, kind, status=True, **self._preconditions())
+        obj = self.registry.patch(info, ref, body, kind, status=True, **self._preconditions())
         bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
         return self._send(obj)
 
@@ -5022,7 +5203,7 @@ class RestAPI:
         limit = self._query().get("limit") or "50"
         if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
             raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
-        return self._send(self.app.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
+        return self._send(self.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
 
     def _history(self, plural, ref):
         info = self._kind(plural)
@@ -5032,31 +5213,44 @@ class RestAPI:
 
     def versions(self, plural, ref):
         info, obj = self._history(plural, ref)
-        return self._send(self.app.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
+        return self._send(self.registry.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
 
     def get_version(self, plural, ref, vid):
         info, obj = self._history(plural, ref)
-        snap = self.app.store.get_version(info.kind, obj["metadata"]["uid"], vid)
+        snap = self.registry.store.get_version(info.kind, obj["metadata"]["uid"], vid)
         if snap is None:
             raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
         return self._send(snap, etag=False)
 
     def delete_version(self, plural, ref, vid):
         info, obj = self._history(plural, ref)
-        if not self.app.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
+        if not self.registry.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
             raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
         return self._send({"message": "version deleted", "uid": vid}, etag=False)
 
     def restore_version(self, plural, ref, vid):
         info, _ = self._history(plural, ref)
-        return self._send(self.app._restore(info, ref, vid, **self._preconditions()))
+        return self._send(self.registry.restore(info, ref, vid, **self._preconditions()))
 
     # -- global routes -----------------------------------------------------
     def health(self):
-        return self._send(self.app.health(), etag=False)
+        return self._send(self.health_document(), etag=False)
+
+    def health_document(self) -> dict:
+        """Liveness and store health: what start-up could not load, the kinds, workers, and who leads."""
+        store, elector = self.registry.store, self.app.elector
+        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
+        kinds = self.registry.kinds
+        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
+                "service": self.app.service, "version": __version__, "kinds": sorted(kinds),
+                "quarantined": found["quarantined"], "ignored": found["ignored"],
+                "resourceVersion": str(store.resource_version) if store is not None else "0",
+                "workers": {k: i.workers for k, i in kinds.items() if i.has_controller},
+                "leader": elector is not None and elector.is_leader(),
+                "holderIdentity": None if elector is None else elector.leader}
 
     def apis(self):
-        return self._send(self.app.discovery(), etag=False)
+        return self._send(self.registry.discovery(), etag=False)
 
     def root(self):
         """Until the dashboard (SPEC §11) exists: a browser goes to /docs, a JSON client gets discovery."""
@@ -5088,16 +5282,16 @@ class RestAPI:
             raise BadRequestError(str(exc)) from None
         kind = query.get("kind") or None
         if kind is not None:
-            kind = self.app.resolve_kind(kind).kind
+            kind = self.registry.resolve_kind(kind).kind
         since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
-        store = self.app.store
+        store = self.registry.store
         if position is not None and store is not None and position[0] > store.resource_version:
             # no event here ever had that position (a forged id, or one from another data dir): streaming
             # on from it would skip every event up to it without a word
             raise GoneError(f"event {format_position(position)} is newer than every event of this server "
                             f"(resourceVersion {store.resource_version}); re-list and watch from now")
-        bus = self.app.bus
+        bus = self.bus
         tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
         try:
             backlog = [] if position is None else [
@@ -5141,7 +5335,75 @@ class RestAPI:
 
     def metrics(self):
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return self.app.metrics_text().encode()
+        return self.metrics_text().encode()
+
+    def metrics_text(self) -> str:
+        """Everything /metrics shows, in the Prometheus text exposition format."""
+        out = []
+
+        def family(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+        rest, store, bus = self, self.registry.store, self.bus
+        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
+               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
+                for (r, m, c), n in sorted(rest.requests.items())])
+        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
+               [line for (r, m), h in sorted(rest.latency.items())
+                for line in h.render("fabrica_http_request_duration_seconds",
+                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
+        family("fabrica_store_writes_total", "counter", "Committed store writes.",
+               [f"fabrica_store_writes_total {store.writes if store else 0}"])
+        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
+               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
+        stats = bus.stats()
+        family("fabrica_events_published_total", "counter", "Events published on the bus.",
+               [f"fabrica_events_published_total {stats['published']}"])
+        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
+               [f"fabrica_events_dropped_total {stats['dropped']}"])
+        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
+               [f"fabrica_event_gaps_total {stats['gaps']}"])
+        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
+               [f"fabrica_event_ring_events {stats['buffered']}"])
+        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
+               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
+        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
+               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
+        kinds = sorted(self.registry.kinds)
+        ctls = self.controllers
+        per_kind = {
+            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
+            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
+            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
+            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
+        }
+        for name, (kind, help_text, get) in per_kind.items():
+            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
+                                           for k in kinds if k in ctls])
+        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
+               [line for k in kinds if k in ctls
+                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
+                                                     f'kind="{_prom_escape(k)}"')])
+        objects, not_ready = [], []
+        for k in kinds:
+            items = store.list(k) if store is not None else []
+            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
+            if not self.registry.kinds[k].has_controller:
+                continue        # nothing ever makes these Ready: they would look stuck forever
+            pending = sum(1 for o in items if not any(
+                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in o["status"].get("conditions") or ()))
+            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
+        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
+               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
+        elector = self.app.elector
+        family("fabrica_leader", "gauge", "1 while this process leads (runs the controllers and the garbage "
+               "collector's sweeps), else 0; identity is this process's.",
+               [f'fabrica_leader{{identity="{_prom_escape(self.app.identity)}"}} '
+                f'{int(elector is not None and elector.is_leader())}'])
+        return "\n".join(out) + "\n"
 
 
 ###############################################################################
@@ -5436,7 +5698,9 @@ def _oa_components() -> dict:
                 "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
                 "quarantined": {"type": "array"}, "ignored": {"type": "array"},
                 "resourceVersion": {"type": "string"},
-                "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "workers": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "leader": {"type": "boolean", "description": "this process leads: it runs the controllers"},
+                "holderIdentity": {"type": ["string", "null"], "description": "who leads, if known"}}},
             "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
                 "apiVersion": {"type": "string"},
                 "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
@@ -6198,28 +6462,154 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._conns_changed.wait(0.05)
 
 
+def _env(name: str, default=None):
+    return os.environ.get("FABRICA_" + name, default)
+
+
+# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
+_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
+              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
+              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
+              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
+              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
+
+
+def _env_settings() -> dict:
+    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
+    found = {}
+    for key, (name, kind) in _SERVE_ENV.items():
+        value = _env(name)
+        if value in (None, ""):
+            continue
+        if kind is bool:
+            found[key] = value.lower() not in ("0", "false", "no", "off")
+            continue
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
+    return found
+
+
+def serve_wsgi(wsgi, host: str, port: int, *, server: str | None = None, max_threads: int = 256,
+               head_timeout: float = 10.0, max_body: int = MAX_BODY, ready: Callable[[str], str] = str) -> None:
+    """Serve ``wsgi`` on ``host``:``port`` until SIGINT/SIGTERM (in the main thread), then drain.
+
+    ``server`` names the WSGI server: None/"fabrica" for ThreadedWSGIServer,
+    "granian" (in this process), or a Bottle adapter ("waitress",
+    "cheroot", "gunicorn") when installed. ``max_threads`` bounds the
+    connections (or the app threads), ``head_timeout`` the seconds a client
+    has to send a request head, ``max_body`` the body bytes waitress takes,
+    on the servers that have such a setting. ``ready(url)`` is the line
+    logged once the server answers. Raises ConfigurationError for an
+    unknown or missing server and OSError when the address cannot be bound.
+    """
+    if server in (None, "", "fabrica", "auto"):
+        _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "granian":
+        _serve_granian(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "waitress":
+        # waitress reads a whole request (spooling a body to disk) before the app sees it, so
+        # its own limits guard memory and disk; channel_timeout closes a connection silent that
+        # long with no request running (idle, or a stalled head or body), checked every second
+        _serve_adapter(wsgi, server, host, port, ready, connection_limit=max_threads,
+                       channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
+                       max_request_header_size=MAX_HEAD, max_request_body_size=max_body + 1)
+    else:
+        _serve_adapter(wsgi, server, host, port, ready)
+
+
+def _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready):
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    try:
+        httpd = ThreadedWSGIServer((host.strip("[]"), port), wsgi, max_threads=max_threads,
+                                   head_timeout=head_timeout)
+    except OSError as exc:
+        hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
+    def on_signal(signum, frame):
+        # only a plain assignment here: a handler that takes locks can deadlock when a second
+        # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
+        httpd.stop_requested = signum
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    http_log.info("%s", ready(f"http://{shown}:{httpd.server_port}"))
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+        if httpd.stop_requested:
+            http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
+    finally:
+        httpd.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_granian(wsgi, host, port, max_threads, head_timeout, ready):
+    """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
+
+    granian normally runs WSGI apps in worker processes; its thread-worker
+    server is made for free-threaded Pythons and refuses a GIL build, a
+    check we skip: the worker is a thread that calls into this process's
+    app like any other WSGI server thread.
+    """
+    try:
+        from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
+        from granian.server.mt import MTServer
+    except ImportError:
+        raise ConfigurationError("--server granian needs granian: pip install granian") from None
+
+    class InProcessGranian(MTServer):
+        def _check_gil(self):
+            pass
+    # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
+    http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
+    server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
+                              workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
+                              log_enabled=False)
+    # logged from granian's start-up hook: by then its signal handlers and socket are in place
+    server.on_startup(lambda: http_log.info("%s via granian", ready(f"http://{host}:{port}")))
+    server.serve(target_loader=lambda *args, **kwargs: wsgi, wrap_loader=False)
+
+
+def _serve_adapter(wsgi, name, host, port, ready, **options):
+    adapter = bottle.server_names.get(name)
+    if adapter is None:
+        raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
+        http_log.info("%s via %s", ready(f"http://{host}:{port}"), name)
+        bottle.run(wsgi, server=adapter, host=host, port=port, quiet=True, **options)
+    except ImportError as exc:
+        raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
+    except KeyboardInterrupt:
+        pass
+
+
 ###############################################################################
-# Fabrica ######################################################################
+# Registry ####################################################################
 ###############################################################################
 #
-# The facade: register() wires a kind into the store, the REST routes, the
-# bus and (with a reconcile function) a controller. Every write, REST or
-# app.client, goes through _create/_mutate/_delete: validation, server-
-# managed fields, compare-and-swap on resourceVersion, events. The
-# GarbageCollector deletes a dependent once every owner is positively gone
-# (Store.gone: never merely not loaded) and retries failed steps until done.
+# The write path (Kubernetes: the generic registry). Every write, REST,
+# app.client or a controller's, goes through Registry.create/mutate/delete:
+# validation, server-managed fields, generation, finalizers, history and
+# compare-and-swap on resourceVersion. The GarbageCollector deletes a
+# dependent once every owner is positively gone (Store.gone: never merely
+# not loaded) and retries failed steps until done.
 
 FINALIZER = "fabrica.io/finalize"
-_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
-_FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}
-_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
-_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
+_FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}   # never spec in a flat body
 _CAS_RETRIES = 50
 OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
-_TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
-# about the bytes of a resource event around its object; they matter only for small objects,
-# whose events the ring's count bound limits first
-_EVENT_ENVELOPE = 512
 
 
 _FRAMEWORK_STATUS = {
@@ -6382,8 +6772,8 @@ class GarbageCollector:
     is one iteration of that thread. Thread-safe; never raises from a step.
     """
 
-    def __init__(self, app: Fabrica, *, clock=time.monotonic, max_delay: float = 300.0):
-        self.app = app
+    def __init__(self, registry: Registry, *, clock=time.monotonic, max_delay: float = 300.0):
+        self.registry = registry
         self.queue = WorkQueue("gc", clock=clock, max_delay=max_delay)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -6436,7 +6826,7 @@ class GarbageCollector:
         while work:
             key = work.pop()
             try:
-                gone = self.app._collect(*key)
+                gone = self.registry.collect(*key)
             except Exception as exc:    # one failed step never stops the others; it is retried
                 delay = self.queue.add_rate_limited(key, "retry")
                 ctl_log.error("garbage collection of %s %s failed (%s); retrying in %.3gs", key[0], key[1],
@@ -6444,79 +6834,59 @@ class GarbageCollector:
                 continue
             self.queue.forget(key)
             if gone:
-                work.extend(self.app.store.dependents(*key))
+                work.extend(self.registry.store.dependents(*key))
 
     def idle(self, within: float = 0.0) -> bool:
         return self.queue.idle(within)
 
 
-class Fabrica:
-    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+def _versions_text(versions) -> str:
+    """How an error message shows the resourceVersions a precondition named: ``"6", "7"``, ``*``."""
+    return ", ".join("*" if v == "*" else f'"{v}"' for v in versions) or "no strong entity tag"
 
-    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
-    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
-    opened by start() (or serve()), not here, so serve's flags can override it.
-    ``max_body`` (1 MiB) caps a request body and also every object a write
-    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
-    ``ring_size`` and ``ring_bytes`` bound the event ring that serves
-    ``GET /events`` resume.
+
+class Registry:
+    """The write path between the store and every API (what Kubernetes' apiserver calls the generic registry).
+
+    REST, ``app.client`` and the controllers all write through it, so a
+    write is validated, defaulted and recorded the same way whoever makes
+    it: schemas and ``validate=``, server-managed metadata, generation (it
+    moves exactly when the spec changes, which is what makes an event's
+    ``updateType``), owners, finalizers, spec history, compare-and-swap on
+    resourceVersion (retried on a race) and garbage collection.
+
+    It takes parsed values, never HTTP: a spec dict, label dicts, the
+    resourceVersion a body carried (``resource_version``: stale -> 409
+    ConflictError) and the resourceVersions an If-Match or If-None-Match
+    names (``if_match``/``if_none_match``: a collection of resourceVersion
+    strings, ``"*"`` for any; unmet -> 412 PreconditionFailedError). A write
+    returns the stored object, which is shared: treat it as read-only.
+    Writes raise NotFoundError, ValidationError (422, every failing field
+    listed), PayloadTooLargeError (413, ``max_body`` bytes of compact JSON
+    per object), ConflictError, PreconditionFailedError, StoreError, and
+    ConfigurationError before start(). Thread-safe.
+
+    ``kinds`` maps each declared kind to its KindInfo; ``store`` is the
+    Store (opened by the app before start()); ``gc`` the GarbageCollector
+    start() makes. ``open`` lets a create at an unknown plural make its kind
+    (the open server, see open_kind).
     """
 
-    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
-                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
-                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
-                 cors: str | None = None):
-        self.clock = clock
-        self.data_dir = data_dir
-        self.durable = durable
-        self.database_url = database_url
-        self.token = token or None
-        self.cors = cors or None
-        self.event_prefix = event_prefix
-        self.event_source = event_source
+    def __init__(self, *, max_body: int = MAX_BODY, open: bool = False, clock=time.monotonic):
         self.max_body = max_body
-        self.service = service
         self.open = open
-        self.store = store
-        self.bus = Bus(ring_size, ring_bytes)
+        self.clock = clock
+        self.store: Store | None = None
+        self.gc: GarbageCollector | None = None
+        self.started = False
         self.kinds: dict[str, KindInfo] = {}
         self._by_plural: dict[str, KindInfo] = {}
         self._kind_lock = threading.Lock()          # guards open-server kind creation and _new_kinds
         self._new_kinds: dict[str, list] = {}       # plural -> [KindInfo, creates in flight] (not yet served)
-        self._started = False
-        self._host_check = False
-        self._app_name = "app"                      # what serve()'s ready line calls this app
-        self._controllers: dict[str, object] = {}
-        self.gc: GarbageCollector | None = None     # made by start(), with the clock
-        self.rest = RestAPI(self)
-        self.wsgi = self.rest.wsgi
-        self.client = LocalClient(self)
-        if open:
-            self.rest.mount(None)
 
-    # -- wiring --------------------------------------------------------------
-    def register(self, kind: str, reconcile=None, **options):
-        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
-
-        Works as a plain call and as a decorator (``@app.register("Rack")``).
-        Options: plural, prefix, spec, status, validate, owns, watches,
-        finalize, workers, resync, timeout, history. Raises
-        ConfigurationError when the kind exists, the app has started, or an
-        option is invalid.
-        """
-        if self._started:
-            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
-        info = self._declare(kind, reconcile, options)
-
-        def decorator(fn):
-            if info.reconcile is not None:
-                raise ConfigurationError(f"{kind} already has a reconcile function")
-            info.reconcile = fn
-            return fn
-        return reconcile if reconcile is not None else decorator
-
-    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
+    # -- kinds -----------------------------------------------------------------
+    def declare(self, kind: str, reconcile=None, **options) -> KindInfo:
+        """Add a kind (register()'s options); ConfigurationError when it is taken or an option is invalid."""
         unknown = set(options) - {"plural", "prefix", "spec", "status", "validate", "owns", "watches",
                                   "finalize", "workers", "resync", "timeout", "history"}
         if unknown:
@@ -6547,22 +6917,55 @@ class Fabrica:
         self._by_plural[plural] = info
         if self.store is not None and self.store._opened:
             self.store.add_kind(kind, plural)
-        if mount:
-            self.rest.mount(plural, info.history_on)
         return info
 
-    def _create_open(self, plural: str, body: dict) -> tuple[KindInfo, dict]:
-        """POST /<plural> on the open server: (the kind, the stored object); a new kind is made by its first object.
+    def served(self, plural: str) -> KindInfo | None:
+        """The kind served at /<plural>, or None."""
+        return self._by_plural.get(plural)
 
-        Kinds are named by clients, so there are at most OPEN_KINDS of them,
-        counting the new ones being created. A new kind is provisional while
-        its creates run: the store can take its objects, but the kind is
-        declared (served, listed in /apis) only once one of them is stored,
-        and forgotten if none is, so a failed create leaves no kind behind.
+    def resolve_kind(self, name: str) -> KindInfo:
+        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``); NotFoundError if none."""
+        info = self.kinds.get(name) or self._by_plural.get(name)
+        if info is None:
+            low = name.lower()
+            for candidate in self.kinds.values():
+                if low in (candidate.kind.lower(), candidate.plural):
+                    return candidate
+            raise NotFoundError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(self.kinds)) or 'none'}")
+        return info
+
+    def check_wiring(self) -> None:
+        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
+        for info in self.kinds.values():
+            named = list(info.owns) + list(info.watches)
+            if named and info.reconcile is None:
+                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
+                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
+            unknown = [k for k in named if k not in self.kinds]
+            if unknown:
+                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
+                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
+
+    def discovery(self) -> dict:
+        """What GET /apis answers: the API version, whether the server is open, and every kind."""
+        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
+
+    @contextlib.contextmanager
+    def open_kind(self, plural: str, kind: str | None = None):
+        """The kind to create an object of at /<plural> on the open server; a new kind is made by its first object.
+
+        A context manager around the create: ``with registry.open_kind(plural,
+        body_kind) as info: registry.create(info, ...)``. ``kind`` names a
+        new kind (default: the singular of ``plural``). Kinds are named by
+        clients, so there are at most OPEN_KINDS of them, counting the new
+        ones being created (ValidationError past that, or for a kind name
+        taken or not CapWords). A new kind is provisional while its creates
+        run: the store can take its objects, but the kind is declared
+        (served, listed in /apis) only once one of them is stored, and
+        forgotten if none is, so a failed create leaves no kind behind.
         Concurrent creates of one new kind share it.
         """
-        self._require_started()
-        kind = body.get("kind") if isinstance(body.get("kind"), str) else None
+        self.require_started()
         with self._kind_lock:
             info = self._by_plural.get(plural)
             pending = None
@@ -6584,30 +6987,564 @@ class Fabrica:
                 info = pending[0]
                 pending[1] += 1         # creates of the new kind in flight
         if pending is None:
-            return info, self._create(info, self._parse_body(info, body))
+            yield info
+            return
         try:
-            return info, self._create(info, self._parse_body(info, body))
+            yield info
         finally:
             with self._kind_lock:
                 pending[1] -= 1
                 # stored, even by a create that failed afterwards (a disk that did not confirm it)
                 if plural not in self._by_plural and self.store.count(info.kind):
-                    self._declare(info.kind, None, {"plural": plural}, mount=False)
+                    self.declare(info.kind, None, plural=plural)
                 if not pending[1]:
                     del self._new_kinds[plural]
                     if plural not in self._by_plural:
                         self.store.drop_kind(info.kind)
 
+    # -- life cycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Take writes (``store`` is open by now) and start the garbage collector's retries."""
+        self.started = True
+        self.gc = GarbageCollector(self, clock=self.clock)
+        self.gc.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the garbage collector (pending retries wait for the next start-up sweep); writes then fail."""
+        if self.gc is not None:
+            self.gc.stop(timeout)
+        self.started = False
+
+    def require_started(self) -> None:
+        """ConfigurationError unless start() has run: every read and write needs the open store."""
+        if not self.started:
+            raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
+
+    # -- validation ------------------------------------------------------------
+    def _check_fields(self, info: KindInfo, *, name=None, labels=None, annotations=None, finalizers=None,
+                      owner_references=None, resource_version=None, spec=None) -> None:
+        """ValidationError listing every invalid metadata field of a write (and then its spec's errors too)."""
+        if spec is not None and not isinstance(spec, dict):
+            raise BadRequestError("spec must be a JSON object")
+        errors = []
+        if name is not None and not valid_name(name):
+            errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
+                           "letters, digits, '-' and '.', alphanumeric at both ends, at most 253 characters"})
+        if labels is not None:
+            errors += _check_string_map(labels, "metadata.labels", label_values=True)
+        if annotations is not None:
+            errors += _check_string_map(annotations, "metadata.annotations", label_values=False)
+        problem = None if owner_references is None else owner_references_problem(owner_references)
+        if problem is not None:
+            errors.append({"field": f"metadata.ownerReferences{problem[0]}", "message": problem[1]})
+        if finalizers is not None:
+            if not isinstance(finalizers, list) or any(
+                    not isinstance(f, str) or not f or _label_key_problem(f) for f in finalizers):
+                errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
+        if resource_version is not None and not isinstance(resource_version, str):
+            errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
+        if errors and spec is not None and info.spec is not None:
+            errors += info.spec.validate(spec, "spec")[1]      # list every failing field at once
+        if errors:
+            raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
+
+    def _check_spec(self, info: KindInfo, spec) -> dict:
+        """The spec with defaults filled in; ValidationError (422) listing every failing field."""
+        if not isinstance(spec, dict):
+            raise BadRequestError("spec must be a JSON object")
+        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
+
+    def check_status(self, info: KindInfo, status, stored: dict) -> dict:
+        """The status with defaults; the fields fabrica writes are checked apart from the user's schema.
+
+        ``stored`` is the status it replaces (conditions kept from it are only
+        shape-checked). BadRequestError unless a dict; ValidationError.
+        """
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
+        own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
+        errors = status_problems(own, stored)
+        rest = {k: v for k, v in status.items() if k not in own}
+        if info.status is not None:
+            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
+            errors += more
+        if errors:
+            raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
+                                                                    for e in errors[:3]), errors)
+        rest.update(own)
+        return rest
+
+    def _run_validate(self, info: KindInfo, obj: dict) -> None:
+        if info.validate is None:
+            return
+        try:
+            info.validate(Resource(deepcopy_json(obj)))
+        except ValidationError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(str(exc)) from None
+
+    # -- writes ----------------------------------------------------------------
+    def get(self, info: KindInfo, ref: str) -> dict:
+        """The stored object (a uid or a name); NotFoundError if missing."""
+        self.require_started()
+        obj = self.store.resolve(info.kind, ref)
+        if obj is None:
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
+        return obj
+
+    def _owner_check(self, info: KindInfo, owner_keys) -> list[dict]:
+        """The owners; ConflictError unless every one exists and is not being deleted."""
+        owners = []
+        for kind, uid in owner_keys:
+            current = self.store.get(kind, uid)
+            if current is None or current["metadata"]["deletionTimestamp"]:
+                raise ConflictError(f"cannot create a {info.kind} owned by {kind} {uid!r}: the owner "
+                                    f"{'does not exist' if current is None else 'is being deleted'}")
+            owners.append(current)
+        return owners
+
+    def create(self, info: KindInfo, *, name: str | None = None, spec: dict | None = None,
+               labels: dict | None = None, annotations: dict | None = None, finalizers: list | None = None,
+               owner_references: list | None = None, resource_version: str | None = None) -> dict:
+        """Create an object of ``info``'s kind; the uid is drawn here, the name defaults to it.
+
+        ``owner_references`` are ``{"kind", "uid", "controller"?}`` dicts:
+        every owner must exist and not be being deleted (ConflictError).
+        ``resource_version`` (a GET answer sent back) is only checked to be
+        a string. Raises as the class says; returns the stored object.
+        """
+        self._check_fields(info, name=name, labels=labels, annotations=annotations, finalizers=finalizers,
+                           owner_references=owner_references, resource_version=resource_version, spec=spec)
+        self.require_started()
+        owner_references = owner_references or []
+        spec = self._check_spec(info, deepcopy_json(spec or {}))
+        finalizers = _with_own_finalizer(info, list(finalizers or []), deleting=False)
+        owner_keys = [(ref["kind"], ref["uid"]) for ref in owner_references]
+        # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
+        owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
+                       "controller": ref.get("controller", False)}
+                      for ref, owner in zip(owner_references, self._owner_check(info, owner_keys))]
+
+        def guard():
+            # again under the store lock: a reconcile racing its owner's delete cannot leave an orphan
+            self._owner_check(info, owner_keys)
+        status = {}
+        if info.status is not None:
+            status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
+            status = {} if errors else status
+        for _ in range(16):
+            uid = f"{info.prefix}-{os.urandom(4).hex()}"
+            obj = new_object(info.kind, name or uid, uid, spec=spec, labels=labels, annotations=annotations,
+                             finalizers=finalizers, owner_references=owner_refs)
+            obj["status"] = deepcopy_json(status)
+            snapshot = None
+            if info.history_on:
+                obj["status"]["version"] = "1"
+                snapshot = self._snapshot(obj)
+            self._run_validate(info, obj)
+            try:
+                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys,
+                                         max_size=self.max_body)
+            except ConflictError as exc:
+                if exc.details and exc.details[0]["field"] == "metadata.uid":
+                    continue        # a uid collision: draw another one
+                raise
+        raise ConflictError(f"could not draw a free uid for {info.kind}; retry")
+
+    def mutate(self, info: KindInfo, ref: str, change, *, action: str = "updated", if_match=None,
+               if_none_match=None, resource_version: str | None = None) -> dict:
+        """Read, apply ``change(new)`` to a copy, validate, and compare-and-swap; retried on races.
+
+        ``change`` edits the copy in place (server-managed metadata and
+        ownerReferences are put back after it). Returns the stored object:
+        the current one, unwritten, when nothing changed. A race with another
+        write retries, unless the caller named a resourceVersion
+        (ConflictError) or an If-Match (PreconditionFailedError).
+        """
+        self.require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f'{kind} "{ref}" not found')
+            name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
+            if if_none_match is not None and ("*" in if_none_match or rv in if_none_match):
+                raise PreconditionFailedError(f"{kind} {name!r} exists (If-None-Match: "
+                                              f"{_versions_text(if_none_match)})")
+            if if_match is not None and "*" not in if_match and rv not in if_match:
+                raise PreconditionFailedError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                              f"If-Match: {_versions_text(if_match)}; re-read and retry")
+            if resource_version is not None and resource_version != rv:
+                raise ConflictError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                    f"{resource_version}; re-read and retry")
+            new = deepcopy_json(cur)
+            change(new)
+            meta, old_meta = new["metadata"], cur["metadata"]
+            for key in SERVER_MANAGED:
+                meta[key] = old_meta[key]
+            meta["ownerReferences"] = old_meta["ownerReferences"]
+            _check_finalizers(info, old_meta, meta)
+            snapshot = None
+            if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
+                meta["generation"] = old_meta["generation"] + 1
+                if info.history_on:
+                    new["status"]["version"] = str(meta["generation"])
+                    snapshot = self._snapshot(new)
+            elif info.history_on and "version" in cur["status"]:
+                new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
+            if _json_equal(new, cur):
+                return cur
+            self._run_validate(info, new)
+            meta["updatedAt"] = utcnow()
+            try:
+                if old_meta["deletionTimestamp"] and not meta["finalizers"]:
+                    # Kubernetes: the answer and the deleted event show the object as this write left it
+                    return self._remove(info, old_meta["uid"], rv, last=new)
+                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
+                if snapshot is not None and info.history:      # after the commit: never raises
+                    store.prune_versions(kind, old_meta["uid"], info.history)
+                return stored
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
+                                                  f"(If-Match: {_versions_text(if_match)}); re-read and retry"
+                                                  ) from None
+                if resource_version is not None:
+                    raise
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to update; retry")
+
+    def update(self, info: KindInfo, ref: str, *, name: str | None = None, spec: dict | None = None,
+               labels: dict | None = None, annotations: dict | None = None, finalizers: list | None = None,
+               merge_metadata: bool = False, resource_version: str | None = None, if_match=None,
+               if_none_match=None) -> dict:
+        """Replace what is given (None: keep): the spec, labels, annotations and finalizers.
+
+        ``merge_metadata`` merges labels and annotations into the current
+        ones instead of replacing them (the flat body form). ``name`` must be
+        the object's own (it is immutable).
+        """
+        self._check_fields(info, name=name, labels=labels, annotations=annotations, finalizers=finalizers,
+                           resource_version=resource_version, spec=spec)
+        spec = None if spec is None else self._check_spec(info, deepcopy_json(spec))
+
+        def change(new):
+            meta = new["metadata"]
+            if name is not None and name != meta["name"]:
+                raise _validation("metadata.name", f"is immutable (it is {meta['name']!r})")
+            if spec is not None:
+                new["spec"] = deepcopy_json(spec)
+            for key, value in (("labels", labels), ("annotations", annotations)):
+                if value is not None:
+                    meta[key] = {**meta[key], **value} if merge_metadata else dict(value)
+            if finalizers is not None:
+                meta["finalizers"] = list(finalizers)
+        return self.mutate(info, ref, change, resource_version=resource_version, if_match=if_match,
+                           if_none_match=if_none_match)
+
+    def patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
+              if_match=None, if_none_match=None) -> dict:
+        """Patch the spec (or, with ``status``, the status): ``patch_type`` is merge, json or shorthand."""
+        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
+        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
+        # document would first meet recursion in validation and history)
+        apply = {"merge": apply_merge_patch,
+                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
+                 }.get(patch_type)
+        if apply is None:
+            raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
+        part = "status" if status else "spec"
+
+        def change(new):
+            result = apply(new[part], patch)
+            if not isinstance(result, dict):
+                raise PatchError(f"the patched {part} must be a JSON object",
+                                 [{"field": part, "message": "must be an object"}])
+            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
+            if written is not None:
+                raise _not_spec(written)
+            new[part] = self.check_status(info, result, new[part]) if status else self._check_spec(info, result)
+        return self.mutate(info, ref, change, action="patched", if_match=if_match, if_none_match=if_none_match)
+
+    def update_status(self, info: KindInfo, ref: str, status: dict, *, if_match=None, if_none_match=None) -> dict:
+        """Replace the status (no generation bump); the fields fabrica writes are checked too."""
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
+
+        def change(new):
+            new["status"] = self.check_status(info, deepcopy_json(status), new["status"])
+        return self.mutate(info, ref, change, if_match=if_match, if_none_match=if_none_match)
+
+    @staticmethod
+    def _snapshot(obj: dict) -> dict:
+        meta = obj["metadata"]
+        return {"versionId": str(meta["generation"]), "createdAt": utcnow(), "uid": meta["uid"],
+                "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
+                "spec": deepcopy_json(obj["spec"])}
+
+    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
+        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
+
+        ``last`` is its final state when the delete also changes it (Store.delete).
+        """
+        tomb = self.store.delete(info.kind, uid, rv, last)
+        if info.history_on:
+            if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
+                self.gc.queue.add_rate_limited((info.kind, uid), "history")     # collect() finishes it
+        if cascade:
+            self.gc.collect(self.store.dependents(info.kind, uid))
+        return tomb
+
+    def restore(self, info: KindInfo, ref: str, version_id: str, *, if_match=None, if_none_match=None) -> dict:
+        """Write a stored spec snapshot back as a new, validated spec write; NotFoundError if there is none."""
+        obj = self.store.resolve(info.kind, ref)
+        snap = None if obj is None else self.store.get_version(info.kind, obj["metadata"]["uid"], version_id)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
+        spec = self._check_spec(info, deepcopy_json(snap["spec"]))
+        return self.mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), if_match=if_match,
+                           if_none_match=if_none_match)
+
+    def delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None,
+               cascade: bool = True) -> tuple[dict, bool]:
+        """Delete now: ``(the object as it went, True)``; or, with finalizers pending, mark it
+        deletionTimestamp: ``(the object, False)``. ``force`` skips the finalizers; ``cascade``
+        collects the dependents whose owners are then all gone."""
+        self.require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f'{kind} "{ref}" not found')
+            meta = cur["metadata"]
+            if if_match is not None and "*" not in if_match and meta["resourceVersion"] not in if_match:
+                raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
+                                              f"{meta['resourceVersion']}, the request expected If-Match: "
+                                              f"{_versions_text(if_match)}; re-read and retry")
+            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
+            # that missed it; dropped where nothing would ever remove it
+            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
+            try:
+                if pending and not force:
+                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
+                        return cur, False       # a second DELETE changes nothing (Kubernetes)
+                    new = deepcopy_json(cur)
+                    new["metadata"]["finalizers"] = pending
+                    new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
+                    return store.replace(new, meta["resourceVersion"], "updated"), False
+                last = None
+                if not force and pending != meta["finalizers"]:
+                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
+                    last = deepcopy_json(cur)
+                    last["metadata"]["finalizers"] = pending
+                    last["metadata"]["updatedAt"] = utcnow()
+                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
+
+    # -- garbage collection ----------------------------------------------------
+    def owners_gone(self, obj: dict) -> bool:
+        """Whether ``obj`` has owners and every one is positively gone (Kubernetes: none exists any more).
+
+        An owner that is quarantined, not loaded or of a kind this app does
+        not serve is not gone (Store.gone): its dependents stay.
+        """
+        refs = obj["metadata"]["ownerReferences"]
+        return bool(refs) and all(self.store.gone(ref["kind"], ref["uid"]) for ref in refs)
+
+    def collect(self, kind: str, uid: str) -> bool:
+        """One garbage-collection step: delete the object if its owners are all gone.
+
+        Returns True when the object is gone (its dependents are next).
+        Dependents with finalizers get deletionTimestamp and go when their
+        finalizers are done. Raises FabricaError when the store fails.
+        """
+        info, obj = self.kinds.get(kind), self.store.get(kind, uid)
+        if obj is None:
+            if info is not None and info.history_on and self.store.versions(kind, uid) and \
+                    not self.store.prune_versions(kind, uid, 0):    # the rest of a delete whose history removal failed
+                raise StoreError(f"the spec history of the deleted {kind} {uid!r} is not removed yet")
+            return True
+        if info is None or not self.owners_gone(obj):
+            return False
+        try:
+            return self.delete(info, uid, cascade=False)[1]
+        except NotFoundError:
+            return True
+
+    def sweep_finalizers(self) -> int:
+        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
+
+        Runs when this process starts leading, before the controllers' start-up list: a kind that
+        gained ``finalize=`` since its objects were written gets its cleanup
+        when they are deleted, and one that lost it (or is now served by the
+        open server) leaves no object waiting for a finalizer nothing handles:
+        one being deleted that waited only for it is deleted now. Never raises.
+        """
+        count = 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.list(info.kind):
+                meta = obj["metadata"]
+                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
+                        meta["finalizers"]:
+                    continue
+                try:
+                    self.mutate(info, meta["uid"], lambda new: None)      # mutate applies _check_finalizers
+                    count += 1
+                except NotFoundError:
+                    continue
+                except FabricaError:
+                    # not fatal: DELETE applies the same rule to the object again
+                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
+        if count:
+            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
+        return count
+
+    def sweep_orphans(self) -> int:
+        """Collect what a crash mid-cascade left: every object whose owners are all positively gone.
+
+        Runs when this process starts leading and never raises: a delete that fails (a full disk)
+        is retried by the garbage collector while the app serves. An owner
+        the store could not load is not gone, so nothing is deleted because
+        something else was not read (SPEC §3.0). Returns the orphans found.
+        """
+        orphans, kept = [], 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.list(info.kind):
+                refs = obj["metadata"]["ownerReferences"]
+                if self.owners_gone(obj):
+                    orphans.append((info.kind, obj["metadata"]["uid"]))
+                elif refs and all(self.store.get(r["kind"], r["uid"]) is None for r in refs):
+                    kept += 1
+        if kept:
+            logger.warning("kept %d object(s) whose owners were not found but may exist (%s); they are collected "
+                           "once their owners are known to be gone", kept,
+                           "; ".join(f"{k}: {why}" for k, why in sorted(self.store.unsure.items())) or
+                           "owner kinds this app does not serve")
+        if orphans:
+            logger.warning("deleting %d orphan(s) whose owners are gone", len(orphans))
+            self.gc.collect(orphans)
+        return len(orphans)
+
+
+###############################################################################
+# Fabrica ######################################################################
+###############################################################################
+#
+# The facade: register() wires a kind into the registry, the REST routes,
+# the bus and (with a reconcile function) a controller; start() and stop()
+# run them. The controllers and the garbage collector's sweeps run while
+# the store's LeaderElector says this process leads.
+
+_TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
+# about the bytes of a resource event around its object; they matter only for small objects,
+# whose events the ring's count bound limits first
+_EVENT_ENVELOPE = 512
+
+
+class Fabrica:
+    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+
+    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
+    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
+    opened by start() (or serve()), not here, so serve's flags can override it.
+    ``max_body`` (1 MiB) caps a request body and also every object a write
+    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
+    ``ring_size`` and ``ring_bytes`` bound the event ring that serves
+    ``GET /events`` resume. Every write goes through ``registry``, the
+    Registry; the controllers run while the store's LeaderElector
+    (``elector``, made by start()) says this process leads.
+    """
+
+    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
+                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
+                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
+                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
+                 cors: str | None = None):
+        self.clock = clock
+        self.data_dir = data_dir
+        self.durable = durable
+        self.database_url = database_url
+        self.token = token or None
+        self.cors = cors or None
+        self.event_prefix = event_prefix
+        self.event_source = event_source
+        self.service = service
+        self.open = open
+        self.registry = Registry(max_body=max_body, open=open, clock=clock)
+        self.registry.store = store
+        self.kinds = self.registry.kinds            # kind -> KindInfo (the registry's own dict)
+        self.bus = Bus(ring_size, ring_bytes)
+        self.identity = f"{socket.gethostname()}-{os.getpid()}"    # this process, to leader election
+        self.elector: LeaderElector | None = None   # the store's, made by start()
+        self._started = False
+        self._stopping = False
+        self._leading = threading.Lock()            # leadership transitions one at a time; stop() takes it too
+        self._app_name = "app"                      # what serve()'s ready line calls this app
+        self._controllers: dict[str, Controller] = {}   # changed in place: the REST API reads it for /metrics
+        self.rest = RestAPI(self, self.registry, self.bus, self._controllers)
+        self.wsgi = self.rest.wsgi
+        self.client = LocalClient(self.registry)
+        if open:
+            self.rest.mount(None)
+
+    @property
+    def store(self) -> Store | None:
+        """The Store (the registry's); None until start() makes the default one."""
+        return self.registry.store
+
+    @store.setter
+    def store(self, store: Store | None) -> None:
+        self.registry.store = store
+
+    @property
+    def max_body(self) -> int:
+        """The bytes a request body, and every object a write stores, may have (the registry's limit)."""
+        return self.registry.max_body
+
+    @max_body.setter
+    def max_body(self, value: int) -> None:
+        self.registry.max_body = value
+
+    @property
+    def gc(self) -> GarbageCollector | None:
+        """The registry's GarbageCollector, made by start()."""
+        return self.registry.gc
+
+    # -- wiring --------------------------------------------------------------
+    def register(self, kind: str, reconcile=None, **options):
+        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
+
+        Works as a plain call and as a decorator (``@app.register("Rack")``).
+        Options: plural, prefix, spec, status, validate, owns, watches,
+        finalize, workers, resync, timeout, history. Raises
+        ConfigurationError when the kind exists, the app has started, or an
+        option is invalid.
+        """
+        if self._started:
+            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
+        info = self._declare(kind, reconcile, options)
+
+        def decorator(fn):
+            if info.reconcile is not None:
+                raise ConfigurationError(f"{kind} already has a reconcile function")
+            info.reconcile = fn
+            return fn
+        return reconcile if reconcile is not None else decorator
+
+    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
+        info = self.registry.declare(kind, reconcile, **options)
+        if mount:
+            self.rest.mount(info.plural, info.history_on)
+        return info
+
     def resolve_kind(self, name: str) -> KindInfo:
         """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
-        info = self.kinds.get(name) or self._by_plural.get(name)
-        if info is None:
-            low = name.lower()
-            for candidate in self.kinds.values():
-                if low in (candidate.kind.lower(), candidate.plural):
-                    return candidate
-            raise NotFoundError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(self.kinds)) or 'none'}")
-        return info
+        return self.registry.resolve_kind(name)
 
     # -- life cycle ------------------------------------------------------------
     def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
@@ -6632,10 +7569,15 @@ class Fabrica:
         return FileStore(self.data_dir, durable=self.durable)
 
     def start(self) -> Fabrica:
-        """Open the store (lock, recovery, load) and start the bus and controllers; no HTTP."""
+        """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
+
+        The controllers (and the garbage collector's start-up sweeps) start
+        when the store's elector says this process leads: at once for a store
+        one process opens.
+        """
         if self._started:
             return self
-        self._check_wiring()
+        self.registry.check_wiring()
         if self.store is None:
             self.store = self._make_store()
         self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
@@ -6649,36 +7591,26 @@ class Fabrica:
         self.bus.start_rv = self.store.resource_version
         self.store.on_commit = self._on_commit
         self._started = True
-        self.gc = GarbageCollector(self, clock=self.clock)
-        self.gc.start()
-        self._sweep_finalizers()
-        self._sweep_orphans()
-        self._start_controllers()
+        self.registry.start()
+        self.elector = self.store.leader_elector(self.identity)
+        self.elector.start(self._started_leading, self._stopped_leading)
         return self
 
-    def _check_wiring(self) -> None:
-        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
-        for info in self.kinds.values():
-            named = list(info.owns) + list(info.watches)
-            if named and info.reconcile is None:
-                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
-                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
-            unknown = [k for k in named if k not in self.kinds]
-            if unknown:
-                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
-                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
-
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop controllers (running reconciles get ctx.stopping), the bus, then close the store."""
+        """Stop controllers (running reconciles get ctx.stopping), give leadership up, stop the garbage
+        collector and the bus, then close the store."""
         if not self._started:
             return
         deadline = time.monotonic() + timeout
-        self._stop_controllers(timeout)
-        self.gc.stop(max(0.0, deadline - time.monotonic()))
+        with self._leading:
+            self._stopping = True       # no leadership gained from now on starts a controller
+            self._stop_controllers(timeout)
+        self.elector.stop()
+        self.registry.stop(max(0.0, deadline - time.monotonic()))
         self.bus.stop(max(0.1, deadline - time.monotonic()))
         self.store.on_commit = None
         self.store.close()
-        self._started = False
+        self._started = self._stopping = False
 
     def __enter__(self):
         return self.start()
@@ -6686,16 +7618,32 @@ class Fabrica:
     def __exit__(self, *exc):
         self.stop()
 
+    def _started_leading(self) -> None:
+        """OnStartedLeading: the garbage collector's sweeps, then the controllers (their start-up list)."""
+        with self._leading:
+            if self._stopping:
+                return
+            self.registry.sweep_finalizers()
+            self.registry.sweep_orphans()
+            self._start_controllers()
+
+    def _stopped_leading(self) -> None:
+        """OnStoppedLeading: another process may lead now, so the controllers stop before anything else."""
+        with self._leading:
+            self._stop_controllers(10.0)
+
     def _start_controllers(self):
         for info in self.kinds.values():
             if info.has_controller:
-                controller = Controller(self, info, clock=self.clock)
+                controller = Controller(self.registry, info, bus=self.bus, client=self.client,
+                                        event_prefix=self.event_prefix, clock=self.clock, app=self)
                 self._controllers[info.kind] = controller
                 controller.start()
 
     def _stop_controllers(self, timeout):
         deadline = time.monotonic() + timeout
-        controllers, self._controllers = list(self._controllers.values()), {}
+        controllers = list(self._controllers.values())
+        self._controllers.clear()
         for controller in controllers:
             controller._stop.set()
             controller.queue.shutdown()
@@ -6716,7 +7664,7 @@ class Fabrica:
         wake = threading.Event()
         while True:
             left = deadline - time.monotonic()
-            if all(c.idle(max(0.0, left)) for c in self._controllers.values()) and \
+            if all(c.idle(max(0.0, left)) for c in list(self._controllers.values())) and \
                     (self.gc is None or self.gc.idle(max(0.0, left))):
                 quiet += 1          # twice in a row: an event in flight between checks would show
                 if quiet >= 2 or left <= 0:
@@ -6736,83 +7684,16 @@ class Fabrica:
         return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
 
     def health(self) -> dict:
-        store = self.store
-        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
-        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
-                "service": self.service, "version": __version__, "kinds": sorted(self.kinds),
-                "quarantined": found["quarantined"], "ignored": found["ignored"],
-                "resourceVersion": str(store.resource_version) if store is not None else "0",
-                "workers": {k: i.workers for k, i in self.kinds.items() if i.has_controller}}
+        """What GET /health answers: status, store problems, kinds, workers and who leads."""
+        return self.rest.health_document()
 
     def metrics_text(self) -> str:
         """Everything /metrics shows, in the Prometheus text exposition format."""
-        out = []
-
-        def family(name, kind, help_text, samples):
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
-        rest, store, bus = self.rest, self.store, self.bus
-        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
-               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
-                for (r, m, c), n in sorted(rest.requests.items())])
-        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
-               [line for (r, m), h in sorted(rest.latency.items())
-                for line in h.render("fabrica_http_request_duration_seconds",
-                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
-        family("fabrica_store_writes_total", "counter", "Committed store writes.",
-               [f"fabrica_store_writes_total {store.writes if store else 0}"])
-        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
-               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
-        stats = bus.stats()
-        family("fabrica_events_published_total", "counter", "Events published on the bus.",
-               [f"fabrica_events_published_total {stats['published']}"])
-        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
-               [f"fabrica_events_dropped_total {stats['dropped']}"])
-        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
-               [f"fabrica_event_gaps_total {stats['gaps']}"])
-        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
-               [f"fabrica_event_ring_events {stats['buffered']}"])
-        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
-               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
-        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
-               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
-        kinds = sorted(self.kinds)
-        ctls = self._controllers
-        per_kind = {
-            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
-            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
-            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
-            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
-        }
-        for name, (kind, help_text, get) in per_kind.items():
-            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
-                                           for k in kinds if k in ctls])
-        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
-               [line for k in kinds if k in ctls
-                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
-                                                     f'kind="{_prom_escape(k)}"')])
-        objects, not_ready = [], []
-        for k in kinds:
-            items = store.list(k) if store is not None else []
-            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
-            if not self.kinds[k].has_controller:
-                continue        # nothing ever makes these Ready: they would look stuck forever
-            pending = sum(1 for o in items if not any(
-                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-                for c in o["status"].get("conditions") or ()))
-            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
-        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
-               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
-        return "\n".join(out) + "\n"
+        return self.rest.metrics_text()
 
     def discovery(self) -> dict:
-        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
-
-    def _require_started(self):
-        if not self._started:
-            raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
+        """What GET /apis answers."""
+        return self.registry.discovery()
 
     # -- events ------------------------------------------------------------------
     def _on_commit(self, action: str, old: dict | None, new: dict, size: int) -> None:
@@ -6869,412 +7750,6 @@ class Fabrica:
                          "resourceUID": meta["uid"]},
             }, (rv, n))
 
-    # -- bodies ----------------------------------------------------------------
-    def _parse_body(self, info: KindInfo, body: dict, *, update: bool = False) -> dict:
-        """Split a flat or envelope body (SPEC §6.2) into name, labels, annotations, finalizers, spec."""
-        out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
-               "resource_version": None, "envelope": False, "owners": []}
-        if "metadata" in body or "spec" in body:
-            out["envelope"] = True
-            unknown = sorted(set(body) - _ENVELOPE_KEYS)
-            if unknown:
-                raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
-                                      "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
-                                      [{"field": k, "message": "unknown field"} for k in unknown])
-            meta = body.get("metadata", {})
-            if not isinstance(meta, dict):
-                raise BadRequestError("metadata must be a JSON object")
-            unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
-            if unknown:
-                raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
-                                      [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
-            if "spec" in body:
-                if not isinstance(body["spec"], dict):
-                    raise BadRequestError("spec must be a JSON object")
-                out["spec"] = body["spec"]
-            for key in ("name", "labels", "annotations", "finalizers"):
-                if key in meta:
-                    out[key] = meta[key]
-            if meta.get("ownerReferences") is not None and not update:    # set at create, then immutable
-                out["owners"] = meta["ownerReferences"]
-            if "resourceVersion" in meta:
-                out["resource_version"] = meta["resourceVersion"]
-        else:
-            out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
-            for key in ("name", "labels", "annotations"):
-                if key in body:
-                    out[key] = body[key]
-        if "apiVersion" in body and body["apiVersion"] != API_VERSION:
-            raise _validation("apiVersion", f"must be {API_VERSION!r}")
-        if "kind" in body and body["kind"] != info.kind:
-            raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
-        if not out["envelope"] and "status" in body:
-            # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
-            raise _not_spec("status")
-        errors = []
-        if out["name"] is not None and not valid_name(out["name"]):
-            errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
-                           "letters, digits, '-' and '.', alphanumeric at both ends, at most 253 characters"})
-        if out["labels"] is not None:
-            errors += _check_string_map(out["labels"], "metadata.labels", label_values=True)
-        if out["annotations"] is not None:
-            errors += _check_string_map(out["annotations"], "metadata.annotations", label_values=False)
-        problem = owner_references_problem(out["owners"])
-        if problem is not None:
-            errors.append({"field": f"metadata.ownerReferences{problem[0]}", "message": problem[1]})
-        if out["finalizers"] is not None:
-            if not isinstance(out["finalizers"], list) or any(
-                    not isinstance(f, str) or not f or _label_key_problem(f) for f in out["finalizers"]):
-                errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
-        rv = out["resource_version"]
-        if rv is not None and not isinstance(rv, str):
-            errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
-        if errors and out["spec"] is not None and info.spec is not None and isinstance(out["spec"], dict):
-            errors += info.spec.validate(out["spec"], "spec")[1]      # list every failing field at once
-        if errors:
-            raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
-        return out
-
-    def _check_spec(self, info: KindInfo, spec) -> dict:
-        """The spec with defaults filled in; ValidationError (422) listing every failing field."""
-        if not isinstance(spec, dict):
-            raise BadRequestError("spec must be a JSON object")
-        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
-
-    def _check_status(self, info: KindInfo, status, stored: dict) -> dict:
-        """The status with defaults; the fields fabrica writes are checked apart from the user's schema.
-
-        ``stored`` is the status it replaces (conditions kept from it are only shape-checked).
-        """
-        if not isinstance(status, dict):
-            raise BadRequestError("status must be a JSON object")
-        own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
-        errors = status_problems(own, stored)
-        rest = {k: v for k, v in status.items() if k not in own}
-        if info.status is not None:
-            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
-            errors += more
-        if errors:
-            raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
-                                                                    for e in errors[:3]), errors)
-        rest.update(own)
-        return rest
-
-    def _run_validate(self, info: KindInfo, obj: dict) -> None:
-        if info.validate is None:
-            return
-        try:
-            info.validate(Resource(deepcopy_json(obj)))
-        except ValidationError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise ValidationError(str(exc)) from None
-
-    # -- writes ----------------------------------------------------------------
-    def _owner_check(self, info: KindInfo, owner_keys) -> list[dict]:
-        """The owners; ConflictError unless every one exists and is not being deleted."""
-        owners = []
-        for kind, uid in owner_keys:
-            current = self.store.get(kind, uid)
-            if current is None or current["metadata"]["deletionTimestamp"]:
-                raise ConflictError(f"cannot create a {info.kind} owned by {kind} {uid!r}: the owner "
-                                    f"{'does not exist' if current is None else 'is being deleted'}")
-            owners.append(current)
-        return owners
-
-    def _create(self, info: KindInfo, parsed: dict) -> dict:
-        """Create from a parsed body; every owner in ``parsed["owners"]`` must exist and not be deleting (409)."""
-        self._require_started()
-        spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
-        finalizers = _with_own_finalizer(info, list(parsed["finalizers"] or []), deleting=False)
-        owner_keys = [(ref["kind"], ref["uid"]) for ref in parsed["owners"]]
-        # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
-        owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
-                       "controller": ref.get("controller", False)}
-                      for ref, owner in zip(parsed["owners"], self._owner_check(info, owner_keys))]
-
-        def guard():
-            # again under the store lock: a reconcile racing its owner's delete cannot leave an orphan
-            self._owner_check(info, owner_keys)
-        status = {}
-        if info.status is not None:
-            status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
-            status = {} if errors else status
-        for _ in range(16):
-            uid = f"{info.prefix}-{os.urandom(4).hex()}"
-            obj = new_object(info.kind, parsed["name"] or uid, uid, spec=spec, labels=parsed["labels"],
-                             annotations=parsed["annotations"], finalizers=finalizers,
-                             owner_references=owner_refs)
-            obj["status"] = deepcopy_json(status)
-            snapshot = None
-            if info.history_on:
-                obj["status"]["version"] = "1"
-                snapshot = self._snapshot(obj)
-            self._run_validate(info, obj)
-            try:
-                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys,
-                                         max_size=self.max_body)
-            except ConflictError as exc:
-                if exc.details and exc.details[0]["field"] == "metadata.uid":
-                    continue        # a uid collision: draw another one
-                raise
-        raise ConflictError(f"could not draw a free uid for {info.kind}; retry")
-
-    def _mutate(self, info: KindInfo, ref: str, change, *, action: str = "updated", if_match=None,
-                if_none_match=None, expected_rv=None) -> dict:
-        """Read, apply ``change(new)`` to a copy, validate, and compare-and-swap; retried on races.
-
-        Returns the stored object (the current one, unwritten, when nothing changed).
-        """
-        self._require_started()
-        store, kind = self.store, info.kind
-        for _ in range(_CAS_RETRIES):
-            cur = store.resolve(kind, ref)
-            if cur is None:
-                raise NotFoundError(f'{kind} "{ref}" not found')
-            name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
-            if if_none_match is not None and ("*" in _etag_list(if_none_match) or
-                                              etag_of(cur) in _etag_list(if_none_match)):
-                raise PreconditionFailedError(f"{kind} {name!r} exists (If-None-Match: {if_none_match})")
-            if not if_match_ok(if_match, cur):
-                raise PreconditionFailedError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
-                                              f"If-Match: {if_match}; re-read and retry")
-            if expected_rv is not None and expected_rv != rv:
-                raise ConflictError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
-                                    f"{expected_rv}; re-read and retry")
-            new = deepcopy_json(cur)
-            change(new)
-            meta, old_meta = new["metadata"], cur["metadata"]
-            for key in SERVER_MANAGED:
-                meta[key] = old_meta[key]
-            meta["ownerReferences"] = old_meta["ownerReferences"]
-            _check_finalizers(info, old_meta, meta)
-            snapshot = None
-            if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
-                meta["generation"] = old_meta["generation"] + 1
-                if info.history_on:
-                    new["status"]["version"] = str(meta["generation"])
-                    snapshot = self._snapshot(new)
-            elif info.history_on and "version" in cur["status"]:
-                new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
-            if _json_equal(new, cur):
-                return cur
-            self._run_validate(info, new)
-            meta["updatedAt"] = utcnow()
-            try:
-                if old_meta["deletionTimestamp"] and not meta["finalizers"]:
-                    # Kubernetes: the answer and the deleted event show the object as this write left it
-                    return self._remove(info, old_meta["uid"], rv, last=new)
-                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
-                if snapshot is not None and info.history:      # after the commit: never raises
-                    store.prune_versions(kind, old_meta["uid"], info.history)
-                return stored
-            except StaleError:
-                if if_match is not None:
-                    raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
-                                                  f"(If-Match: {if_match}); re-read and retry") from None
-                if expected_rv is not None:
-                    raise
-        raise ConflictError(f"{kind} {ref!r} is changing too fast to update; retry")
-
-    def _update(self, info: KindInfo, ref: str, parsed: dict, **pre) -> dict:
-        spec = None if parsed["spec"] is None else self._check_spec(info, deepcopy_json(parsed["spec"]))
-
-        def change(new):
-            meta = new["metadata"]
-            if parsed["name"] is not None and parsed["name"] != meta["name"]:
-                raise _validation("metadata.name", f"is immutable (it is {meta['name']!r})")
-            if spec is not None:
-                new["spec"] = deepcopy_json(spec)
-            for key in ("labels", "annotations"):
-                if parsed[key] is not None:
-                    meta[key] = dict(parsed[key]) if parsed["envelope"] else {**meta[key], **parsed[key]}
-            if parsed["finalizers"] is not None:
-                meta["finalizers"] = list(parsed["finalizers"])
-        return self._mutate(info, ref, change, expected_rv=parsed["resource_version"], **pre)
-
-    def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
-               **pre) -> dict:
-        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
-        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
-        # document would first meet recursion in validation and history)
-        apply = {"merge": apply_merge_patch,
-                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
-                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
-                 }.get(patch_type)
-        if apply is None:
-            raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
-        part = "status" if status else "spec"
-
-        def change(new):
-            result = apply(new[part], patch)
-            if not isinstance(result, dict):
-                raise PatchError(f"the patched {part} must be a JSON object",
-                                 [{"field": part, "message": "must be an object"}])
-            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
-            if written is not None:
-                raise _not_spec(written)
-            new[part] = self._check_status(info, result, new[part]) if status else self._check_spec(info, result)
-        return self._mutate(info, ref, change, action="patched", **pre)
-
-    def _update_status(self, info: KindInfo, ref: str, status, **pre) -> dict:
-        if not isinstance(status, dict):
-            raise BadRequestError("status must be a JSON object")
-
-        def change(new):
-            new["status"] = self._check_status(info, deepcopy_json(status), new["status"])
-        return self._mutate(info, ref, change, **pre)
-
-    @staticmethod
-    def _snapshot(obj: dict) -> dict:
-        meta = obj["metadata"]
-        return {"versionId": str(meta["generation"]), "createdAt": utcnow(), "uid": meta["uid"],
-                "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
-                "spec": deepcopy_json(obj["spec"])}
-
-    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
-        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
-
-        ``last`` is its final state when the delete also changes it (Store.delete).
-        """
-        tomb = self.store.delete(info.kind, uid, rv, last)
-        if info.history_on:
-            if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
-                self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
-        if cascade:
-            self.gc.collect(self.store.dependents(info.kind, uid))
-        return tomb
-
-    def _restore(self, info: KindInfo, ref: str, version_id: str, **pre) -> dict:
-        """Write a stored spec snapshot back as a new, validated spec write."""
-        obj = self.store.resolve(info.kind, ref)
-        snap = None if obj is None else self.store.get_version(info.kind, obj["metadata"]["uid"], version_id)
-        if snap is None:
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
-        spec = self._check_spec(info, deepcopy_json(snap["spec"]))
-        return self._mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), **pre)
-
-    def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None,
-                cascade: bool = True) -> tuple[dict, bool]:
-        """Delete now (True) or, with finalizers pending, mark deletionTimestamp (False)."""
-        self._require_started()
-        store, kind = self.store, info.kind
-        for _ in range(_CAS_RETRIES):
-            cur = store.resolve(kind, ref)
-            if cur is None:
-                raise NotFoundError(f'{kind} "{ref}" not found')
-            meta = cur["metadata"]
-            if not if_match_ok(if_match, cur):
-                raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
-                                              f"{meta['resourceVersion']}, the request expected If-Match: "
-                                              f"{if_match}; re-read and retry")
-            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
-            # that missed it; dropped where nothing would ever remove it
-            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
-            try:
-                if pending and not force:
-                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
-                        return cur, False       # a second DELETE changes nothing (Kubernetes)
-                    new = deepcopy_json(cur)
-                    new["metadata"]["finalizers"] = pending
-                    new["metadata"]["updatedAt"] = utcnow()
-                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
-                    return store.replace(new, meta["resourceVersion"], "updated"), False
-                last = None
-                if not force and pending != meta["finalizers"]:
-                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
-                    last = deepcopy_json(cur)
-                    last["metadata"]["finalizers"] = pending
-                    last["metadata"]["updatedAt"] = utcnow()
-                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
-            except StaleError:
-                if if_match is not None:
-                    raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
-        raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
-
-    def _owners_gone(self, obj: dict) -> bool:
-        """Whether ``obj`` has owners and every one is positively gone (Kubernetes: none exists any more).
-
-        An owner that is quarantined, not loaded or of a kind this app does
-        not serve is not gone (Store.gone): its dependents stay.
-        """
-        refs = obj["metadata"]["ownerReferences"]
-        return bool(refs) and all(self.store.gone(ref["kind"], ref["uid"]) for ref in refs)
-
-    def _collect(self, kind: str, uid: str) -> bool:
-        """One garbage-collection step: delete the object if its owners are all gone.
-
-        Returns True when the object is gone (its dependents are next).
-        Dependents with finalizers get deletionTimestamp and go when their
-        finalizers are done. Raises FabricaError when the store fails.
-        """
-        info, obj = self.kinds.get(kind), self.store.get(kind, uid)
-        if obj is None:
-            if info is not None and info.history_on and self.store.versions(kind, uid) and \
-                    not self.store.prune_versions(kind, uid, 0):    # the rest of a delete whose history removal failed
-                raise StoreError(f"the spec history of the deleted {kind} {uid!r} is not removed yet")
-            return True
-        if info is None or not self._owners_gone(obj):
-            return False
-        try:
-            return self._delete(info, uid, cascade=False)[1]
-        except NotFoundError:
-            return True
-
-    def _sweep_finalizers(self) -> int:
-        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
-
-        Runs at start-up, before the controllers' start-up list: a kind that
-        gained ``finalize=`` since its objects were written gets its cleanup
-        when they are deleted, and one that lost it (or is now served by the
-        open server) leaves no object waiting for a finalizer nothing handles:
-        one being deleted that waited only for it is deleted now.
-        """
-        count = 0
-        for info in list(self.kinds.values()):
-            for obj in self.store.list(info.kind):
-                meta = obj["metadata"]
-                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
-                        meta["finalizers"]:
-                    continue
-                try:
-                    self._mutate(info, meta["uid"], lambda new: None)      # _mutate applies _check_finalizers
-                    count += 1
-                except NotFoundError:
-                    continue
-                except FabricaError:
-                    # not fatal: DELETE applies the same rule to the object again
-                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
-        if count:
-            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
-        return count
-
-    def _sweep_orphans(self) -> int:
-        """Collect what a crash mid-cascade left: every object whose owners are all positively gone.
-
-        Runs at start-up and never raises: a delete that fails (a full disk)
-        is retried by the garbage collector while the app serves. An owner
-        the store could not load is not gone, so nothing is deleted because
-        something else was not read (SPEC §3.0). Returns the orphans found.
-        """
-        orphans, kept = [], 0
-        for info in list(self.kinds.values()):
-            for obj in self.store.list(info.kind):
-                refs = obj["metadata"]["ownerReferences"]
-                if self._owners_gone(obj):
-                    orphans.append((info.kind, obj["metadata"]["uid"]))
-                elif refs and all(self.store.get(r["kind"], r["uid"]) is None for r in refs):
-                    kept += 1
-        if kept:
-            logger.warning("kept %d object(s) whose owners were not found but may exist (%s); they are collected "
-                           "once their owners are known to be gone", kept,
-                           "; ".join(f"{k}: {why}" for k, why in sorted(self.store.unsure.items())) or
-                           "owner kinds this app does not serve")
-        if orphans:
-            logger.warning("deleting %d orphan(s) whose owners are gone", len(orphans))
-            self.gc.collect(orphans)
-        return len(orphans)
-
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
               token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
@@ -7322,23 +7797,12 @@ class Fabrica:
         """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
         if token:
             self.token = token
-        self._host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
+        self.rest.host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
         self._app_name = name
         self.start()
         try:
-            if server in (None, "", "fabrica", "auto"):
-                self._serve_builtin(host, port, max_threads, head_timeout)
-            elif server == "granian":
-                self._serve_granian(host, port, max_threads, head_timeout)
-            elif server == "waitress":
-                # waitress reads a whole request (spooling a body to disk) before the app sees it, so
-                # its own limits guard memory and disk; channel_timeout closes a connection silent that
-                # long with no request running (idle, or a stalled head or body), checked every second
-                self._serve_adapter(server, host, port, connection_limit=max_threads,
-                                    channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
-                                    max_request_header_size=MAX_HEAD, max_request_body_size=self.max_body + 1)
-            else:
-                self._serve_adapter(server, host, port)
+            serve_wsgi(self.wsgi, host, port, server=server, max_threads=max_threads, head_timeout=head_timeout,
+                       max_body=self.max_body, ready=self._ready_line)
         finally:
             self.stop()
 
@@ -7348,80 +7812,6 @@ class Fabrica:
         kinds = ", ".join(self.kinds) or "none yet"
         return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
                 f"(store: {store}; kinds: {kinds})")
-
-    def _serve_builtin(self, host, port, max_threads, head_timeout):
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        try:
-            httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads,
-                                       head_timeout=head_timeout)
-        except OSError as exc:
-            hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
-                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
-            raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
-        self.httpd = httpd
-        def on_signal(signum, frame):
-            # only a plain assignment here: a handler that takes locks can deadlock when a second
-            # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
-            httpd.stop_requested = signum
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, on_signal)
-        http_log.info("%s", self._ready_line(f"http://{shown}:{httpd.server_port}"))
-        try:
-            httpd.serve_forever(poll_interval=0.2)
-            if httpd.stop_requested:
-                http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
-        finally:
-            httpd.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _serve_granian(self, host, port, max_threads, head_timeout):
-        """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
-
-        granian normally runs WSGI apps in worker processes; its thread-worker
-        server is made for free-threaded Pythons and refuses a GIL build, a
-        check we skip: the worker is a thread that calls into this process's
-        app like any other WSGI server thread.
-        """
-        try:
-            from granian.constants import Interfaces
-            from granian.http import HTTP1Settings
-            from granian.server.mt import MTServer
-        except ImportError:
-            raise ConfigurationError("--server granian needs granian: pip install granian") from None
-
-        class InProcessGranian(MTServer):
-            def _check_gil(self):
-                pass
-        # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
-        http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
-        server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
-                                  workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
-                                  log_enabled=False)
-        # logged from granian's start-up hook: by then its signal handlers and socket are in place
-        server.on_startup(lambda: http_log.info("%s via granian", self._ready_line(f"http://{host}:{port}")))
-        server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
-
-    def _serve_adapter(self, name, host, port, **options):
-        adapter = bottle.server_names.get(name)
-        if adapter is None:
-            raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
-
-        def on_signal(signum, frame):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
-            raise KeyboardInterrupt
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_signal)
-        try:
-            # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
-            http_log.info("%s via %s", self._ready_line(f"http://{host}:{port}"), name)
-            bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True, **options)
-        except ImportError as exc:
-            raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
-        except KeyboardInterrupt:
-            pass
 
 
 ###############################################################################
@@ -7462,33 +7852,28 @@ def _owner_object(client, owner, creating: str | None = None) -> dict:
 
 
 class LocalClient:
-    """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
+    """The in-process client: every write takes exactly the REST path (the Registry: validation, events, rv)."""
 
-    def __init__(self, app: Fabrica):
-        self._app = app
+    def __init__(self, registry: Registry):
+        self._registry = registry
 
     def _info(self, kind: str) -> KindInfo:
-        return self._app.resolve_kind(kind)
+        return self._registry.resolve_kind(kind)
 
     def _out(self, obj) -> Resource:
         return Resource(deepcopy_json(obj))
 
     def get(self, kind: str, ref: str) -> Resource:
         """The object (uid or name); NotFoundError if missing."""
-        info = self._info(kind)
-        self._app._require_started()
-        obj = self._app.store.resolve(info.kind, ref)
-        if obj is None:
-            raise NotFoundError(f'{info.kind} "{ref}" not found')
-        return self._out(obj)
+        return self._out(self._registry.get(self._info(kind), ref))
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
              owner: dict | tuple | None = None) -> list[Resource]:
         """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object, or a
         ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name it (one of their owners)."""
         info = self._info(kind)
-        self._app._require_started()
-        store, sel = self._app.store, parse_selector(selector) if selector else None
+        self._registry.require_started()
+        store, sel = self._registry.store, parse_selector(selector) if selector else None
         if owner is not None:
             owner = _owner_object(self, owner)
         if owner is None:
@@ -7507,12 +7892,10 @@ class LocalClient:
         """Create an object; ``owner`` (an object, or a ``(kind, ref)`` tuple) makes it the controller
         owner (409 if it is gone or being deleted)."""
         info = self._info(kind)
-        meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
-                                  ("finalizers", finalizers)) if v is not None}
-        if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, info.kind))]
-        parsed = self._app._parse_body(info, {"metadata": meta, "spec": spec or {}})
-        return self._out(self._app._create(info, parsed))
+        owners = None if owner is None else [_controller_ref(_owner_object(self, owner, info.kind))]
+        return self._out(self._registry.create(info, name=name, spec=spec or {}, labels=labels,
+                                               annotations=annotations, finalizers=finalizers,
+                                               owner_references=owners))
 
     def update(self, obj: dict) -> Resource:
         """PUT the envelope (spec, labels, annotations, finalizers) guarded by its resourceVersion.
@@ -7521,27 +7904,26 @@ class LocalClient:
         """
         info = self._info(obj["kind"])
         meta = obj["metadata"]
-        body = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations", "finalizers") if k in meta},
-                "spec": obj.get("spec", {})}
-        parsed = self._app._parse_body(info, body, update=True)
         rv = meta.get("resourceVersion")
-        return self._out(self._app._update(info, meta["uid"] if meta.get("uid") else meta["name"], parsed,
-                                           if_match=f'"{rv}"' if rv else None))
+        return self._out(self._registry.update(
+            info, meta["uid"] if meta.get("uid") else meta["name"], name=meta.get("name"),
+            spec=obj.get("spec", {}), labels=meta.get("labels"), annotations=meta.get("annotations"),
+            finalizers=meta.get("finalizers"), if_match=(rv,) if rv else None))
 
     def patch(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
         """Patch the spec with a merge patch, a JSON Patch (``type="json"``) or a shorthand patch."""
-        return self._out(self._app._patch(self._info(kind), ref, patch, type))
+        return self._out(self._registry.patch(self._info(kind), ref, patch, type))
 
     def update_status(self, kind: str, ref: str, status: dict) -> Resource:
         """Replace the status (no generation bump)."""
-        return self._out(self._app._update_status(self._info(kind), ref, status))
+        return self._out(self._registry.update_status(self._info(kind), ref, status))
 
     def patch_status(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
-        return self._out(self._app._patch(self._info(kind), ref, patch, type, status=True))
+        return self._out(self._registry.patch(self._info(kind), ref, patch, type, status=True))
 
     def delete(self, kind: str, ref: str, force: bool = False) -> Resource | None:
         """Delete; returns None when gone, or the object when finalizers are pending (a 202)."""
-        obj, gone = self._app._delete(self._info(kind), ref, force=force)
+        obj, gone = self._registry.delete(self._info(kind), ref, force=force)
         return None if gone else self._out(obj)
 
     def _history(self, kind, ref):
@@ -7553,24 +7935,24 @@ class LocalClient:
     def versions(self, kind: str, ref: str) -> list[dict]:
         """The spec snapshots of an object (``history=`` kinds), oldest first."""
         info, uid = self._history(kind, ref)
-        return deepcopy_json(self._app.store.versions(info.kind, uid))
+        return deepcopy_json(self._registry.store.versions(info.kind, uid))
 
     def get_version(self, kind: str, ref: str, version_id: str) -> dict:
         info, uid = self._history(kind, ref)
-        snap = self._app.store.get_version(info.kind, uid, str(version_id))
+        snap = self._registry.store.get_version(info.kind, uid, str(version_id))
         if snap is None:
             raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
         return deepcopy_json(snap)
 
     def delete_version(self, kind: str, ref: str, version_id: str) -> None:
         info, uid = self._history(kind, ref)
-        if not self._app.store.delete_version(info.kind, uid, str(version_id)):
+        if not self._registry.store.delete_version(info.kind, uid, str(version_id)):
             raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
 
     def restore_version(self, kind: str, ref: str, version_id: str) -> Resource:
         """Write that version's spec back as a new spec write."""
         info, _ = self._history(kind, ref)
-        return self._out(self._app._restore(info, ref, str(version_id)))
+        return self._out(self._registry.restore(info, ref, str(version_id)))
 
 
 class ConnectionFailedError(FabricaError):
@@ -7852,35 +8234,6 @@ def load_app(spec: str) -> Fabrica:
     if not isinstance(app, Fabrica):
         raise ConfigurationError(f"{spec!r} holds no Fabrica instance" + (f" named {attr!r}" if attr else ""))
     return app
-
-
-def _env(name: str, default=None):
-    return os.environ.get("FABRICA_" + name, default)
-
-
-# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
-_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
-              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
-              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
-              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
-              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
-
-
-def _env_settings() -> dict:
-    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
-    found = {}
-    for key, (name, kind) in _SERVE_ENV.items():
-        value = _env(name)
-        if value in (None, ""):
-            continue
-        if kind is bool:
-            found[key] = value.lower() not in ("0", "false", "no", "off")
-            continue
-        try:
-            found[key] = kind(value)
-        except ValueError:
-            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
-    return found
 
 
 def _serve_parser(sub):
