@@ -7607,7 +7607,8 @@ class Fabrica:
         with self._leading:
             self._stopping = True       # no leadership gained from now on starts a controller
             self._stop_controllers(timeout)
-        self.elector.stop()
+        if self.elector is not None:
+            self.elector.stop()
         self.registry.stop(max(0.0, deadline - time.monotonic()))
         self.bus.stop(max(0.1, deadline - time.monotonic()))
         self.store.on_commit = None
