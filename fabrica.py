@@ -31,6 +31,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = [
+    "Change",
     "Client",
     "ConfigurationError",
     "ConflictError",
@@ -2044,29 +2045,343 @@ class LeaderElector:
 # Stores #######################################################################
 ###############################################################################
 #
-# Store is the interface (get/find/list/query/create/replace/delete with an
-# expected resourceVersion) plus the in-memory index every embedded store
-# shares. One condition (self._cond) guards the index, the resourceVersion
-# counters and the in-flight sets. A write checks and takes its rv under it,
-# persists WITHOUT it (so fsyncs of different objects overlap), then waits
-# for its turn and commits in rv order: index update and on_commit (fabrica's
-# non-blocking publisher, never user code) happen in resourceVersion order.
-# Reads take no lock: they read dicts and copy lists (atomic under the GIL).
+# The seam (SPEC §3.0). A store is the source of truth for objects AND for
+# the order of changes: it hands out resourceVersions and commits every write
+# together with its Change. Everything above it (CloudEvents, GET /events
+# resume, controllers) is derived from that ordered feed. Store is the
+# contract; Store.make_change() is the one rule that turns a write into a
+# Change, so every store records the same thing.
+
+RING_BYTES = 64 << 20       # default byte bound of an in-memory change feed (it serves GET /events resume)
+RING_SIZE = 10000           # default count bound of it
+# metadata fields whose change triggers the object's own controller (SPEC §5.2) and makes a
+# write's updateType "metadata"; a Change keeps their earlier values when they change
+_TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
+
+
+class Change(typing.NamedTuple):
+    """One committed write: an entry of the store's change feed (SPEC §3.0).
+
+    ``resource_version`` (int) orders the feed. ``action`` is ``"created"``,
+    ``"updated"``, ``"patched"`` or ``"deleted"``. ``object`` is the object
+    after the write; for ``deleted``, its last state carrying the delete's
+    resourceVersion. ``previous`` is None for ``created``, otherwise what the
+    events and controllers need of the object before the write::
+
+        {"generation": 3,                              # its metadata.generation
+         "metadata": {"labels": {...}},                # the trigger fields that changed, as they were
+         "conditions": {"Ready": "False"}}             # status by condition type
+
+    ``time`` is the RFC 3339 time of the change (the object's ``updatedAt``;
+    for a delete, the time of the delete, recorded once). Every field is
+    JSON, so a database keeps a Change as columns and rebuilds it with
+    ``Change(*row)``. Treat a Change as read-only: it holds the stored object.
+    """
+
+    resource_version: int
+    action: str
+    object: dict
+    previous: dict | None
+    time: str
+
+    @property
+    def kind(self) -> str:
+        return self.object["kind"]
+
+    @property
+    def uid(self) -> str:
+        return self.object["metadata"]["uid"]
+
+    @property
+    def update_type(self) -> str:
+        """``"spec"``, ``"metadata"`` or ``"status"``: what the write changed (SPEC §4).
+
+        Creates, deletes and writes that moved the generation (a spec change)
+        are ``spec``; a write that changed a trigger metadata field (labels,
+        annotations, finalizers, deletionTimestamp, ownerReferences) is
+        ``metadata``; any other committed write changed the status.
+        """
+        previous = self.previous
+        if previous is None or self.action == "deleted" or \
+                previous["generation"] != self.object["metadata"]["generation"]:
+            return "spec"
+        return "metadata" if previous["metadata"] else "status"
+
+
+class ExpiredError(GoneError):
+    """``Store.changes(since)`` was asked for changes the store no longer retains (Kubernetes'
+    "too old resource version", HTTP 410): re-list, then follow from the current resourceVersion."""
+
+
+class StoreWatch:
+    """What ``Store.watch()`` returns: ``close()`` stops the calls (idempotent, thread-safe)."""
+
+    __slots__ = ("_store", "listener")
+
+    def __init__(self, store: Store, listener):
+        self._store, self.listener = store, listener
+
+    def close(self) -> None:
+        self._store._unwatch(self)
 
 
 class Store:
-    """The storage interface and the shared in-memory index.
+    """The storage interface: objects, spec history and the ordered change feed (SPEC §3.0).
 
-    Every method is thread-safe. Objects returned by get/find/list are the
-    stored ones: treat them as read-only (the REST layer serialises them, the
-    clients copy them). Subclasses implement _load(), _persist() and
-    _unpersist(); reads never touch the disk.
+    Override these methods to implement a store (``IndexedStore`` implements
+    them over an in-memory index for MemoryStore and FileStore; a database
+    store implements them directly and touches nothing else)::
+
+        open(kinds, discover=)      lock, recover, load; kinds maps kind -> plural
+        close()
+        add_kind(kind, plural), drop_kind(kind)
+        get(kind, uid), find(kind, name) -> dict | None
+        query(kind, selector, name=, after=, limit=) -> (page, total, next name | None)
+        count(kind) -> int
+        resource_version            property: the newest committed resourceVersion (int)
+        dependents(kind, uid) -> [(kind, uid)], gone(kind, uid) -> bool
+        create(obj, snapshot, guard, wait_for, max_size=) -> obj
+        replace(obj, expected_rv, action, snapshot, max_size=) -> obj
+        delete(kind, uid, expected_rv, last) -> the object's last state
+        versions(kind, uid), get_version(kind, uid, id), delete_version(...), prune_versions(...)
+        changes(since) -> iterator of Change
+
+    and announce each commit: build its record with ``self.make_change(action,
+    old, new)``, then call ``self._announce(change, size)``, once per commit,
+    in resourceVersion order, never two at a time (``size``: the bytes of the
+    object's JSON, which a store measures anyway to check or store it).
+
+    What every implementation guarantees:
+
+    * resourceVersions are store-wide integers, strictly increasing with
+      every committed write, never reused (across deletes and restarts too);
+      create/replace/delete write the object's new resourceVersion into it.
+    * A write either commits (object, history snapshot and Change together)
+      or changes nothing anyone can observe, and raises: ConflictError
+      (``details[0]["field"]`` is ``metadata.uid`` for a taken uid) for a
+      taken uid or name, NotFoundError, StaleError for a moved
+      resourceVersion, PayloadTooLargeError, ValidationError (not JSON, too
+      deep), StoreError/InsufficientStorageError for I/O (SPEC §3.0 recovery
+      rules; the message says what is stored now).
+    * Every method is thread-safe. Objects it returns are the stored ones
+      (or equal copies): callers treat them as read-only.
+    * ``gone()`` is True only for what the store positively knows does not
+      exist (not loaded is not gone); ``unsure`` says which kinds may not be
+      all loaded, ``health()`` what start-up could not load.
+
+    Class attributes: ``durable`` (writes survive a crash) and ``shared``
+    (several processes serve it: PostgreSQL).
     """
 
     durable = True
     shared = False          # True for stores several processes share (PostgreSQL)
 
     def __init__(self):
+        self.unsure: dict[str, str] = {}   # kind ("*": every kind) -> why not all its objects may be loaded
+        self.discovered: dict[str, str] = {}               # kinds found in storage: kind -> plural
+        self.writes = 0
+        self.write_failures = 0
+        self._listeners: tuple[StoreWatch, ...] = ()
+
+    # -- override these ------------------------------------------------------
+    def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
+        """Lock, recover and load. ``kinds`` maps kind -> plural; ``discover`` takes on stored kinds too
+        (an open server), listing them in ``discovered``. Raises StoreLockedError if another process
+        holds the store, StoreError if it cannot be used."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def add_kind(self, kind: str, plural: str) -> None:
+        raise NotImplementedError
+
+    def drop_kind(self, kind: str) -> None:
+        """Forget a kind that holds no object (an open server's new kind whose creates all failed)."""
+        raise NotImplementedError
+
+    @property
+    def resource_version(self) -> int:
+        """The newest committed resourceVersion."""
+        raise NotImplementedError
+
+    def get(self, kind: str, uid: str) -> dict | None:
+        raise NotImplementedError
+
+    def find(self, kind: str, name: str) -> dict | None:
+        raise NotImplementedError
+
+    def query(self, kind: str, selector: Selector | None = None, *, name: str | None = None,
+              after: str | None = None, limit: int | None = None) -> tuple[list[dict], int, str | None]:
+        """Objects of a kind by name: (page, total matching, name to continue after or None).
+
+        ``after`` resumes after that name, so a walk through pages returns
+        every object that existed for the whole walk exactly once.
+        """
+        raise NotImplementedError
+
+    def count(self, kind: str) -> int:
+        raise NotImplementedError
+
+    def dependents(self, kind: str, uid: str) -> list[tuple[str, str]]:
+        """(kind, uid) of every object whose ownerReferences name this one, sorted."""
+        raise NotImplementedError
+
+    def gone(self, kind: str, uid: str) -> bool:
+        """Whether the store positively knows that no object ``(kind, uid)`` exists.
+
+        Not loaded is not gone (SPEC §3.0): garbage collection deletes a
+        dependent only when every owner is gone.
+        """
+        raise NotImplementedError
+
+    def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=(), *,
+               max_size: int | None = None) -> dict:
+        """Store a new object with the next resourceVersion (and, with ``snapshot``, its history).
+
+        ``guard()`` runs atomically with the commit once no write to the
+        ``wait_for`` keys ((kind, uid) pairs) is in flight (fabrica's owner
+        check), so what it checks cannot change before the commit. An object
+        over ``max_size`` bytes of JSON raises PayloadTooLargeError.
+        """
+        raise NotImplementedError
+
+    def replace(self, obj: dict, expected_rv: str, action: str = "updated", snapshot: dict | None = None, *,
+                max_size: int | None = None) -> dict:
+        """Replace an object if its stored resourceVersion is still ``expected_rv`` (a string).
+
+        ``action`` (``updated`` or ``patched``) is what its Change records.
+        A write that does not grow an object is never refused for its size.
+        """
+        raise NotImplementedError
+
+    def delete(self, kind: str, uid: str, expected_rv: str | None = None, last: dict | None = None) -> dict:
+        """Delete an object (guarded by ``expected_rv`` unless None); its last state carrying the
+        delete's resourceVersion: the stored object, or ``last`` when the deleting write also
+        changed it (it removed the last finalizer, SPEC §5.6)."""
+        raise NotImplementedError
+
+    def versions(self, kind: str, uid: str) -> list[dict]:
+        """Spec snapshots of an object, oldest first."""
+        raise NotImplementedError
+
+    def get_version(self, kind: str, uid: str, version_id: str) -> dict | None:
+        raise NotImplementedError
+
+    def delete_version(self, kind: str, uid: str, version_id: str) -> bool:
+        """Forget one snapshot; False if there was none. StoreError/InsufficientStorageError on I/O."""
+        raise NotImplementedError
+
+    def prune_versions(self, kind: str, uid: str, keep: int | None) -> bool:
+        """Keep the newest ``keep`` snapshots (None: all, 0: none). Housekeeping after a committed
+        write: never raises; returns whether every snapshot it was asked to drop is gone."""
+        raise NotImplementedError
+
+    def changes(self, since: int | None = None) -> typing.Iterator[Change]:
+        """The retained changes with a resourceVersion after ``since``, in order (None: every one).
+
+        Raises ExpiredError, when called, if a change after ``since`` is no
+        longer retained (an in-memory feed is bounded, and starts empty:
+        what was committed before this process started is not retained).
+        """
+        raise NotImplementedError
+
+    # -- provided --------------------------------------------------------------
+    def resolve(self, kind: str, ref: str) -> dict | None:
+        """A uid first, then a name (SPEC §1)."""
+        obj = self.get(kind, ref)
+        return obj if obj is not None else self.find(kind, ref)
+
+    def list(self, kind: str) -> list[dict]:
+        """Every object of a kind, sorted by name (a stable order for paging)."""
+        return self.query(kind)[0]
+
+    def health(self) -> dict:
+        """What start-up could not load: ``{"quarantined": [...], "ignored": [...]}``."""
+        return {"quarantined": [], "ignored": []}
+
+    def retained(self) -> tuple[int, int]:
+        """(changes, bytes) the store holds in memory to answer changes(); (0, 0) if it keeps none."""
+        return 0, 0
+
+    def watch(self, listener) -> StoreWatch:
+        """Call ``listener(change, size)`` after every commit from now on; ``close()`` the handle to stop.
+
+        Calls come in resourceVersion order, one at a time, from the
+        committing thread (an embedded store holds its lock: the listener
+        must be quick and must not write to the store; the Bus only queues).
+        ``size`` is the bytes of ``change.object`` as JSON. A listener that
+        raises is logged; the write it announces stays committed.
+        """
+        handle = StoreWatch(self, listener)
+        self._listeners = self._listeners + (handle,)
+        return handle
+
+    def _unwatch(self, handle: StoreWatch) -> None:
+        self._listeners = tuple(h for h in self._listeners if h is not handle)
+
+    @staticmethod
+    def make_change(action: str, old: dict | None, new: dict) -> Change:
+        """The Change of a committed write: ``old`` is the object before (None for a create), ``new``
+        the object after (for a delete, its last state), both carrying their resourceVersions."""
+        meta = new["metadata"]
+        previous = None
+        if old is not None:
+            before = old["metadata"]
+            conditions = {}
+            for cond in old["status"].get("conditions") or ():
+                if isinstance(cond, dict) and isinstance(cond.get("type"), str):
+                    conditions[cond["type"]] = cond.get("status")
+            previous = {"generation": before["generation"],
+                        "metadata": {k: before[k] for k in _TRIGGER_METADATA if before[k] != meta[k]},
+                        "conditions": conditions}
+        when = utcnow() if action == "deleted" else meta["updatedAt"]
+        return Change(int(meta["resourceVersion"]), action, new, previous, when)
+
+    def _announce(self, change: Change, size: int) -> None:
+        # after the commit: a failure here must not turn a stored write into an error answer
+        for handle in self._listeners:
+            try:
+                handle.listener(change, size)
+            except Exception:
+                store_log.exception("could not announce the change of %s %s at resourceVersion %s",
+                                    change.kind, change.uid, change.resource_version)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+###############################################################################
+# Memory store #################################################################
+###############################################################################
+#
+# IndexedStore implements Store over an in-memory index, a commit pipeline
+# and a bounded in-memory change feed; MemoryStore keeps nothing else and
+# FileStore persists through its hooks. One condition (self._cond) guards the
+# index, the resourceVersion counters, the in-flight sets and the feed. A
+# write checks and takes its rv under it, persists WITHOUT it (so fsyncs of
+# different objects overlap), then waits for its turn and commits in rv
+# order: index update, feed append and the watchers (the bus, which only
+# queues; never user code) happen in resourceVersion order. Reads take no
+# lock: they read dicts and copy lists (atomic under the GIL).
+
+
+class IndexedStore(Store):
+    """A Store served from an in-memory index, with a bounded in-memory change feed.
+
+    Subclasses persist through the hooks _load(), _reserve(), _persist(),
+    _unpersist() and the history ones; reads never touch them. The feed
+    keeps the newest ``feed_size`` changes and at most ``feed_bytes`` bytes
+    of them (an object's JSON counts), whichever bound is reached first,
+    plus the newest change it let go of (so a resume from that change's
+    own events is still answered); it starts empty at open().
+    """
+
+    def __init__(self, *, feed_size: int = RING_SIZE, feed_bytes: int = RING_BYTES):
+        super().__init__()
         self._cond = threading.Condition(threading.RLock())
         self._lock = self._cond
         self._inflight: set[tuple[str, str]] = set()       # (kind, uid) being written
@@ -2083,17 +2398,19 @@ class Store:
         # owners this process deleted while dependents still name them: known gone even in a kind
         # the store is unsure of; an entry leaves with the owner's last dependent (so it stays bounded)
         self._deleted_owners: set[tuple[str, str]] = set()
-        self.unsure: dict[str, str] = {}   # kind ("*": every kind) -> why not all its objects may be loaded
         self._rv = 0
         self._opened = False
-        self.on_commit = None       # callable(action, old, new, size), called under the lock
         self.quarantined: list[dict] = []       # files this start-up quarantined
         self.still_quarantined: list[dict] = [] # files earlier start-ups quarantined that are still there
         self.ignored: list[dict] = []           # folders of the data dir start-up did not load
         self._history: dict[tuple[str, str], dict[str, dict]] = {}    # (kind, uid) -> versionId -> snapshot
-        self.discovered: dict[str, str] = {}               # kinds found on disk: kind -> plural
-        self.writes = 0
-        self.write_failures = 0
+        # the change feed: every change after _floor is in _feed or is _boundary (the newest one let go)
+        self.feed_size = feed_size
+        self.feed_bytes = feed_bytes
+        self._feed: collections.deque = collections.deque()     # (Change, bytes), in rv order
+        self._feed_held = 0                                     # those bytes, summed
+        self._boundary: Change | None = None
+        self._floor = 0
 
     # -- life cycle --------------------------------------------------------
     def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
@@ -2101,17 +2418,15 @@ class Store:
         for kind, plural in kinds.items():
             self.add_kind(kind, plural)
         self._load(discover)
-        self._allocated = self._rv
+        for names in self._sorted.values():
+            names.sort()
+        self._allocated = self._floor = self._rv
+        self._feed.clear()
+        self._feed_held, self._boundary = 0, None
         self._opened = True
 
     def close(self) -> None:
         self._opened = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def add_kind(self, kind: str, plural: str) -> None:
         with self._lock:
@@ -2163,10 +2478,6 @@ class Store:
             uid = self._names[kind].get(ref)
             obj = None if uid is None else objs.get(uid)
         return obj
-
-    def list(self, kind: str) -> list[dict]:
-        """Every object of a kind, sorted by name (a stable order for paging)."""
-        return self.query(kind)[0]
 
     def query(self, kind: str, selector: Selector | None = None, *, name: str | None = None,
               after: str | None = None, limit: int | None = None) -> tuple[list[dict], int, str | None]:
@@ -2221,7 +2532,6 @@ class Store:
     def count(self, kind: str) -> int:
         return len(self._objects.get(kind, {}))
 
-    # -- writes ------------------------------------------------------------
     # -- spec history ------------------------------------------------------
     def versions(self, kind: str, uid: str) -> list[dict]:
         """Spec snapshots of an object, oldest first."""
@@ -2311,6 +2621,7 @@ class Store:
             return True
         return kind not in self.unsure and "*" not in self.unsure
 
+    # -- writes ------------------------------------------------------------
     def create(self, obj: dict, snapshot: dict | None = None, guard=None, wait_for=(), *,
                max_size: int | None = None) -> dict:
         """Store a new object and give it the next resourceVersion.
@@ -2383,14 +2694,15 @@ class Store:
         2. Without the lock: persist (temp file, fsync, rename, directory fsync).
            Writes to different objects run in parallel, so their fsyncs overlap
            and the directory fsyncs are shared (group commit).
-        3. Under the lock, strictly in resourceVersion order: update the index
-           and publish (on_commit). A failed write publishes nothing, changes
-           nothing, and leaves a hole in the numbering that nobody ever saw.
+        3. Under the lock, strictly in resourceVersion order: update the index,
+           append the Change to the feed and announce it. A failed write
+           announces nothing, changes nothing, and leaves a hole in the
+           numbering that nobody ever saw.
 
         The one exception: if the disk failed to confirm a change that is
         already visible and the store could not undo it (the OSError carries
         ``fabrica_visible``), the index follows the disk, so a GET serves what a
-        restart would; the change is published and the error says so.
+        restart would; the change is announced and the error says so.
         """
         key = key or (new["kind"], new["metadata"]["uid"])
         kind = key[0]
@@ -2442,7 +2754,7 @@ class Store:
         error = None
         try:
             if action == "deleted":
-                size = json_size(new)       # the delete event's share of the event ring's byte bound
+                size = json_size(new)       # the delete's share of the feed's byte bound
             if snapshot is not None:        # first: the object's rename is the commit point of both
                 self._persist_version(kind, key[1], snapshot)
             try:
@@ -2466,7 +2778,7 @@ class Store:
                     self._apply(action, kind, key[1], old, new, snapshot)
                     self._rv = rv
                     self.writes += 1
-                    self._notify(action, old, new, size)
+                    self._record(self.make_change(action, old, new), size)
                 if error is not None:
                     self.write_failures += 1
             finally:
@@ -2541,14 +2853,33 @@ class Store:
             return cls(f"no space left to {verb} {name}; {kept}, free space and retry")
         return cls(f"could not {verb} {name}: {exc.strerror or exc}; {kept}")
 
-    def _notify(self, action, old, new, size):
-        # after the commit: a failure here must not turn a stored write into an error answer
-        if self.on_commit is not None:
-            try:
-                self.on_commit(action, old, new, size)
-            except Exception:
-                store_log.exception("could not publish the events of %s %s at resourceVersion %s",
-                                    new["kind"], new["metadata"]["uid"], new["metadata"]["resourceVersion"])
+    # -- the change feed -----------------------------------------------------
+    def changes(self, since: int | None = None) -> typing.Iterator[Change]:
+        with self._cond:
+            floor, boundary, feed = self._floor, self._boundary, list(self._feed)
+        if since is not None and since < floor:
+            raise ExpiredError(f"changes after resourceVersion {since} are no longer retained (the oldest "
+                               f"retained change follows {floor}); re-list and watch from now")
+        found = ([] if boundary is None else [boundary]) + [change for change, _ in feed]
+        if since is not None:
+            found = found[bisect.bisect_right([c.resource_version for c in found], since):]
+        return iter(found)
+
+    def retained(self) -> tuple[int, int]:
+        return len(self._feed), self._feed_held
+
+    def _record(self, change: Change, size: int) -> None:
+        """Append a committed Change to the feed, let go of the oldest past the bounds, announce it
+        (lock held, in rv order). ``size`` is the object's JSON bytes, which the write measured."""
+        held = size + (0 if change.previous is None else json_size(change.previous))
+        feed = self._feed
+        feed.append((change, held))
+        self._feed_held += held
+        while feed and (len(feed) > self.feed_size or self._feed_held > self.feed_bytes):
+            self._boundary, gone = feed.popleft()
+            self._feed_held -= gone
+            self._floor = self._boundary.resource_version - 1
+        self._announce(change, size)
 
     # -- subclass hooks ----------------------------------------------------
     def _load(self, discover: bool) -> None:
@@ -2578,17 +2909,25 @@ class Store:
         exists; best effort, never raises)."""
 
     def _index(self, obj: dict) -> None:
-        """Add a loaded object to the index (start-up; no event)."""
+        """Add a loaded object to the index (start-up, from _load(); no change is recorded).
+
+        Its name goes to the end of the kind's names: open() sorts them once
+        _load() returns (one sort instead of an insertion per object).
+        """
         kind, meta = obj["kind"], obj["metadata"]
         self._objects[kind][meta["uid"]] = obj
         self._names[kind][meta["name"]] = meta["uid"]
-        self._indexes(kind, None, obj)
-        self._rv = max(self._rv, int(meta["resourceVersion"]))
+        self._indexes(kind, None, obj, ordered=False)
+        rv = int(meta["resourceVersion"])
+        if rv > self._rv:
+            self._rv = rv
 
-    def _indexes(self, kind: str, old: dict | None, new: dict | None) -> None:
-        """Keep the sorted names and the label index in step (lock held)."""
+    def _indexes(self, kind: str, old: dict | None, new: dict | None, *, ordered: bool = True) -> None:
+        """Keep the sorted names (``ordered``), the owners and the label index in step (lock held)."""
         names, index = self._sorted[kind], self._labels[kind]
-        if old is None or new is None:
+        if not ordered:
+            names.append(new["metadata"]["name"])
+        elif old is None or new is None:
             name = (new or old)["metadata"]["name"]
             at = bisect.bisect_left(names, name)
             if new is not None:
@@ -2627,8 +2966,8 @@ class Store:
                 index.setdefault(key, {}).setdefault(value, set()).add(uid)
 
 
-class MemoryStore(Store):
-    """Keeps everything in memory only: for tests and throwaway runs."""
+class MemoryStore(IndexedStore):
+    """Keeps everything in memory only, for tests and throwaway runs: nothing outlives the process."""
 
     durable = False
 
@@ -2670,6 +3009,11 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
     link is never followed (O_NOFOLLOW), a FIFO or a device never blocks the
     open (O_NONBLOCK), and fstat tells what was opened before a byte is read.
     """
+    return _open_regular_stat(path, flags, mode)[0]
+
+
+def _open_regular_stat(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> tuple[int, os.stat_result]:
+    """_open_regular(), and what fstat said of the file."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
     except OSError as exc:
@@ -2678,14 +3022,15 @@ def _open_regular(path: str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
                             path) from None
         raise
     try:
-        kind = os.fstat(fd).st_mode
+        info = os.fstat(fd)
     except OSError:
         os.close(fd)
         raise
-    if not stat.S_ISREG(kind):
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(kind)), "unknown"), path)
-    return fd
+        raise _NotAFile(errno.EINVAL, next((name for test, name in _FILE_TYPES if test(info.st_mode)), "unknown"),
+                        path)
+    return fd, info
 
 
 def _real_dir(path: str) -> bool:
@@ -2695,8 +3040,20 @@ def _real_dir(path: str) -> bool:
 
 def _read_regular(path: str) -> bytes:
     """The bytes of the regular file at ``path`` (see _open_regular)."""
-    with open(_open_regular(path), "rb") as f:
-        return f.read()
+    fd, info = _open_regular_stat(path)
+    try:
+        # os.read with the size fstat gave: start-up reads every file, and a file object per read
+        # costs as much as the read itself. A short read of a regular file is its end.
+        data = os.read(fd, info.st_size + 1)
+        if len(data) == info.st_size:
+            return data
+        chunks = [data]     # it changed since the fstat: read on to the end
+        while data:
+            data = os.read(fd, 1 << 16)
+            chunks.append(data)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class DirSyncer:
@@ -2747,6 +3104,7 @@ class DirSyncer:
 
 
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
+_OBJECT_KEYS = ("apiVersion", "kind", "schemaVersion", "metadata", "spec", "status")
 _RV_SLOT = 30       # b"<20 digits> <crc32 of the digits, 8 hex>\n"
 _RV_SLOT_RE = re.compile(rb"(\d{20}) ([0-9a-f]{8})\n")
 
@@ -2764,7 +3122,7 @@ def _rv_slot_value(raw: bytes) -> int:
     return int(match.group(1))
 
 
-class FileStore(Store):
+class FileStore(IndexedStore):
     """One pretty-printed JSON file per resource: ``<data_dir>/<plural>/<uid>.json``.
 
     Every write is a unique temp file in the same directory, write, flush,
@@ -2778,8 +3136,9 @@ class FileStore(Store):
 
     RV_BLOCK = 1000
 
-    def __init__(self, data_dir: str, *, durable: bool = True):
-        super().__init__()
+    def __init__(self, data_dir: str, *, durable: bool = True, feed_size: int = RING_SIZE,
+                 feed_bytes: int = RING_BYTES):
+        super().__init__(feed_size=feed_size, feed_bytes=feed_bytes)
         self.data_dir = os.path.abspath(data_dir)
         self.state_dir = os.path.join(self.data_dir, ".fabrica")
         self.durable = durable
@@ -2990,7 +3349,13 @@ class FileStore(Store):
     def _read_file(self, path, stem, kind):
         problem, obj = self._read_document(path)
         problem = problem or envelope_problem(obj, kind, stem)
-        return problem, (None if problem else normalize_object(obj))
+        if problem:
+            return problem, None
+        # a file this store wrote holds every key in wire order: it is its own normal form
+        if tuple(obj) != _OBJECT_KEYS or tuple(obj["metadata"]) != METADATA_KEYS or obj["spec"] is None or \
+                obj["status"] is None:
+            obj = normalize_object(obj)
+        return None, obj
 
     def _note_quarantine(self):
         """Mark the kinds that quarantined files (of this or an earlier start-up) may belong to as unsure.
@@ -3397,22 +3762,98 @@ def _write_all(fd, payload):
 
 
 ###############################################################################
+# Events #######################################################################
+###############################################################################
+#
+# CloudEvents are a pure function of a Change (SPEC §4): change_events()
+# reads nothing but the change, so any process reading the same change (a
+# live subscriber, a GET /events resume, another replica) yields the same
+# events, ids and times included. Positions order them: <rv> for the
+# resource event, <rv>.<n> for the n-th condition event of that write.
+
+# about the bytes of a resource event around its object; they matter only for small objects,
+# whose events the queues' count bounds limit first
+_EVENT_ENVELOPE = 512
+
+
+def change_events(change: Change, *, prefix: str = "io.fabrica", source: str = "") -> list[dict]:
+    """The CloudEvents of one change: its resource event, then one per condition transition.
+
+    The resource event (position ``(rv, 0)``) carries the object itself
+    (``data.resource``, shared, not copied: treat it as read-only); the
+    n-th condition event (position ``(rv, n)``) follows for each condition
+    the write added or whose status it changed. ``prefix`` starts every
+    type (``io.fabrica.rack.created``), ``source`` every source.
+    """
+    rv, action, new, previous, when = change
+    kind, meta = new["kind"], new["metadata"]
+    uid = meta["uid"]
+    base = f"{source}/resources/{kind}/{uid}"
+    events = [{
+        "specversion": "1.0", "id": f"evt-{rv}", "type": f"{prefix}.{kind.lower()}.{action}",
+        "source": base, "subject": uid, "time": when, "datacontenttype": "application/json",
+        "resourcekind": kind, "resourceuid": uid, "action": action,
+        "resourceversion": str(rv), "sequence": str(rv),
+        "data": {"action": action, "resourceKind": kind, "resourceUID": uid,
+                 "resourceName": meta["name"], "changeTime": when, "updateType": change.update_type,
+                 "resource": new},
+    }]
+    if action == "deleted":
+        return events
+    before = previous["conditions"] if previous is not None else {}
+    for cond in new["status"].get("conditions") or ():
+        if not isinstance(cond, dict) or not isinstance(cond.get("type"), str):
+            continue
+        prev = before.get(cond["type"])
+        if prev == cond.get("status"):
+            continue
+        n = len(events)
+        ctype = cond["type"].lower()
+        events.append({
+            "specversion": "1.0", "id": f"evt-{rv}.{n}", "type": f"{prefix}.condition.{ctype}",
+            "source": f"{base}/conditions/{ctype}", "subject": uid, "time": when,
+            "datacontenttype": "application/json", "resourcekind": kind, "resourceuid": uid,
+            "conditiontype": cond["type"], "conditionstatus": str(cond.get("status")),
+            "resourceversion": str(rv), "sequence": f"{rv}.{n}",
+            "data": {"conditionType": cond["type"], "status": cond.get("status"),
+                     "previousStatus": prev or "Unknown", "reason": cond.get("reason", ""),
+                     "message": cond.get("message", ""),
+                     "transitionTime": cond.get("lastTransitionTime"), "resourceKind": kind,
+                     "resourceUID": uid},
+        })
+    return events
+
+
+def format_position(position: tuple[int, int]) -> str:
+    rv, n = position
+    return f"{rv}.{n}" if n else str(rv)
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``"42"`` -> (42, 0), ``"42.1"`` -> (42, 1); BadRequestError otherwise."""
+    rv, _, n = text.strip().partition(".")
+    if not rv.isdigit() or not rv.isascii() or (n and (not n.isdigit() or not n.isascii())):
+        raise BadRequestError(f"invalid event id {text[:40]!r}: expected <resourceVersion> or <resourceVersion>.<n>")
+    return int(rv), int(n or 0)
+
+
+###############################################################################
 # Bus ##########################################################################
 ###############################################################################
 #
-# publish() is called by the store's commit hook, under the store lock, so
-# events enter the bus in resourceVersion order. It never blocks: each
-# subscriber has its own bounded queue and thread; a full queue drops the
-# event and marks a gap (the controller answers a gap with a full resync).
-# Handlers run in the subscriber's thread, never under a lock. The ring and
-# every queue are bounded in events AND in bytes (an event's size is its
-# JSON's): one large object written often must not multiply memory. Queues
-# and the ring share the event dicts; nothing is copied per subscriber. All
-# the queues of a bus also share one byte budget, so memory stays bounded
-# however many slow subscribers (SSE clients) there are: past it, the
-# subscriber holding the most bytes gets a gap, as on overflow.
+# The bus fans the store's change feed out: attach() watches the store, whose
+# commits call publish_change() in resourceVersion order (an embedded store
+# holds its lock). It never blocks: each subscriber has its own bounded queue
+# and thread; a full queue drops and marks a gap (the controller answers a
+# gap with a full resync). Event subscribers get the change's CloudEvents,
+# change subscribers (controllers) the Change itself. Handlers run in the
+# subscriber's thread, never under a lock. The bus keeps no events of its
+# own: since() (GET /events resume) derives them from store.changes(). Every
+# queue is bounded in items AND in bytes (an object's JSON), and all the
+# queues share one byte budget, so memory stays bounded however many slow
+# subscribers (SSE clients) there are: past it, the subscriber holding the
+# most bytes gets a gap, as on overflow. Queues share the dicts they hold.
 
-RING_BYTES = 64 << 20       # default byte bound of the event ring
 QUEUE_BYTES = 64 << 20      # default byte bound of each subscriber's queue
 QUEUES_BYTES = 256 << 20    # default byte budget all subscriber queues of a bus share
 _MATCH_CACHE = 256          # event types whose pattern verdict a subscriber remembers
@@ -3444,16 +3885,19 @@ def _full(queue, queued_bytes: int, size: int, max_count: int, max_bytes: int) -
 
 
 class Subscription:
-    """One subscriber: a bounded queue and a thread ``fabrica-bus-<name>`` calling ``handler(event)``.
+    """One subscriber: a bounded queue and a thread ``fabrica-bus-<name>`` calling ``handler(item)``.
 
-    Events arrive in publish order. The queue holds at most ``queue_size``
-    events and ``queue_bytes`` bytes of them; past either, events are
-    dropped and the next delivery is preceded by ``on_gap``. A handler that
-    raises is logged with its traceback and the subscription keeps going.
-    ``close()`` stops the thread after the event in hand.
+    The items are the events whose type matches ``pattern`` or, with
+    ``pattern=None``, the Changes themselves. They arrive in publish order.
+    The queue holds at most ``queue_size`` items and ``queue_bytes`` bytes of
+    them; past either, items are dropped and the next delivery is preceded
+    by ``on_gap``. A handler that raises is logged with its traceback and
+    the subscription keeps going. ``close()`` stops the thread after the
+    item in hand. Events are copied for the handler unless ``copy_events``
+    is False; Changes never are (treat them as read-only).
     """
 
-    def __init__(self, bus: Bus, pattern: str, handler, *, queue_size: int = 10000,
+    def __init__(self, bus: Bus, pattern: str | None, handler, *, queue_size: int = 10000,
                  queue_bytes: int = QUEUE_BYTES, name: str = "", on_gap=None, copy_events: bool = True):
         self.pattern = pattern
         self.handler = handler
@@ -3463,7 +3907,7 @@ class Subscription:
         self.on_gap = on_gap
         self.copy_events = copy_events
         self.delivered = self.dropped = self.gaps = self.errors = 0
-        self._regex = compile_pattern(pattern)
+        self._regex = None if pattern is None else compile_pattern(pattern)
         self._matches: dict[str, bool] = {}     # bounded: condition types, so event types, are client input
         self._queue: collections.deque = collections.deque()    # (event, size)
         self.queued_bytes = 0
@@ -3479,6 +3923,8 @@ class Subscription:
     def matches(self, event_type: str) -> bool:
         hit = self._matches.get(event_type)
         if hit is None:
+            if self._regex is None:
+                return False
             hit = pattern_matches(self._regex, event_type)
             if len(self._matches) < _MATCH_CACHE:
                 self._matches[event_type] = hit
@@ -3535,7 +3981,8 @@ class Subscription:
                 if self.on_gap is not None:
                     self._call(self.on_gap)
             if event is not None:
-                self._call(self.handler, deepcopy_json(event) if self.copy_events else event)
+                copy = self.copy_events and self.pattern is not None
+                self._call(self.handler, deepcopy_json(event) if copy else event)
                 self.delivered += 1
             self._busy = False
 
@@ -3575,6 +4022,7 @@ class Tap:
                  kind: str | None = None):
         self._bus = bus
         self.name = f"tap {pattern}" + (f" of {kind}" if kind else "")
+        self.pattern = pattern
         self._regex = compile_pattern(pattern)
         self._kind = kind
         self._queue: collections.deque = collections.deque()    # (event, size)
@@ -3639,67 +4087,90 @@ class Tap:
 
 
 class Bus:
-    """In-process publish/subscribe of CloudEvents dicts, with a ring buffer of recent events.
+    """In-process publish/subscribe of the store's changes and their CloudEvents.
 
-    ``publish(event, position, size)`` is non-blocking and thread-safe;
-    positions are ``(resourceVersion, n)`` tuples and must be published in
-    order. The ring keeps at most ``ring_size`` events and ``ring_bytes``
-    bytes of them, whichever bound is reached first. The subscriber queues
-    together hold at most ``queues_bytes`` (an event in several queues counts
+    ``attach(store, prefix=, source=)`` follows a store: each commit is
+    fanned out by ``publish_change`` (non-blocking, in resourceVersion
+    order) to the event subscribers (``subscribe``, ``tap``), as the events
+    ``change_events()`` derives, and to the change subscribers
+    (``subscribe_changes``). ``since()`` and ``recent()`` derive past events
+    from ``store.changes()``: the bus buffers nothing. The subscriber queues
+    together hold at most ``queues_bytes`` (an item in several queues counts
     in each): past it, the subscriber holding the most bytes loses its queue
     to a gap (a Subscription calls ``on_gap``, a Tap overflows), until the
-    rest fit.
+    rest fit. Thread-safe.
     """
 
-    def __init__(self, ring_size: int = 10000, ring_bytes: int = RING_BYTES, queues_bytes: int = QUEUES_BYTES):
-        self._lock = threading.Lock()       # guards _subs, _ring, buffered_bytes, _evicted
-        self._subs: tuple[Subscription, ...] = ()
-        self._ring: collections.deque = collections.deque()     # (position, event, size)
-        self.ring_size = ring_size
-        self.ring_bytes = ring_bytes
+    def __init__(self, queues_bytes: int = QUEUES_BYTES):
+        self._lock = threading.Lock()       # guards _subs and published
+        self._subs: tuple[Subscription | Tap, ...] = ()
         self.queues_bytes = queues_bytes
         self.shed = 0                        # queues dropped because the shared budget ran out
-        self.buffered_bytes = 0              # the sizes of the events in the ring, summed
-        self._evicted = None                 # position of the newest event pushed out of the ring
-        self.start_rv = 0                    # events at or before this were committed before we started
-        self.published = 0
+        self.published = 0                   # events fanned out
+        self.prefix, self.source = "io.fabrica", ""
+        self.start_rv = 0                    # the store's resourceVersion when the bus attached
+        self._store: Store | None = None
+        self._watch: StoreWatch | None = None
+
+    def attach(self, store: Store, *, prefix: str = "io.fabrica", source: str = "") -> None:
+        """Follow ``store``'s commits from now on; events get types ``<prefix>.<kind>.<action>``."""
+        self.detach()
+        self.prefix, self.source = prefix, source
+        self._store = store
+        self.start_rv = store.resource_version
+        self._watch = store.watch(self.publish_change)
+
+    def detach(self) -> None:
+        """Stop following the store (subscribers stay)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def subscribe(self, pattern: str, handler, **options) -> Subscription:
-        sub = Subscription(self, pattern, handler, **options)
-        with self._lock:
-            self._subs = self._subs + (sub,)
-        return sub
+        """Call ``handler(event)`` in a thread of its own for each event whose type matches ``pattern``."""
+        return self._add(Subscription(self, pattern, handler, **options))
+
+    def subscribe_changes(self, handler, **options) -> Subscription:
+        """Call ``handler(change)`` in a thread of its own for each Change (a controller's intake)."""
+        return self._add(Subscription(self, None, handler, **options))
 
     def tap(self, pattern: str, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES,
             kind: str | None = None) -> Tap:
         """A thread-less subscription (see Tap)."""
-        tap = Tap(self, pattern, queue_size=queue_size, queue_bytes=queue_bytes, kind=kind)
+        return self._add(Tap(self, pattern, queue_size=queue_size, queue_bytes=queue_bytes, kind=kind))
+
+    def _add(self, sub):
         with self._lock:
-            self._subs = self._subs + (tap,)
-        return tap
+            self._subs = self._subs + (sub,)
+        return sub
 
     def _remove(self, sub):
         with self._lock:
             self._subs = tuple(s for s in self._subs if s is not sub)
 
-    def publish(self, event: dict, position: tuple[int, int], size: int | None = None) -> None:
-        """Buffer and fan out one event; ``size`` is its JSON's bytes (measured here when None)."""
-        if size is None:
-            size = json_size(event)
+    def publish_change(self, change: Change, size: int) -> None:
+        """Fan one committed change out (the store's watcher); ``size`` is its object's JSON bytes."""
+        events = change_events(change, prefix=self.prefix, source=self.source)
+        sized = [(events[0], size + _EVENT_ENVELOPE)] + [(event, json_size(event)) for event in events[1:]]
+        self._fan_out(sized, change, size + _EVENT_ENVELOPE)
+
+    def publish(self, event: dict, size: int | None = None) -> None:
+        """Fan one event out to the event subscribers; ``size`` is its JSON's bytes (measured when None)."""
+        self._fan_out([(event, json_size(event) if size is None else size)], None, 0)
+
+    def _fan_out(self, events, change, change_size):
         with self._lock:
-            ring = self._ring
-            ring.append((position, event, size))
-            self.buffered_bytes += size
-            while ring and (len(ring) > self.ring_size or self.buffered_bytes > self.ring_bytes):
-                self._evicted, _, gone = ring.popleft()
-                self.buffered_bytes -= gone
             subs = self._subs
-            self.published += 1
-        event_type = event["type"]
+            self.published += len(events)
         held = 0
         for sub in subs:
-            if sub.matches(event_type):
-                sub.offer(event, size)
+            if sub.pattern is None:
+                if change is not None:
+                    sub.offer(change, change_size)
+            else:
+                for event, size in events:
+                    if sub.matches(event["type"]):
+                        sub.offer(event, size)
             held += sub.queued_bytes
         if held > self.queues_bytes:
             self._shed(subs, held)
@@ -3718,58 +4189,60 @@ class Bus:
                             victim.name, freed, self.queues_bytes)
 
     def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
-        """Every buffered event after ``position``; GoneError if one of them is not available.
-
-        An event is unavailable when it was evicted from the ring buffer or
-        was committed before this process started (``start_rv``).
-        """
-        with self._lock:
-            ring = list(self._ring)
-            evicted = self._evicted
-        if position < (self.start_rv, 0) or (evicted is not None and position < evicted):
-            raise GoneError(f"events after {format_position(position)} are no longer available; "
-                            "re-list and watch from now")
-        return [(pos, ev) for pos, ev, _ in ring if pos > position]
+        """Every event after ``position``, derived from the store's feed; GoneError if one of them is
+        not available (no longer retained, or committed before this process started)."""
+        rv, n = position
+        store = self._store
+        gone = GoneError(f"events after {format_position(position)} are no longer available; "
+                         "re-list and watch from now")
+        if store is None:
+            raise gone
+        try:
+            found = store.changes(rv - 1)       # change rv too: its events after <rv>.<n>
+        except ExpiredError:
+            if rv != self.start_rv:
+                raise gone from None
+            try:    # what was committed before the bus attached is never replayed: <start_rv> is a start
+                found = store.changes(rv)
+            except ExpiredError:
+                raise gone from None
+        out = []
+        for change in found:
+            events = change_events(change, prefix=self.prefix, source=self.source)
+            out.extend(((change.resource_version, i), event) for i, event in enumerate(events)
+                       if (change.resource_version, i) > position)
+        return out
 
     def recent(self, kind: str, uid: str, limit: int = 50) -> list[dict]:
-        """The newest ``limit`` buffered events of one object, oldest first (whatever the ring still holds)."""
-        with self._lock:
-            ring = list(self._ring)
-        found = [ev for _, ev, _ in ring if ev.get("resourcekind") == kind and ev.get("resourceuid") == uid]
-        return found[-limit:] if limit else []
+        """The newest ``limit`` events of one object the store's feed still retains, oldest first."""
+        if self._store is None or not limit:
+            return []
+        found = [event for change in self._store.changes() if change.kind == kind and change.uid == uid
+                 for event in change_events(change, prefix=self.prefix, source=self.source)]
+        return found[-limit:]
 
     @property
-    def subscriptions(self) -> tuple[Subscription, ...]:
+    def subscriptions(self) -> tuple[Subscription | Tap, ...]:
         return self._subs
 
     def stats(self) -> dict:
         subs = self._subs
+        changes, held = self._store.retained() if self._store is not None else (0, 0)
         return {"published": self.published, "subscribers": len(subs),
                 "dropped": sum(s.dropped for s in subs), "gaps": sum(s.gaps for s in subs),
-                "buffered": len(self._ring), "bufferedBytes": self.buffered_bytes,
+                "buffered": changes, "bufferedBytes": held,
                 "queuedBytes": sum(s.queued_bytes for s in subs), "shed": self.shed}
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Close every subscription; queued events are delivered within ``timeout``."""
+        """Stop following the store and close every subscription; queued items are delivered within
+        ``timeout``."""
+        self.detach()
         deadline = time.monotonic() + timeout
         for sub in self._subs:
             if isinstance(sub, Subscription):
                 sub.close(max(0.0, deadline - time.monotonic()), drain=True)
             else:
                 sub.close()
-
-
-def format_position(position: tuple[int, int]) -> str:
-    rv, n = position
-    return f"{rv}.{n}" if n else str(rv)
-
-
-def parse_position(text: str) -> tuple[int, int]:
-    """``"42"`` -> (42, 0), ``"42.1"`` -> (42, 1); BadRequestError otherwise."""
-    rv, _, n = text.strip().partition(".")
-    if not rv.isdigit() or not rv.isascii() or (n and (not n.isdigit() or not n.isascii())):
-        raise BadRequestError(f"invalid event id {text[:40]!r}: expected <resourceVersion> or <resourceVersion>.<n>")
-    return int(rv), int(n or 0)
 
 
 ###############################################################################
@@ -4190,22 +4663,21 @@ class Controller:
     """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
 
     It reads and writes through ``registry`` (the status it writes, the
-    conditions it records, the finalizer it takes off), hears of changes on
-    ``bus`` (events typed ``<event_prefix>.<kind>.<action>``) and hands
-    reconcile a Context with ``client`` (and ``app``, the application).
+    conditions it records, the finalizer it takes off), hears of the store's
+    changes from ``bus`` and hands reconcile a Context with ``client`` (and
+    ``app``, the application).
     ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
     one iteration of the housekeeping loop, so tests can drive them by hand.
     """
 
-    event_queue_size = 1_000_000    # events waiting for the controller's bus thread; overflow -> resync
-    event_queue_bytes = QUEUE_BYTES  # and their bytes: events hold whole objects
+    event_queue_size = 1_000_000    # changes waiting for the controller's bus thread; overflow -> resync
+    event_queue_bytes = QUEUE_BYTES  # and their bytes: changes hold whole objects
 
-    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, event_prefix: str = "io.fabrica",
-                 clock=time.monotonic, max_delay: float = 300.0, app=None):
+    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, clock=time.monotonic,
+                 max_delay: float = 300.0, app=None):
         self.registry = registry
         self.bus = bus
         self.client = client
-        self.event_prefix = event_prefix
         self.app = app
         self.info = info
         self.kind = info.kind
@@ -4227,13 +4699,10 @@ class Controller:
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
         info = self.info
-        patterns = {info.kind} | set(info.owns) | set(info.watches)
-        self._subscription = self.bus.subscribe(
-            f"{self.event_prefix}.*.*", self._on_event, queue_size=self.event_queue_size,
-            queue_bytes=self.event_queue_bytes,
-            name=f"{self.kind.lower()}-controller",
-            on_gap=lambda: self.resync("gap"), copy_events=False)
-        self._kinds_of_interest = {k.lower() for k in patterns}
+        self._kinds_of_interest = {info.kind} | set(info.owns) | set(info.watches)
+        self._subscription = self.bus.subscribe_changes(
+            self._on_change, queue_size=self.event_queue_size, queue_bytes=self.event_queue_bytes,
+            name=f"{self.kind.lower()}-controller", on_gap=lambda: self.resync("gap"))
         self.resync("startup")
         self.queue.start()
         self._schedule_resync()
@@ -4285,27 +4754,27 @@ class Controller:
                 self._threads.remove(me)
 
     # -- triggers ------------------------------------------------------------------
-    def _on_event(self, event: dict) -> None:
-        kind = event.get("resourcekind")
-        if not kind or kind.lower() not in self._kinds_of_interest or "action" not in event:
-            return      # condition events and kinds we do not care about
-        data = event["data"]
-        obj = data["resource"]
-        info = self.info
-        if kind == info.kind and (event["action"] in ("created", "deleted") or data["updateType"] != "status"):
-            self.queue.add((kind, data["resourceUID"]), event["type"])
+    def _on_change(self, change: Change) -> None:
+        """Queue what one committed change concerns (SPEC §5.2, triggers 2-4)."""
+        obj = change.object
+        kind = obj["kind"]
+        if kind not in self._kinds_of_interest:
+            return
+        action, name, info = change.action, obj["metadata"]["name"], self.info
+        if kind == info.kind and (action in ("created", "deleted") or change.update_type != "status"):
+            self.queue.add((kind, obj["metadata"]["uid"]), f"{kind} {name} {action}")
         if kind in info.owns:       # every owner of this kind, controller or not (SPEC §5.5: several)
             for ref in obj["metadata"]["ownerReferences"]:
                 if ref["kind"] == info.kind:
-                    self.queue.add((info.kind, ref["uid"]), f"owned {kind} {data['resourceName']} {event['action']}")
+                    self.queue.add((info.kind, ref["uid"]), f"owned {kind} {name} {action}")
         mapper = info.watches.get(kind)
         if mapper is not None:
             try:
                 refs = mapper(Resource(deepcopy_json(obj))) or ()
                 for ref in refs:
-                    self._add_ref(ref, f"watched {kind} {data['resourceName']} {event['action']}")
+                    self._add_ref(ref, f"watched {kind} {name} {action}")
             except Exception:
-                ctl_log.exception("%s: watches[%r] raised for %s", self.kind, kind, data["resourceName"])
+                ctl_log.exception("%s: watches[%r] raised for %s", self.kind, kind, name)
 
     def _add_ref(self, ref, reason):
         if isinstance(ref, dict):
@@ -5196,7 +5665,7 @@ class RestAPI:
         return self._send(obj)
 
     def object_events(self, plural, ref):
-        """The object's recent events still in the bus's ring buffer, oldest first (``?limit=``, default 50).
+        """The object's recent events the store's change feed still retains, oldest first (``?limit=``, default 50).
 
         Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
         """
@@ -7442,11 +7911,6 @@ class Registry:
 # run them. The controllers and the garbage collector's sweeps run while
 # the store's LeaderElector says this process leads.
 
-_TRIGGER_METADATA = ("labels", "annotations", "finalizers", "deletionTimestamp", "ownerReferences")
-# about the bytes of a resource event around its object; they matter only for small objects,
-# whose events the ring's count bound limits first
-_EVENT_ENVELOPE = 512
-
 
 class Fabrica:
     """One application: kinds, a store, a bus, controllers, a REST API and clients.
@@ -7456,8 +7920,8 @@ class Fabrica:
     opened by start() (or serve()), not here, so serve's flags can override it.
     ``max_body`` (1 MiB) caps a request body and also every object a write
     stores, measured as compact JSON, whatever produced it (SPEC §6.4).
-    ``ring_size`` and ``ring_bytes`` bound the event ring that serves
-    ``GET /events`` resume. Every write goes through ``registry``, the
+    ``ring_size`` and ``ring_bytes`` bound the file store's in-memory change
+    feed, which serves ``GET /events`` resume. Every write goes through ``registry``, the
     Registry; the controllers run while the store's LeaderElector
     (``elector``, made by start()) says this process leads.
     """
@@ -7480,7 +7944,8 @@ class Fabrica:
         self.registry = Registry(max_body=max_body, open=open, clock=clock)
         self.registry.store = store
         self.kinds = self.registry.kinds            # kind -> KindInfo (the registry's own dict)
-        self.bus = Bus(ring_size, ring_bytes)
+        self.ring_size, self.ring_bytes = ring_size, ring_bytes
+        self.bus = Bus()
         self.identity = f"{socket.gethostname()}-{os.getpid()}"    # this process, to leader election
         self.elector: LeaderElector | None = None   # the store's, made by start()
         self._started = False
@@ -7568,7 +8033,7 @@ class Fabrica:
             raise ConfigurationError(
                 f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
                 f"fabrica {__version__}; use data_dir= (the JSON file store)")
-        return FileStore(self.data_dir, durable=self.durable)
+        return FileStore(self.data_dir, durable=self.durable, feed_size=self.ring_size, feed_bytes=self.ring_bytes)
 
     def start(self) -> Fabrica:
         """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
@@ -7590,8 +8055,7 @@ class Fabrica:
             logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
                            "or a controller (serve the app that registers them to validate and reconcile them)",
                            ", ".join(sorted(strangers)))
-        self.bus.start_rv = self.store.resource_version
-        self.store.on_commit = self._on_commit
+        self.bus.attach(self.store, prefix=self.event_prefix, source=self.event_source)
         self._started = True
         self.registry.start()
         self.elector = self.store.leader_elector(self.identity)
@@ -7611,7 +8075,6 @@ class Fabrica:
             self.elector.stop()
         self.registry.stop(max(0.0, deadline - time.monotonic()))
         self.bus.stop(max(0.1, deadline - time.monotonic()))
-        self.store.on_commit = None
         self.store.close()
         self._started = self._stopping = False
 
@@ -7638,8 +8101,8 @@ class Fabrica:
     def _start_controllers(self):
         for info in self.kinds.values():
             if info.has_controller:
-                controller = Controller(self.registry, info, bus=self.bus, client=self.client,
-                                        event_prefix=self.event_prefix, clock=self.clock, app=self)
+                controller = Controller(self.registry, info, bus=self.bus, client=self.client, clock=self.clock,
+                                        app=self)
                 self._controllers[info.kind] = controller
                 controller.start()
 
@@ -7698,60 +8161,6 @@ class Fabrica:
         """What GET /apis answers."""
         return self.registry.discovery()
 
-    # -- events ------------------------------------------------------------------
-    def _on_commit(self, action: str, old: dict | None, new: dict, size: int) -> None:
-        """Publish the CloudEvents of one committed write (store lock held, so in rv order).
-
-        ``size`` is the object's JSON bytes, measured by the store: the resource event is that
-        plus its envelope, so the ring's byte bound costs no second serialisation.
-        """
-        rv = int(new["metadata"]["resourceVersion"])
-        # derived from what _mutate already decided: generation moves exactly on spec changes, and a
-        # committed write that touched neither spec nor these metadata fields changed the status
-        if old is None or action == "deleted" or old["metadata"]["generation"] != new["metadata"]["generation"]:
-            update_type = "spec"
-        elif any(old["metadata"][k] != new["metadata"][k] for k in _TRIGGER_METADATA):
-            update_type = "metadata"
-        else:
-            update_type = "status"
-        kind, meta = new["kind"], new["metadata"]
-        when = meta["updatedAt"] if action != "deleted" else utcnow()
-        base = f"{self.event_source}/resources/{kind}/{meta['uid']}"
-        event = {
-            "specversion": "1.0", "id": f"evt-{rv}", "type": f"{self.event_prefix}.{kind.lower()}.{action}",
-            "source": base, "subject": meta["uid"], "time": when, "datacontenttype": JSON_TYPE,
-            "resourcekind": kind, "resourceuid": meta["uid"], "action": action,
-            "resourceversion": str(rv), "sequence": str(rv),
-            "data": {"action": action, "resourceKind": kind, "resourceUID": meta["uid"],
-                     "resourceName": meta["name"], "changeTime": when, "updateType": update_type,
-                     "resource": new},
-        }
-        self.bus.publish(event, (rv, 0), size + _EVENT_ENVELOPE)
-        if action == "deleted":
-            return
-        before = {c.get("type"): c for c in ((old or {}).get("status", {}).get("conditions") or ())
-                  if isinstance(c, dict)}
-        n = 0
-        for cond in new["status"].get("conditions") or ():
-            if not isinstance(cond, dict) or not isinstance(cond.get("type"), str):
-                continue
-            prev = before.get(cond["type"], {}).get("status")
-            if prev == cond.get("status"):
-                continue
-            n += 1
-            ctype = cond["type"].lower()
-            self.bus.publish({
-                "specversion": "1.0", "id": f"evt-{rv}.{n}", "type": f"{self.event_prefix}.condition.{ctype}",
-                "source": f"{base}/conditions/{ctype}", "subject": meta["uid"], "time": when,
-                "datacontenttype": JSON_TYPE, "resourcekind": kind, "resourceuid": meta["uid"],
-                "conditiontype": cond["type"], "conditionstatus": str(cond.get("status")),
-                "resourceversion": str(rv), "sequence": f"{rv}.{n}",
-                "data": {"conditionType": cond["type"], "status": cond.get("status"),
-                         "previousStatus": prev or "Unknown", "reason": cond.get("reason", ""),
-                         "message": cond.get("message", ""),
-                         "transitionTime": cond.get("lastTransitionTime"), "resourceKind": kind,
-                         "resourceUID": meta["uid"]},
-            }, (rv, n))
 
     # -- serving -----------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,

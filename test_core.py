@@ -1462,7 +1462,7 @@ class TestHistoryMatchesItsObjectAfterACrash:
             with pytest.raises(_Crash):
                 app.client.create("Rack", name="never", spec={"v": 1})
             doomed = app.client.create("Rack", name="doomed")
-            _crash_at(monkeypatch, fabrica.Store, "prune_versions")    # after a delete, before its history goes
+            _crash_at(monkeypatch, fabrica.FileStore, "prune_versions")    # after a delete, before its history goes
             with pytest.raises(_Crash):
                 app.client.delete("Rack", "doomed")
         assert len(list(history_dir(data).iterdir())) == 3, "the crashes did not leave what a kill -9 leaves"
@@ -1670,9 +1670,9 @@ class TestCommittedWritesNeverAnswer5xx:
         try:
             call(app, "POST", "/racks", {"name": "r"})
 
-            def broken(action, old, new):
+            def broken(change, size):
                 raise RuntimeError("publisher broke")
-            app.store.on_commit = broken
+            app.store.watch(broken)
             status, _, body = call(app, "PUT", "/racks/r", {"v": 2})
             assert status == 200, body
             assert call(app, "GET", "/racks/r")[2] == body
@@ -2261,11 +2261,11 @@ class TestSubscriberQueuesShareOneBudget:
         bus.queues_bytes = 10_000
         early = bus.tap("**")
         for n in range(4):
-            bus.publish(_event(n), (n + 1, 0), 1000)
+            bus.publish(_event(n), 1000)
         late = bus.tap("**")
         held = []
         for n in range(4, 10):
-            bus.publish(_event(n), (n + 1, 0), 1000)
+            bus.publish(_event(n), 1000)
             held.append(early.queued_bytes + late.queued_bytes)
         assert max(held) <= 10_000, held
         # the early tap held the most: it lost its queue and overflowed (GET /events ends its stream)
@@ -2286,15 +2286,15 @@ class TestSubscriberQueuesShareOneBudget:
         sub = bus.subscribe("**", handler, on_gap=lambda: gaps.append(len(seen)), name="slow")
         watcher = bus.tap("**")         # a reader that keeps up
         try:
-            bus.publish(_event(0), (1, 0), 1000)
+            bus.publish(_event(0), 1000)
             assert first.wait(10)       # the handler holds event 0; the next ones queue
             assert watcher.get(0)["n"] == 0
             for n in range(1, 9):
-                bus.publish(_event(n), (n + 1, 0), 1000)
+                bus.publish(_event(n), 1000)
                 assert watcher.get(0)["n"] == n
                 assert sub.queued_bytes + watcher.queued_bytes <= 5_000
             release.set()
-            bus.publish(_event(9), (10, 0), 1000)
+            bus.publish(_event(9), 1000)
             assert wait_until(lambda: 9 in seen)
             assert gaps == [1] and sub.dropped >= 1 and not watcher.overflowed
         finally:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fabrica's benchmarks: the project side by side with baselines measured in the same run.
 
-    python benchmarks/run.py [--quick] [--only SECTION[.ITEM],...] [--out FILE] [--no-install]
+    python benchmarks/run.py [--quick] [--only SECTION[.ITEM],...] [--sizes N,...] [--out FILE] [--no-install]
 
 Prints one table (measurement | fabrica | baseline | ratio | target | met?)
 and writes it, with the machine's description, to benchmarks/results.json
@@ -142,6 +142,8 @@ class Bench:
             self.cfg["runs"] = args.runs
         if args.servers:
             self.cfg["servers"] = args.servers.split(",")
+        if args.sizes:
+            self.cfg["sizes"] = [int(n) for n in args.sizes.split(",")]
         self.only = [t.strip() for t in (args.only or "").split(",") if t.strip()]
         self.table = Table()
         self.root = Path(tempfile.mkdtemp(prefix="fabrica-bench-"))
@@ -625,6 +627,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, help="seconds per load run (overrides the mode)")
     p.add_argument("--runs", type=int, help="runs per measurement (overrides the mode)")
     p.add_argument("--servers", help="WSGI servers for the overhead rows, e.g. builtin,waitress,granian")
+    p.add_argument("--sizes", help="object counts for the scale and peer rows (overrides the mode), e.g. 20000")
     args = p.parse_args(argv)
     return Bench(args).run()
 

@@ -6,7 +6,7 @@
 Prints one line per CloudEvent: ``<type> <resourceName> rv=<resourceversion>``
 (condition events carry no name, so their resource uid is shown). The client
 reconnects with Last-Event-ID when the connection drops, so nothing is missed
-while the server keeps the events in its ring buffer; ``--since ID`` resumes
+while the server still holds the changes in its feed; ``--since ID`` resumes
 from an event id printed by an earlier run (410 if it is too old).
 """
 
