@@ -7067,20 +7067,15 @@ def _serve_adapter(wsgi, name, host, port, ready, **options):
 
 
 ###############################################################################
-# Registry ####################################################################
+# Kinds #######################################################################
 ###############################################################################
 #
-# The write path (Kubernetes: the generic registry). Every write, REST,
-# app.client or a controller's, goes through Registry.create/mutate/delete:
-# validation, server-managed fields, generation, finalizers, history and
-# compare-and-swap on resourceVersion. The GarbageCollector deletes a
-# dependent once every owner is positively gone (Store.gone: never merely
-# not loaded) and retries failed steps until done.
+# What register() knows about a kind (KindInfo) and the rules every write of
+# it keeps, whoever makes it: fabrica's own finalizer as the kind says,
+# finalizers only removed once deletion began, no metadata written as spec.
 
 FINALIZER = "fabrica.io/finalize"
 _FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}   # never spec in a flat body
-_CAS_RETRIES = 50
-OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
 
 
 _FRAMEWORK_STATUS = {
@@ -7229,6 +7224,21 @@ def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
             if problem:
                 errors.append({"field": f"{field}.{key}", "message": problem})
     return errors
+
+
+###############################################################################
+# Registry ####################################################################
+###############################################################################
+#
+# The write path (Kubernetes: the generic registry). Every write, REST,
+# app.client or a controller's, goes through Registry.create/mutate/delete:
+# validation, server-managed fields, generation, finalizers, history and
+# compare-and-swap on resourceVersion. The GarbageCollector deletes a
+# dependent once every owner is positively gone (Store.gone: never merely
+# not loaded) and retries failed steps until done.
+
+_CAS_RETRIES = 50
+OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
 
 
 class GarbageCollector:
