@@ -80,6 +80,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import select
 import shlex
@@ -4249,13 +4250,19 @@ class Bus:
 # Work queue ##################################################################
 ###############################################################################
 #
-# WorkQueue: client-go's work queue semantics in one class. A key is queued
-# once however often it is added, never handed to two workers, and re-queued
-# once by done() when it was added while running; one timer thread serves
-# add_after(); per-key exponential backoff under an overall token bucket.
+# WorkQueue: client-go's work queue built on the standard library's
+# queue.Queue, as PriorityQueue is: _init/_qsize/_put/_get over Queue's own
+# mutex and conditions. A key is queued once however often it is added, never
+# handed to two workers, and re-queued once by done() when it was added while
+# running; one timer thread serves add_after(); per-key exponential backoff
+# under an overall token bucket.
 
-class WorkQueue:
-    """A rate-limited, delaying, de-duplicating work queue (client-go semantics).
+_NO_KEY = object()  # task_done() called the stdlib way, without a key
+
+
+class WorkQueue(queue.Queue):
+    """A rate-limited, delaying, de-duplicating work queue (client-go semantics)
+    that is a :class:`queue.Queue`.
 
     Keys are hashable ``(kind, uid)`` tuples.  The guarantees:
 
@@ -4263,11 +4270,31 @@ class WorkQueue:
     * A key is never handed to two workers at once: ``add`` while it is being
       processed marks it dirty, and ``done`` puts it back in the queue exactly once.
     * Reasons are coalesced per pending run (ordered, no duplicates) and returned
-      by ``get`` together with the key.
+      by ``get`` together with the key.  Ready keys come out first in, first out.
 
-    All methods are thread-safe.  Only ``get`` (until a key is ready),
-    ``wait_until`` and ``stop`` (joining the timer thread) block.  Due times
-    are measured on the injected ``clock``; blocking timeouts are real seconds.
+    The ``queue.Queue`` methods, on those semantics:
+
+    * ``put(key)`` and ``put_nowait(key)`` are ``add(key)``.  A WorkQueue is
+      unbounded (``maxsize`` 0, ``full()`` always False), so they never block
+      and ignore ``block``/``timeout``, as ``SimpleQueue.put`` does.
+    * ``get(block=True, timeout=None)`` returns ``(key, reasons)`` and marks the
+      key processing; on timeout and after shutdown it returns None rather than
+      raising ``Empty`` (client-go's ``Get`` reports shutdown the same way).
+      ``get_nowait()`` returns ``(key, reasons)`` or raises ``queue.Empty``.
+    * ``task_done(key)`` is ``done(key)``: the queue tracks each key, not a
+      count, so ``task_done()`` without the key raises TypeError.
+    * ``unfinished_tasks`` counts the keys queued, owed a re-run or processing;
+      ``join()`` blocks until it is 0.  A delayed key counts once it is due.
+    * ``qsize()`` (and ``len(q)``) is the number of keys ready to hand out now,
+      so ``empty()`` is true while every pending key is delayed or processing.
+    * ``shutdown(drain=False)`` is client-go's ShutDown (or, with ``drain``,
+      ShutDownWithDrain); ``is_shutdown`` tells.  Python 3.13's
+      ``Queue.shutdown(immediate=False)`` makes the same choice the other way
+      round and drains by default; this one does not.
+
+    Every method is thread-safe.  Only ``get`` (until a key is ready), ``join``,
+    ``wait_until`` and ``stop`` (joining the timer thread) block.  Due times are
+    measured on the injected ``clock``; blocking timeouts are real seconds.
     """
 
     _HEARTBEAT = 1.0  # the timer thread re-checks at least this often (seconds)
@@ -4281,19 +4308,31 @@ class WorkQueue:
         self._max_delay = max_delay
         self._qps = qps
         self._burst = max(1, burst)  # a bucket smaller than one token could never be reserved
-        # One lock, one condition: every waiter (getters, the timer thread,
-        # wait_until) re-checks its own predicate, so every state change uses
-        # notify_all() -- notify() could wake the wrong kind of waiter.
-        #
-        # Invariant, guarded by _cond:
-        #   every key is in at most one of: _queue (=> also in _dirty), _processing;
-        #   _dirty ∩ _processing = keys re-added while running (done() re-queues them),
-        #   so len(_dirty) - len(_queue) = number of running keys owed another run;
+        super().__init__()  # maxsize 0; calls _init, makes mutex and its conditions
+        # Queue's conditions: getters wait on not_empty (one notify per key that
+        # becomes ready, notify_all on shutdown), join() on all_tasks_done;
+        # not_full is never waited on (unbounded).  Two more share the mutex:
+        # the timer thread waits on _due_changed (an earlier due time, shutdown),
+        # wait_until on _state_changed (every change, counted in _changes so a
+        # change between its check and its wait is not lost).
+        self._due_changed = threading.Condition(self.mutex)
+        self._state_changed = threading.Condition(self.mutex)
+        self._changes = 0
+        self.is_shutdown = False  # Python 3.13's Queue has the same attribute
+        self._drain = False
+        self._timer: threading.Thread | None = None
+
+    # -- queue.Queue's extension points; called with self.mutex held ----------------
+
+    def _init(self, maxsize: int) -> None:
+        # Invariant, guarded by self.mutex:
+        #   every key is in at most one of: self.queue (=> also in _dirty), _processing;
+        #   _dirty ∩ _processing = keys re-added while running (done() re-queues them);
+        #   unfinished_tasks = len(_dirty ∪ _processing) = len(queue) + len(_processing);
         #   _reasons[key] = reasons for the key's next run (exists only while dirty);
         #   _waiting[key] = (due, seq) of the key's one live heap entry; heap
         #   entries that don't match it are stale and skipped (lazy deletion).
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[Hashable] = deque()
+        self.queue: deque[Hashable] = deque()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._reasons: dict[Hashable, dict[str, None]] = {}  # dict = ordered set
@@ -4304,30 +4343,41 @@ class WorkQueue:
         self._failures: dict[Hashable, int] = {}
         self._tokens = float(self._burst)
         self._last_refill: float | None = None
-        self._changes = 0  # bumped on every state change; lets wait_until avoid lost wakeups
-        self._shutting_down = False
-        self._drain = False
-        self._timer: threading.Thread | None = None
+
+    def _qsize(self) -> int:
+        return len(self.queue)
+
+    def _put(self, key: Hashable) -> None:
+        if key in self._dirty:
+            return  # already queued, or will be re-queued by done()
+        self._dirty.add(key)
+        if key not in self._processing:
+            self.queue.append(key)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+        self._changed()
+
+    def _get(self) -> tuple[Hashable, list[str]]:
+        key = self.queue.popleft()
+        self._dirty.discard(key)
+        self._processing.add(key)
+        self._changed()
+        return key, list(self._reasons.pop(key, ()))
 
     # -- internals; all called with the lock held -------------------------------
 
     def _changed(self) -> None:
         self._changes += 1
-        self._cond.notify_all()
+        self._state_changed.notify_all()
 
     def _add_locked(self, key: Hashable, reasons) -> None:
-        if self._shutting_down:
+        if self.is_shutdown:
             return
         pending = self._reasons.setdefault(key, {})
         for r in reasons:
             if r is not None:
                 pending[r] = None
-        if key in self._dirty:
-            return  # already queued, or will be re-queued by done()
-        self._dirty.add(key)
-        if key not in self._processing:
-            self._queue.append(key)
-        self._changed()
+        self._put(key)
 
     def _prune_locked(self) -> None:
         while self._heap:
@@ -4349,7 +4399,7 @@ class WorkQueue:
             fired += 1
 
     def _add_after_locked(self, key: Hashable, delay: float, reason: str | None) -> None:
-        if self._shutting_down:
+        if self.is_shutdown:
             return
         if delay <= 0:
             self._add_locked(key, (reason,))
@@ -4363,15 +4413,8 @@ class WorkQueue:
         entry = (due, next(self._seq))
         self._waiting[key] = entry
         heapq.heappush(self._heap, (*entry, key))
-        self._changed()  # the timer may need to wake earlier
-
-    def _when_locked(self, key: Hashable) -> float:
-        failures = self._failures.get(key, 0)
-        self._failures[key] = failures + 1
-        # 2.0 ** 1024 overflows a float; long before that we are at max_delay anyway.
-        backoff = self._max_delay if failures >= 1024 else min(
-            self._base_delay * 2.0 ** failures, self._max_delay)
-        return max(backoff, self._reserve_locked())
+        self._due_changed.notify()  # the timer may need to wake earlier
+        self._changed()
 
     def _reserve_locked(self) -> float:
         """Reserve one token like golang.org/x/time/rate Reserve: tokens may go
@@ -4390,112 +4433,142 @@ class WorkQueue:
 
     def add(self, key: Hashable, reason: str | None = None) -> None:
         """Queue ``key`` (or merge ``reason`` if already pending). Ignored after shutdown."""
-        with self._cond:
+        with self.mutex:
             self._add_locked(key, (reason,))
+
+    def put(self, key: Hashable, block: bool = True, timeout: float | None = None) -> None:
+        """``add(key)``: never blocks (unbounded); ``block`` and ``timeout`` are ignored."""
+        with self.mutex:
+            self._add_locked(key, ())
 
     def add_after(self, key: Hashable, delay: float, reason: str | None = None) -> None:
         """Add ``key`` once ``delay`` seconds (on the clock) have passed.
 
         Per key only the earliest due time is kept; reasons are merged either way.
         """
-        with self._cond:
+        with self.mutex:
             self._add_after_locked(key, delay, reason)
 
     def add_rate_limited(self, key: Hashable, reason: str | None = None) -> float:
-        """Count a failure for ``key`` and add it after ``when(key)``; return that delay."""
-        with self._cond:
-            delay = self._when_locked(key)
+        """Count a failure for ``key`` and add it after max(per-key backoff, token-bucket
+        delay); return that delay in seconds.  The backoff is ``base_delay`` doubling per
+        failure since the last ``forget``, capped at ``max_delay``."""
+        with self.mutex:
+            failures = self._failures.get(key, 0)
+            self._failures[key] = failures + 1
+            # 2.0 ** 1024 overflows a float; long before that we are at max_delay anyway.
+            backoff = self._max_delay if failures >= 1024 else min(
+                self._base_delay * 2.0 ** failures, self._max_delay)
+            delay = max(backoff, self._reserve_locked())
             self._add_after_locked(key, delay, reason)
             return delay
 
-    def when(self, key: Hashable) -> float:
-        """Count a failure for ``key`` and return max(per-key backoff, token-bucket delay)."""
-        with self._cond:
-            return self._when_locked(key)
-
     def forget(self, key: Hashable) -> None:
         """Reset ``key``'s failure count (call after a successful run)."""
-        with self._cond:
+        with self.mutex:
             self._failures.pop(key, None)
 
     def num_requeues(self, key: Hashable) -> int:
-        with self._cond:
+        """Failures counted for ``key`` by ``add_rate_limited`` since its last ``forget``."""
+        with self.mutex:
             return self._failures.get(key, 0)
 
     # -- consumers ---------------------------------------------------------------
 
-    def get(self, timeout: float | None = None) -> tuple[Hashable, list[str]] | None:
+    def get(self, block: bool = True, timeout: float | None = None) -> tuple[Hashable, list[str]] | None:
         """Block until a key is ready, mark it processing and return ``(key, reasons)``.
 
-        Returns None after ``timeout`` real seconds (``timeout <= 0`` never blocks),
-        or once shut down -- immediately without drain; with drain when nothing is
-        queued and no running key is owed a re-run by ``done``.
-        The caller must call ``done(key)`` when finished.
+        Returns None after ``timeout`` real seconds (``timeout <= 0`` or
+        ``block=False`` never blocks), or once shut down -- immediately without
+        drain; with drain when nothing is queued and no running key is owed a
+        re-run by ``done``.  The caller must call ``done(key)`` when finished.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self.not_empty:
             while True:
-                if self._shutting_down and not self._drain:
+                if self.is_shutdown and not self._drain:
                     return None
-                if self._queue:
-                    break
-                # len(dirty) > len(queue): some running key will be re-queued by done().
-                if self._shutting_down and len(self._dirty) == len(self._queue):
+                if self._qsize():
+                    return self._get()
+                # a dirty key that is not queued is running and will be re-queued by done()
+                if self.is_shutdown and not self._dirty:
+                    return None
+                if not block:
                     return None
                 if deadline is None:
-                    self._cond.wait()
+                    self.not_empty.wait()
                 else:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return None
-                    self._cond.wait(remaining)
-            key = self._queue.popleft()
-            self._dirty.discard(key)
-            self._processing.add(key)
-            reasons = list(self._reasons.pop(key, ()))
-            self._changed()
-            return key, reasons
+                    self.not_empty.wait(remaining)
+
+    def get_nowait(self) -> tuple[Hashable, list[str]]:
+        """``(key, reasons)`` of a ready key, now processing; raises ``queue.Empty`` if
+        none is ready (or the queue is shut down)."""
+        item = self.get(block=False)
+        if item is None:
+            raise queue.Empty
+        return item
 
     def done(self, key: Hashable) -> None:
-        """Mark ``key`` finished; if it was added meanwhile, queue it again (once)."""
-        with self._cond:
+        """Mark ``key`` finished; if it was added meanwhile, queue it again (once).
+
+        A key that is not processing is ignored (a stray or second ``done``)."""
+        with self.mutex:
             if key not in self._processing:
                 return  # a stray/double done() must not queue a pending key twice
             self._processing.discard(key)
             if key in self._dirty:
-                self._queue.append(key)
+                self.queue.append(key)
+                self.not_empty.notify()
+            else:
+                self.unfinished_tasks -= 1
+                if not self.unfinished_tasks:
+                    self.all_tasks_done.notify_all()
+            if self.is_shutdown:
+                self.not_empty.notify_all()  # draining getters may be done waiting
             self._changed()
+
+    def task_done(self, key: Hashable = _NO_KEY) -> None:
+        """``done(key)``.  Raises TypeError without the key ``get`` returned."""
+        if key is _NO_KEY:
+            raise TypeError("WorkQueue.task_done() needs the key that get() returned: "
+                            "call done(key) (or task_done(key))")
+        self.done(key)
 
     # -- introspection -----------------------------------------------------------
 
     def is_pending(self, key: Hashable) -> bool:
         """True if ``key`` is queued or owed a re-run (delayed-only keys don't count)."""
-        with self._cond:
+        with self.mutex:
             return key in self._dirty
 
     def is_processing(self, key: Hashable) -> bool:
-        with self._cond:
+        """True between the ``get`` that returned ``key`` and its ``done``."""
+        with self.mutex:
             return key in self._processing
 
     def __len__(self) -> int:
-        """Number of keys ready in the FIFO."""
-        with self._cond:
-            return len(self._queue)
+        """Number of keys ready to hand out now: ``qsize()``."""
+        with self.mutex:
+            return len(self.queue)
 
     def delayed_count(self) -> int:
-        with self._cond:
+        """Number of keys waiting for their due time."""
+        with self.mutex:
             return len(self._waiting)
 
     def next_due(self) -> float | None:
         """Earliest due time of a delayed key, on the injected clock, or None."""
-        with self._cond:
+        with self.mutex:
             self._prune_locked()
             return self._heap[0][0] if self._heap else None
 
     def idle(self, within: float = 0.0) -> bool:
         """True if nothing is queued or processing and nothing is due within ``within``."""
-        with self._cond:
-            if self._queue or self._processing:
+        with self.mutex:
+            if self.queue or self._processing:
                 return False
             self._prune_locked()
             return not self._heap or self._heap[0][0] > self._clock() + within
@@ -4507,11 +4580,11 @@ class WorkQueue:
         least every 50 ms (it may depend on things outside the queue)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._cond:
+            with self.mutex:
                 seen = self._changes
             if predicate():
                 return True
-            with self._cond:
+            with self.mutex:
                 wait = 0.05
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
@@ -4519,29 +4592,29 @@ class WorkQueue:
                         return False
                     wait = min(wait, remaining)
                 if self._changes == seen:  # otherwise re-check straight away
-                    self._cond.wait(wait)
+                    self._state_changed.wait(wait)
 
     # -- timer and lifecycle -----------------------------------------------------
 
     def fire_due(self) -> int:
         """One timer iteration: queue every delayed key that is due; return how many."""
-        with self._cond:
+        with self.mutex:
             return self._fire_due_locked()
 
     def _run_timer(self) -> None:
-        with self._cond:
-            while not self._shutting_down:
+        with self.mutex:
+            while not self.is_shutdown:
                 self._fire_due_locked()
                 wait = self._HEARTBEAT
                 if self._heap:  # _fire_due_locked left a live entry on top
                     wait = min(wait, max(0.0, self._heap[0][0] - self._clock()))
                 # Woken early by add_after (an earlier item) or shutdown.
-                self._cond.wait(wait)
+                self._due_changed.wait(wait)
 
     def start(self) -> None:
         """Start the single timer thread (idempotent; no-op after shutdown)."""
-        with self._cond:
-            if self._timer is not None or self._shutting_down:
+        with self.mutex:
+            if self._timer is not None or self.is_shutdown:
                 return
             self._timer = threading.Thread(target=self._run_timer, daemon=True,
                                            name=f"fabrica-{self.name}-timer")
@@ -4550,23 +4623,34 @@ class WorkQueue:
     def shutdown(self, drain: bool = False) -> None:
         """Stop accepting adds and wake every waiter.  Delayed keys are dropped.
 
-        With ``drain`` ``get`` keeps handing out queued keys until none are left.
+        Without ``drain`` the queued keys are dropped too (``get`` returns None,
+        ``join`` waits only for the keys processing); with ``drain`` ``get`` keeps
+        handing out queued keys, and those ``done`` re-queues, until none are left.
         Only the first call decides ``drain``.
         """
-        with self._cond:
-            if self._shutting_down:
+        with self.mutex:
+            if self.is_shutdown:
                 return
-            self._shutting_down = True
+            self.is_shutdown = True
             self._drain = drain
             self._heap.clear()
             self._waiting.clear()
             self._waiting_reasons.clear()
+            if not drain:
+                self.unfinished_tasks -= len(self.queue)
+                self.queue.clear()
+                self._dirty.clear()
+                self._reasons.clear()
+            if not self.unfinished_tasks:
+                self.all_tasks_done.notify_all()
+            self.not_empty.notify_all()
+            self._due_changed.notify_all()
             self._changed()
 
     def stop(self, timeout: float | None = None) -> None:
         """``shutdown()`` (keeping an earlier drain choice) and join the timer thread."""
         self.shutdown()
-        with self._cond:
+        with self.mutex:
             timer = self._timer
         if timer is not None and timer is not threading.current_thread():
             timer.join(timeout)
@@ -4845,7 +4929,7 @@ class Controller:
     # -- execution -----------------------------------------------------------------
     def process_next(self, timeout: float | None = 0.5) -> bool:
         """Take one key, reconcile it, and mark it done; False if nothing came within ``timeout``."""
-        item = self.queue.get(timeout)
+        item = self.queue.get(timeout=timeout)
         if item is None:
             return False
         key, reasons = item
@@ -4976,9 +5060,8 @@ class Controller:
 
     def _retry_with_backoff(self, key, error, why: str) -> float:
         """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
-        delay = self.queue.when(key)
+        delay = self.queue.add_rate_limited(key, why)
         self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
-        self.queue.add_after(key, delay, why)
         return delay
 
     def _record_failure(self, key, error, reason: str, retry: str) -> None:
@@ -7287,7 +7370,7 @@ class GarbageCollector:
 
     def process_next(self, timeout: float | None = 0.0) -> bool:
         """Retry one queued step (and the cascade below it); False if none was ready within ``timeout``."""
-        item = self.queue.get(timeout)
+        item = self.queue.get(timeout=timeout)
         if item is None:
             return False
         key = item[0]
