@@ -2182,7 +2182,8 @@ class Store:
         self.discovered: dict[str, str] = {}               # kinds found in storage: kind -> plural
         self.writes = 0
         self.write_failures = 0
-        self._listeners: tuple[StoreWatch, ...] = ()
+        self._listeners: tuple[StoreWatch, ...] = ()       # replaced whole under _watch_lock
+        self._watch_lock = threading.Lock()
 
     # -- override these ------------------------------------------------------
     def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
@@ -2315,11 +2316,13 @@ class Store:
         raises is logged; the write it announces stays committed.
         """
         handle = StoreWatch(self, listener)
-        self._listeners = self._listeners + (handle,)
+        with self._watch_lock:
+            self._listeners = self._listeners + (handle,)
         return handle
 
     def _unwatch(self, handle: StoreWatch) -> None:
-        self._listeners = tuple(h for h in self._listeners if h is not handle)
+        with self._watch_lock:
+            self._listeners = tuple(h for h in self._listeners if h is not handle)
 
     @staticmethod
     def make_change(action: str, old: dict | None, new: dict) -> Change:
@@ -3105,7 +3108,6 @@ class DirSyncer:
 
 
 _TEMP_RE = re.compile(r"\.tmp-[0-9a-f]{12}\.part")
-_OBJECT_KEYS = ("apiVersion", "kind", "schemaVersion", "metadata", "spec", "status")
 _RV_SLOT = 30       # b"<20 digits> <crc32 of the digits, 8 hex>\n"
 _RV_SLOT_RE = re.compile(rb"(\d{20}) ([0-9a-f]{8})\n")
 
@@ -3350,13 +3352,9 @@ class FileStore(IndexedStore):
     def _read_file(self, path, stem, kind):
         problem, obj = self._read_document(path)
         problem = problem or envelope_problem(obj, kind, stem)
-        if problem:
-            return problem, None
-        # a file this store wrote holds every key in wire order: it is its own normal form
-        if tuple(obj) != _OBJECT_KEYS or tuple(obj["metadata"]) != METADATA_KEYS or obj["spec"] is None or \
-                obj["status"] is None:
-            obj = normalize_object(obj)
-        return None, obj
+        # normalize_object() also puts the shared key constants in place of each file's own key
+        # strings: taking a file that already holds every key in order as it is costs 1 KB an object
+        return problem, (None if problem else normalize_object(obj))
 
     def _note_quarantine(self):
         """Mark the kinds that quarantined files (of this or an earlier start-up) may belong to as unsure.
@@ -4189,9 +4187,10 @@ class Bus:
                             "together passed their budget of %d; its queue is dropped (a gap)",
                             victim.name, freed, self.queues_bytes)
 
-    def since(self, position: tuple[int, int]) -> list[tuple[tuple[int, int], dict]]:
-        """Every event after ``position``, derived from the store's feed; GoneError if one of them is
-        not available (no longer retained, or committed before this process started)."""
+    def since(self, position: tuple[int, int], kind: str | None = None) -> list[tuple[tuple[int, int], dict]]:
+        """Every event after ``position`` (of ``kind``'s objects only, if given), derived from the
+        store's feed; GoneError if one of them is not available (no longer retained, or committed
+        before this process started)."""
         rv, n = position
         store = self._store
         gone = GoneError(f"events after {format_position(position)} are no longer available; "
@@ -4209,6 +4208,8 @@ class Bus:
                 raise gone from None
         out = []
         for change in found:
+            if kind is not None and change.kind != kind:
+                continue
             events = change_events(change, prefix=self.prefix, source=self.source)
             out.extend(((change.resource_version, i), event) for i, event in enumerate(events)
                        if (change.resource_version, i) > position)
@@ -5343,17 +5344,18 @@ def _media_type(environ) -> str:
     return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
 
 
-def _sse_frame(position, event) -> bytes:
+def _sse_frame(position, event, typed: bool = True) -> bytes:
     """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
 
     A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
     break inside one would start a field or an event of its sender's
     choosing: the id and event fields have their control characters escaped
     whatever reaches here, and the data is one line of JSON (json.dumps
-    escapes every control character in a string).
+    escapes every control character in a string). ``typed=False`` leaves the
+    event field out (the type stays in the data).
     """
-    return (f"id: {_one_line(format_position(position))}\nevent: {_one_line(str(event['type']))}\n"
-            f"data: {dumps(event)}\n\n").encode()
+    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
+    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
 
 
 def _peer_closed(sock) -> bool:
@@ -5437,12 +5439,14 @@ class RestAPI:
         self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
         self._bodies_bytes = 0                  # the cached JSON's bytes, summed
         self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
         self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
         self.wsgi.route("/health", "GET", self._endpoint(self.health))
         self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
         self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
         self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
         self.wsgi.route("/events", "GET", self._endpoint(self.events))
+        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
         self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
 
     # -- plumbing ----------------------------------------------------------
@@ -5473,9 +5477,14 @@ class RestAPI:
         if app.token and environ.get("PATH_INFO") != "/health":
             got = environ.get("HTTP_AUTHORIZATION", "")
             if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
-                raise self._error_response(UnauthorizedError(
-                    "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
-                    {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+                try:
+                    admitted = dashboard_admits(self, environ)
+                except FabricaError as err:     # a ticket, refused: the error says why
+                    raise self._error_response(err) from None
+                if not admitted:
+                    raise self._error_response(UnauthorizedError(
+                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
+                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
 
     def _after(self):
         environ = bottle.request.environ
@@ -5807,11 +5816,9 @@ class RestAPI:
         return self._send(self.registry.discovery(), etag=False)
 
     def root(self):
-        """Until the dashboard (SPEC §11) exists: a browser goes to /docs, a JSON client gets discovery."""
+        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
         if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
-            # relative to the mount point, so an app mounted under a prefix sends the browser to its own /docs
-            location = bottle.request.script_name + "docs"
-            return bottle.HTTPResponse(b"", 302, {"Location": location, "Vary": "Accept"})
+            return dashboard_page()
         bottle.response.set_header("Vary", "Accept")
         return self.apis()
 
@@ -5837,6 +5844,8 @@ class RestAPI:
         kind = query.get("kind") or None
         if kind is not None:
             kind = self.registry.resolve_kind(kind).kind
+        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
+        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
         since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
         position = parse_position(since) if since else None
         store = self.registry.store
@@ -5849,8 +5858,7 @@ class RestAPI:
         tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
         try:
             backlog = [] if position is None else [
-                (pos, ev) for pos, ev in bus.since(position)
-                if tap.matches(ev["type"]) and (kind is None or ev.get("resourcekind") == kind)]
+                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
         except FabricaError:
             tap.close()
             raise
@@ -5858,16 +5866,21 @@ class RestAPI:
         res.content_type = "text/event-stream; charset=utf-8"
         res.set_header("Cache-Control", "no-cache")
         res.set_header("X-Accel-Buffering", "no")
-        return self._stream(tap, backlog, position or (0, 0), env)
+        return self._stream(tap, backlog, position or (0, 0), env, typed)
 
-    def _stream(self, tap: Tap, backlog, last, env):
+    def event_ticket(self):
+        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
+        bottle.response.set_header("Cache-Control", "no-store")
+        return self._send(self.tickets.issue(), etag=False)
+
+    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
         sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
         keepalive = self.keepalive
         quiet_since = time.monotonic()
         try:
             yield b": stream open\n\n"
             for pos, event in backlog:
-                yield _sse_frame(pos, event)
+                yield _sse_frame(pos, event, typed)
                 last = pos
             while self.app._started and not (server is not None and server.stopping):
                 event = tap.get(timeout=min(1.0, keepalive))
@@ -5883,7 +5896,7 @@ class RestAPI:
                     continue        # already sent from the backlog
                 last = pos
                 quiet_since = time.monotonic()
-                yield _sse_frame(pos, event)
+                yield _sse_frame(pos, event, typed)
         finally:
             tap.close()
 
@@ -6293,6 +6306,10 @@ def _oa_components() -> dict:
                            {"type": "string"}),
             "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
                                  {"type": "string"}),
+            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
+                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
+            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
+                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
         },
         "headers": {
             "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
@@ -6360,7 +6377,8 @@ def openapi_document(app) -> dict:
         "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
                           {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
                                          media="text/event-stream")}, "400 404 410",
-                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID")]),
+                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
+                                                              "StreamTicket", "Untyped")]),
         "/openapi.json": system("getOpenAPI", "This document",
                                 {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
         "/docs": system("getDocs", "An offline page that browses this document",
@@ -6373,11 +6391,15 @@ def openapi_document(app) -> dict:
         paths["/"] = system("getDashboard", "A small HTML dashboard",
                             {"200": _oa_ok("HTML", text, media="text/html")})
     elif roots:
-        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) is redirected to /docs",
-                      {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
-        root["get"]["responses"]["302"] = {"description": "Accept names text/html: to /docs",
-                                           "headers": {"Location": {"schema": {"type": "string"}}}}
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
+                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
         paths["/"] = root
+    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
+                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
+                        "type": "object", "required": ["ticket", "expiresAt"],
+                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
+    paths["/events/ticket"] = {"post": ticket["get"]}
     tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
     doc = {
         "openapi": "3.1.0",
@@ -6524,6 +6546,454 @@ fetch("/openapi.json", {headers: headers()})
 </script>
 </body></html>
 """
+
+
+###############################################################################
+# Dashboard ####################################################################
+###############################################################################
+#
+# GET / for a browser (SPEC §11): DASHBOARD_HTML lists every kind through the
+# REST API, follows GET /events with an EventSource and polls /metrics for the
+# controllers. The page holds no data, so it is served without the token; an
+# EventSource sends no headers, so the page trades its bearer token (POST
+# /events/ticket) for a StreamTickets ticket: signed, scoped to GET /events,
+# valid STREAM_TICKET_TTL seconds and redeemed once.
+
+STREAM_TICKET_TTL = 30          # seconds a stream ticket stays redeemable
+_TICKET_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})", re.ASCII)
+
+
+class _TicketsBusyError(FabricaError):
+    status = 429
+
+
+class StreamTickets:
+    """The stream tickets of one server: ``issue()`` one, ``redeem()`` it once (thread-safe).
+
+    A ticket is ``<expiry>.<nonce>.<mac>``: the expiry in whole Unix seconds of
+    ``clock``, 128 random bits, and HMAC-SHA256 over both and the scope under a
+    key drawn at construction (so a restart voids every ticket). Redeemed
+    nonces are remembered until their expiry, at most ``capacity`` of them.
+    """
+
+    def __init__(self, ttl: float = STREAM_TICKET_TTL, clock: Callable[[], float] = time.time,
+                 capacity: int = 10000):
+        self.ttl, self.clock, self.capacity = ttl, clock, capacity
+        self._key = os.urandom(32)
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}     # nonce -> expiry of every redeemed, unexpired ticket; under _lock
+
+    def _mac(self, body: str) -> str:
+        mac = hmac.new(self._key, b"GET /events\n" + body.encode(), "sha256").digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def issue(self) -> dict:
+        """``{"ticket", "expiresAt"}``: a new ticket and its expiry (RFC 3339 UTC)."""
+        expiry = math.ceil(self.clock() + self.ttl)
+        body = f"{expiry}.{os.urandom(16).hex()}"
+        return {"ticket": f"{body}.{self._mac(body)}",
+                "expiresAt": datetime.fromtimestamp(expiry, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def redeem(self, ticket: str) -> None:
+        """Accept ``ticket`` once; UnauthorizedError if it is malformed, forged, expired or used."""
+        match = _TICKET_RE.fullmatch(ticket)
+        if not match or not hmac.compare_digest(match[3], self._mac(f"{match[1]}.{match[2]}")):
+            raise UnauthorizedError("invalid stream ticket; POST /events/ticket with the bearer token for one")
+        expiry, nonce, now = int(match[1]), match[2], self.clock()
+        if expiry <= now:
+            raise UnauthorizedError("the stream ticket expired; POST /events/ticket for a new one")
+        with self._lock:
+            if nonce in self._used:
+                raise UnauthorizedError("the stream ticket was used already; POST /events/ticket for a new one")
+            if len(self._used) >= self.capacity:
+                self._used = {n: e for n, e in self._used.items() if e > now}
+                if len(self._used) >= self.capacity:     # forgetting one would let it be replayed
+                    raise _TicketsBusyError(f"{self.capacity} stream tickets were redeemed in the last "
+                                            f"{self.ttl:g} s; retry shortly")
+            self._used[nonce] = expiry
+
+
+def dashboard_admits(rest: RestAPI, environ: dict) -> bool:
+    """Whether a request without the bearer token may pass: the page itself, or GET /events with a ticket.
+
+    The page is the same for every server and carries no data. A ticket is
+    redeemed here, so a bad one raises UnauthorizedError naming what is wrong.
+    """
+    if environ.get("REQUEST_METHOD") != "GET":
+        return False
+    if environ.get("PATH_INFO") == "/":
+        return "text/html" in environ.get("HTTP_ACCEPT", "")
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")) if environ.get("PATH_INFO") == "/events" else {}
+    ticket = query.get("ticket")
+    if ticket:
+        rest.tickets.redeem(ticket[-1])
+    return bool(ticket)
+
+
+def dashboard_page() -> bottle.HTTPResponse:
+    """The page, with a policy that lets it fetch nothing but this server and be framed by no one."""
+    return bottle.HTTPResponse(_DASHBOARD_BYTES, 200, {
+        "Content-Type": "text/html; charset=utf-8", "Vary": "Accept", "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                   "connect-src 'self'; img-src data:; frame-ancestors 'none'"})
+
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fabrica</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>
+:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;--bad:#f85149;
+--acc:#58a6ff}*{box-sizing:border-box}[hidden]{display:none!important}
+body{margin:0;height:100vh;font:13px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--line);display:grid;
+gap:1px;grid-template:44px minmax(0,1fr) minmax(0,34%)/220px minmax(0,1fr) minmax(0,38%)}
+body>*{background:var(--bg);min-height:0;min-width:0}section{display:flex;flex-direction:column}
+header{grid-column:1/-1;display:flex;align-items:center;gap:16px;padding:0 14px;background:var(--pane)}
+header b{font-size:15px;letter-spacing:.02em}nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
+#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}h3{margin:8px 0;font-size:15px}
+h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;color:var(--dim);margin:14px 14px 6px}
+.kind{display:flex;gap:6px;padding:4px 14px;cursor:pointer}.kind span:first-child{flex:1}
+.kind:hover,.row:hover{background:var(--pane)}.kind.on{background:#1f6feb26;box-shadow:inset 3px 0 var(--acc)}
+.n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
+.bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
+input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
+.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;
+align-items:center;padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
+.grid span:nth-child(n+3){text-align:right}
+.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
+.vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
+.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
+.dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;
+background:var(--wait)}.ok::before{background:var(--ok)}.bad::before{background:var(--bad)}
+.none::before{background:var(--line)}.dim{color:var(--dim)}.lag{color:var(--wait)}.red{color:var(--bad)}
+.grn{color:var(--ok)}.acc,a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
+pre{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;background:var(--pane);
+padding:10px;border-radius:6px;margin:8px 0}#log{font:12px/20px ui-monospace,monospace}#log span{margin-right:8px}
+#log .row{padding:0 10px;height:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border:0}
+table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}th{font-weight:normal;font-size:11px}
+td,th{text-align:right;padding:2px 0 2px 14px}td:first-child,th:first-child{text-align:left;padding-left:0}
+dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:8px}
+</style></head>
+<body>
+<header><b>fabrica</b><span id="svc" class="dim"></span><span id="live" class="dot">connecting</span>
+<span id="rv" class="n"></span><span style="flex:1"></span><span id="rate" class="n"></span></header>
+<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2><table><thead class="dim"><tr><th>kind</th><th>queue</th>
+<th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody></table></nav>
+<section><div class="bar"><b id="title"></b><span id="shown" class="n"></span><span></span>
+<input id="filter" type="search" placeholder="filter by name"></div>
+<div class="grid th"><span>name</span><span>ready / phase</span><span>gen / obs</span><span>age</span></div>
+<div id="table" class="vl"></div></section>
+<aside id="detail"><h2>Resource</h2><p class="dim">Click a row for its JSON, owner and dependents.</p></aside>
+<section><div class="bar"><b>Events</b><span id="logn" class="n"></span><span></span>
+<input id="types" type="search" size="34" placeholder="type filter: rack, **.deleted, io.fabrica.node.*"></div>
+<div id="log" class="vl"></div></section>
+<dialog id="auth"><form method="dialog"><p>This server asks for its bearer token (serve --token).</p>
+<input id="token" type="password" size="40" autocomplete="off"> <button>Connect</button></form></dialog>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id), LOG_KEEP = 5000;
+function el(tag, cls, text, ...kids) {
+  const e = Object.assign(document.createElement(tag), {className: cls || ""});
+  e.append(...(text === undefined ? [] : [String(text)]), ...kids);
+  return e;
+}
+const set = (e, text, cls) => { e.textContent = text; if (cls !== undefined) e.className = cls; };
+const kinds = new Map();    // kind -> {info, rows: Map uid -> row, view: rows sorted by name, sorted, el, notReady}
+let log = [], logView = log, match = null;    // log: {time, type, kind, uid, name, text}, oldest first
+let token = sessionStorage.getItem("fabrica-token") || "", current = "", filter = "", selected = null;
+let pending = [], scheduled = false, es = null, lastId = "", tombs = null, attempt = 0, epoch = 0, seen = 0, was = 0;
+let dirty = {counts: true, table: true, log: false, detail: false};
+
+async function api(path, opts = {}) {
+  const res = await fetch(path, {...opts, headers: token ? {Authorization: "Bearer " + token} : {}});
+  if (res.status === 401 && !$("auth").open) { $("token").value = token; $("auth").showModal(); }
+  if (!res.ok) throw new Error(path + " answered " + res.status);
+  return res;
+}
+const json = async (path, opts) => (await api(path, opts)).json();
+const hashKind = () => decodeURIComponent(location.hash.slice(1));
+
+class VList {     // a virtualised list: only the rows in sight exist, reused as it scrolls
+  constructor(box, height, cells, click) {
+    Object.assign(this, {box, height, cells, click, pool: []});
+    this.spacer = box.appendChild(el("div"));
+    this.rows = box.appendChild(el("div"));
+    box.onscroll = () => { this.dirty = true; schedule(); };
+  }
+  measure() {   // read before any write of the frame, so the frame lays out once
+    this.first = Math.floor(this.box.scrollTop / this.height);
+    this.n = Math.ceil(this.box.clientHeight / this.height) + 1;
+  }
+  render(count, item) {   // item(i): the i-th item; cells(item): [[text, class], ...], one per column
+    this.spacer.style.height = count * this.height + "px";
+    this.rows.style.transform = `translateY(${this.first * this.height}px)`;
+    while (this.pool.length < this.n) {
+      const e = this.rows.appendChild(Object.assign(el("div", "row"), {onclick: () => this.click(e.item)}));
+      this.pool.push(e);
+    }
+    this.pool.forEach((e, i) => {
+      if ((e.hidden = this.first + i >= count)) return;
+      const x = e.item = item(this.first + i), cells = this.cells(x);
+      while (e.children.length < cells.length) e.append(el("span"));
+      cells.forEach(([text, cls], j) => set(e.children[j], text, cls || ""));
+      e.classList.toggle("sel", !!selected && selected.uid === x.uid);
+    });
+    this.dirty = false;
+  }
+}
+const table = new VList($("table"), 26, (r) => {
+  const [cls, word] = status(r), lag = r.ogen !== undefined && r.ogen !== r.gen;
+  return [[r.name], [word, "dot " + cls], [r.ogen === undefined ? r.gen : `${r.gen} / ${r.ogen}`, lag ? "lag" : ""],
+    [age(r.created), "dim"]];
+}, (r) => select(current, r.uid));
+const events = new VList($("log"), 20, (x) => [[x.time, "dim"], [x.type, /created$/.test(x.type) ? "grn"
+  : /deleted$/.test(x.type) ? "red" : ""], [`${x.kind}/${x.name}`, "acc"], [x.text, "dim"]], (x) => go(x.kind, x.uid));
+
+function addKind(info) {
+  const k = kinds.get(info.kind) || {rows: new Map(), view: [], sorted: false, el: null, notReady: 0};
+  kinds.set(info.kind, Object.assign(k, {info}));
+  return k;
+}
+function summary(kind, o) {
+  const m = o.metadata, s = o.status || {}, c = (s.conditions || []).find((c) => c && c.type === "Ready") || {};
+  return {kind, uid: m.uid, name: m.name, rv: +m.resourceVersion, gen: m.generation, ogen: s.observedGeneration,
+    phase: typeof s.phase === "string" ? s.phase : "", ready: c.status || "", reason: c.reason || "",
+    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp,
+    owners: (m.ownerReferences || []).map((r) => r.uid)};
+}
+const byName = (a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+function place(k, row, add) {   // keeps a sorted view sorted: a binary search, not a sort per change
+  if (!k.sorted || (add && !row.name.includes(filter))) return;
+  let lo = 0, hi = k.view.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (byName(k.view[mid], row) < 0) lo = mid + 1; else hi = mid; }
+  if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
+}
+function put(kind, o, deleted) {      // the newest resourceVersion wins, whether the list or the stream brings it
+  if (!kinds.has(kind)) {   // a kind the open server made just now: its plural is in /apis
+    json("apis").then((apis) => apis.kinds.forEach(addKind), () => {});
+    if (!current) show(kind);
+  }
+  const k = kinds.get(kind) || addKind({kind, plural: "", controller: false});
+  const uid = o.metadata.uid, rv = +o.metadata.resourceVersion, old = k.rows.get(uid);
+  if ((old && old.rv >= rv) || (tombs && tombs.get(uid) >= rv)) return;
+  const row = deleted ? old : summary(kind, o), mine = selected && row && row.owners.includes(selected.uid);
+  k.notReady -= old && old.ready !== "True" ? 1 : 0;
+  if (deleted && tombs) tombs.set(uid, rv);
+  if (deleted && old) { k.rows.delete(uid); place(k, old, false); }
+  if (!deleted && !old) { k.rows.set(uid, row); place(k, row, true); }
+  if (!deleted && old) { k.sorted &&= old.name === row.name; Object.assign(old, row); }
+  if (!deleted) k.notReady += row.ready !== "True" ? 1 : 0;
+  dirty.counts = true;
+  dirty.table ||= kind === current;
+  dirty.detail ||= mine && (deleted || !old);
+}
+
+function onEvent(text) {
+  const ev = JSON.parse(text), d = ev.data || {}, kind = ev.resourcekind || d.resourceKind, uid = d.resourceUID;
+  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
+  seen++;
+  if (d.resource) put(kind, d.resource, d.action === "deleted");
+  if (d.resource && selected && selected.uid === uid) {
+    Object.assign(selected, {obj: d.resource, gone: d.action === "deleted"});
+    dirty.detail = true;
+  }
+  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid,
+    name: d.resourceName || (row ? row.name : uid),
+    text: d.resource ? d.action + (/updated|patched/.test(d.action) ? " " + d.updateType : "")
+      : `${d.conditionType} ${d.previousStatus || "-"} \u2192 ${d.status} ${d.reason || ""}`});
+  dirty.log = true;
+}
+function schedule() {   // one flush per animation frame (a timer while the tab is hidden: no frames then)
+  if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
+  scheduled = true;
+}
+const touch = (...parts) => { parts.forEach((p) => { dirty[p] = true; }); schedule(); };
+function flush() {    // what arrived since the last frame, rendered once
+  const batch = pending;
+  [scheduled, pending] = [false, []];
+  table.measure();
+  events.measure();
+  batch.forEach(onEvent);
+  if (log.length > 2 * LOG_KEEP) log = log.slice(-LOG_KEEP);
+  if (dirty.counts) renderKinds();
+  if (dirty.table || table.dirty) renderTable();
+  if (dirty.log) logView = match ? log.filter((x) => match(x.type)) : log;
+  if (dirty.log || events.dirty) events.render(logView.length, (i) => logView[logView.length - 1 - i]);
+  if (dirty.detail && selected) renderDetail();
+  set($("logn"), seen.toLocaleString());
+  dirty = {counts: false, table: false, log: false, detail: false};
+}
+
+function renderKinds() {   // in the order the app registered them
+  for (const [name, k] of kinds) {
+    k.el = k.el || $("kinds").appendChild(el("div", "kind", undefined, el("span", "", name), el("span"), el("span")));
+    k.el.onclick = () => show(name);
+    k.el.classList.toggle("on", name === current);
+    set(k.el.children[1], k.info.controller && k.notReady ? k.notReady + " not ready" : "", "lag n");
+    set(k.el.children[2], k.rows.size.toLocaleString(), "n");
+  }
+}
+function view(k) {
+  if (!k.sorted) k.view = [...k.rows.values()].filter((r) => r.name.includes(filter)).sort(byName);
+  k.sorted = true;
+  return k.view;
+}
+function age(ms) {
+  const s = Math.max(0, (Date.now() - ms) / 1000), [n, unit] = s < 90 ? [s, "s"] : s < 5400 ? [s / 60, "m"]
+    : s < 172800 ? [s / 3600, "h"] : [s / 86400, "d"];
+  return Math.floor(n) + unit;
+}
+function status(r) {    // [dot class, "phase or Ready · reason"]
+  const word = r.deleting ? "Deleting" : r.phase || (r.ready === "True" ? "Ready" : r.ready ? "NotReady" : "-");
+  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad"
+    : r.ready || r.phase ? "" : "none";
+  return [cls, r.reason && r.reason !== word ? word + " \u00b7 " + r.reason : word];
+}
+function renderTable() {
+  const k = kinds.get(current), rows = k ? view(k) : [];
+  set($("title"), current);
+  set($("shown"), k ? (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString() : "");
+  table.render(rows.length, (i) => rows[i]);
+}
+function show(kind, uid) {   // a kind's table, scrolled to uid when given
+  current = kind;
+  history.replaceState(null, "", "#" + encodeURIComponent(kind));
+  const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
+  $("table").scrollTop = Math.max(0, (at - 3) * 26);
+  touch("counts", "table");
+}
+function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
+  if (!kinds.has(kind)) return;
+  if (kind !== current) show(kind, uid);
+  select(kind, uid);
+}
+
+async function select(kind, uid) {
+  const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
+  touch("detail", "table", "log");
+  if (!k || !k.info.plural) return;
+  try {
+    const o = await json(`${k.info.plural}/${encodeURIComponent(uid)}`);
+    if (!s.obj || +s.obj.metadata.resourceVersion < +o.metadata.resourceVersion) s.obj = o;
+  } catch (e) { s.gone = !s.obj; }
+  touch("detail");
+}
+function renderDetail() {
+  const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
+  const link = (r) => Object.assign(el("a", "", `${r.kind} ${r.name || r.uid}`), {onclick: () => go(r.kind, r.uid)});
+  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${(o ? o.metadata : row || s).name || s.uid}`));
+  if (s.gone || !o) return box.append(el("p", s.gone ? "red" : "dim", s.gone ? "deleted" : "loading\u2026"));
+  const owners = el("div", "links", "owner: "), deps = el("div", "links", "dependents: "), found = [];
+  for (const k of kinds.values()) for (const r of k.rows.values()) if (r.owners.includes(s.uid)) found.push(r);
+  owners.append(...(o.metadata.ownerReferences || []).map(link));
+  deps.append(...found.sort(byName).slice(0, 100).map(link));
+  if (found.length > 100) deps.append(el("span", "dim", `and ${found.length - 100} more`));
+  for (const e of [owners, deps]) if (!e.children.length) e.append(el("span", "dim", "none"));
+  box.append(owners, deps, el("pre", "", JSON.stringify(o, null, 2)));
+}
+
+function matcher(pattern) {   // GET /events' type patterns (* one segment, ** any number), else a substring
+  if (!pattern.includes("*")) return (t) => t.includes(pattern);
+  const p = pattern.split(".");
+  const m = (i, t, j) => i === p.length ? j === t.length
+    : p[i] === "**" ? m(i + 1, t, j) || (j < t.length && m(i, t, j + 1))
+    : j < t.length && (p[i] === "*" || p[i] === t[j]) && m(i + 1, t, j + 1);
+  return (t) => m(0, t.split("."), 0);
+}
+async function pollControllers() {
+  if (document.hidden || !kinds.size) return;
+  const stats = {}, re = /^fabrica_(queue_depth|reconcile_retries_total|reconcile_errors_total)\{kind="(.*)"\} (\S+)$/;
+  try {
+    for (const line of (await (await api("metrics")).text()).split("\n")) {
+      const m = re.exec(line);
+      if (m) (stats[m[2]] = stats[m[2]] || {})[m[1]] = +m[3];
+    }
+  } catch (e) { return; }
+  $("ctl").replaceChildren(...[...kinds.keys()].filter((kind) => stats[kind]).map((kind) => {
+    const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
+    return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
+      td(s.reconcile_errors_total, "red"));
+  }));
+}
+
+const live = (state) => set($("live"), state, "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : ""));
+async function connect(since) {   // resolves once the stream is open, or has failed
+  live(since ? "reconnecting" : "connecting");
+  const retry = () => setTimeout(() => since ? connect(since) : start(), Math.min(10000, 500 * 2 ** attempt++));
+  let src, opened = false;
+  try {
+    const q = new URLSearchParams({ticket: (await json("events/ticket", {method: "POST"})).ticket, untyped: "true"});
+    if (since) q.set("since", since);
+    src = es = new EventSource("events?" + q);
+  } catch (e) { return retry(); }
+  await new Promise((done) => {
+    src.onopen = () => { opened = true; attempt = 0; live("live"); done(); };
+    src.onmessage = (m) => { lastId = m.lastEventId; pending.push(m.data); schedule(); };
+    src.onerror = () => {   // the ticket is spent: a new one, from the last event seen (else relist)
+      src.close();
+      done();
+      if (es !== src) return;
+      live("offline");
+      since = opened && lastId;
+      retry();
+    };
+  });
+}
+async function start() {    // (re)list everything; the stream opens first, so no change falls in between
+  const mine = ++epoch;
+  if (es) es.close();
+  [es, pending] = [null, []];
+  const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
+  if (!apis) return live("offline");
+  set($("svc"), `${health.service} ${health.version}`);
+  kinds.clear();
+  $("kinds").replaceChildren();
+  apis.kinds.forEach(addKind);
+  const names = [...kinds.keys()], first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
+  current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
+  if (current) show(current);
+  [lastId, tombs] = ["", new Map()];
+  await connect("");
+  await Promise.all([current, ...names.filter((n) => n !== current)].map(async (name) => {
+    for (let next = ""; ;) {
+      const res = await api(`${kinds.get(name).info.plural}?limit=1000` + (next ? "&continue=" + next : ""));
+      const items = await res.json();
+      if (mine !== epoch) return;     // a newer start() lists afresh
+      items.forEach((o) => put(name, o, false));
+      schedule();
+      if (!(next = encodeURIComponent(res.headers.get("X-Continue") || ""))) break;
+    }
+  })).catch(() => {});
+  if (mine === epoch) tombs = null;
+  pollControllers();
+}
+
+$("filter").oninput = () => {
+  filter = $("filter").value.trim();
+  kinds.forEach((k) => { k.sorted = false; });
+  $("table").scrollTop = 0;
+  touch("table");
+};
+$("types").oninput = () => { match = $("types").value.trim() && matcher($("types").value.trim()); touch("log"); };
+$("auth").onclose = () => {     // the same sessionStorage key as /docs: one token per tab for both pages
+  sessionStorage.setItem("fabrica-token", token = $("token").value.trim());
+  start();
+};
+window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
+window.onhashchange = () => kinds.has(hashKind()) && show(hashKind());
+document.onvisibilitychange = () => { scheduled = false; schedule(); };
+setInterval(() => {     // the rate, and the ages
+  set($("rate"), `${seen - was} events/s`);
+  set($("rv"), lastId ? "last event " + lastId : "");
+  was = seen;
+  touch("table");
+}, 1000);
+setInterval(pollControllers, 2000);
+start();
+</script>
+</body></html>
+"""
+_DASHBOARD_BYTES = DASHBOARD_HTML.encode()
 
 
 ###############################################################################

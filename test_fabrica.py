@@ -2,9 +2,10 @@
 
 Sections, in fabrica.py's order: Helpers, Errors, Resources, Patches, Label
 selectors, JSON Schema, Schemas, Leader election, Stores, File store, Bus,
-Work queue, Registry, Controller, REST API, OpenAPI, HTTP server, Fabrica,
-Clients, CLI; then the examples, the README and the benchmarks, run as a user
-runs them. A failure points to a banner: ``grep -n '^# .*####' test_fabrica.py``.
+Work queue, Registry, Controller, REST API, OpenAPI, Dashboard, HTTP server,
+Fabrica, Clients, CLI; then the examples, the README and the benchmarks, run
+as a user runs them. A failure points to a banner:
+``grep -n '^# .*####' test_fabrica.py``.
 
 One harness, at the top, serves every section:
 
@@ -37,6 +38,7 @@ the apps' tests already cover with fsync off).
 
 from __future__ import annotations   # the dataclasses below are resolved with get_type_hints
 
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -1904,6 +1906,39 @@ def new(kind, name, uid, **spec):
     return fabrica.new_object(kind, name, uid, spec=dict(spec))
 
 
+
+# the change feed (SPEC §3.0): helpers for the conformance tests below and the feed tests further down
+
+_READY_CONDITION = {"type": "Ready", "status": "True", "reason": "R", "message": "",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}
+
+
+def _changed(obj, *, spec=None, status=None, labels=None):
+    """A copy of a stored object with a new spec (generation + 1), status or labels, ready to replace it."""
+    out = fabrica.deepcopy_json(obj)
+    meta = out["metadata"]
+    if spec is not None:
+        out["spec"] = spec
+        meta["generation"] += 1
+    if status is not None:
+        out["status"] = status
+    if labels is not None:
+        meta["labels"] = labels
+    meta["updatedAt"] = fabrica.utcnow()
+    return out
+
+
+def _write_history(store, uid="rack-000000a1"):
+    """create, spec, status (a condition), labels, delete: one change of every kind; the first rv."""
+    a = store.create(new("Rack", "a", uid, v=1))
+    b = store.replace(_changed(a, spec={"v": 2}), a["metadata"]["resourceVersion"])
+    c = store.replace(_changed(b, status={"conditions": [_READY_CONDITION]}), b["metadata"]["resourceVersion"],
+                      "patched")
+    d = store.replace(_changed(c, labels={"env": "prod"}), c["metadata"]["resourceVersion"])
+    store.delete("Rack", uid, d["metadata"]["resourceVersion"])
+    return int(a["metadata"]["resourceVersion"])
+
+
 class StoreConformance:
     """The store interface, run over every store (collected as TestStoreConformance)."""
 
@@ -2016,7 +2051,106 @@ class StoreConformance:
         assert int(created["metadata"]["resourceVersion"]) > rv
 
 
+    # -- the change feed (SPEC §3.0) ---------------------------------------------
+
+    def test_every_write_is_one_change_in_order(self, store_factory):
+        store = store_factory()
+        first = _write_history(store)
+        changes = list(store.changes(first - 1))
+        assert [c.action for c in changes] == ["created", "updated", "patched", "updated", "deleted"]
+        rvs = [c.resource_version for c in changes]
+        assert rvs == sorted(set(rvs)) and rvs[0] == first and rvs[-1] == store.resource_version
+        assert [c.update_type for c in changes] == ["spec", "spec", "status", "metadata", "spec"]
+        assert {(c.kind, c.uid) for c in changes} == {("Rack", "rack-000000a1")}
+        assert [c.object["metadata"]["resourceVersion"] for c in changes] == [str(rv) for rv in rvs]
+        # the object after; for the delete, its last state carrying the delete's resourceVersion
+        assert changes[2].object["status"]["conditions"] == [_READY_CONDITION]
+        assert changes[4].object["metadata"]["labels"] == {"env": "prod"}
+        assert [c.resource_version for c in store.changes(rvs[1])] == rvs[2:]
+        assert list(store.changes(rvs[-1])) == [] and list(store.changes(rvs[-1] + 100)) == []
+
+    def test_previous_is_what_events_need_of_the_object_before(self, store_factory):
+        store = store_factory()
+        changes = list(store.changes(_write_history(store) - 1))
+        assert changes[0].previous is None
+        assert changes[1].previous == {"generation": 1, "metadata": {}, "conditions": {}}
+        assert changes[2].previous == {"generation": 2, "metadata": {}, "conditions": {}}
+        assert changes[3].previous == {"generation": 2, "metadata": {"labels": {}}, "conditions": {"Ready": "True"}}
+        assert changes[4].previous == {"generation": 2, "metadata": {}, "conditions": {"Ready": "True"}}
+
+    def test_a_change_is_json_and_rebuilds_from_a_row(self, store_factory):
+        store = store_factory()
+        for change in store.changes(_write_history(store) - 1):
+            row = json.loads(json.dumps(list(change)))
+            assert fabrica.Change(*row) == change and fabrica.Change(*row).update_type == change.update_type
+
+    def test_time_is_the_write_time_and_a_delete_records_its_own_once(self, store_factory):
+        store = store_factory()
+        first = _write_history(store)
+        changes = list(store.changes(first - 1))
+        for change in changes[:4]:
+            assert change.time == change.object["metadata"]["updatedAt"]
+        assert fabrica._is_time(changes[4].time) and changes[4].time >= changes[3].time
+        assert [c.time for c in store.changes(first - 1)] == [c.time for c in changes]   # read twice: the same
+
+    def test_a_failed_write_records_no_change(self, store_factory):
+        store = store_factory()
+        obj = store.create(new("Rack", "a", "rack-000000a1"))
+        rv = int(obj["metadata"]["resourceVersion"])
+        with pytest.raises(fabrica.StaleError):
+            store.replace(_changed(obj, spec={"v": 2}), "999999")
+        with pytest.raises(fabrica.ConflictError):
+            store.create(new("Rack", "a", "rack-000000a2"))
+        with pytest.raises(fabrica.NotFoundError):
+            store.delete("Rack", "rack-000000a3")
+        assert [c.action for c in store.changes(rv - 1)] == ["created"]
+
+    def test_watchers_hear_every_commit_in_order_until_closed(self, store_factory):
+        store = store_factory()
+        heard, other = [], []
+        handle = store.watch(lambda change, size: heard.append((change, size)))
+        store.watch(lambda change, size: other.append(change.resource_version))
+        first = _write_history(store)
+        assert [c for c, _ in heard] == list(store.changes(first - 1))
+        assert all(size == fabrica.json_size(c.object) for c, size in heard)
+        handle.close()
+        handle.close()
+        last = store.create(new("Rack", "b", "rack-000000b1"))
+        assert len(heard) == 5 and other == [c.resource_version for c, _ in heard] + [
+            int(last["metadata"]["resourceVersion"])]
+
+    def test_a_raising_watcher_never_fails_the_write(self, store_factory, caplog):
+        store = store_factory()
+        heard = []
+
+        def broken(change, size):
+            raise RuntimeError("listener broke")
+        store.watch(broken)
+        store.watch(lambda change, size: heard.append(change.uid))
+        obj = store.create(new("Rack", "a", "rack-000000a1"))
+        assert store.get("Rack", "rack-000000a1") == obj and heard == ["rack-000000a1"]
+        assert "listener broke" in caplog.text
+
+
 TestStoreConformance = StoreConformance    # pytest collects Test* names only
+
+
+def test_make_change_is_the_one_rule():
+    """Store.make_change: every store records a write the same way (SPEC §3.0)."""
+    old = new("Rack", "x", "rack-0000000e")
+    old["metadata"]["resourceVersion"] = "7"
+    old["status"] = {"conditions": [_READY_CONDITION, {"type": "Other", "status": "False"}, "junk", {"type": 5}]}
+    changed = _changed(old, labels={"a": "b"})
+    changed["metadata"]["finalizers"] = ["f"]
+    changed["metadata"]["resourceVersion"] = "8"
+    change = fabrica.Store.make_change("patched", old, changed)
+    assert change == (8, "patched", changed, {"generation": 1, "metadata": {"labels": {}, "finalizers": []},
+                                              "conditions": {"Ready": "True", "Other": "False"}},
+                      changed["metadata"]["updatedAt"])
+    assert change.update_type == "metadata"
+    assert fabrica.Store.make_change("created", None, old).previous is None
+    deleted = fabrica.Store.make_change("deleted", old, old)
+    assert deleted.update_type == "spec" and fabrica._is_time(deleted.time)
 
 
 class TestStartupRecovery:
@@ -2568,6 +2702,70 @@ class TestLeftoversAreTidied:
 
 
 ###############################################################################
+# Memory store ################################################################
+###############################################################################
+
+# IndexedStore's change feed: bounded in count and in bytes (MemoryStore and FileStore)
+
+INDEXED_STORES = [name for name in STORES if name in ("memory", "file")]
+
+
+@pytest.fixture(params=INDEXED_STORES)
+def indexed_store(request, tmp_path):
+    """``indexed_store(**feed_bounds)`` -> an opened store of an IndexedStore entry of STORES."""
+    opened = []
+
+    def make(**bounds):
+        store = open_store(request.param, tmp_path / "store")
+        assert isinstance(store, fabrica.IndexedStore)
+        for name, value in bounds.items():
+            setattr(store, name, value)
+        store.open({"Rack": "racks"})
+        opened.append(store)
+        return store
+    yield make
+    for store in opened:
+        store.close()
+
+
+class TestIndexedStoreFeed:
+    def test_the_feed_is_bounded_in_count(self, indexed_store):
+        store = indexed_store(feed_size=3)
+        obj = store.create(new("Rack", "a", "rack-000000a1"))
+        first = int(obj["metadata"]["resourceVersion"])
+        for n in range(9):
+            obj = store.replace(_changed(obj, spec={"n": n}), obj["metadata"]["resourceVersion"])
+        assert store.retained()[0] == 3 and store.resource_version == first + 9
+        # the newest change let go of is kept aside, so a resume from its own position still works
+        assert [c.resource_version for c in store.changes(first + 5)] == [first + k for k in (6, 7, 8, 9)]
+        with pytest.raises(fabrica.ExpiredError):
+            store.changes(first + 4)
+
+    def test_the_feed_is_bounded_in_bytes(self, indexed_store):
+        store = indexed_store(feed_bytes=100_000)
+        obj = store.create(new("Rack", "a", "rack-000000a1", pad="x" * 20_000))
+        first = int(obj["metadata"]["resourceVersion"])
+        for n in range(20):
+            obj = store.replace(_changed(obj, spec={"pad": "x" * 20_000, "n": n}), obj["metadata"]["resourceVersion"])
+        count, held = store.retained()
+        assert 0 < held <= 100_000 and 0 < count < 10
+        kept = list(store.changes(store.resource_version - count))
+        assert [c.resource_version for c in kept] == list(range(first + 21 - count, first + 21))
+        assert held >= sum(fabrica.json_size(c.object) for c in kept)
+        with pytest.raises(fabrica.ExpiredError):
+            store.changes(first)
+
+    def test_expired_is_a_410_raised_when_called(self, indexed_store):
+        store = indexed_store(feed_size=1)
+        obj = store.create(new("Rack", "a", "rack-000000a1"))
+        for n in range(3):
+            obj = store.replace(_changed(obj, spec={"n": n}), obj["metadata"]["resourceVersion"])
+        with pytest.raises(fabrica.ExpiredError) as caught:
+            store.changes(0)        # not a lazy generator: the caller learns it before reading a change
+        assert isinstance(caught.value, fabrica.GoneError) and caught.value.status == 410
+
+
+###############################################################################
 # File store ##################################################################
 ###############################################################################
 
@@ -3108,6 +3306,89 @@ class TestFailedCreatesMakeNoKind:
             assert call(app, "POST", "/widgets", {"name": "next"})[0] == 201
 
 
+# File store: the change feed starts with the process; the start-up load path (issue 12, item 6)
+
+class TestFileStoreFeedAndLoad:
+    def test_a_feed_starts_empty_and_older_positions_are_expired(self, file_store_factory):
+        store = file_store_factory()
+        first = _write_history(store)
+        again = file_store_factory()
+        start = again.resource_version
+        assert start >= first + 4 and list(again.changes(start)) == [] and list(again.changes()) == []
+        with pytest.raises(fabrica.ExpiredError):
+            again.changes(first + 3)
+
+    def test_names_are_in_order_after_a_load(self, file_store_factory):
+        store = file_store_factory()
+        order = [f"r{n}" for n in (5, 3, 9, 1, 7, 2, 8, 4, 6, 0)]
+        for i, name in enumerate(order):        # uids in the opposite order of the names
+            store.create(new("Rack", name, f"rack-{0xffff - i:08x}"))
+        again = file_store_factory()
+        assert names(again.list("Rack")) == sorted(order)
+        page, total, more = again.query("Rack", after="r3", limit=2)
+        assert names(page) == ["r4", "r5"] and total == 10 and more == "r5"
+        again.create(new("Rack", "r10", "rack-00000001"))
+        assert names(again.list("Rack"))[:3] == ["r0", "r1", "r10"]
+
+    def test_every_loaded_object_is_in_its_normal_form(self, tmp_path):
+        folder = tmp_path / "data" / "racks"
+        folder.mkdir(parents=True)
+        full = fabrica.new_object("Rack", "full", "rack-0000000f", labels={"a": "b"})
+        full["metadata"]["resourceVersion"] = "3"
+        (folder / "rack-0000000f.json").write_bytes(fabrica._file_bytes(full))
+        (folder / "rack-0000000e.json").write_text(json.dumps(
+            {"metadata": {"resourceVersion": "2", "uid": "rack-0000000e", "name": "bare"}, "kind": "Rack"}))
+        store = fabrica.FileStore(str(tmp_path / "data"), durable=False)
+        store.open({"Rack": "racks"})
+        try:
+            assert store.find("Rack", "full") == full
+            bare = store.find("Rack", "bare")
+            assert bare == fabrica.normalize_object(bare) and list(bare) == list(full)
+            assert list(bare["metadata"]) == list(fabrica.METADATA_KEYS) and bare["spec"] == bare["status"] == {}
+            assert store.resource_version >= 3 and store.quarantined == []
+        finally:
+            store.close()
+
+    @pytest.mark.parametrize("size", [10, 1 << 20])
+    def test_a_file_that_changed_since_its_fstat_is_read_to_its_end(self, tmp_path, monkeypatch, size):
+        path = tmp_path / "f.json"
+        payload = b"x" * 200_000
+        path.write_bytes(payload)
+        real = fabrica._open_regular_stat
+
+        def stale(*args):
+            fd, info = real(*args)
+            fields = list(info)[:10]
+            fields[6] = size        # st_size as an earlier fstat would have seen it
+            return fd, os.stat_result(fields)
+        monkeypatch.setattr(fabrica, "_open_regular_stat", stale)
+        assert fabrica._read_regular(str(path)) == payload
+
+
+###############################################################################
+# Events ######################################################################
+###############################################################################
+
+# CloudEvents are a pure function of a change (SPEC §4)
+
+def test_events_are_a_pure_function_of_the_change(store_factory):
+    store = store_factory()
+    changes = list(store.changes(_write_history(store) - 1))
+    for change in changes:
+        first = fabrica.change_events(change, prefix="io.x", source="/s")
+        assert first == fabrica.change_events(fabrica.Change(*json.loads(json.dumps(list(change)))),
+                                              prefix="io.x", source="/s")
+    patched, rv = changes[2], changes[2].resource_version
+    resource, ready = fabrica.change_events(patched, prefix="io.x", source="/s")
+    assert resource["id"] == f"evt-{rv}" and resource["sequence"] == str(rv) and resource["type"] == "io.x.rack.patched"
+    assert resource["source"] == f"/s/resources/Rack/{patched.uid}" and resource["time"] == patched.time
+    assert resource["data"]["updateType"] == "status" and resource["data"]["resource"] is patched.object
+    assert ready["id"] == f"evt-{rv}.1" and ready["sequence"] == f"{rv}.1" and ready["type"] == "io.x.condition.ready"
+    assert ready["data"]["previousStatus"] == "Unknown" and ready["data"]["status"] == "True"
+    assert [e["type"] for e in fabrica.change_events(changes[4])] == ["io.fabrica.rack.deleted"]
+    assert [e["type"] for e in fabrica.change_events(changes[3])] == ["io.fabrica.rack.updated"]  # Ready unchanged
+
+
 ###############################################################################
 # Bus #########################################################################
 ###############################################################################
@@ -3537,6 +3818,84 @@ class TestBus:
 
 def _event(n: int, kind: str = "Rack") -> dict:
     return {"type": f"io.fabrica.{kind.lower()}.updated", "resourcekind": kind, "sequence": str(n), "n": n}
+
+
+class TestBusDerivesEventsFromTheFeed:
+    """Issue 12, item 2: the bus keeps no events; live, resumed and re-read events are the same."""
+
+    def test_two_readers_of_one_feed_derive_identical_events(self, h):
+        app = h.app(event_source="/here")
+        app.register("Rack")
+        live = Recorder()
+        with app:
+            app.subscribe("**", live)
+            c = app.client
+            c.create("Rack", name="a", spec={"v": 1})
+            c.update_status("Rack", "a", {"conditions": [_READY_CONDITION]})
+            c.delete("Rack", "a")
+            assert live.wait_count(4)
+            resumed = [event for _, event in app.bus.since((app.bus.start_rv, 0))]
+            again = [event for _, event in app.bus.since((app.bus.start_rv, 0))]
+            from_feed = [e for change in app.store.changes(app.bus.start_rv)
+                         for e in fabrica.change_events(change, prefix="io.fabrica", source="/here")]
+        assert live.events == resumed == again == from_feed
+        rv = int(live.events[0]["resourceversion"])
+        assert [e["id"] for e in live.events] == [f"evt-{rv}", f"evt-{rv + 1}", f"evt-{rv + 1}.1", f"evt-{rv + 2}"]
+        assert live.events[-1]["time"] == live.events[-1]["data"]["changeTime"]    # the delete's, recorded once
+
+    def test_a_resume_sends_what_the_live_stream_sent(self, h):
+        app = h.app()
+        app.register("Rack")
+        with app:
+            tap = app.bus.tap("**")
+            first = app.client.create("Rack", name="a")
+            app.client.update_status("Rack", "a", {"conditions": [_READY_CONDITION]})
+            app.client.delete("Rack", "a")
+            live = [tap.get(WAIT) for _ in range(4)]
+            tap.close()
+            rv = int(first.resource_version)
+            assert [p for p, _ in app.bus.since((rv, 0))] == [(rv + 1, 0), (rv + 1, 1), (rv + 2, 0)]
+            assert [e for _, e in app.bus.since((rv + 1, 0))] == live[2:]
+            assert [e for _, e in app.bus.since((rv + 1, 1))] == live[3:]
+            assert app.bus.since((rv + 2, 0)) == [] and app.bus.since((rv, 0), kind="Other") == []
+            assert app.bus.recent("Rack", first.uid) == live
+
+    def test_the_bus_needs_nothing_but_the_store_contract(self):
+        """A store that keeps its feed elsewhere (a database) plugs in through changes() and watch()."""
+        feed = []
+
+        class FeedOnly(fabrica.Store):
+            resource_version = property(lambda self: feed[-1].resource_version if feed else 0)
+
+            def changes(self, since=None):
+                if since is not None and since < 0:
+                    raise fabrica.ExpiredError("too old")
+                return iter([c for c in feed if since is None or c.resource_version > since])
+
+        store = FeedOnly()
+        bus = fabrica.Bus()
+        bus.attach(store, prefix="io.db")
+        got, changes = Recorder(), Recorder()
+        sub = bus.subscribe("io.db.**", got)
+        watcher = bus.subscribe_changes(changes)
+        try:
+            obj = fabrica.new_object("Rack", "a", "rack-0000000a")
+            obj["metadata"]["resourceVersion"] = "1"
+            obj["status"] = {"conditions": [_READY_CONDITION]}
+            change = fabrica.Store.make_change("created", None, obj)
+            feed.append(change)
+            store._announce(change, fabrica.json_size(obj))
+            assert got.wait_count(2) and changes.wait_count(1)
+            assert changes.events == [change] and got.events == fabrica.change_events(change, prefix="io.db")
+            assert [p for p, _ in bus.since((0, 0))] == [(1, 0), (1, 1)]
+            assert [p for p, _ in bus.since((1, 0))] == [(1, 1)]
+            assert bus.recent("Rack", "rack-0000000a") == got.events
+            with pytest.raises(fabrica.GoneError):
+                bus.since((-1, 0))
+        finally:
+            sub.close(WAIT)
+            watcher.close(WAIT)
+            bus.detach()
 
 
 class TestSubscriberQueuesShareOneBudget:
@@ -8321,6 +8680,362 @@ OPENAPI_TESTS = [f"test_fabrica.py::{name}" for name in (   # run again in a fre
 
 
 ###############################################################################
+# Dashboard ###################################################################
+###############################################################################
+
+# The stream tickets, GET / and GET /events with --token, the page's own text; then the page in a real
+# headless Chromium: Debian's chromium and chromium-driver driven by Selenium against
+# `fabrica.py serve examples/rack_reconciliation.py`. Those skip, saying why, only when Selenium, Chromium or
+# its driver is missing or cannot start (.ci/run installs them). Screenshots go to $FABRICA_ARTIFACTS when it
+# is set, else to the test's tmp dir.
+
+DASH_TOKEN = "s3cret-dashboard-token"
+DASH_BEARER = {"Authorization": f"Bearer {DASH_TOKEN}"}
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+class TestStreamTickets:
+    def test_a_ticket_is_redeemed_once(self):
+        tickets = fabrica.StreamTickets(clock=FakeClock(1.8e9))
+        issued = tickets.issue()
+        assert set(issued) == {"ticket", "expiresAt"} and RFC3339.fullmatch(issued["expiresAt"])
+        tickets.redeem(issued["ticket"])
+        with pytest.raises(fabrica.UnauthorizedError, match="used already"):
+            tickets.redeem(issued["ticket"])
+
+    def test_an_expired_ticket_is_refused(self):
+        clock = FakeClock(1.8e9)
+        tickets = fabrica.StreamTickets(ttl=30, clock=clock)
+        ticket = tickets.issue()["ticket"]
+        clock.advance(30)
+        with pytest.raises(fabrica.UnauthorizedError, match="expired"):
+            tickets.redeem(ticket)
+
+    @pytest.mark.parametrize("mangle", [
+        lambda t: "", lambda t: "not-a-ticket", lambda t: t + "x", lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"),
+        lambda t: str(int(t.split(".")[0]) + 3600) + t[t.index("."):],      # a later expiry, the same mac
+        lambda t: t.replace(".", "\n", 1), lambda t: "\u0661" + t])
+    def test_a_forged_or_malformed_ticket_is_refused(self, mangle):
+        tickets = fabrica.StreamTickets(clock=FakeClock(1.8e9))
+        with pytest.raises(fabrica.UnauthorizedError, match="invalid stream ticket"):
+            tickets.redeem(mangle(tickets.issue()["ticket"]))
+
+    def test_another_servers_ticket_is_refused(self):
+        clock = FakeClock(1.8e9)
+        with pytest.raises(fabrica.UnauthorizedError, match="invalid"):
+            fabrica.StreamTickets(clock=clock).redeem(fabrica.StreamTickets(clock=clock).issue()["ticket"])
+
+    def test_the_redeemed_set_is_bounded(self):
+        clock = FakeClock(1.8e9)
+        tickets = fabrica.StreamTickets(ttl=30, clock=clock, capacity=3)
+        for _ in range(3):
+            tickets.redeem(tickets.issue()["ticket"])
+        with pytest.raises(fabrica.FabricaError, match="retry shortly") as refused:
+            tickets.redeem(tickets.issue()["ticket"])
+        assert refused.value.status == 429
+        clock.advance(31)       # the three have expired: forgotten, so there is room again
+        tickets.redeem(tickets.issue()["ticket"])
+        assert len(tickets._used) == 1
+
+
+@pytest.fixture
+def token_app(tmp_path):
+    app = fabrica.Fabrica(data_dir=str(tmp_path / "data"), durable=False, token=DASH_TOKEN)
+    app.register("Widget")
+    app.rest.tickets.clock = FakeClock(1.8e9)
+    with app:
+        yield app
+
+
+def stream_ticket(app) -> str:
+    status, headers, body = call(app, "POST", "/events/ticket", headers=DASH_BEARER)
+    assert status == 200 and headers["cache-control"] == "no-store", body
+    return body["ticket"]
+
+
+class TestDashboardTokenAndStream:
+    def test_the_page_needs_no_token_and_the_data_does(self, token_app):
+        status, headers, body = call(token_app, "GET", "/", headers={"Accept": BROWSER_ACCEPT})
+        assert status == 200 and body == fabrica.DASHBOARD_HTML.encode()
+        assert "frame-ancestors 'none'" in headers["content-security-policy"] and "Accept" in headers["vary"]
+        for path in ("/", "/apis", "/widgets", "/metrics", "/events"):
+            assert_error(*call(token_app, "GET", path)[::2], 401)
+        assert_error(*call(token_app, "POST", "/events/ticket")[::2], 401)
+
+    @pytest.mark.parametrize("query", ["", "?ticket=", "?ticket=123.abc.def", "?since=0"])
+    def test_the_stream_refuses_no_ticket_or_a_bad_one(self, token_app, query):
+        assert_error(*call(token_app, "GET", "/events" + query)[::2], 401)
+
+    def test_the_stream_refuses_an_expired_or_a_used_ticket(self, token_app):
+        used = stream_ticket(token_app)
+        token_app.rest.tickets.redeem(used)
+        status, _, body = call(token_app, "GET", f"/events?ticket={used}")
+        assert status == 401 and "used already" in body["error"]
+        expired = stream_ticket(token_app)
+        token_app.rest.tickets.clock.advance(fabrica.STREAM_TICKET_TTL)
+        status, _, body = call(token_app, "GET", f"/events?ticket={expired}")
+        assert status == 401 and "expired" in body["error"]
+
+    def test_a_ticket_opens_nothing_but_the_stream(self, token_app):
+        ticket = stream_ticket(token_app)
+        for method, path in (("GET", "/apis"), ("GET", "/widgets"), ("POST", "/events/ticket"), ("GET", "/"),
+                             ("GET", "/widgets/w1/events")):
+            assert call(token_app, method, f"{path}?ticket={ticket}")[0] == 401, path
+        token_app.rest.tickets.redeem(ticket)      # it was not spent by any of those
+
+    def test_a_ticket_opens_a_real_stream_once_and_untyped_frames_carry_no_event_field(self, tmp_path, servers,
+                                                                                       streams):
+        server = servers(tmp_path / "data", write_app(tmp_path), "--no-fsync", "--token", DASH_TOKEN)
+        ticket = lambda: server.request("POST", "/events/ticket", headers=DASH_BEARER)[2]["ticket"]  # noqa: E731
+        typed, first = streams(server.port, f"?ticket={ticket()}"), ticket()
+        untyped = streams(server.port, f"?ticket={first}&untyped=true")
+        again = streams(server.port, f"?ticket={first}")
+        assert (typed.status, untyped.status, again.status) == (200, 200, 401)
+        assert "used already" in again.json_body()["error"]
+        assert server.request("POST", "/widgets", {"name": "w1"}, DASH_BEARER)[0] == 201
+        frame = typed.events(1)[0]
+        assert frame["event"] == "io.fabrica.widget.created" and frame["json"]["type"] == frame["event"]
+        frame = untyped.events(1)[0]
+        assert set(frame) == {"id", "data", "json"} and frame["json"]["type"] == "io.fabrica.widget.created"
+
+    def test_the_openapi_document_names_the_ticket(self, token_app):
+        doc = call(token_app, "GET", "/openapi.json", headers=DASH_BEARER)[2]
+        assert "post" in doc["paths"]["/events/ticket"]
+        names = {p["$ref"].rsplit("/", 1)[1] for p in doc["paths"]["/events"]["get"]["parameters"]}
+        assert {"StreamTicket", "Untyped"} <= names
+
+
+def test_the_dashboard_page_is_offline_and_in_budget():
+    html = fabrica.DASHBOARD_HTML
+    assert html.startswith("<!doctype html>") and "new EventSource(" in html
+    assert not re.search(r"https?://", html), "nothing is fetched from another host"
+    assert not re.search(r"<script[^>]*\bsrc\s*=|@import|url\(", html, re.I), "scripts and styles are inline"
+    urls = re.findall(r"""<\w[^>]*\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", html)
+    assert urls and all(url.startswith("data:") for url in urls), urls
+    assert "innerHTML" not in html, "text from the server goes in with textContent only"
+    assert len(html.encode()) < 24 * 1024
+
+
+# -- the page in a real browser ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium through chromedriver; skips (with the reason) when either is missing or cannot start."""
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install '.[test]')")
+    binary = os.environ.get("FABRICA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    driver_path = os.environ.get("FABRICA_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    for path, package in ((binary, "chromium"), (driver_path, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} is missing: apt-get install -y {package} (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1440,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})  # performance: requests
+    try:
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    except WebDriverException as exc:
+        pytest.skip(f"chromium could not start: {str(exc).strip().splitlines()[0]}")
+    driver.set_script_timeout(10)
+    yield driver
+    driver.quit()
+
+
+class RackServer:
+    """``fabrica.py serve examples/rack_reconciliation.py`` (see ``Server``) with a keep-alive connection per
+    thread, for bursts."""
+
+    def __init__(self, data_dir: Path, *args: str):
+        self.server = Server.serve(data_dir, EXAMPLES / "rack_reconciliation.py", "--no-fsync", *args).start()
+        self.url, self.headers, self._local = self.server.url, {}, threading.local()
+
+    def request(self, method: str, path: str, body=None):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self.server.connection(WAIT)
+        return http_call(conn, method, path, body, self.headers)
+
+    def create(self, plural: str, spec: dict) -> dict:
+        status, _, body = self.request("POST", f"/{plural}", spec)
+        assert status == 201, body
+        return body
+
+    def counts(self) -> dict[str, int]:
+        return {k["kind"]: int(self.request("GET", f"/{k['plural']}?limit=1")[1]["x-total-count"])
+                for k in self.request("GET", "/apis")[2]["kinds"]}
+
+
+@pytest.fixture(scope="module")
+def dash_server(tmp_path_factory):
+    server = RackServer(tmp_path_factory.mktemp("dashboard") / "data")
+    yield server
+    server.server.kill()
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> Path:
+    """Where screenshots go: $FABRICA_ARTIFACTS, else the test's tmp dir."""
+    folder = Path(os.environ.get("FABRICA_ARTIFACTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def page(driver, js: str, *args):
+    return driver.execute_script(js, *args)
+
+
+def shown_counts(driver) -> dict[str, int]:
+    return page(driver, """const out = {};
+        for (const e of document.querySelectorAll('#kinds .kind'))
+          out[e.children[0].textContent] = +e.children[2].textContent.replace(/[^0-9]/g, '');
+        return out;""")
+
+
+def table_rows(driver) -> list[list[str]]:
+    return page(driver, """return [...document.querySelectorAll('#table .row')].filter((e) => !e.hidden)
+        .map((e) => [...e.children].map((c) => c.textContent));""")
+
+
+def page_text(driver, element_id: str) -> str:
+    return page(driver, "return document.getElementById(arguments[0]).innerText", element_id)
+
+
+def severe_logs(driver, allow: str | None = None) -> list[dict]:
+    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and not (allow and allow in e["message"])]
+
+
+def click_row(driver, name: str) -> None:
+    assert page(driver, """for (const e of document.querySelectorAll('#table .row'))
+        if (!e.hidden && e.children[0].textContent === arguments[0]) { e.click(); return true; }
+        return false;""", name), f"no row {name!r}: {table_rows(driver)}"
+
+
+def type_into(driver, element_id: str, text: str) -> None:
+    page(driver, "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                 "e.dispatchEvent(new Event('input'))", element_id, text)
+
+
+def is_live(driver) -> bool:
+    return page_text(driver, "live") == "live"
+
+
+def open_page(driver, url: str, fragment: str = "") -> None:
+    driver.get("about:blank")       # a new document, even when only the fragment differs
+    driver.get(url + "/" + fragment)
+    page(driver, "window.loadedOnce = true;")     # gone if the page ever reloads
+    assert wait_until(lambda: is_live(driver), 20), page(driver, "return document.body.innerText")
+
+
+def rack_template(name: str, chassis: int, blades: int = 2, nodes: int = 1) -> dict:
+    return {"name": name, "chassisCount": chassis,
+            "chassisConfig": {"bladeCount": blades, "bladeConfig": {"nodeCount": nodes, "bmcMode": "shared"}}}
+
+
+class TestDashboardInABrowser:
+    def test_a_rack_appears_turns_ready_and_shows_its_chassis(self, browser, dash_server, artifacts):
+        open_page(browser, dash_server.url, "#Rack")
+        dash_server.create("racktemplates", rack_template("standard", chassis=2))
+        dash_server.create("racks", {"name": "rack-01", "templateUID": "standard"})
+        assert wait_until(lambda: any(r[0] == "rack-01" and r[1].startswith("Ready") for r in table_rows(browser)),
+                          20), table_rows(browser)
+        row = next(r for r in table_rows(browser) if r[0] == "rack-01")
+        assert row[2] == "1 / 1" and re.fullmatch(r"\d+s", row[3]), row
+        click_row(browser, "rack-01")
+        detail = lambda: page_text(browser, "detail")     # noqa: E731
+        assert wait_until(lambda: "Chassis rack-01-c0" in detail() and "Chassis rack-01-c1" in detail()), detail()
+        assert '"totalChassis": 2' in detail()
+        page(browser, """for (const a of document.querySelectorAll('#detail a'))
+            if (a.textContent === 'Chassis rack-01-c1') a.click();""")     # a dependent: its owner links back
+        assert wait_until(lambda: "owner: Rack rack-01" in detail()), detail()
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts()), shown_counts(browser)
+        assert page(browser, "return window.loadedOnce") is True, "the page reloaded"
+        assert severe_logs(browser) == []
+        browser.save_screenshot(str(artifacts / "dashboard-rack.png"))
+
+    def test_a_burst_of_2000_leaves_the_page_responsive_and_right(self, browser, dash_server, artifacts):
+        open_page(browser, dash_server.url, "#RackTemplate")
+        page(browser, """window.worstGap = 0; let last = performance.now();
+            window.probe = setInterval(() => { const now = performance.now();
+              window.worstGap = Math.max(window.worstGap, now - last); last = now; }, 50);""")
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: dash_server.create("racktemplates", rack_template(f"burst-{n:04d}", 1)),
+                          range(2000)))
+        dash_server.create("racks", {"name": "rack-02", "templateUID": "burst-0007"})
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts(), 60), \
+            (shown_counts(browser), dash_server.counts())
+        caught_up = time.monotonic() - started
+        worst = page(browser, "clearInterval(window.probe); return window.worstGap")
+        click_row(browser, "burst-0000")
+        assert wait_until(lambda: "RackTemplate burst-0000" in page_text(browser, "detail"), 5)
+        type_into(browser, "types", "io.**.created")
+        assert wait_until(lambda: page(browser, """const t = [...document.querySelectorAll('#log > div > div')]
+            .filter((e) => !e.hidden).map((e) => e.children[1].textContent);
+            return t.length > 5 && t.every((x) => x.endsWith('.created'));"""))
+        print(f"\n2,000 creates: the page showed the right counts {caught_up:.1f} s after the burst began; "
+              f"longest gap between 50 ms timer ticks {worst:.0f} ms")
+        assert worst < 5000, f"the page froze for {worst:.0f} ms"
+        assert severe_logs(browser) == []
+        page(browser, "[...document.querySelectorAll('#kinds .kind')].find((e) => e.firstChild.textContent === "
+                      "'Rack').click()")
+        assert wait_until(lambda: any(r[0] == "rack-02" for r in table_rows(browser)))
+        click_row(browser, "rack-02")
+        assert wait_until(lambda: "dependents: Chassis" in page_text(browser, "detail"))
+        browser.save_screenshot(str(artifacts / "dashboard.png"))
+        assert (artifacts / "dashboard.png").stat().st_size > 10000
+
+    def test_a_dropped_stream_resumes_and_a_lost_position_relists(self, browser, dash_server):
+        open_page(browser, dash_server.url, "#RackTemplate")
+        names = lambda: {r[0] for r in table_rows(browser)}     # noqa: E731
+        type_into(browser, "filter", "after-")
+        dash_server.create("racktemplates", rack_template("after-open", 1))
+        assert wait_until(lambda: "after-open" in names()), names()
+        listed = page(browser, "return epoch")
+        page(browser, "es.onerror()")         # as when the server ends the stream: a new ticket, ?since=
+        assert wait_until(lambda: is_live(browser))
+        dash_server.create("racktemplates", rack_template("after-resume", 1))
+        assert wait_until(lambda: "after-resume" in names()), names()
+        assert page(browser, "return epoch") == listed, "resumed from the last event, not listed again"
+        page(browser, "lastId = '999999999'; es.onerror()")   # a position the server never had: 410, relist
+        assert wait_until(lambda: page(browser, "return epoch") == listed + 1 and is_live(browser))
+        dash_server.create("racktemplates", rack_template("after-relist", 1))
+        assert wait_until(lambda: {"after-open", "after-resume", "after-relist"} <= names()), names()
+        assert wait_until(lambda: shown_counts(browser) == dash_server.counts()), shown_counts(browser)
+        assert page(browser, "return window.loadedOnce") is True
+        assert severe_logs(browser, allow="/events?") == []     # the 410 is the one expected failure
+
+    def test_with_a_token_the_page_asks_and_the_stream_uses_a_ticket(self, browser, tmp_path):
+        server = RackServer(tmp_path / "data", "--token", DASH_TOKEN, "--log-level", "debug")
+        try:
+            server.headers.update(DASH_BEARER)
+            browser.get("about:blank")
+            browser.get_log("performance")      # only this test's requests from here on
+            browser.get(server.url + "/#RackTemplate")
+            assert wait_until(lambda: page(browser, "return document.getElementById('auth').open"))
+            page(browser, "document.getElementById('token').value = arguments[0];"
+                          "document.querySelector('#auth button').click()", DASH_TOKEN)
+            assert wait_until(lambda: is_live(browser), 20)
+            server.create("racktemplates", rack_template("tokened", 1))
+            assert wait_until(lambda: any(r[0] == "tokened" for r in table_rows(browser))), table_rows(browser)
+            assert severe_logs(browser, allow=" 401 ") == []    # the first GET /apis, before the token
+            urls = [m["params"]["request"]["url"] for m in (json.loads(e["message"])["message"]
+                                                            for e in browser.get_log("performance"))
+                    if m["method"] == "Network.requestWillBeSent"]
+            assert any("/events?ticket=" in url for url in urls), urls
+            assert not any(DASH_TOKEN in url for url in urls), "the stream's URL carries a ticket, never the token"
+            assert DASH_TOKEN not in server.server.log()
+        finally:
+            page(browser, "sessionStorage.clear()")
+            server.server.kill()
+
+
+###############################################################################
 # HTTP server #################################################################
 ###############################################################################
 
@@ -8673,7 +9388,12 @@ def test_server_keeps_store_and_controllers_in_one_process(tmp_path, server):
     finally:
         assert proc.stop() == 0
     second = serve_app(tmp_path, server)        # the lock was released
-    assert second.stop() == 0
+    try:
+        # served, not only accepting: granian binds its socket before its worker thread runs, and a SIGTERM
+        # that lands while that thread is still starting can leave granian waiting for it (seen under load)
+        assert second.request("GET", "/greetings/hi")[0] == 200
+    finally:
+        assert second.stop() == 0
 
 
 # HTTP server: slow and greedy clients (SPEC §6.6, §6.7)
@@ -11346,7 +12066,7 @@ class TestFailureReasons:
 
 
 class TestRoot:
-    """GET / before the dashboard: a browser goes to /docs, a JSON client gets discovery (SPEC §6.1, §11)."""
+    """GET /: a browser gets the dashboard, a JSON client gets discovery (SPEC §6.1, §11)."""
 
     BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 
@@ -11356,10 +12076,10 @@ class TestRoot:
         app.register("Widget")
         return app
 
-    def test_a_browser_is_sent_to_the_docs(self, app):
-        status, headers, _ = call(app, "GET", "/", headers={"Accept": self.BROWSER})
-        assert (status, headers["location"]) == (302, "/docs")
-        assert "Accept" in headers["vary"]
+    def test_a_browser_gets_the_dashboard(self, app):
+        status, headers, body = call(app, "GET", "/", headers={"Accept": self.BROWSER})
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        assert b"EventSource" in body and "Accept" in headers["vary"]
         status, headers, _ = call(app, "GET", "/docs", headers={"Accept": self.BROWSER})
         assert status == 200 and headers["content-type"].startswith("text/html")
 
@@ -11372,7 +12092,7 @@ class TestRoot:
 
     def test_the_openapi_document_describes_both_answers(self, app):
         get = call(app, "GET", "/openapi.json")[2]["paths"]["/"]["get"]
-        assert {"200", "302"} <= set(get["responses"])
+        assert set(get["responses"]["200"]["content"]) == {"application/json", "text/html"}
 
 
 class TestWhatHasAController:
