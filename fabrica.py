@@ -110,6 +110,142 @@ ctl_log = logging.getLogger("fabrica.controller")
 http_log = logging.getLogger("fabrica.http")
 
 ###############################################################################
+# Errors #######################################################################
+###############################################################################
+#
+# One FabricaError base carrying the HTTP status it maps to. The REST layer
+# turns any of them into {"error", "code", "details"}; the HTTP Client turns
+# such a body back into the same class, so both clients raise alike.
+
+
+class FabricaError(Exception):
+    """Base of every error fabrica raises on purpose; ``status`` is the HTTP code it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str = "", details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "code": self.status, "details": self.details}
+
+
+class BadRequestError(FabricaError):
+    status = 400
+
+
+class UnauthorizedError(FabricaError):
+    status = 401
+
+
+class ForbiddenError(FabricaError):
+    status = 403
+
+
+class NotFoundError(FabricaError):
+    status = 404
+
+
+class RequestTimeoutError(FabricaError):
+    """The client did not send its request (head or body) in time."""
+
+    status = 408
+
+
+class ConflictError(FabricaError):
+    status = 409
+
+
+class StaleError(ConflictError):
+    """The stored object moved on since it was read (a failed compare-and-swap)."""
+
+
+class GoneError(FabricaError):
+    status = 410
+
+
+class PreconditionFailedError(ConflictError):
+    """A stale ``If-Match`` (or ``If-None-Match: *`` on an existing object): re-read and retry."""
+
+    status = 412
+
+
+class PayloadTooLargeError(FabricaError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(FabricaError):
+    status = 415
+
+
+class ValidationError(FabricaError):
+    """The object, or a field of it, is invalid; ``details`` lists every failing field."""
+
+    status = 422
+
+
+class PatchError(ValidationError):
+    """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
+
+
+class PatchTooLargeError(PatchError, PayloadTooLargeError):
+    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
+
+    status = 413
+
+
+class InsufficientStorageError(FabricaError):
+    status = 507
+
+
+class StoreError(FabricaError):
+    """The store could not complete a write; the previous version is intact."""
+
+    status = 500
+
+
+class ConfigurationError(FabricaError):
+    """A wiring mistake in register()/Fabrica(): raised at once, never over HTTP."""
+
+
+class StoreLockedError(ConfigurationError):
+    """Another process holds the data dir (or database) lock."""
+
+
+class PermanentError(Exception):
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
+    until the object changes."""
+
+
+class TemporaryError(Exception):
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
+    exactly ``delay`` seconds."""
+
+    def __init__(self, message: str = "", delay: float = 60.0):
+        super().__init__(message)
+        self.delay = float(delay)
+
+
+_ERRORS_BY_STATUS = {cls.status: cls for cls in (
+    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, RequestTimeoutError, ConflictError,
+    GoneError, PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
+    InsufficientStorageError)}
+
+
+def error_for_status(status: int, message: str, details=None, reason: str | None = None) -> FabricaError:
+    """The exception class for an error body (used by the HTTP Client): by ``reason``, else by status."""
+    cls = _ERRORS_BY_STATUS.get(status, FabricaError)
+    named = globals().get(reason) if isinstance(reason, str) and reason.endswith("Error") else None
+    if isinstance(named, type) and issubclass(named, cls) and named.status == status:
+        cls = named
+    err = cls(message, details)
+    err.status = status
+    return err
+
+
+###############################################################################
 # Helpers ######################################################################
 ###############################################################################
 #
@@ -118,6 +254,7 @@ http_log = logging.getLogger("fabrica.http")
 # before it is used anywhere, a path included.
 
 API_VERSION = "v1"
+JSON_TYPE = "application/json"
 SCHEMA_VERSION = "v1"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10              # request line + headers; a longer head is refused with 431 (414 for the line)
@@ -334,140 +471,32 @@ def _one_line(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-###############################################################################
-# Errors #######################################################################
-###############################################################################
-#
-# One FabricaError base carrying the HTTP status it maps to. The REST layer
-# turns any of them into {"error", "code", "details"}; the HTTP Client turns
-# such a body back into the same class, so both clients raise alike.
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, sum and count (thread-safe enough under the GIL)."""
 
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-class FabricaError(Exception):
-    """Base of every error fabrica raises on purpose; ``status`` is the HTTP code it maps to."""
+    def __init__(self, buckets=BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
 
-    status = 500
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
 
-    def __init__(self, message: str = "", details: list | None = None):
-        super().__init__(message)
-        self.message = message
-        self.details = list(details or [])
-
-    def to_json(self) -> dict:
-        return {"error": self.message, "code": self.status, "details": self.details}
-
-
-class BadRequestError(FabricaError):
-    status = 400
-
-
-class UnauthorizedError(FabricaError):
-    status = 401
-
-
-class ForbiddenError(FabricaError):
-    status = 403
-
-
-class NotFoundError(FabricaError):
-    status = 404
-
-
-class RequestTimeoutError(FabricaError):
-    """The client did not send its request (head or body) in time."""
-
-    status = 408
-
-
-class ConflictError(FabricaError):
-    status = 409
-
-
-class StaleError(ConflictError):
-    """The stored object moved on since it was read (a failed compare-and-swap)."""
-
-
-class GoneError(FabricaError):
-    status = 410
-
-
-class PreconditionFailedError(ConflictError):
-    """A stale ``If-Match`` (or ``If-None-Match: *`` on an existing object): re-read and retry."""
-
-    status = 412
-
-
-class PayloadTooLargeError(FabricaError):
-    status = 413
-
-
-class UnsupportedMediaTypeError(FabricaError):
-    status = 415
-
-
-class ValidationError(FabricaError):
-    """The object, or a field of it, is invalid; ``details`` lists every failing field."""
-
-    status = 422
-
-
-class PatchError(ValidationError):
-    """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
-
-
-class PatchTooLargeError(PatchError, PayloadTooLargeError):
-    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
-
-    status = 413
-
-
-class InsufficientStorageError(FabricaError):
-    status = 507
-
-
-class StoreError(FabricaError):
-    """The store could not complete a write; the previous version is intact."""
-
-    status = 500
-
-
-class ConfigurationError(FabricaError):
-    """A wiring mistake in register()/Fabrica(): raised at once, never over HTTP."""
-
-
-class StoreLockedError(ConfigurationError):
-    """Another process holds the data dir (or database) lock."""
-
-
-class PermanentError(Exception):
-    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
-    until the object changes."""
-
-
-class TemporaryError(Exception):
-    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
-    exactly ``delay`` seconds."""
-
-    def __init__(self, message: str = "", delay: float = 60.0):
-        super().__init__(message)
-        self.delay = float(delay)
-
-
-_ERRORS_BY_STATUS = {cls.status: cls for cls in (
-    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, RequestTimeoutError, ConflictError,
-    GoneError, PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
-    InsufficientStorageError)}
-
-
-def error_for_status(status: int, message: str, details=None, reason: str | None = None) -> FabricaError:
-    """The exception class for an error body (used by the HTTP Client): by ``reason``, else by status."""
-    cls = _ERRORS_BY_STATUS.get(status, FabricaError)
-    named = globals().get(reason) if isinstance(reason, str) and reason.endswith("Error") else None
-    if isinstance(named, type) and issubclass(named, cls) and named.status == status:
-        cls = named
-    err = cls(message, details)
-    err.status = status
-    return err
+    def render(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        lines, total = [], 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            total += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        lines.append(f"{name}_sum{{{labels}}} {self.sum!r}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
+        return lines
 
 
 ###############################################################################
@@ -783,6 +812,9 @@ class Result:
 # JSON Patch alone can multiply a document (copy), so it takes a size bound
 # that it checks before each operation grows the document.
 
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+SHORTHAND_PATCH = "application/shorthand-patch+json"
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 _BAD_ESCAPE = re.compile(r"~(?![01])")
 _JSON_PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
@@ -4665,2961 +4697,6 @@ class WorkQueue(queue.Queue):
 
 
 ###############################################################################
-# Controller ###################################################################
-###############################################################################
-#
-# One Controller per kind with a reconcile function: a WorkQueue keyed by
-# (kind, uid), `workers` threads, and a housekeeping thread for the periodic
-# resync and the reconcile timeout watchdog. Events only enqueue keys; the
-# worker reads the object fresh at dequeue time and calls reconcile with no
-# lock held. Correctness never depends on events: the start-up list and the
-# resync re-derive everything (level-based).
-
-_ERROR_MESSAGE_MAX = 1024
-
-
-class Context:
-    """What reconcile gets besides the object: ``client``, ``log``, ``reasons``, ``stopping``, ``deleting``."""
-
-    __slots__ = ("app", "client", "kind", "key", "reasons", "deleting", "stopping", "log")
-
-    def __init__(self, client, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None,
-                 app=None):
-        self.app = app
-        self.client = client
-        self.kind = kind
-        self.key = key
-        self.reasons = reasons
-        self.deleting = deleting
-        self.stopping = threading.Event()
-        self.log = log or logging.getLogger(f"fabrica.controller.{kind.lower()}")
-
-
-class _Run:
-    # recorded: set once the watchdog has written Stalled for this run (or given up), so the run's
-    # own late write and its follow-up run come after that condition, never before it
-    __slots__ = ("key", "ctx", "started", "stalled", "recorded")
-
-    def __init__(self, key, ctx, started):
-        self.key, self.ctx, self.started, self.stalled = key, ctx, started, False
-        self.recorded = threading.Event()
-
-
-# The reasons of the Ready=False conditions fabrica records for a failed run, one per retry policy, so
-# status tells whether (and when) a retry comes; the message ends with that fact too.
-_RETRIED_WITH_BACKOFF = "ReconcileError"            # any other exception: retried with backoff
-_NOT_RETRIED = "ReconcilePermanentError"            # PermanentError: not retried until the object changes
-_RETRIED_AFTER_DELAY = "ReconcileTemporaryError"    # TemporaryError: retried after exactly its delay
-_FAILURE_REASONS = frozenset((_RETRIED_WITH_BACKOFF, _NOT_RETRIED, _RETRIED_AFTER_DELAY))
-
-
-def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
-    """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
-
-    Ready=False with one of fabrica's failure reasons (ReconcileError,
-    ReconcilePermanentError, ReconcileTemporaryError) becomes
-    Ready=True/ReconcileSuccess unless the function set Ready itself.
-    Stalled/ReconcileTimeout is removed, as Flux and kstatus do (an absent
-    Stalled means not stalled), unless this very run (``stalled``) overran its
-    timeout; a conditions list left empty goes too.
-    """
-    ready = obj.condition("Ready")
-    if ready is not None and ready.get("reason") in _FAILURE_REASONS:
-        obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
-    stall = obj.condition("Stalled")
-    if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
-        status = obj.status
-        status["conditions"] = [c for c in status["conditions"] if c is not stall]
-        if not status["conditions"]:
-            del status["conditions"]
-
-
-def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= _ERROR_MESSAGE_MAX else text[:_ERROR_MESSAGE_MAX - 1] + "…"
-
-
-def _seconds_text(seconds: float) -> str:
-    """A delay for a condition message: ``0.005s``, ``5.12s``, ``3600s``."""
-    return f"{seconds:.0f}s" if seconds >= 100 else f"{seconds:.3g}s"
-
-
-class Controller:
-    """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
-
-    It reads and writes through ``registry`` (the status it writes, the
-    conditions it records, the finalizer it takes off), hears of the store's
-    changes from ``bus`` and hands reconcile a Context with ``client`` (and
-    ``app``, the application).
-    ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
-    one iteration of the housekeeping loop, so tests can drive them by hand.
-    """
-
-    event_queue_size = 1_000_000    # changes waiting for the controller's bus thread; overflow -> resync
-    event_queue_bytes = QUEUE_BYTES  # and their bytes: changes hold whole objects
-
-    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, clock=time.monotonic,
-                 max_delay: float = 300.0, app=None):
-        self.registry = registry
-        self.bus = bus
-        self.client = client
-        self.app = app
-        self.info = info
-        self.kind = info.kind
-        self.clock = clock
-        self.queue = WorkQueue(info.kind.lower(), clock=clock, max_delay=max_delay)
-        self._lock = threading.Lock()           # guards _runs, _threads, _stalled
-        self._runs: dict[object, _Run] = {}
-        self._threads: list[threading.Thread] = []
-        self._stalled = 0
-        self._seq = 0
-        self._stop = threading.Event()
-        self._housekeeper: threading.Thread | None = None
-        self._subscription: Subscription | None = None
-        self._next_resync = None
-        self.reconciles = self.errors = self.retries = self.resyncs = 0
-        self.durations = Histogram()
-        self.log = logging.getLogger(f"fabrica.controller.{info.kind.lower()}")
-
-    # -- life cycle --------------------------------------------------------------
-    def start(self) -> None:
-        info = self.info
-        self._kinds_of_interest = {info.kind} | set(info.owns) | set(info.watches)
-        self._subscription = self.bus.subscribe_changes(
-            self._on_change, queue_size=self.event_queue_size, queue_bytes=self.event_queue_bytes,
-            name=f"{self.kind.lower()}-controller", on_gap=lambda: self.resync("gap"))
-        self.resync("startup")
-        self.queue.start()
-        self._schedule_resync()
-        for _ in range(info.workers):
-            self._spawn_worker()
-        self._housekeeper = threading.Thread(target=self._housekeep_loop, daemon=True,
-                                             name=f"fabrica-{self.kind.lower()}-housekeeper")
-        self._housekeeper.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop taking work; running reconciles get ctx.stopping and ``timeout`` to finish."""
-        self._stop.set()
-        if self._subscription is not None:
-            self._subscription.close(0)
-        self.queue.shutdown()
-        with self._lock:
-            for run in self._runs.values():
-                run.ctx.stopping.set()
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout
-        for thread in threads + [self._housekeeper]:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
-        self.queue.stop(max(0.0, deadline - time.monotonic()))
-        still = [t.name for t in threads if t.is_alive()]
-        if still:
-            ctl_log.warning("%s: %d reconcile(s) still running after %.1fs: %s", self.kind, len(still),
-                            timeout, ", ".join(still))
-
-    def _spawn_worker(self) -> None:
-        with self._lock:
-            self._seq += 1
-            thread = threading.Thread(target=self._worker_loop, daemon=True,
-                                      name=f"fabrica-{self.kind.lower()}-worker-{self._seq}")
-            self._threads.append(thread)
-        thread.start()
-
-    def _worker_loop(self) -> None:
-        me = threading.current_thread()
-        try:
-            while not self._stop.is_set():
-                self.process_next(timeout=0.5)
-                with self._lock:
-                    # a replacement worker retires once the stalled run it stood in for has ended
-                    if len(self._threads) > self.info.workers + self._stalled:
-                        return
-        finally:
-            with self._lock:
-                self._threads.remove(me)
-
-    # -- triggers ------------------------------------------------------------------
-    def _on_change(self, change: Change) -> None:
-        """Queue what one committed change concerns (SPEC §5.2, triggers 2-4)."""
-        obj = change.object
-        kind = obj["kind"]
-        if kind not in self._kinds_of_interest:
-            return
-        action, name, info = change.action, obj["metadata"]["name"], self.info
-        if kind == info.kind and (action in ("created", "deleted") or change.update_type != "status"):
-            self.queue.add((kind, obj["metadata"]["uid"]), f"{kind} {name} {action}")
-        if kind in info.owns:       # every owner of this kind, controller or not (SPEC §5.5: several)
-            for ref in obj["metadata"]["ownerReferences"]:
-                if ref["kind"] == info.kind:
-                    self.queue.add((info.kind, ref["uid"]), f"owned {kind} {name} {action}")
-        mapper = info.watches.get(kind)
-        if mapper is not None:
-            try:
-                refs = mapper(Resource(deepcopy_json(obj))) or ()
-                for ref in refs:
-                    self._add_ref(ref, f"watched {kind} {name} {action}")
-            except Exception:
-                ctl_log.exception("%s: watches[%r] raised for %s", self.kind, kind, name)
-
-    def _add_ref(self, ref, reason):
-        if isinstance(ref, dict):
-            ref = ref.get("metadata", {}).get("uid") or ref.get("uid")
-        obj = self.registry.store.resolve(self.kind, ref) if isinstance(ref, str) else None
-        if obj is not None:
-            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
-
-    def resync(self, reason: str = "resync") -> int:
-        """Queue every object of the kind (start-up list, periodic resync, bus gap)."""
-        objs = self.registry.store.list(self.kind)
-        for obj in objs:
-            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
-        if reason != "startup":
-            self.resyncs += 1
-        return len(objs)
-
-    def _schedule_resync(self):
-        period = self.info.resync
-        if period:
-            jitter = 1.0 + (int.from_bytes(os.urandom(2), "big") / 65535.0 - 0.5) * 0.2   # ±10 %
-            self._next_resync = self.clock() + period * jitter
-
-    def _housekeep_loop(self) -> None:
-        while not self._stop.is_set():
-            self.housekeep()
-            self._stop.wait(self._housekeep_interval())
-
-    def _housekeep_interval(self) -> float:
-        waits = [1.0]
-        if self.info.timeout:
-            waits.append(max(0.01, self.info.timeout / 4))
-        if self._next_resync is not None:
-            waits.append(max(0.01, self._next_resync - self.clock()))
-        return min(waits)
-
-    def housekeep(self) -> None:
-        """One iteration: a due resync, and the timeout watchdog."""
-        now = self.clock()
-        if self._next_resync is not None and now >= self._next_resync:
-            self.resync("resync")
-            self._schedule_resync()
-        timeout = self.info.timeout
-        if not timeout:
-            return
-        with self._lock:
-            late = [run for run in self._runs.values() if not run.stalled and now - run.started > timeout]
-            for run in late:
-                run.stalled = True
-                self._stalled += 1
-        try:
-            for run in late:
-                run.ctx.stopping.set()
-                ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
-                              "marked Stalled (Python cannot stop the thread; other keys go on)",
-                              self.kind, run.key[1], timeout)
-                self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
-                                      f"reconcile ran longer than {timeout}s")
-                run.recorded.set()
-                with self._lock:
-                    spawn = len(self._threads) < self.info.workers + self._stalled
-                if spawn:
-                    self._spawn_worker()
-        finally:
-            for run in late:
-                run.recorded.set()      # also when a write raised: the worker waiting for it goes on
-
-    # -- execution -----------------------------------------------------------------
-    def process_next(self, timeout: float | None = 0.5) -> bool:
-        """Take one key, reconcile it, and mark it done; False if nothing came within ``timeout``."""
-        item = self.queue.get(timeout=timeout)
-        if item is None:
-            return False
-        key, reasons = item
-        try:
-            self._process(key, reasons)
-        except BaseException:           # even SystemExit from user code must not end a worker
-            ctl_log.exception("%s %s: controller error (the key is retried)", self.kind, key[1])
-            self.queue.add_rate_limited(key, "controller error")
-        finally:
-            self.queue.done(key)
-        return True
-
-    def _process(self, key, reasons) -> None:
-        info = self.info
-        stored = self.registry.store.get(*key)
-        if stored is None:
-            self.queue.forget(key)      # deleted: never reconcile what no longer exists
-            return
-        deleting = stored["metadata"]["deletionTimestamp"] is not None
-        if deleting:
-            if info.finalize is None or FINALIZER not in stored["metadata"]["finalizers"]:
-                self.queue.forget(key)
-                return
-            fn = info.finalize
-        elif info.reconcile is None:
-            self.queue.forget(key)      # a kind with only a finalizer: nothing to do until deletion
-            return
-        else:
-            fn = info.reconcile
-        obj = Resource(deepcopy_json(stored))
-        ctx = Context(self.client, self.kind, key, reasons, deleting, self.log, app=self.app)
-        run = _Run(key, ctx, self.clock())
-        with self._lock:
-            self._runs[key] = run
-        started = time.perf_counter()
-        outcome, error = "ok", None
-        try:
-            result = fn(ctx, obj)
-        except PermanentError as exc:
-            outcome, error = "permanent", exc
-        except TemporaryError as exc:
-            outcome, error = "temporary", exc
-        except Exception as exc:
-            outcome, error = "error", exc
-            # the first failure of a streak logs its traceback; the retries of the streak one line each
-            if self.queue.num_requeues(key) == 0:
-                ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
-                                  getattr(fn, "__name__", repr(fn)))
-        finally:
-            with self._lock:
-                self._runs.pop(key, None)
-                stalled = run.stalled
-                if stalled:
-                    self._stalled -= 1
-            self._observe(time.perf_counter() - started)
-            if stalled:
-                run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
-        if outcome != "ok":
-            self.errors += 1
-            if outcome == "permanent":
-                self.queue.forget(key)
-                self._record_failure(key, error, _NOT_RETRIED, "not retried until the object changes")
-            elif outcome == "temporary":
-                self.queue.forget(key)
-                self._record_failure(key, error, _RETRIED_AFTER_DELAY, f"retrying in {_seconds_text(error.delay)}")
-                self.queue.add_after(key, error.delay, "TemporaryError")
-            else:
-                self.retries += 1
-                attempt = self.queue.num_requeues(key) + 1
-                delay = self._retry_with_backoff(key, error, "retry after error")
-                if attempt > 1:
-                    ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
-                                  getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
-            return
-        if deleting:
-            self._finalized(key, stored)
-            return
-        try:
-            wrote = self._write_status(key, stored, obj, stalled)
-        except ValidationError as exc:
-            self.errors += 1
-            self.retries += 1
-            self._retry_with_backoff(key, exc, "invalid status")
-            return
-        if wrote is False:
-            return      # conflict: re-queued rate limited (or already pending)
-        if stalled:
-            # This run read the object before Stalled was written, so it could not clear it: a fresh
-            # run does, when it completes in time (a write with nothing new would leave Stalled forever).
-            self.queue.add(key, "stalled run ended")
-            return
-        if isinstance(result, (int, float)) and not isinstance(result, bool):
-            result = Result(requeue_after=float(result))
-        if isinstance(result, Result) and result.requeue and not result.requeue_after:
-            self.queue.add_rate_limited(key, "requeue")
-        elif isinstance(result, Result) and result.requeue_after is not None:
-            self.queue.forget(key)
-            self.queue.add_after(key, result.requeue_after, "requeue_after")
-        else:
-            self.queue.forget(key)
-
-    def _observe(self, seconds: float) -> None:
-        self.reconciles += 1
-        self.durations.observe(seconds)
-
-    def _write_status(self, key, stored, obj, stalled) -> bool | None:
-        """Write reconcile's status edits as a status-only write guarded by the rv it read."""
-        status = obj.status
-        if not isinstance(status, dict):
-            raise ValidationError(f"reconcile left status as {type(status).__name__}; it must stay a dict")
-        generation = stored["metadata"]["generation"]
-        status["observedGeneration"] = generation
-        _clear_framework_conditions(obj, stalled)
-        if _json_equal(status, stored["status"]):
-            return None
-        # a ValidationError is recorded like a failure
-        status = self.registry.check_status(self.info, status, stored["status"])
-        try:
-            self.registry.mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
-                                 resource_version=stored["metadata"]["resourceVersion"])
-            return True
-        except NotFoundError:
-            return None     # deleted meanwhile: drop the write, never re-create
-        except ConflictError:
-            if not self.queue.is_pending(key):
-                self.queue.add_rate_limited(key, "status conflict")
-            return False
-
-    def _retry_with_backoff(self, key, error, why: str) -> float:
-        """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
-        delay = self.queue.add_rate_limited(key, why)
-        self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
-        return delay
-
-    def _record_failure(self, key, error, reason: str, retry: str) -> None:
-        """Ready=False with ``reason``; the message is the exception text, then what happens next."""
-        self._write_condition(key, "Ready", "False", reason, f"{_error_text(error)}; {retry}")
-
-    def _write_condition(self, key, type, status, reason, message) -> None:
-        def change(new):
-            res = Resource(new)
-            res.set_condition(type, status, reason=reason, message=message)
-        try:
-            self.registry.mutate(self.info, key[1], change)
-        except (NotFoundError, ConflictError):
-            pass
-        except FabricaError:
-            ctl_log.exception("%s %s: could not record condition %s", self.kind, key[1], type)
-
-    def _finalized(self, key, stored) -> None:
-        def change(new):
-            new["metadata"]["finalizers"] = [f for f in new["metadata"]["finalizers"] if f != FINALIZER]
-            # finalize is done and will not run again: an object that other finalizers keep must not go
-            # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
-            _clear_framework_conditions(Resource(new))
-        try:
-            self.registry.mutate(self.info, key[1], change)
-            self.queue.forget(key)
-        except NotFoundError:
-            self.queue.forget(key)
-
-    # -- introspection ----------------------------------------------------------
-    def idle(self, within: float = 0.0) -> bool:
-        sub = self._subscription
-        return (sub is None or sub.idle()) and self.queue.idle(within) and not self._runs
-
-    def stats(self) -> dict:
-        return {"queued": len(self.queue), "delayed": self.queue.delayed_count(), "running": len(self._runs),
-                "reconciles": self.reconciles, "errors": self.errors, "retries": self.retries,
-                "resyncs": self.resyncs, "workers": len(self._threads)}
-
-
-###############################################################################
-# REST API #####################################################################
-###############################################################################
-#
-# Bottle routes per kind over the Fabrica write operations. Every error is a
-# JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
-# Order of checks: auth and Host (before_request) -> route -> ref syntax ->
-# body size, type and JSON -> existence -> preconditions -> validation -> write.
-
-JSON_TYPE = "application/json"
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
-SHORTHAND_PATCH = "application/shorthand-patch+json"
-PATCH_TYPES = {MERGE_PATCH: "merge", JSON_TYPE: "merge", "": "merge", JSON_PATCH: "json", SHORTHAND_PATCH: "shorthand"}
-ACCEPT_PATCH = ", ".join((MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH))
-_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost names and loopback addresses."""
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _wsgi_text(value: str, what: str) -> str:
-    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
-
-    BadRequestError names ``what`` when the bytes are not UTF-8.
-    """
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        raise BadRequestError(f"{what} is not valid UTF-8") from None
-
-
-def _host_name(value: str) -> str:
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def etag_of(obj: dict) -> str:
-    return '"' + obj["metadata"]["resourceVersion"] + '"'
-
-
-def _etag_list(header: str) -> list[str]:
-    return [t.strip() for t in header.split(",") if t.strip()]
-
-
-def if_match_ok(header: str | None, obj: dict) -> bool:
-    """RFC 9110 If-Match with strong comparison (a weak tag never matches)."""
-    if header is None:
-        return True
-    tags = _etag_list(header)
-    return "*" in tags or etag_of(obj) in tags
-
-
-def if_none_match_hit(header: str | None, obj: dict) -> bool:
-    """RFC 9110 If-None-Match with weak comparison (for GET)."""
-    if header is None:
-        return False
-    tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
-    return "*" in tags or etag_of(obj) in tags
-
-
-def etag_versions(header: str | None) -> tuple[str, ...] | None:
-    """The resourceVersions an If-Match or If-None-Match header names, for a write; None without one.
-
-    ``"7"`` names resourceVersion 7 and ``*`` stays ``*`` (any). A weak tag
-    (``W/"7"``) or a malformed one names none: a write compares entity tags
-    strongly (RFC 9110 §13.1.1), so it can never match.
-    """
-    if header is None:
-        return None
-    return tuple(t if t == "*" else t[1:-1] for t in _etag_list(header)
-                 if t == "*" or (len(t) >= 2 and t[0] == t[-1] == '"'))
-
-
-# A body's two forms (SPEC §6.2): the envelope ({"metadata": ..., "spec": ...}, what GET answers) and
-# the flat one (the spec's fields at the top, with name/labels/annotations beside them).
-_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
-_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
-_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
-
-
-def parse_body(info: KindInfo, body: dict, *, update: bool = False) -> dict:
-    """The Registry.create (or, with ``update``, Registry.update) arguments a flat or envelope body gives.
-
-    Checks the body's form: unknown top-level or metadata fields,
-    ``apiVersion`` and ``kind``, a status in a flat body (ValidationError),
-    metadata or spec not an object (BadRequestError); the registry checks
-    the fields' values. ``ownerReferences`` are taken at create only (they
-    are immutable); an update merges a flat body's labels and annotations.
-    """
-    out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
-           "resource_version": None}
-    envelope = "metadata" in body or "spec" in body
-    if envelope:
-        unknown = sorted(set(body) - _ENVELOPE_KEYS)
-        if unknown:
-            raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
-                                  "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
-                                  [{"field": k, "message": "unknown field"} for k in unknown])
-        meta = body.get("metadata", {})
-        if not isinstance(meta, dict):
-            raise BadRequestError("metadata must be a JSON object")
-        unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
-        if unknown:
-            raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
-                                  [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
-        if "spec" in body:
-            if not isinstance(body["spec"], dict):
-                raise BadRequestError("spec must be a JSON object")
-            out["spec"] = body["spec"]
-        for key in ("name", "labels", "annotations", "finalizers"):
-            if key in meta:
-                out[key] = meta[key]
-        if not update:      # set at create, then immutable
-            refs = meta.get("ownerReferences")
-            out["owner_references"] = [] if refs is None else refs
-        if "resourceVersion" in meta:
-            out["resource_version"] = meta["resourceVersion"]
-    else:
-        out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
-        for key in ("name", "labels", "annotations"):
-            if key in body:
-                out[key] = body[key]
-    if update:
-        out["merge_metadata"] = not envelope
-    if "apiVersion" in body and body["apiVersion"] != API_VERSION:
-        raise _validation("apiVersion", f"must be {API_VERSION!r}")
-    if "kind" in body and body["kind"] != info.kind:
-        raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
-    if not envelope and "status" in body:
-        # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
-        raise _not_spec("status")
-    return out
-
-
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-class _ChunkedReader:
-    """Decodes a chunked request body for servers that pass it through raw; read() only."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.left = 0
-        self.done = False
-
-    def read(self, size: int = -1) -> bytes:
-        out = []
-        while not self.done and (size < 0 or size > 0):
-            if self.left == 0:
-                line = self.raw.readline(1024)
-                chunk = line.split(b";")[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
-                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
-                self.left = int(chunk, 16)
-                if self.left == 0:
-                    self._skip_trailers()
-                    self.done = True
-                    break
-            n = self.left if size < 0 else min(self.left, size)
-            data = self.raw.read(n)
-            if not data:
-                raise BadRequestError("the chunked body ended early")
-            out.append(data)
-            self.left -= len(data)
-            if size > 0:
-                size -= len(data)
-            if self.left == 0 and self.raw.read(2) != b"\r\n":
-                raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
-        return b"".join(out)
-
-    def _skip_trailers(self):
-        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
-        size = 0
-        while (line := self.raw.readline(1024)).strip():
-            size += len(line)
-            if size > MAX_HEAD:
-                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
-
-
-def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
-    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it; 408 when
-    the server's deadline for it passes)."""
-    try:
-        return _read_body(environ, limit)
-    except TimeoutError:
-        environ["fabrica.close"] = True
-        raise RequestTimeoutError("the request body did not arrive in time") from None
-
-
-def _read_body(environ: dict, limit: int) -> bytes:
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        stream = environ["wsgi.input"]
-        if not environ.get("wsgi.input_terminated"):
-            stream = _ChunkedReader(stream)
-        data = stream.read(limit + 1)
-        if len(data) > limit:
-            environ["fabrica.close"] = True
-            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
-        return data
-    length = environ.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit() or not length.isascii():
-        raise BadRequestError(f"invalid Content-Length {length[:20]!r}")
-    length = int(length)
-    if length > limit:
-        environ["fabrica.close"] = True
-        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
-    data = environ["wsgi.input"].read(length) if length else b""
-    if len(data) != length:
-        raise BadRequestError("the request body is shorter than its Content-Length")
-    return data
-
-
-def encode_continue(name: str) -> str:
-    """The opaque, URL-safe continue token for a page that ended at ``name``."""
-    return base64.urlsafe_b64encode(b"n:" + name.encode()).rstrip(b"=").decode()
-
-
-def decode_continue(token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raw = ""
-    if not raw.startswith("n:") or not valid_name(raw[2:]):
-        raise BadRequestError(f"malformed continue token {token[:40]!r}; start the list again without it")
-    return raw[2:]
-
-
-def _media_type(environ) -> str:
-    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
-
-
-def _sse_frame(position, event, typed: bool = True) -> bytes:
-    """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
-
-    A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
-    break inside one would start a field or an event of its sender's
-    choosing: the id and event fields have their control characters escaped
-    whatever reaches here, and the data is one line of JSON (json.dumps
-    escapes every control character in a string). ``typed=False`` leaves the
-    event field out (the type stays in the data).
-    """
-    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
-    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
-
-
-def _peer_closed(sock) -> bool:
-    """True when the client hung up (readable with nothing to read)."""
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative buckets, sum and count (thread-safe enough under the GIL)."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self, buckets=BUCKETS):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        lines, total = [], 0
-        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
-            total += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
-        lines.append(f"{name}_sum{{{labels}}} {self.sum!r}")
-        lines.append(f"{name}_count{{{labels}}} {self.count}")
-        return lines
-
-
-# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
-# method outside this set is "other", the route is the route's template, the code a status.
-_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
-_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
-
-
-def _prom_escape(value: str) -> str:
-    """A Prometheus label value: backslash, double quote and line feed escaped (the text format's rule).
-
-    Every label value goes through it, those from a fixed set too: a value
-    is never what ends a line or a sample.
-    """
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class RestAPI:
-    """Builds the Bottle routes of a Fabrica; one instance per app.
-
-    Writes go to ``registry``, events come from ``bus``, /metrics reads
-    ``controllers`` (kind -> Controller, kept up to date by the app); of
-    ``app`` it reads settings only (token, cors, service, elector).
-    ``host_check`` answers only loopback Host names (serve sets it).
-    """
-
-    def __init__(self, app, registry: Registry, bus: Bus, controllers: dict[str, Controller]):
-        self.app = app
-        self.registry = registry
-        self.bus = bus
-        self.controllers = controllers
-        self.host_check = False
-        self.wsgi = bottle.Bottle()
-        self.wsgi.default_error_handler = self._bottle_error
-        self.wsgi.add_hook("before_request", self._guard)
-        self.wsgi.add_hook("after_request", self._after)
-        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.keepalive = 15.0                   # seconds between SSE keep-alive comments
-        self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
-        self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
-        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
-        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
-        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
-        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
-        self.wsgi.route("/health", "GET", self._endpoint(self.health))
-        self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
-        self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
-        self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
-        self.wsgi.route("/events", "GET", self._endpoint(self.events))
-        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
-        self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
-
-    # -- plumbing ----------------------------------------------------------
-    def _guard(self):
-        app = self.app
-        environ = bottle.request.environ
-        environ["fabrica.t0"] = time.perf_counter()
-        if self.host_check:
-            header = environ.get("HTTP_HOST", "")
-            ok = self._hosts.get(header)
-            if ok is None:
-                host = _host_name(header)
-                ok = not host or is_loopback(host)
-                if len(self._hosts) < 1024:        # bounded: Host is client input
-                    self._hosts[header] = ok
-            if not ok:
-                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
-                raise self._error_response(ForbiddenError(
-                    f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
-                    "(serve with --host to bind elsewhere)"))
-        try:
-            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
-            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
-        except BadRequestError as err:
-            raise self._error_response(err) from None
-        if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
-            raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
-        if app.token and environ.get("PATH_INFO") != "/health":
-            got = environ.get("HTTP_AUTHORIZATION", "")
-            if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
-                try:
-                    admitted = dashboard_admits(self, environ)
-                except FabricaError as err:     # a ticket, refused: the error says why
-                    raise self._error_response(err) from None
-                if not admitted:
-                    raise self._error_response(UnauthorizedError(
-                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
-                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
-
-    def _after(self):
-        environ = bottle.request.environ
-        route = environ.get("bottle.route")
-        rule = route.rule if route is not None else "unmatched"
-        method = environ.get("REQUEST_METHOD", "")
-        if method not in _METRIC_METHODS:
-            method = "other"
-        code = bottle.response.status_code
-        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
-        started = environ.get("fabrica.t0")
-        if started is not None:
-            hist = self.latency.get((rule, method))
-            if hist is None:
-                hist = self.latency.setdefault((rule, method), Histogram())
-            hist.observe(time.perf_counter() - started)
-        cors = self.app.cors
-        if cors and environ.get("HTTP_ORIGIN") == cors:
-            res = bottle.response
-            res.set_header("Access-Control-Allow-Origin", cors)
-            vary = res.get_header("Vary")       # GET / varies by Accept too
-            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
-            res.set_header("Access-Control-Expose-Headers",
-                           "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
-
-    @staticmethod
-    def _preflight(cors: str, environ) -> bottle.HTTPResponse:
-        """A CORS preflight answer (only with --cors; without it OPTIONS is routed like any method)."""
-        headers = {}
-        if environ.get("HTTP_ORIGIN") == cors:
-            headers = {"Access-Control-Allow-Origin": cors, "Vary": "Origin",
-                       "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-                       "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, If-None-Match, "
-                                                       "Last-Event-ID",
-                       "Access-Control-Max-Age": "600"}
-        return bottle.HTTPResponse(b"", 204, headers)
-
-    def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
-        res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
-        res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
-        res.content_type = JSON_TYPE
-        if err.status in (408, 413):         # the body is left unread: the connection cannot be reused
-            res.set_header("Connection", "close")
-        return res
-
-    def _bottle_error(self, res: bottle.HTTPError) -> str:
-        bottle.response.content_type = JSON_TYPE
-        if res.status_code >= 500:
-            message = "internal server error; the server log has the details"
-            if res.traceback:
-                http_log.error("unhandled error in %s %s:\n%s", _one_line(bottle.request.method),
-                               _one_line(bottle.request.path), res.traceback)
-        elif res.status_code == 404:
-            message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
-        elif res.status_code == 405:
-            message = f"method {bottle.request.method} is not allowed here; allowed: {res.headers.get('Allow', '')}"
-        else:
-            message = str(res.body) if isinstance(res.body, str) and res.body else res.status_line
-        return dumps({"error": message, "code": res.status_code, "details": []})
-
-    def _endpoint(self, fn):
-        def handler(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except FabricaError as err:
-                extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
-                return self._error_response(err, extra)
-            except Exception:
-                http_log.exception("unhandled error in %s %s", _one_line(bottle.request.method),
-                                   _one_line(bottle.request.path))
-                return self._error_response(FabricaError("internal server error; the server log has the details"))
-        handler.__name__ = fn.__name__
-        return handler
-
-    @staticmethod
-    def _send(obj, status: int = 200, etag: bool = True) -> bytes:
-        res = bottle.response
-        res.status = status
-        res.content_type = JSON_TYPE
-        if etag:
-            res.set_header("ETag", etag_of(obj))
-        return dumps(obj).encode()
-
-    def _json_body(self, *, patch: bool = False) -> tuple[object, str]:
-        environ = bottle.request.environ
-        media = _media_type(environ)
-        if patch:
-            if media not in PATCH_TYPES:
-                raise UnsupportedMediaTypeError(
-                    f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
-        elif media not in ("", JSON_TYPE):
-            raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
-        raw = read_body(environ, self.registry.max_body)
-        # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
-        kind = PATCH_TYPES[media] if patch else "body"
-        return read_json(raw, want_object=kind != "json"), kind
-
-    def _kind(self, plural: str):
-        info = self.registry.served(plural)
-        if info is None:
-            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        return info
-
-    def _obj(self, info, ref: str) -> dict:
-        obj = self.registry.store.resolve(info.kind, ref)
-        if obj is None:
-            if not valid_name(ref):
-                raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
-            raise NotFoundError(f'{info.kind} "{ref}" not found')
-        return obj
-
-    # -- routes ------------------------------------------------------------
-    def mount(self, plural: str | None, history: bool = False) -> None:
-        """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
-        route, ep = self.wsgi.route, self._endpoint
-        if plural is None:
-            base, fixed = "/<plural:re:[a-z][a-z0-9]{0,62}>", {}
-        else:
-            base, fixed = "/" + plural, {"plural": plural}
-
-        def bind(fn):
-            return ep(lambda **kw: fn(**fixed, **kw)) if fixed else ep(fn)
-        route(base, "GET", bind(self.list))
-        route(base, "POST", bind(self.create))
-        route(base + "/<ref>", "GET", bind(self.get))
-        route(base + "/<ref>", "PUT", bind(self.update))
-        route(base + "/<ref>", "PATCH", bind(self.patch))
-        route(base + "/<ref>", "DELETE", bind(self.delete))
-        route(base + "/<ref>/status", "GET", bind(self.get_status))
-        route(base + "/<ref>/status", "PUT", bind(self.update_status))
-        route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
-        route(base + "/<ref>/events", "GET", bind(self.object_events))
-        if history:
-            route(base + "/<ref>/versions", "GET", bind(self.versions))
-            route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
-            route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
-            route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
-
-    def list(self, plural):
-        info = self.registry.served(plural)
-        if info is None and not (self.registry.open and plural not in RESERVED_PATHS):
-            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        query = self._query()
-        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
-        selector, name = query.get("labelSelector") or None, query.get("name") or None
-        limit, token = query.get("limit") or None, query.get("continue") or None
-        if limit is not None:
-            if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
-                raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
-            limit = int(limit)
-        items, total, more = self.registry.store.query(
-            info.kind if info else "", parse_selector(selector) if selector else None, name=name,
-            after=decode_continue(token) if token is not None else None, limit=limit)
-        res = bottle.response
-        res.set_header("X-Total-Count", str(total))
-        if more is not None:
-            token = encode_continue(more)
-            res.set_header("X-Continue", token)
-            params = {"limit": str(limit), "continue": token}
-            if selector:
-                params["labelSelector"] = selector
-            res.set_header("Link", f'</{info.plural}?{urllib.parse.urlencode(params)}>; rel="next"')
-        return self._send(items, etag=False)
-
-    def create(self, plural):
-        if plural in RESERVED_PATHS:
-            raise NotFoundError(f"/{plural} is reserved")
-        body, _ = self._json_body()
-        registry = self.registry
-        if registry.open:
-            with registry.open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None) as info:
-                obj = registry.create(info, **parse_body(info, body))
-        else:
-            info = self._kind(plural)
-            obj = registry.create(info, **parse_body(info, body))
-        bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
-        return self._send(obj, 201)
-
-    def get(self, plural, ref):
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        res = bottle.response
-        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
-            res.status = 304
-            res.set_header("ETag", etag_of(obj))
-            return b""
-        # Stored objects are never mutated (a write stores a new dict), so the JSON of
-        # the very same object can be reused; the cache holds it, so `is` is safe.
-        key = (info.kind, obj["metadata"]["uid"])
-        bodies = self._bodies
-        cached = bodies.get(key)
-        if cached is None or cached[0] is not obj:
-            cached = (obj, dumps(obj).encode())
-            with self._bodies_lock:
-                stale = bodies.pop(key, None)
-                if stale is not None:
-                    self._bodies_bytes -= len(stale[1])
-                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
-                    bodies.clear()
-                    self._bodies_bytes = 0
-                bodies[key] = cached
-                self._bodies_bytes += len(cached[1])
-        res.content_type = JSON_TYPE
-        res.set_header("ETag", etag_of(obj))
-        return cached[1]
-
-    def _preconditions(self) -> dict:
-        """The resourceVersions the request's If-Match and If-None-Match name (None: no such header)."""
-        return {"if_match": etag_versions(self._header("HTTP_IF_MATCH")),
-                "if_none_match": etag_versions(self._header("HTTP_IF_NONE_MATCH"))}
-
-    @staticmethod
-    def _query() -> bottle.FormsDict:
-        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
-        try:
-            return bottle.request.query.decode()
-        except UnicodeError:
-            raise BadRequestError("the query string is not valid UTF-8") from None
-
-    @staticmethod
-    def _header(key: str) -> str | None:
-        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
-        value = bottle.request.environ.get(key)
-        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
-
-    def update(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, _ = self._json_body()
-        obj = self.registry.update(info, ref, **parse_body(info, body, update=True), **self._preconditions())
-        return self._send(obj)
-
-    def patch(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, kind = self._json_body(patch=True)
-        obj = self.registry.patch(info, ref, body, kind, **self._preconditions())
-        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
-        return self._send(obj)
-
-    def delete(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        force = self._query().get("force", "").lower() in ("true", "1", "yes")
-        obj, gone = self.registry.delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
-        if not gone:
-            return self._send(obj, 202)
-        return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
-                          etag=False)
-
-    def get_status(self, plural, ref):
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        bottle.response.set_header("ETag", etag_of(obj))
-        return self._send(obj["status"], etag=False)
-
-    def update_status(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, _ = self._json_body()
-        obj = self.registry.update_status(info, ref, body, **self._preconditions())
-        return self._send(obj)
-
-    def patch_status(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, kind = self._json_body(patch=True)
-        obj = self.registry.patch(info, ref, body, kind, status=True, **self._preconditions())
-        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
-        return self._send(obj)
-
-    def object_events(self, plural, ref):
-        """The object's recent events the store's change feed still retains, oldest first (``?limit=``, default 50).
-
-        Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
-        """
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        limit = self._query().get("limit") or "50"
-        if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
-            raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
-        return self._send(self.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
-
-    def _history(self, plural, ref):
-        info = self._kind(plural)
-        if not info.history_on:
-            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
-        return info, self._obj(info, ref)
-
-    def versions(self, plural, ref):
-        info, obj = self._history(plural, ref)
-        return self._send(self.registry.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
-
-    def get_version(self, plural, ref, vid):
-        info, obj = self._history(plural, ref)
-        snap = self.registry.store.get_version(info.kind, obj["metadata"]["uid"], vid)
-        if snap is None:
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
-        return self._send(snap, etag=False)
-
-    def delete_version(self, plural, ref, vid):
-        info, obj = self._history(plural, ref)
-        if not self.registry.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
-        return self._send({"message": "version deleted", "uid": vid}, etag=False)
-
-    def restore_version(self, plural, ref, vid):
-        info, _ = self._history(plural, ref)
-        return self._send(self.registry.restore(info, ref, vid, **self._preconditions()))
-
-    # -- global routes -----------------------------------------------------
-    def health(self):
-        return self._send(self.health_document(), etag=False)
-
-    def health_document(self) -> dict:
-        """Liveness and store health: what start-up could not load, the kinds, workers, and who leads."""
-        store, elector = self.registry.store, self.app.elector
-        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
-        kinds = self.registry.kinds
-        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
-                "service": self.app.service, "version": __version__, "kinds": sorted(kinds),
-                "quarantined": found["quarantined"], "ignored": found["ignored"],
-                "resourceVersion": str(store.resource_version) if store is not None else "0",
-                "workers": {k: i.workers for k, i in kinds.items() if i.has_controller},
-                "leader": elector is not None and elector.is_leader(),
-                "holderIdentity": None if elector is None else elector.leader}
-
-    def apis(self):
-        return self._send(self.registry.discovery(), etag=False)
-
-    def root(self):
-        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
-        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
-            return dashboard_page()
-        bottle.response.set_header("Vary", "Accept")
-        return self.apis()
-
-    def openapi(self):
-        return self._send(openapi_document(self.app), etag=False)
-
-    def docs(self):
-        bottle.response.content_type = "text/html; charset=utf-8"
-        # the page is self-contained: the policy makes sure it fetches nothing but this server's JSON
-        bottle.response.set_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'; connect-src 'self'")
-        return DOCS_HTML
-
-    def events(self):
-        """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
-        env = bottle.request.environ
-        query = self._query()
-        pattern = query.get("type") or "**"
-        try:
-            compile_pattern(pattern)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        kind = query.get("kind") or None
-        if kind is not None:
-            kind = self.registry.resolve_kind(kind).kind
-        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
-        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
-        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
-        position = parse_position(since) if since else None
-        store = self.registry.store
-        if position is not None and store is not None and position[0] > store.resource_version:
-            # no event here ever had that position (a forged id, or one from another data dir): streaming
-            # on from it would skip every event up to it without a word
-            raise GoneError(f"event {format_position(position)} is newer than every event of this server "
-                            f"(resourceVersion {store.resource_version}); re-list and watch from now")
-        bus = self.bus
-        tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
-        try:
-            backlog = [] if position is None else [
-                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
-        except FabricaError:
-            tap.close()
-            raise
-        res = bottle.response
-        res.content_type = "text/event-stream; charset=utf-8"
-        res.set_header("Cache-Control", "no-cache")
-        res.set_header("X-Accel-Buffering", "no")
-        return self._stream(tap, backlog, position or (0, 0), env, typed)
-
-    def event_ticket(self):
-        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
-        bottle.response.set_header("Cache-Control", "no-store")
-        return self._send(self.tickets.issue(), etag=False)
-
-    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
-        sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
-        keepalive = self.keepalive
-        quiet_since = time.monotonic()
-        try:
-            yield b": stream open\n\n"
-            for pos, event in backlog:
-                yield _sse_frame(pos, event, typed)
-                last = pos
-            while self.app._started and not (server is not None and server.stopping):
-                event = tap.get(timeout=min(1.0, keepalive))
-                if event is None:
-                    if tap.overflowed or tap.closed or _peer_closed(sock):
-                        return      # a client resumes with Last-Event-ID
-                    if time.monotonic() - quiet_since >= keepalive:
-                        quiet_since = time.monotonic()
-                        yield b": keep-alive\n\n"
-                    continue
-                pos = parse_position(event["sequence"])
-                if pos <= last:
-                    continue        # already sent from the backlog
-                last = pos
-                quiet_since = time.monotonic()
-                yield _sse_frame(pos, event, typed)
-        finally:
-            tap.close()
-
-    def metrics(self):
-        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return self.metrics_text().encode()
-
-    def metrics_text(self) -> str:
-        """Everything /metrics shows, in the Prometheus text exposition format."""
-        out = []
-
-        def family(name, kind, help_text, samples):
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
-        rest, store, bus = self, self.registry.store, self.bus
-        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
-               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
-                for (r, m, c), n in sorted(rest.requests.items())])
-        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
-               [line for (r, m), h in sorted(rest.latency.items())
-                for line in h.render("fabrica_http_request_duration_seconds",
-                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
-        family("fabrica_store_writes_total", "counter", "Committed store writes.",
-               [f"fabrica_store_writes_total {store.writes if store else 0}"])
-        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
-               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
-        stats = bus.stats()
-        family("fabrica_events_published_total", "counter", "Events published on the bus.",
-               [f"fabrica_events_published_total {stats['published']}"])
-        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
-               [f"fabrica_events_dropped_total {stats['dropped']}"])
-        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
-               [f"fabrica_event_gaps_total {stats['gaps']}"])
-        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
-               [f"fabrica_event_ring_events {stats['buffered']}"])
-        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
-               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
-        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
-               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
-        kinds = sorted(self.registry.kinds)
-        ctls = self.controllers
-        per_kind = {
-            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
-            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
-            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
-            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
-        }
-        for name, (kind, help_text, get) in per_kind.items():
-            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
-                                           for k in kinds if k in ctls])
-        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
-               [line for k in kinds if k in ctls
-                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
-                                                     f'kind="{_prom_escape(k)}"')])
-        objects, not_ready = [], []
-        for k in kinds:
-            items = store.list(k) if store is not None else []
-            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
-            if not self.registry.kinds[k].has_controller:
-                continue        # nothing ever makes these Ready: they would look stuck forever
-            pending = sum(1 for o in items if not any(
-                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-                for c in o["status"].get("conditions") or ()))
-            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
-        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
-               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
-        elector = self.app.elector
-        family("fabrica_leader", "gauge", "1 while this process leads (runs the controllers and the garbage "
-               "collector's sweeps), else 0; identity is this process's.",
-               [f'fabrica_leader{{identity="{_prom_escape(self.app.identity)}"}} '
-                f'{int(elector is not None and elector.is_leader())}'])
-        return "\n".join(out) + "\n"
-
-
-###############################################################################
-# OpenAPI #####################################################################
-###############################################################################
-#
-# openapi_document(app) describes every route the app serves as an OpenAPI
-# 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
-# they are). It is rebuilt per request: cheap, and always true to app.kinds.
-# DOCS_HTML is the offline /docs page: inline CSS and JS, nothing fetched
-# but /openapi.json and the GETs a person tries.
-
-_OA_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_OA_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_OA_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
-_OA_ERRORS = {
-    "304": "Not modified: If-None-Match matched the current ETag (no body)",
-    "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
-    "401": "Missing or wrong bearer token",
-    "404": "No such object, kind or version",
-    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, an owner is gone or being deleted, "
-           "or the object changes too fast",
-    "410": "Gone: events after that position are no longer available",
-    "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
-    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
-    "415": "Unsupported Content-Type",
-    "422": "Validation failed; details lists every failing field",
-    "500": "The store could not complete the write; the previous version is intact",
-    "507": "No space left for the write; the previous version is intact",
-}
-
-
-_OA_SUFFIXES = ("", "Spec", "Status", "Create", "Version", "Versions")
-
-
-def _oa_ref(name: str, kind: str = "schemas") -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _oa_json(schema: dict) -> dict:
-    return {JSON_TYPE: {"schema": schema}}
-
-
-def _oa_responses(ok: dict, codes: str, token: bool) -> dict:
-    """ok (status -> response object) plus the Error responses named in ``codes``."""
-    out = dict(ok)
-    for code in codes.split() + (["401"] if token else []):
-        if code == "304":
-            out[code] = {"description": _OA_ERRORS[code], "headers": {"ETag": _oa_ref("ETag", "headers")}}
-        else:
-            out[code] = {"description": _OA_ERRORS[code], "content": _oa_json(_oa_ref("Error"))}
-    return dict(sorted(out.items()))
-
-
-def _oa_ok(description: str, schema: dict | None = None, headers=(), media: str = JSON_TYPE) -> dict:
-    res = {"description": description}
-    if headers:
-        res["headers"] = {h: _oa_ref(h.replace("-", ""), "headers") for h in headers}
-    if schema is not None:
-        res["content"] = {media: {"schema": schema}}
-    return res
-
-
-def _oa_schema(schema: Schema | None, what: str) -> dict:
-    if schema is None:
-        return {"type": "object", "description": f"any JSON object (the kind declares no {what} schema)"}
-    out = deepcopy_json(schema.json)
-    for key in ("$schema", "$id"):
-        out.pop(key, None)
-    return out
-
-
-def _oa_flat(kind: str | None, spec: dict) -> dict:
-    """The flat create/PUT form: name, labels, annotations beside the spec fields (SPEC §6.2)."""
-    reserved = {"name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
-                "apiVersion": {"const": API_VERSION}, "kind": {"const": kind} if kind else {"type": "string"}}
-    flat = {"title": "flat form", "type": "object"}
-    simple = set(spec) <= {"type", "properties", "required", "additionalProperties", "title", "description"}
-    if not simple or spec.get("type", "object") != "object":
-        flat["properties"] = reserved
-        flat["description"] = "name, labels and annotations beside the spec fields"
-        return flat
-    skip = set(_FLAT_RESERVED) | {"metadata", "spec"}
-    flat["properties"] = {**{k: v for k, v in (spec.get("properties") or {}).items() if k not in skip}, **reserved}
-    required = [r for r in spec.get("required", ()) if r not in skip]
-    if required:
-        flat["required"] = required
-    if "additionalProperties" in spec:
-        flat["additionalProperties"] = spec["additionalProperties"]
-    return flat
-
-
-def _oa_kind_schemas(info: KindInfo | None, name: str) -> dict:
-    """Components <name>Spec, <name>Status, <name>, <name>Create (and <name>Version) of one kind.
-
-    ``name`` is the kind's name unless that collides (see openapi_document); ``info=None`` gives
-    the generic resource of an open server's other plurals.
-    """
-    spec = _oa_schema(info.spec if info else None, "spec")
-    status = _oa_schema(info.status if info else None, "status")
-    status.setdefault("description", "written by controllers; conditions: see Condition")
-    kind_const = {"const": info.kind} if info is not None else {"type": "string"}
-    envelope = {
-        "title": "envelope form", "type": "object",
-        "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
-                       "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMetaWrite"),
-                       "spec": _oa_ref(name + "Spec"),
-                       "status": {"description": "ignored here: status is written only through /status"}},
-        "additionalProperties": False,
-        "anyOf": [{"required": ["metadata"]}, {"required": ["spec"]}],
-    }
-    schemas = {
-        name + "Spec": spec,
-        name + "Status": status,
-        name: {
-            "type": "object",
-            "required": ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"],
-            "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
-                           "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMeta"),
-                           "spec": _oa_ref(name + "Spec"), "status": _oa_ref(name + "Status")},
-        },
-        name + "Create": {
-            "description": "Create or PUT body: the flat form ({name, labels, annotations, <spec fields>}) "
-                           "or the envelope form ({metadata, spec}); a top-level metadata or spec key "
-                           "selects the envelope form.",
-            "anyOf": [_oa_flat(info.kind if info else None, spec), envelope],
-        },
-    }
-    if info is not None and info.history_on:
-        schemas[name + "Version"] = {"allOf": [_oa_ref("Version"),
-                                               {"properties": {"spec": _oa_ref(name + "Spec")}}]}
-    return schemas
-
-
-def _oa_patch_body(target: str) -> dict:
-    merge = {"type": "object", "description": f"RFC 7386 merge patch of the {target}"}
-    return {"required": True, "description": f"A patch of the {target}; the Content-Type picks the format",
-            "content": {MERGE_PATCH: {"schema": merge}, JSON_TYPE: {"schema": merge},
-                        JSON_PATCH: {"schema": _oa_ref("JSONPatch")},
-                        SHORTHAND_PATCH: {"schema": {"type": "object", "description":
-                                          "dotted paths to values; null removes the path"}}}}
-
-
-def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, token: bool,
-                   open_kind: bool = False) -> dict:
-    """The path items of one kind: ``name`` names its components and operations, ``label`` is for
-    people, ``base`` is "/<plural>" (or "/{plural}" for an open server's other plurals)."""
-    ref, K = _oa_ref("Ref", "parameters"), _oa_ref(name)
-    pre = [_oa_ref("IfMatch", "parameters"), _oa_ref("IfNoneMatch", "parameters")]
-    lead = [_oa_ref("Plural", "parameters")] if open_kind else []
-
-    def op(op_id, summary, responses, codes, params=(), body=None):
-        verb, _, suffix = op_id.partition("*")
-        o = {"tags": [tag], "summary": summary, "operationId": verb + name + suffix}
-        if params:
-            o["parameters"] = list(params)
-        if body is not None:
-            o["requestBody"] = body
-        o["responses"] = _oa_responses(responses, codes, token)
-        return o
-
-    create_body = {"required": True, "content": _oa_json(_oa_ref(name + "Create"))}
-    write = "400 404 409 412 413 415 422 500 507"
-    nf = " 404" if open_kind else ""     # a plural that is reserved or not a plural
-    obj_etag = _oa_ok(f"The {label}", K, ("ETag",))
-    patched = _oa_ok(f"The patched {label}", K, ("ETag", "Accept-Patch"))
-    paths = {
-        base: {"parameters": lead, **{
-            "get": op("list", f"List {label} objects (ordered by name)",
-                      {"200": _oa_ok("The matching objects", {"type": "array", "items": K},
-                                     ("X-Total-Count", "X-Continue", "Link"))}, "400" + nf,
-                      [_oa_ref(p, "parameters") for p in ("LabelSelector", "Name", "Limit", "Continue")]),
-            "post": op("create", f"Create a {label}",
-                       {"201": _oa_ok(f"The new {label}", K, ("Location", "ETag"))},
-                       "400 409 413 415 422 500 507" + nf, body=create_body)}},
-        base + "/{ref}": {"parameters": lead + [ref], **{
-            "get": op("get", f"Get a {label}", {"200": obj_etag}, "304 400 404",
-                      [_oa_ref("IfNoneMatchGet", "parameters")]),
-            "put": op("replace", f"Replace the spec (and labels) of a {label}; never creates",
-                      {"200": obj_etag}, write, pre, create_body),
-            "patch": op("patch", f"Patch the spec of a {label}", {"200": patched}, write,
-                        [pre[0]], _oa_patch_body("spec")),
-            "delete": op("delete", f"Delete a {label}",
-                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse")),
-                          "202": _oa_ok("Finalizers are pending: marked for deletion", K, ("ETag",))},
-                         "400 404 409 412 500 507", [pre[0], _oa_ref("Force", "parameters")])}},
-        base + "/{ref}/status": {"parameters": lead + [ref], **{
-            "get": op("get*Status", f"Get the status of a {label}",
-                      {"200": _oa_ok("The status object", _oa_ref(name + "Status"), ("ETag",))}, "400 404"),
-            "put": op("replace*Status", f"Replace the status of a {label} (the bare status object)",
-                      {"200": obj_etag}, write, pre,
-                      {"required": True, "content": _oa_json(_oa_ref(name + "Status"))}),
-            "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
-                        _oa_patch_body("status"))}},
-    }
-    paths[base + "/{ref}/events"] = {"parameters": lead + [ref], "get": op(
-        "list*Events", f"The recent events of a {label} still in the event ring buffer, oldest first",
-        {"200": _oa_ok("CloudEvents", {"type": "array", "items": {
-            "type": "object", "required": ["specversion", "id", "type", "source"]}})}, "400 404",
-        [_oa_ref("EventLimit", "parameters")])}
-    if history:
-        vid = _oa_ref("VersionId", "parameters")
-        V = _oa_ref(name + "Version")
-        paths[base + "/{ref}/versions"] = {"parameters": lead + [ref], "get": op(
-            "list*Versions", f"List the spec versions of a {label}, oldest first",
-            {"200": _oa_ok("The snapshots", {"type": "array", "items": V})}, "400 404")}
-        paths[base + "/{ref}/versions/{versionId}"] = {"parameters": lead + [ref, vid], **{
-            "get": op("get*Version", "Get one spec version", {"200": _oa_ok("The snapshot", V)}, "400 404"),
-            "delete": op("delete*Version", "Delete one spec version",
-                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse"))}, "400 404 500 507")}}
-        paths[base + "/{ref}/versions/{versionId}/restore"] = {"parameters": lead + [ref, vid], "post": op(
-            "restore*Version", "Write that version's spec back as a new, validated spec write",
-            {"200": obj_etag}, "400 404 409 412 422 500 507", pre)}
-    for item in paths.values():
-        if not item["parameters"]:
-            del item["parameters"]
-    return paths
-
-
-def _oa_components() -> dict:
-    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
-    time = {"type": "string", "format": "date-time"}
-    header = lambda description, schema, required=False: {  # noqa: E731
-        "description": description, "required": required, "schema": schema}
-    param = lambda name, where, description, schema, **extra: {  # noqa: E731
-        "name": name, "in": where, "description": description, "schema": schema, **extra}
-    return {
-        "schemas": {
-            "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
-                "error": {"type": "string"}, "code": {"type": "integer"},
-                "details": {"type": "array", "items": {"type": "object", "properties": {
-                    "field": {"type": "string"}, "message": {"type": "string"}}}}}},
-            "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
-                     "description": "a DNS-1123 subdomain, unique per kind"},
-            "Labels": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
-                       "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
-            "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
-                            "additionalProperties": {"type": "string"}},
-            "OwnerReference": {
-                "type": "object", "required": ["kind", "uid"], "additionalProperties": False,
-                "description": "an owner; at most one per object has controller: true (SPEC §5.5)",
-                "properties": {"kind": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]{0,62}$"},
-                               "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
-                               "name": {"type": "string"}, "controller": {"type": "boolean"}}},
-            "ObjectMeta": {
-                "type": "object",
-                "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
-                             "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"],
-                "properties": {
-                    "name": {"type": "string"}, "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
-                    "labels": string_map, "annotations": string_map, "createdAt": time, "updatedAt": time,
-                    "generation": {"type": "integer", "minimum": 1},
-                    "resourceVersion": {"type": "string", "pattern": "^[0-9]+$"},
-                    "finalizers": {"type": "array", "items": {"type": "string"}},
-                    "ownerReferences": {"type": "array", "items": _oa_ref("OwnerReference")},
-                    "deletionTimestamp": {"type": ["string", "null"], "format": "date-time"}}},
-            "ObjectMetaWrite": {
-                "type": "object", "additionalProperties": False,
-                "description": "metadata in an envelope body; server-managed fields are accepted and ignored",
-                "properties": {
-                    "name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
-                    "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
-                                                              "pattern": _OA_LABEL_KEY}},
-                    "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
-                    "ownerReferences": {"type": ["array", "null"], "items": _oa_ref("OwnerReference"),
-                                        "description": "read at create (every owner must exist and not be "
-                                                       "being deleted, else 409; the name is filled in), "
-                                                       "ignored by PUT"},
-                    **{k: {"description": "server-managed; ignored"} for k in
-                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
-            "Condition": {"type": "object", "required": ["type", "status"], "properties": {
-                "type": {"type": "string", "pattern": _OA_LABEL_KEY, "maxLength": CONDITION_TYPE_MAX},
-                "status": {"enum": ["True", "False", "Unknown"]},
-                "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
-                "observedGeneration": {"type": "integer"}},
-                "description": "what set_condition() and the controller write into status.conditions"},
-            "DeleteResponse": {"type": "object", "required": ["message", "uid"], "properties": {
-                "message": {"type": "string"}, "uid": {"type": "string"}}},
-            "Version": {"type": "object",
-                        "required": ["versionId", "createdAt", "uid", "name", "labels", "annotations", "spec"],
-                        "properties": {"versionId": {"type": "string"}, "createdAt": time,
-                                       "uid": {"type": "string"}, "name": {"type": "string"},
-                                       "labels": string_map, "annotations": string_map,
-                                       "spec": {"type": "object"}}},
-            "JSONPatch": {"type": "array", "description": "RFC 6902 operations", "items": {
-                "type": "object", "required": ["op", "path"], "properties": {
-                    "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
-                    "path": {"type": "string"}, "from": {"type": "string"}, "value": {}}}},
-            "Health": {"type": "object", "required": ["status", "service"], "properties": {
-                "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
-                "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
-                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
-                "resourceVersion": {"type": "string"},
-                "workers": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "leader": {"type": "boolean", "description": "this process leads: it runs the controllers"},
-                "holderIdentity": {"type": ["string", "null"], "description": "who leads, if known"}}},
-            "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
-                "apiVersion": {"type": "string"},
-                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
-                "kinds": {"type": "array", "items": {
-                    "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
-                        "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
-                        "patchTypes": {"type": "array", "items": {"type": "string"}},
-                        "controller": {"type": "boolean"}, "history": {"type": "boolean"},
-                        "finalizer": {"type": "boolean"}}}}}},
-        },
-        "parameters": {
-            "Ref": param("ref", "path", "a uid, else a name", {"type": "string"}, required=True),
-            "Plural": param("plural", "path", "the plural of a kind made at first create (open server)",
-                            {"type": "string", "pattern": "^[a-z][a-z0-9]{0,62}$"}, required=True),
-            "VersionId": param("versionId", "path", "a spec version (the generation it produced)",
-                               {"type": "string"}, required=True),
-            "IfMatch": param("If-Match", "header", "strong ETags or *; no match: 412", {"type": "string"}),
-            "IfNoneMatch": param("If-None-Match", "header", "*: fail with 412 if the object exists",
-                                 {"type": "string"}),
-            "IfNoneMatchGet": param("If-None-Match", "header", "a matching ETag answers 304",
-                                    {"type": "string"}),
-            "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
-                                   "k notin (a), k, !k; comma = AND", {"type": "string"}),
-            "Name": param("name", "query", "only the object with this name", {"type": "string"}),
-            "EventLimit": param("limit", "query", "at most this many, the newest (default 50)",
-                                {"type": "integer", "minimum": 1, "maximum": 10000}),
-            "Limit": param("limit", "query", "page size (empty: no limit)",
-                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
-            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
-                              "first page)", {"type": "string"}),
-            "Force": param("force", "query", "delete now, even with finalizers pending",
-                           {"type": "boolean"}),
-            "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
-            "EventKind": param("kind", "query", "only events of this kind", {"type": "string"}),
-            "Since": param("since", "query", "replay events after this position (like Last-Event-ID)",
-                           {"type": "string"}),
-            "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
-                                 {"type": "string"}),
-            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
-                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
-            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
-                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
-        },
-        "headers": {
-            "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
-            "XTotalCount": header("objects matching before paging", {"type": "string", "pattern": "^[0-9]+$"},
-                                  True),
-            "XContinue": header("token for the next page, when there is one", {"type": "string"}),
-            "Link": header('<...>; rel="next" when there is a next page', {"type": "string"}),
-            "Location": header("the new object's path", {"type": "string"}, True),
-            "AcceptPatch": header("the patch media types", {"type": "string"}, True),
-        },
-    }
-
-
-def openapi_document(app) -> dict:
-    """The OpenAPI 3.1.0 document of every route ``app`` serves (what GET /openapi.json answers)."""
-    token = bool(app.token)
-    components = _oa_components()
-    paths, tags = {}, []
-    # A kind's components and operation ids are <name>, <name>Spec, <name>Status, ...; a kind whose
-    # name would collide (a kind "Error", or "ServerStatus" beside "Server") becomes <kind>Kind[N].
-    taken = set(components["schemas"]) | {"Health", "Apis", "Events", "OpenAPI", "Docs", "Metrics", "Dashboard"}
-
-    def allocate(kind: str) -> str:
-        name, n = kind, 1
-        while any(name + suffix in taken for suffix in _OA_SUFFIXES):
-            n += 1
-            name = kind + "Kind" + (str(n - 1) if n > 2 else "")
-        taken.update(name + suffix for suffix in _OA_SUFFIXES)
-        return name
-    for info in sorted(app.kinds.values(), key=lambda i: i.plural):
-        name = allocate(info.kind)
-        components["schemas"].update(_oa_kind_schemas(info, name))
-        notes = [f"plural {info.plural}", f"uid prefix {info.prefix}"]
-        notes += [note for flag, note in ((info.reconcile, "reconciled by a controller"),
-                                          (info.finalize, "has a finalizer"),
-                                          (info.history_on, "keeps spec history")) if flag]
-        tags.append({"name": info.kind, "description": "; ".join(notes)})
-        paths.update(_oa_kind_paths(name, info.kind, "/" + info.plural, info.kind, info.history_on, token))
-    if app.open:
-        name = allocate("Resource")
-        components["schemas"].update(_oa_kind_schemas(None, name))
-        tags.append({"name": "open", "description": "any other plural: its kind is made at first create"})
-        paths.update(_oa_kind_paths(name, "resource", "/{plural}", "open", False, token, open_kind=True))
-
-    def system(op_id, summary, responses, codes="", params=(), public=False):
-        o = {"tags": ["system"], "summary": summary, "operationId": op_id}
-        if params:
-            o["parameters"] = list(params)
-        o["responses"] = _oa_responses(responses, codes, token and not public)
-        if token and public:
-            o["security"] = []
-        return {"get": o}
-    text = {"type": "string"}
-    # the schema of one event of the stream: id = position, event = CloudEvent type, data = the CloudEvent
-    sse_event = {"type": "object", "properties": {
-        "id": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}, "event": {"type": "string"},
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"type": "object", "required": ["specversion", "id", "type", "source"]}},
-        "retry": {"type": "integer"}}}
-    paths.update({
-        "/health": system("getHealth", "Liveness and store health (never needs a token)",
-                          {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
-        "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
-                        {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
-        "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
-                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
-                                         media="text/event-stream")}, "400 404 410",
-                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
-                                                              "StreamTicket", "Untyped")]),
-        "/openapi.json": system("getOpenAPI", "This document",
-                                {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
-        "/docs": system("getDocs", "An offline page that browses this document",
-                        {"200": _oa_ok("HTML", text, media="text/html")}),
-        "/metrics": system("getMetrics", "Prometheus text format",
-                           {"200": _oa_ok("Metrics", text, media="text/plain")}),
-    })
-    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
-    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
-        paths["/"] = system("getDashboard", "A small HTML dashboard",
-                            {"200": _oa_ok("HTML", text, media="text/html")})
-    elif roots:
-        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
-                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
-        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
-        paths["/"] = root
-    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
-                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
-                        "type": "object", "required": ["ticket", "expiresAt"],
-                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
-    paths["/events/ticket"] = {"post": ticket["get"]}
-    tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
-    doc = {
-        "openapi": "3.1.0",
-        "info": {"title": app.service, "version": __version__,
-                 "description": "Declarative resources (spec written by users, status by controllers) "
-                                "served by fabrica.py. Every error body is an Error."},
-        "tags": tags,
-        "paths": paths,
-        "components": components,
-    }
-    if token:
-        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearerAuth": []}]
-    return doc
-
-
-DOCS_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>API docs</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#234;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
-header h1{font-size:18px;margin:0;flex:1}
-main{display:grid;grid-template-columns:220px 1fr;gap:16px;padding:16px}
-nav a{display:block;color:#246;text-decoration:none;padding:2px 0;cursor:pointer}
-section{background:#fff;border:1px solid #ddd;border-radius:6px;margin-bottom:16px;padding:8px 12px}
-h2{font-size:16px;margin:4px 0 8px}
-.op{border-top:1px solid #eee;padding:6px 0}
-.op summary{cursor:pointer}
-.m{display:inline-block;width:58px;font:bold 12px monospace;text-align:center;border-radius:3px;color:#fff}
-.GET{background:#2a7}.POST{background:#27c}.PUT{background:#c82}.PATCH{background:#a5c}.DELETE{background:#c33}
-code,pre{font-family:ui-monospace,monospace;font-size:12px}
-pre{background:#f4f4f4;padding:8px;overflow:auto;max-height:420px;margin:6px 0}
-input{font:inherit;padding:2px 4px;margin:2px 6px 2px 0}
-.muted{color:#777}
-</style></head>
-<body>
-<header><h1 id="title">API</h1>
-<label>Token <input id="token" type="password" placeholder="bearer token (optional)"></label></header>
-<main><nav id="nav"></nav><div id="content"><p class="muted">Loading /openapi.json ...</p></div></main>
-<script>
-"use strict";
-const $ = (tag, attrs, ...kids) => {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "onclick") el.onclick = v; else el.setAttribute(k, v);
-  }
-  for (const kid of kids) el.append(kid);
-  return el;
-};
-const tokenInput = document.getElementById("token");
-tokenInput.value = sessionStorage.getItem("fabrica-token") || "";
-tokenInput.onchange = () => sessionStorage.setItem("fabrica-token", tokenInput.value);
-const headers = () => tokenInput.value ? {Authorization: "Bearer " + tokenInput.value} : {};
-const pretty = (text) => { try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; } };
-
-function tryGet(doc, path, op, out) {
-  const form = $("div");
-  const inputs = {};
-  for (const name of path.match(/[{][^}]+[}]/g) || []) {
-    const key = name.slice(1, -1);
-    inputs[key] = $("input", {placeholder: key, size: 20});
-    form.append(key + " ", inputs[key]);
-  }
-  const query = $("input", {placeholder: "query, e.g. limit=10", size: 28});
-  const resolve = (p) => p.$ref ? doc.components.parameters[p.$ref.split("/").pop()] : p;
-  if ((op.parameters || []).some((p) => resolve(p).in === "query")) form.append("?", query);
-  const button = $("button", {onclick: async () => {
-    let url = path.replace(/[{]([^}]+)[}]/g, (_, k) => encodeURIComponent(inputs[k].value));
-    if (query.value) url += "?" + query.value.replace(/^[?]/, "");
-    out.textContent = "GET " + url + " ...";
-    try {
-      const res = await fetch(url, {headers: headers()});
-      const body = await res.text();
-      out.textContent = "GET " + url + "\\n" + res.status + " " + res.statusText + "\\n\\n" + pretty(body);
-    } catch (e) { out.textContent = "GET " + url + " failed: " + e; }
-  }}, "Try");
-  form.append(button);
-  return form;
-}
-
-function schemaName(s) {
-  if (!s) return "";
-  if (s.$ref) return s.$ref.split("/").pop();
-  if (s.type === "array" && s.items) return "[" + schemaName(s.items) + "]";
-  return s.type || "";
-}
-
-function render(doc) {
-  document.title = doc.info.title + " API";
-  document.getElementById("title").textContent =
-    doc.info.title + " " + doc.info.version + " (OpenAPI " + doc.openapi + ")";
-  const nav = document.getElementById("nav"), content = document.getElementById("content");
-  content.textContent = "";
-  const byTag = {};
-  for (const [path, item] of Object.entries(doc.paths)) {
-    for (const [method, op] of Object.entries(item)) {
-      if (method === "parameters") continue;
-      for (const tag of op.tags || ["other"]) (byTag[tag] = byTag[tag] || []).push([path, method.toUpperCase(), op]);
-    }
-  }
-  for (const tag of doc.tags || Object.keys(byTag).map((name) => ({name}))) {
-    const ops = byTag[tag.name] || [];
-    const sec = $("section", {id: "tag-" + tag.name}, $("h2", {}, tag.name),
-                  $("div", {class: "muted"}, tag.description || ""));
-    nav.append($("a", {href: "#tag-" + tag.name}, tag.name));
-    for (const [path, method, op] of ops) {
-      const body = op.requestBody ? Object.entries(op.requestBody.content)
-        .map(([type, c]) => type + ": " + schemaName(c.schema)).join(", ") : "";
-      const codes = Object.entries(op.responses).map(([code, r]) => {
-        const c = r.content ? Object.values(r.content)[0] : null;
-        return code + (c ? " " + schemaName(c.schema) : "");
-      }).join(", ");
-      const params = (op.parameters || []).concat(doc.paths[path].parameters || [])
-        .map((p) => p.$ref ? p.$ref.split("/").pop() : p.name).join(", ");
-      const details = $("details", {class: "op"},
-        $("summary", {}, $("span", {class: "m " + method}, method), " ", $("code", {}, path), " ",
-          $("span", {class: "muted"}, op.summary || "")),
-        $("div", {}, "operationId: ", $("code", {}, op.operationId || "")),
-        params ? $("div", {}, "parameters: ", $("code", {}, params)) : "",
-        body ? $("div", {}, "body: ", $("code", {}, body)) : "",
-        $("div", {}, "responses: ", $("code", {}, codes)));
-      if (method === "GET" && path !== "/events") {   // an endless stream: no Try
-        const out = $("pre", {}, "");
-        details.append(tryGet(doc, path, op, out), out);
-      }
-      sec.append(details);
-    }
-    content.append(sec);
-  }
-  const schemas = $("section", {id: "schemas"}, $("h2", {}, "Schemas"));
-  nav.append($("a", {href: "#schemas"}, "Schemas"));
-  for (const [name, schema] of Object.entries((doc.components || {}).schemas || {})) {
-    schemas.append($("details", {class: "op"}, $("summary", {}, $("code", {}, name)),
-      $("pre", {}, JSON.stringify(schema, null, 2))));
-  }
-  content.append(schemas);
-}
-
-fetch("/openapi.json", {headers: headers()})
-  .then((res) => res.ok ? res.json() : res.text().then((t) => { throw new Error(res.status + " " + t); }))
-  .then(render)
-  .catch((e) => { document.getElementById("content").textContent = "Could not load /openapi.json: " + e; });
-</script>
-</body></html>
-"""
-
-
-###############################################################################
-# Dashboard ####################################################################
-###############################################################################
-#
-# GET / for a browser (SPEC §11): DASHBOARD_HTML lists every kind through the
-# REST API, follows GET /events with an EventSource and polls /metrics for the
-# controllers. The page holds no data, so it is served without the token; an
-# EventSource sends no headers, so the page trades its bearer token (POST
-# /events/ticket) for a StreamTickets ticket: signed, scoped to GET /events,
-# valid STREAM_TICKET_TTL seconds and redeemed once.
-
-STREAM_TICKET_TTL = 30          # seconds a stream ticket stays redeemable
-_TICKET_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})", re.ASCII)
-
-
-class _TicketsBusyError(FabricaError):
-    status = 429
-
-
-class StreamTickets:
-    """The stream tickets of one server: ``issue()`` one, ``redeem()`` it once (thread-safe).
-
-    A ticket is ``<expiry>.<nonce>.<mac>``: the expiry in whole Unix seconds of
-    ``clock``, 128 random bits, and HMAC-SHA256 over both and the scope under a
-    key drawn at construction (so a restart voids every ticket). Redeemed
-    nonces are remembered until their expiry, at most ``capacity`` of them.
-    """
-
-    def __init__(self, ttl: float = STREAM_TICKET_TTL, clock: Callable[[], float] = time.time,
-                 capacity: int = 10000):
-        self.ttl, self.clock, self.capacity = ttl, clock, capacity
-        self._key = os.urandom(32)
-        self._lock = threading.Lock()
-        self._used: dict[str, int] = {}     # nonce -> expiry of every redeemed, unexpired ticket; under _lock
-
-    def _mac(self, body: str) -> str:
-        mac = hmac.new(self._key, b"GET /events\n" + body.encode(), "sha256").digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-
-    def issue(self) -> dict:
-        """``{"ticket", "expiresAt"}``: a new ticket and its expiry (RFC 3339 UTC)."""
-        expiry = math.ceil(self.clock() + self.ttl)
-        body = f"{expiry}.{os.urandom(16).hex()}"
-        return {"ticket": f"{body}.{self._mac(body)}",
-                "expiresAt": datetime.fromtimestamp(expiry, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-
-    def redeem(self, ticket: str) -> None:
-        """Accept ``ticket`` once; UnauthorizedError if it is malformed, forged, expired or used."""
-        match = _TICKET_RE.fullmatch(ticket)
-        if not match or not hmac.compare_digest(match[3], self._mac(f"{match[1]}.{match[2]}")):
-            raise UnauthorizedError("invalid stream ticket; POST /events/ticket with the bearer token for one")
-        expiry, nonce, now = int(match[1]), match[2], self.clock()
-        if expiry <= now:
-            raise UnauthorizedError("the stream ticket expired; POST /events/ticket for a new one")
-        with self._lock:
-            if nonce in self._used:
-                raise UnauthorizedError("the stream ticket was used already; POST /events/ticket for a new one")
-            if len(self._used) >= self.capacity:
-                self._used = {n: e for n, e in self._used.items() if e > now}
-                if len(self._used) >= self.capacity:     # forgetting one would let it be replayed
-                    raise _TicketsBusyError(f"{self.capacity} stream tickets were redeemed in the last "
-                                            f"{self.ttl:g} s; retry shortly")
-            self._used[nonce] = expiry
-
-
-def dashboard_admits(rest: RestAPI, environ: dict) -> bool:
-    """Whether a request without the bearer token may pass: the page itself, or GET /events with a ticket.
-
-    The page is the same for every server and carries no data. A ticket is
-    redeemed here, so a bad one raises UnauthorizedError naming what is wrong.
-    """
-    if environ.get("REQUEST_METHOD") != "GET":
-        return False
-    if environ.get("PATH_INFO") == "/":
-        return "text/html" in environ.get("HTTP_ACCEPT", "")
-    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")) if environ.get("PATH_INFO") == "/events" else {}
-    ticket = query.get("ticket")
-    if ticket:
-        rest.tickets.redeem(ticket[-1])
-    return bool(ticket)
-
-
-def dashboard_page() -> bottle.HTTPResponse:
-    """The page, with a policy that lets it fetch nothing but this server and be framed by no one."""
-    return bottle.HTTPResponse(_DASHBOARD_BYTES, 200, {
-        "Content-Type": "text/html; charset=utf-8", "Vary": "Accept", "Cache-Control": "no-cache",
-        "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
-        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                   "connect-src 'self'; img-src data:; frame-ancestors 'none'"})
-
-
-DASHBOARD_HTML = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>fabrica</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
-<style>
-:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;--bad:#f85149;
---acc:#58a6ff}*{box-sizing:border-box}[hidden]{display:none!important}
-body{margin:0;height:100vh;font:13px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--line);display:grid;
-gap:1px;grid-template:44px minmax(0,1fr) minmax(0,34%)/220px minmax(0,1fr) minmax(0,38%)}
-body>*{background:var(--bg);min-height:0;min-width:0}section{display:flex;flex-direction:column}
-header{grid-column:1/-1;display:flex;align-items:center;gap:16px;padding:0 14px;background:var(--pane)}
-header b{font-size:15px;letter-spacing:.02em}nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
-#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}h3{margin:8px 0;font-size:15px}
-h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;color:var(--dim);margin:14px 14px 6px}
-.kind{display:flex;gap:6px;padding:4px 14px;cursor:pointer}.kind span:first-child{flex:1}
-.kind:hover,.row:hover{background:var(--pane)}.kind.on{background:#1f6feb26;box-shadow:inset 3px 0 var(--acc)}
-.n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
-.bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
-input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
-.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;
-align-items:center;padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
-.grid span:nth-child(n+3){text-align:right}
-.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
-.vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
-.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
-.dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;
-background:var(--wait)}.ok::before{background:var(--ok)}.bad::before{background:var(--bad)}
-.none::before{background:var(--line)}.dim{color:var(--dim)}.lag{color:var(--wait)}.red{color:var(--bad)}
-.grn{color:var(--ok)}.acc,a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
-pre{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;background:var(--pane);
-padding:10px;border-radius:6px;margin:8px 0}#log{font:12px/20px ui-monospace,monospace}#log span{margin-right:8px}
-#log .row{padding:0 10px;height:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border:0}
-table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}th{font-weight:normal;font-size:11px}
-td,th{text-align:right;padding:2px 0 2px 14px}td:first-child,th:first-child{text-align:left;padding-left:0}
-dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:8px}
-</style></head>
-<body>
-<header><b>fabrica</b><span id="svc" class="dim"></span><span id="live" class="dot">connecting</span>
-<span id="rv" class="n"></span><span style="flex:1"></span><span id="rate" class="n"></span></header>
-<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2><table><thead class="dim"><tr><th>kind</th><th>queue</th>
-<th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody></table></nav>
-<section><div class="bar"><b id="title"></b><span id="shown" class="n"></span><span></span>
-<input id="filter" type="search" placeholder="filter by name"></div>
-<div class="grid th"><span>name</span><span>ready / phase</span><span>gen / obs</span><span>age</span></div>
-<div id="table" class="vl"></div></section>
-<aside id="detail"><h2>Resource</h2><p class="dim">Click a row for its JSON, owner and dependents.</p></aside>
-<section><div class="bar"><b>Events</b><span id="logn" class="n"></span><span></span>
-<input id="types" type="search" size="34" placeholder="type filter: rack, **.deleted, io.fabrica.node.*"></div>
-<div id="log" class="vl"></div></section>
-<dialog id="auth"><form method="dialog"><p>This server asks for its bearer token (serve --token).</p>
-<input id="token" type="password" size="40" autocomplete="off"> <button>Connect</button></form></dialog>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id), LOG_KEEP = 5000;
-function el(tag, cls, text, ...kids) {
-  const e = Object.assign(document.createElement(tag), {className: cls || ""});
-  e.append(...(text === undefined ? [] : [String(text)]), ...kids);
-  return e;
-}
-const set = (e, text, cls) => { e.textContent = text; if (cls !== undefined) e.className = cls; };
-const kinds = new Map();    // kind -> {info, rows: Map uid -> row, view: rows sorted by name, sorted, el, notReady}
-let log = [], logView = log, match = null;    // log: {time, type, kind, uid, name, text}, oldest first
-let token = sessionStorage.getItem("fabrica-token") || "", current = "", filter = "", selected = null;
-let pending = [], scheduled = false, es = null, lastId = "", tombs = null, attempt = 0, epoch = 0, seen = 0, was = 0;
-let dirty = {counts: true, table: true, log: false, detail: false};
-
-async function api(path, opts = {}) {
-  const res = await fetch(path, {...opts, headers: token ? {Authorization: "Bearer " + token} : {}});
-  if (res.status === 401 && !$("auth").open) { $("token").value = token; $("auth").showModal(); }
-  if (!res.ok) throw new Error(path + " answered " + res.status);
-  return res;
-}
-const json = async (path, opts) => (await api(path, opts)).json();
-const hashKind = () => decodeURIComponent(location.hash.slice(1));
-
-class VList {     // a virtualised list: only the rows in sight exist, reused as it scrolls
-  constructor(box, height, cells, click) {
-    Object.assign(this, {box, height, cells, click, pool: []});
-    this.spacer = box.appendChild(el("div"));
-    this.rows = box.appendChild(el("div"));
-    box.onscroll = () => { this.dirty = true; schedule(); };
-  }
-  measure() {   // read before any write of the frame, so the frame lays out once
-    this.first = Math.floor(this.box.scrollTop / this.height);
-    this.n = Math.ceil(this.box.clientHeight / this.height) + 1;
-  }
-  render(count, item) {   // item(i): the i-th item; cells(item): [[text, class], ...], one per column
-    this.spacer.style.height = count * this.height + "px";
-    this.rows.style.transform = `translateY(${this.first * this.height}px)`;
-    while (this.pool.length < this.n) {
-      const e = this.rows.appendChild(Object.assign(el("div", "row"), {onclick: () => this.click(e.item)}));
-      this.pool.push(e);
-    }
-    this.pool.forEach((e, i) => {
-      if ((e.hidden = this.first + i >= count)) return;
-      const x = e.item = item(this.first + i), cells = this.cells(x);
-      while (e.children.length < cells.length) e.append(el("span"));
-      cells.forEach(([text, cls], j) => set(e.children[j], text, cls || ""));
-      e.classList.toggle("sel", !!selected && selected.uid === x.uid);
-    });
-    this.dirty = false;
-  }
-}
-const table = new VList($("table"), 26, (r) => {
-  const [cls, word] = status(r), lag = r.ogen !== undefined && r.ogen !== r.gen;
-  return [[r.name], [word, "dot " + cls], [r.ogen === undefined ? r.gen : `${r.gen} / ${r.ogen}`, lag ? "lag" : ""],
-    [age(r.created), "dim"]];
-}, (r) => select(current, r.uid));
-const events = new VList($("log"), 20, (x) => [[x.time, "dim"], [x.type, /created$/.test(x.type) ? "grn"
-  : /deleted$/.test(x.type) ? "red" : ""], [`${x.kind}/${x.name}`, "acc"], [x.text, "dim"]], (x) => go(x.kind, x.uid));
-
-function addKind(info) {
-  const k = kinds.get(info.kind) || {rows: new Map(), view: [], sorted: false, el: null, notReady: 0};
-  kinds.set(info.kind, Object.assign(k, {info}));
-  return k;
-}
-function summary(kind, o) {
-  const m = o.metadata, s = o.status || {}, c = (s.conditions || []).find((c) => c && c.type === "Ready") || {};
-  return {kind, uid: m.uid, name: m.name, rv: +m.resourceVersion, gen: m.generation, ogen: s.observedGeneration,
-    phase: typeof s.phase === "string" ? s.phase : "", ready: c.status || "", reason: c.reason || "",
-    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp,
-    owners: (m.ownerReferences || []).map((r) => r.uid)};
-}
-const byName = (a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
-function place(k, row, add) {   // keeps a sorted view sorted: a binary search, not a sort per change
-  if (!k.sorted || (add && !row.name.includes(filter))) return;
-  let lo = 0, hi = k.view.length;
-  while (lo < hi) { const mid = (lo + hi) >> 1; if (byName(k.view[mid], row) < 0) lo = mid + 1; else hi = mid; }
-  if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
-}
-function put(kind, o, deleted) {      // the newest resourceVersion wins, whether the list or the stream brings it
-  if (!kinds.has(kind)) {   // a kind the open server made just now: its plural is in /apis
-    json("apis").then((apis) => apis.kinds.forEach(addKind), () => {});
-    if (!current) show(kind);
-  }
-  const k = kinds.get(kind) || addKind({kind, plural: "", controller: false});
-  const uid = o.metadata.uid, rv = +o.metadata.resourceVersion, old = k.rows.get(uid);
-  if ((old && old.rv >= rv) || (tombs && tombs.get(uid) >= rv)) return;
-  const row = deleted ? old : summary(kind, o), mine = selected && row && row.owners.includes(selected.uid);
-  k.notReady -= old && old.ready !== "True" ? 1 : 0;
-  if (deleted && tombs) tombs.set(uid, rv);
-  if (deleted && old) { k.rows.delete(uid); place(k, old, false); }
-  if (!deleted && !old) { k.rows.set(uid, row); place(k, row, true); }
-  if (!deleted && old) { k.sorted &&= old.name === row.name; Object.assign(old, row); }
-  if (!deleted) k.notReady += row.ready !== "True" ? 1 : 0;
-  dirty.counts = true;
-  dirty.table ||= kind === current;
-  dirty.detail ||= mine && (deleted || !old);
-}
-
-function onEvent(text) {
-  const ev = JSON.parse(text), d = ev.data || {}, kind = ev.resourcekind || d.resourceKind, uid = d.resourceUID;
-  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
-  seen++;
-  if (d.resource) put(kind, d.resource, d.action === "deleted");
-  if (d.resource && selected && selected.uid === uid) {
-    Object.assign(selected, {obj: d.resource, gone: d.action === "deleted"});
-    dirty.detail = true;
-  }
-  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid,
-    name: d.resourceName || (row ? row.name : uid),
-    text: d.resource ? d.action + (/updated|patched/.test(d.action) ? " " + d.updateType : "")
-      : `${d.conditionType} ${d.previousStatus || "-"} \u2192 ${d.status} ${d.reason || ""}`});
-  dirty.log = true;
-}
-function schedule() {   // one flush per animation frame (a timer while the tab is hidden: no frames then)
-  if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
-  scheduled = true;
-}
-const touch = (...parts) => { parts.forEach((p) => { dirty[p] = true; }); schedule(); };
-function flush() {    // what arrived since the last frame, rendered once
-  const batch = pending;
-  [scheduled, pending] = [false, []];
-  table.measure();
-  events.measure();
-  batch.forEach(onEvent);
-  if (log.length > 2 * LOG_KEEP) log = log.slice(-LOG_KEEP);
-  if (dirty.counts) renderKinds();
-  if (dirty.table || table.dirty) renderTable();
-  if (dirty.log) logView = match ? log.filter((x) => match(x.type)) : log;
-  if (dirty.log || events.dirty) events.render(logView.length, (i) => logView[logView.length - 1 - i]);
-  if (dirty.detail && selected) renderDetail();
-  set($("logn"), seen.toLocaleString());
-  dirty = {counts: false, table: false, log: false, detail: false};
-}
-
-function renderKinds() {   // in the order the app registered them
-  for (const [name, k] of kinds) {
-    k.el = k.el || $("kinds").appendChild(el("div", "kind", undefined, el("span", "", name), el("span"), el("span")));
-    k.el.onclick = () => show(name);
-    k.el.classList.toggle("on", name === current);
-    set(k.el.children[1], k.info.controller && k.notReady ? k.notReady + " not ready" : "", "lag n");
-    set(k.el.children[2], k.rows.size.toLocaleString(), "n");
-  }
-}
-function view(k) {
-  if (!k.sorted) k.view = [...k.rows.values()].filter((r) => r.name.includes(filter)).sort(byName);
-  k.sorted = true;
-  return k.view;
-}
-function age(ms) {
-  const s = Math.max(0, (Date.now() - ms) / 1000), [n, unit] = s < 90 ? [s, "s"] : s < 5400 ? [s / 60, "m"]
-    : s < 172800 ? [s / 3600, "h"] : [s / 86400, "d"];
-  return Math.floor(n) + unit;
-}
-function status(r) {    // [dot class, "phase or Ready · reason"]
-  const word = r.deleting ? "Deleting" : r.phase || (r.ready === "True" ? "Ready" : r.ready ? "NotReady" : "-");
-  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad"
-    : r.ready || r.phase ? "" : "none";
-  return [cls, r.reason && r.reason !== word ? word + " \u00b7 " + r.reason : word];
-}
-function renderTable() {
-  const k = kinds.get(current), rows = k ? view(k) : [];
-  set($("title"), current);
-  set($("shown"), k ? (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString() : "");
-  table.render(rows.length, (i) => rows[i]);
-}
-function show(kind, uid) {   // a kind's table, scrolled to uid when given
-  current = kind;
-  history.replaceState(null, "", "#" + encodeURIComponent(kind));
-  const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
-  $("table").scrollTop = Math.max(0, (at - 3) * 26);
-  touch("counts", "table");
-}
-function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
-  if (!kinds.has(kind)) return;
-  if (kind !== current) show(kind, uid);
-  select(kind, uid);
-}
-
-async function select(kind, uid) {
-  const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
-  touch("detail", "table", "log");
-  if (!k || !k.info.plural) return;
-  try {
-    const o = await json(`${k.info.plural}/${encodeURIComponent(uid)}`);
-    if (!s.obj || +s.obj.metadata.resourceVersion < +o.metadata.resourceVersion) s.obj = o;
-  } catch (e) { s.gone = !s.obj; }
-  touch("detail");
-}
-function renderDetail() {
-  const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
-  const link = (r) => Object.assign(el("a", "", `${r.kind} ${r.name || r.uid}`), {onclick: () => go(r.kind, r.uid)});
-  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${(o ? o.metadata : row || s).name || s.uid}`));
-  if (s.gone || !o) return box.append(el("p", s.gone ? "red" : "dim", s.gone ? "deleted" : "loading\u2026"));
-  const owners = el("div", "links", "owner: "), deps = el("div", "links", "dependents: "), found = [];
-  for (const k of kinds.values()) for (const r of k.rows.values()) if (r.owners.includes(s.uid)) found.push(r);
-  owners.append(...(o.metadata.ownerReferences || []).map(link));
-  deps.append(...found.sort(byName).slice(0, 100).map(link));
-  if (found.length > 100) deps.append(el("span", "dim", `and ${found.length - 100} more`));
-  for (const e of [owners, deps]) if (!e.children.length) e.append(el("span", "dim", "none"));
-  box.append(owners, deps, el("pre", "", JSON.stringify(o, null, 2)));
-}
-
-function matcher(pattern) {   // GET /events' type patterns (* one segment, ** any number), else a substring
-  if (!pattern.includes("*")) return (t) => t.includes(pattern);
-  const p = pattern.split(".");
-  const m = (i, t, j) => i === p.length ? j === t.length
-    : p[i] === "**" ? m(i + 1, t, j) || (j < t.length && m(i, t, j + 1))
-    : j < t.length && (p[i] === "*" || p[i] === t[j]) && m(i + 1, t, j + 1);
-  return (t) => m(0, t.split("."), 0);
-}
-async function pollControllers() {
-  if (document.hidden || !kinds.size) return;
-  const stats = {}, re = /^fabrica_(queue_depth|reconcile_retries_total|reconcile_errors_total)\{kind="(.*)"\} (\S+)$/;
-  try {
-    for (const line of (await (await api("metrics")).text()).split("\n")) {
-      const m = re.exec(line);
-      if (m) (stats[m[2]] = stats[m[2]] || {})[m[1]] = +m[3];
-    }
-  } catch (e) { return; }
-  $("ctl").replaceChildren(...[...kinds.keys()].filter((kind) => stats[kind]).map((kind) => {
-    const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
-    return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
-      td(s.reconcile_errors_total, "red"));
-  }));
-}
-
-const live = (state) => set($("live"), state, "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : ""));
-async function connect(since) {   // resolves once the stream is open, or has failed
-  live(since ? "reconnecting" : "connecting");
-  const retry = () => setTimeout(() => since ? connect(since) : start(), Math.min(10000, 500 * 2 ** attempt++));
-  let src, opened = false;
-  try {
-    const q = new URLSearchParams({ticket: (await json("events/ticket", {method: "POST"})).ticket, untyped: "true"});
-    if (since) q.set("since", since);
-    src = es = new EventSource("events?" + q);
-  } catch (e) { return retry(); }
-  await new Promise((done) => {
-    src.onopen = () => { opened = true; attempt = 0; live("live"); done(); };
-    src.onmessage = (m) => { lastId = m.lastEventId; pending.push(m.data); schedule(); };
-    src.onerror = () => {   // the ticket is spent: a new one, from the last event seen (else relist)
-      src.close();
-      done();
-      if (es !== src) return;
-      live("offline");
-      since = opened && lastId;
-      retry();
-    };
-  });
-}
-async function start() {    // (re)list everything; the stream opens first, so no change falls in between
-  const mine = ++epoch;
-  if (es) es.close();
-  [es, pending] = [null, []];
-  const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
-  if (!apis) return live("offline");
-  set($("svc"), `${health.service} ${health.version}`);
-  kinds.clear();
-  $("kinds").replaceChildren();
-  apis.kinds.forEach(addKind);
-  const names = [...kinds.keys()], first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
-  current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
-  if (current) show(current);
-  [lastId, tombs] = ["", new Map()];
-  await connect("");
-  await Promise.all([current, ...names.filter((n) => n !== current)].map(async (name) => {
-    for (let next = ""; ;) {
-      const res = await api(`${kinds.get(name).info.plural}?limit=1000` + (next ? "&continue=" + next : ""));
-      const items = await res.json();
-      if (mine !== epoch) return;     // a newer start() lists afresh
-      items.forEach((o) => put(name, o, false));
-      schedule();
-      if (!(next = encodeURIComponent(res.headers.get("X-Continue") || ""))) break;
-    }
-  })).catch(() => {});
-  if (mine === epoch) tombs = null;
-  pollControllers();
-}
-
-$("filter").oninput = () => {
-  filter = $("filter").value.trim();
-  kinds.forEach((k) => { k.sorted = false; });
-  $("table").scrollTop = 0;
-  touch("table");
-};
-$("types").oninput = () => { match = $("types").value.trim() && matcher($("types").value.trim()); touch("log"); };
-$("auth").onclose = () => {     // the same sessionStorage key as /docs: one token per tab for both pages
-  sessionStorage.setItem("fabrica-token", token = $("token").value.trim());
-  start();
-};
-window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
-window.onhashchange = () => kinds.has(hashKind()) && show(hashKind());
-document.onvisibilitychange = () => { scheduled = false; schedule(); };
-setInterval(() => {     // the rate, and the ages
-  set($("rate"), `${seen - was} events/s`);
-  set($("rv"), lastId ? "last event " + lastId : "");
-  was = seen;
-  touch("table");
-}, 1000);
-setInterval(pollControllers, 2000);
-start();
-</script>
-</body></html>
-"""
-_DASHBOARD_BYTES = DASHBOARD_HTML.encode()
-
-
-###############################################################################
-# HTTP server ##################################################################
-###############################################################################
-#
-# The default server: one thread per connection (bounded), HTTP/1.1
-# keep-alive, a listen backlog of 1,024, JSON error pages. Bottle's default
-# wsgiref server is single-threaded and speaks HTTP/1.0, so one slow client
-# stalls everyone and every request reconnects. A connection slot is held
-# only by a client that keeps up: the request head has a size cap (enforced
-# while reading) and a whole-head deadline, a body a minimum rate, and an idle
-# keep-alive connection gives its slot to a new client when all are taken.
-
-MIN_BODY_RATE = 500              # a body has `timeout` s, plus 1 s per this many bytes received
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The raw stream under a connection's rfile: no recv waits past ``deadline``.
-
-    A per-recv socket timeout is no deadline: a client that drips one byte per
-    timeout resets it forever (slowloris). Here every recv waits only for what
-    is left of the deadline; with ``rate`` set, each byte received extends it
-    by 1/rate s (a body must keep up a minimum rate, as Apache's mod_reqtimeout).
-    While ``idle`` is set (between requests) the wait for the first byte is
-    ``idle(seconds)``: False when the server closed the connection meanwhile.
-    """
-
-    def __init__(self, sock: socket.socket, timeout: float):
-        self.sock = sock
-        self.timeout = timeout          # the socket's own timeout, which writes use
-        self.deadline = math.inf
-        self.rate = 0.0
-        self.idle: Callable[[float], bool] | None = None
-
-    def start(self, seconds: float, rate: float = 0.0) -> None:
-        self.deadline, self.rate = time.monotonic() + seconds, rate
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the client did not send in time")
-        if self.idle is not None and not self.idle(left):
-            return 0
-        self.sock.settimeout(min(left, self.timeout))
-        try:
-            n = self.sock.recv_into(buffer)
-        finally:
-            self.sock.settimeout(self.timeout)
-        if self.rate:
-            self.deadline += n / self.rate
-        return n
-
-
-class _HeadTooLarge(Exception):
-    """The request head passed MAX_HEAD; ``status`` is 414 (in the request line) or 431."""
-
-    def __init__(self, status: int):
-        super().__init__(status)
-        self.status = status
-
-
-class _BodyStream:
-    """What wsgi.input reads from: the connection's rfile, but the first read
-    starts the body's clock and sends a deferred ``100 Continue``. The app
-    reads the body only after its checks (token, declared size), so a client
-    waiting for the 100 gets a refusal as its final status alone (SPEC §6.7)."""
-
-    def __init__(self, handler: _WSGIRequestHandler):
-        self.handler = handler
-        self.started = False
-
-    def read(self, size: int = -1) -> bytes:
-        self._start()
-        return self.handler.rfile.read(size)
-
-    def readline(self, size: int = -1) -> bytes:
-        self._start()
-        return self.handler.rfile.readline(size)
-
-    def _start(self):
-        if not self.started:
-            self.started = True
-            self.handler.body_started()
-
-
-class _LimitedReader:
-    """wsgi.input for a Content-Length body: never reads past it."""
-
-    def __init__(self, raw, length: int):
-        self.raw = raw
-        self.left = length
-
-    def read(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.raw.read(size)
-        self.left -= len(data)
-        return data
-
-    def readline(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        size = self.left if size is None or size < 0 else min(size, self.left)
-        data = self.raw.readline(size)
-        self.left -= len(data)
-        return data
-
-
-class _WSGIRequestHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"fabrica/{__version__}"
-    timeout = 30                 # seconds an idle connection or a write may take (a body: plus MIN_BODY_RATE)
-    idle_since: float | None = None     # since when it waits for a next request; None while busy (server lock)
-    evicted = False                     # the server closed it to admit a new client (server lock)
-    linger = False                      # closing with client input unread: drain it first (finish)
-
-    def setup(self):
-        super().setup()
-        self.reader = _DeadlineReader(self.connection, self.timeout)
-        self.rfile = io.BufferedReader(self.reader)
-        with self.server._conns_changed:
-            self.server._conns[self.request] = self
-
-    def handle(self):
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection and not self.server.stopping:
-            self.handle_one_request()
-
-    def finish(self):
-        super().finish()
-        if self.linger:
-            # Closing a socket with unread input resets the connection, and the client may lose the
-            # error response just sent: stop writing, then drop what it still sends, for a moment.
-            sink = bytearray(1 << 16)
-            deadline = time.monotonic() + 2.0
-            with contextlib.suppress(OSError):
-                self.connection.shutdown(socket.SHUT_WR)
-                while (left := deadline - time.monotonic()) > 0:
-                    self.connection.settimeout(left)
-                    if not self.connection.recv_into(sink):
-                        break
-
-    def handle_one_request(self):
-        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-        self.expect_continue = self.responded = False
-        if not self.await_request():
-            self.close_connection = True
-            return
-        try:
-            lines = self.read_head()
-        except _HeadTooLarge as exc:
-            what = "line" if exc.status == 414 else "head"
-            self.send_error(exc.status, f"the request {what} is over {MAX_HEAD} bytes")
-            return
-        except TimeoutError:
-            self.send_error(408, f"the request head did not arrive within {self.server.head_timeout:g} s")
-            self.linger = False                 # no grace for a client this slow: free its slot now
-            return
-        except (OSError, ValueError):
-            lines = []
-        if not lines:
-            self.close_connection = True        # the client went away (or was evicted) mid-head
-            return
-        self.raw_requestline = lines[0]
-        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines[1:]) + b"\r\n")
-        try:
-            parsed = self.parse_request()       # the stdlib's parser, over the head already read
-        finally:
-            self.rfile = rfile
-        if not parsed:
-            return
-        problem = self._framing_problem()
-        if problem:
-            self.send_error(400, problem)
-            return
-        try:
-            self._run_wsgi()
-        except (OSError, ValueError):
-            self.close_connection = True
-
-    def await_request(self) -> bool:
-        """Wait for the first byte of the next request (at once if it is buffered already);
-        False when the connection is done: closed, silent for ``timeout``, or evicted."""
-        self.reader.start(self.timeout)
-        self.reader.idle = self.wait_idle
-        try:
-            return bool(self.rfile.peek(1))
-        except (OSError, ValueError):
-            return False
-        finally:
-            self.reader.idle = None
-
-    def wait_idle(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for the client to send, as an idle connection the server
-        may evict (then False). Nothing is read here: while the bytes stay in the socket,
-        the server sees them and does not evict (_evict_idle), so no request is half-read."""
-        with self.server._conns_changed:
-            self.idle_since = time.monotonic()
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN)
-        ready = poller.poll(seconds * 1000)
-        with self.server._conns_changed:
-            self.idle_since = None
-            if self.evicted:
-                return False
-        if not ready:
-            raise TimeoutError("the connection was idle too long")
-        return True
-
-    def read_head(self) -> list[bytes]:
-        """The request line and header lines, all within ``head_timeout`` of the first byte
-        and at most MAX_HEAD bytes of them: the server never buffers more, whatever the
-        client sends. [] when the client closed mid-head; raises _HeadTooLarge, TimeoutError."""
-        self.reader.start(self.server.head_timeout)
-        lines, size = [], 0
-        while True:
-            line = self.rfile.readline(MAX_HEAD + 1 - size)
-            size += len(line)
-            if size > MAX_HEAD:
-                raise _HeadTooLarge(431 if lines else 414)
-            if not line.endswith(b"\n"):
-                return []
-            if line in (b"\r\n", b"\n"):
-                if lines:
-                    return lines
-                continue        # an empty line before the request line is ignored (RFC 9112 §2.2)
-            lines.append(line)
-
-    def handle_expect_100(self):
-        # parse_request calls this on "Expect: 100-continue". The 100 waits for the app's first
-        # body read (_BodyStream), which comes after its checks: a refusal is sent alone.
-        self.expect_continue = True
-        return True
-
-    def body_started(self):
-        """The app reads the body: start its clock, send the deferred 100 Continue."""
-        self.reader.start(self.timeout, MIN_BODY_RATE)
-        if self.expect_continue and not self.responded:
-            self.expect_continue = False
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def _framing_problem(self) -> str | None:
-        """Why the body's framing is ambiguous (a request-smuggling risk), or None."""
-        lengths = [v.strip() for h in self.headers.get_all("Content-Length") or () for v in h.split(",")]
-        codings = [v.strip().lower() for h in self.headers.get_all("Transfer-Encoding") or () for v in h.split(",")]
-        if codings:
-            if codings[-1] != "chunked" or codings.count("chunked") != 1:
-                return "unsupported Transfer-Encoding: the last coding must be chunked"
-            if lengths:
-                self.close_connection = True        # RFC 9112: chunked wins; do not reuse the connection
-            return None
-        if lengths and (len(set(lengths)) != 1 or not all(v.isdigit() and v.isascii() for v in lengths)):
-            return "invalid or conflicting Content-Length"
-        return None
-
-    def send_error(self, code, message=None, explain=None):
-        # The stdlib writes an HTML page here; fabrica answers JSON everywhere.
-        self.responded = self.linger = True
-        body = dumps({"error": message or self.responses.get(code, ("error",))[0], "code": code,
-                      "details": []}).encode()
-        try:
-            self.send_response(code, message)
-            self.send_header("Content-Type", JSON_TYPE)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(body)
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def log_message(self, format, *args):
-        # the arguments hold the request line as the client sent it
-        http_log.debug("%s - %s", self.address_string(), _one_line(format % args))
-
-    def _environ(self):
-        path, _, query = self.path.partition("?")
-        if path.startswith(("http://", "https://")):
-            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
-        env = {
-            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "",
-            "PATH_INFO": urllib.parse.unquote(path, "latin-1"), "QUERY_STRING": query,
-            "SERVER_NAME": self.server.server_name, "SERVER_PORT": str(self.server.server_port),
-            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
-            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
-            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
-            "wsgi.input_terminated": True, "fabrica.socket": self.connection, "fabrica.server": self.server,
-        }
-        for key, value in self.headers.items():
-            if "_" in key:
-                continue        # X_Foo would alias X-Foo in the environ: drop it, as nginx does
-            key = key.upper().replace("-", "_")
-            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                key = "HTTP_" + key
-            env[key] = env[key] + "," + value if key in env else value
-        if "HTTP_TRANSFER_ENCODING" in env:            # checked by _framing_problem: ends in chunked
-            env["wsgi.input"] = _ChunkedReader(_BodyStream(self))
-            env.pop("CONTENT_LENGTH", None)
-        else:
-            length = env.get("CONTENT_LENGTH", "0").split(",")[0].strip()
-            env["CONTENT_LENGTH"] = length
-            env["wsgi.input"] = _LimitedReader(_BodyStream(self), int(length) if length.isdigit() else 0)
-        return env
-
-    def _run_wsgi(self):
-        env = self._environ()
-        state = {}
-
-        def start_response(status, headers, exc_info=None):
-            if exc_info and state.get("sent"):
-                raise exc_info[1].with_traceback(exc_info[2])
-            state["status"], state["headers"] = status, headers
-            return lambda data: self._write(state, data)
-
-        result = self.server.app(env, start_response)
-        try:
-            if isinstance(result, (list, tuple)):
-                body = b"".join(result)
-                self._write(state, body, length=len(body), last=True)
-            else:
-                for chunk in result:
-                    if chunk:
-                        self._write(state, chunk)
-                self._write(state, b"", last=True)
-        finally:
-            if hasattr(result, "close"):
-                result.close()
-        reader = env["wsgi.input"]
-        if env.get("fabrica.close") or not isinstance(reader, _LimitedReader) or reader.left > 0:
-            # an unread body (or a chunked one) leaves the stream out of step: do not reuse it
-            if not (isinstance(reader, _ChunkedReader) and reader.done):
-                self.close_connection = self.linger = True
-
-    def _write(self, state, data: bytes, *, length: int | None = None, last: bool = False):
-        if not state.get("sent"):
-            state["sent"] = self.responded = True
-            code = int(state["status"][:3])
-            headers = state["headers"]
-            names = {k.lower() for k, _ in headers}
-            lines = [f"HTTP/1.1 {state['status']}\r\n"]
-            lines += [f"{k}: {v}\r\n" for k, v in headers]
-            if "server" not in names:
-                lines.append(f"Server: {self.server_version}\r\n")
-            no_body = code in (204, 304) or code < 200 or self.command == "HEAD"
-            state["chunked"] = False
-            if "content-length" not in names and not no_body:
-                if length is not None:
-                    lines.append(f"Content-Length: {length}\r\n")
-                else:
-                    lines.append("Transfer-Encoding: chunked\r\n")
-                    state["chunked"] = True
-            if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers) or \
-                    self.close_connection or self.server.stopping:
-                self.close_connection = True
-                if "connection" not in names:
-                    lines.append("Connection: close\r\n")
-            lines.append("\r\n")
-            state["no_body"] = no_body
-            head = "".join(lines).encode("latin-1")
-            if no_body:
-                self.wfile.write(head)
-                return
-            if not state["chunked"]:
-                self.wfile.write(head + data)
-                return
-            self.wfile.write(head)
-        if state["no_body"]:
-            return
-        if state["chunked"]:
-            if data:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            if last:
-                self.wfile.write(b"0\r\n\r\n")
-        elif data:
-            self.wfile.write(data)
-
-
-class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A bounded thread-per-connection WSGI server; ``stop()`` drains in-flight requests.
-
-    At most ``max_threads`` connections: when all are taken, the one idle
-    longest (waiting ``idle_grace`` seconds or more for its next request) is
-    closed to admit a new client; only when none is idle is the new client
-    answered 503 at once. A client must send its whole request head within ``head_timeout``
-    seconds of its first byte; ``timeout`` bounds an idle keep-alive
-    connection and a write, and a body has ``timeout`` seconds plus one per
-    MIN_BODY_RATE bytes received.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-    block_on_close = False
-    idle_grace = 1.0            # seconds without a request before a connection may be evicted
-
-    def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0,
-                 head_timeout: float = 10.0):
-        host = address[0]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.app = app
-        self.stopping = False
-        self.stop_requested = 0
-        self.head_timeout = head_timeout
-        self._slots = threading.BoundedSemaphore(max_threads)
-        self._conns: dict[socket.socket, _WSGIRequestHandler] = {}
-        # guards _conns and its handlers' idle_since and evicted
-        self._conns_changed = threading.Condition(threading.Lock())
-        handler = type("WSGIRequestHandler", (_WSGIRequestHandler,), {"timeout": timeout})
-        super().__init__(address, handler)
-        self.server_name = host
-        self.server_port = self.server_address[1]
-
-    def process_request(self, request, client_address):
-        # all slots taken: an idle keep-alive connection gives way (its thread exits at once)
-        if not (self._slots.acquire(blocking=False) or (self._evict_idle() and self._slots.acquire(timeout=2.0))):
-            with contextlib.suppress(OSError):
-                body = dumps({"error": "server busy: too many open connections; retry", "code": 503,
-                              "details": []}).encode()
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def _evict_idle(self) -> bool:
-        """Close the connection idle longest whose next request has not begun; False if none is idle.
-
-        A connection with bytes to read is not idle: its request has come. One
-        that arrives between that check and the close is lost as when an idle
-        timeout closes a connection (RFC 9112 §9.6), and clients retry it; the
-        grace spares the clients that send requests back to back that race.
-        """
-        idle_before = time.monotonic() - self.idle_grace
-        with self._conns_changed:
-            idle = sorted((h.idle_since, n, sock, h) for n, (sock, h) in enumerate(self._conns.items())
-                          if h.idle_since is not None and h.idle_since <= idle_before)
-            for _, _, sock, handler in idle:
-                poller = select.poll()
-                poller.register(sock, select.POLLIN)
-                if poller.poll(0):
-                    continue
-                handler.evicted = True
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                return True
-        return False
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._conns_changed:
-                self._conns.pop(request, None)
-                self._conns_changed.notify_all()
-            self._slots.release()
-
-    def open_connections(self) -> int:
-        return len(self._conns)
-
-    def service_actions(self):
-        # called by serve_forever between polls: a signal handler only sets stop_requested
-        if self.stop_requested:
-            self._BaseServer__shutdown_request = True
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``timeout``), close idle connections."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.shutdown()
-        self.server_close()
-        deadline = time.monotonic() + timeout
-        with self._conns_changed:
-            while self._conns and time.monotonic() < deadline:
-                for sock, handler in list(self._conns.items()):
-                    if handler.idle_since is not None:      # waiting for a next request that will not come
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RDWR)
-                self._conns_changed.wait(0.05)
-
-
-def _env(name: str, default=None):
-    return os.environ.get("FABRICA_" + name, default)
-
-
-# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
-_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
-              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
-              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
-              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
-              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
-
-
-def _env_settings() -> dict:
-    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
-    found = {}
-    for key, (name, kind) in _SERVE_ENV.items():
-        value = _env(name)
-        if value in (None, ""):
-            continue
-        if kind is bool:
-            found[key] = value.lower() not in ("0", "false", "no", "off")
-            continue
-        try:
-            found[key] = kind(value)
-        except ValueError:
-            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
-    return found
-
-
-def serve_wsgi(wsgi, host: str, port: int, *, server: str | None = None, max_threads: int = 256,
-               head_timeout: float = 10.0, max_body: int = MAX_BODY, ready: Callable[[str], str] = str) -> None:
-    """Serve ``wsgi`` on ``host``:``port`` until SIGINT/SIGTERM (in the main thread), then drain.
-
-    ``server`` names the WSGI server: None/"fabrica" for ThreadedWSGIServer,
-    "granian" (in this process), or a Bottle adapter ("waitress",
-    "cheroot", "gunicorn") when installed. ``max_threads`` bounds the
-    connections (or the app threads), ``head_timeout`` the seconds a client
-    has to send a request head, ``max_body`` the body bytes waitress takes,
-    on the servers that have such a setting. ``ready(url)`` is the line
-    logged once the server answers. Raises ConfigurationError for an
-    unknown or missing server and OSError when the address cannot be bound.
-    """
-    if server in (None, "", "fabrica", "auto"):
-        _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready)
-    elif server == "granian":
-        _serve_granian(wsgi, host, port, max_threads, head_timeout, ready)
-    elif server == "waitress":
-        # waitress reads a whole request (spooling a body to disk) before the app sees it, so
-        # its own limits guard memory and disk; channel_timeout closes a connection silent that
-        # long with no request running (idle, or a stalled head or body), checked every second
-        _serve_adapter(wsgi, server, host, port, ready, connection_limit=max_threads,
-                       channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
-                       max_request_header_size=MAX_HEAD, max_request_body_size=max_body + 1)
-    else:
-        _serve_adapter(wsgi, server, host, port, ready)
-
-
-def _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready):
-    shown = f"[{host.strip('[]')}]" if ":" in host else host
-    try:
-        httpd = ThreadedWSGIServer((host.strip("[]"), port), wsgi, max_threads=max_threads,
-                                   head_timeout=head_timeout)
-    except OSError as exc:
-        hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
-                if exc.errno == errno.EADDRINUSE else "check --host and --port")
-        raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
-    def on_signal(signum, frame):
-        # only a plain assignment here: a handler that takes locks can deadlock when a second
-        # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
-        httpd.stop_requested = signum
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
-    http_log.info("%s", ready(f"http://{shown}:{httpd.server_port}"))
-    try:
-        httpd.serve_forever(poll_interval=0.2)
-        if httpd.stop_requested:
-            http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
-    finally:
-        httpd.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _serve_granian(wsgi, host, port, max_threads, head_timeout, ready):
-    """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
-
-    granian normally runs WSGI apps in worker processes; its thread-worker
-    server is made for free-threaded Pythons and refuses a GIL build, a
-    check we skip: the worker is a thread that calls into this process's
-    app like any other WSGI server thread.
-    """
-    try:
-        from granian.constants import Interfaces
-        from granian.http import HTTP1Settings
-        from granian.server.mt import MTServer
-    except ImportError:
-        raise ConfigurationError("--server granian needs granian: pip install granian") from None
-
-    class InProcessGranian(MTServer):
-        def _check_gil(self):
-            pass
-    # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
-    http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
-    server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
-                              workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
-                              log_enabled=False)
-    # logged from granian's start-up hook: by then its signal handlers and socket are in place
-    server.on_startup(lambda: http_log.info("%s via granian", ready(f"http://{host}:{port}")))
-    server.serve(target_loader=lambda *args, **kwargs: wsgi, wrap_loader=False)
-
-
-def _serve_adapter(wsgi, name, host, port, ready, **options):
-    adapter = bottle.server_names.get(name)
-    if adapter is None:
-        raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
-
-    def on_signal(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
-        raise KeyboardInterrupt
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-    try:
-        # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
-        http_log.info("%s via %s", ready(f"http://{host}:{port}"), name)
-        bottle.run(wsgi, server=adapter, host=host, port=port, quiet=True, **options)
-    except ImportError as exc:
-        raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
-    except KeyboardInterrupt:
-        pass
-
-
-###############################################################################
 # Kinds #######################################################################
 ###############################################################################
 #
@@ -8466,327 +5543,2926 @@ class Registry:
 
 
 ###############################################################################
-# Fabrica ######################################################################
+# Controller ###################################################################
 ###############################################################################
 #
-# The facade: register() wires a kind into the registry, the REST routes,
-# the bus and (with a reconcile function) a controller; start() and stop()
-# run them. The controllers and the garbage collector's sweeps run while
-# the store's LeaderElector says this process leads.
+# One Controller per kind with a reconcile function: a WorkQueue keyed by
+# (kind, uid), `workers` threads, and a housekeeping thread for the periodic
+# resync and the reconcile timeout watchdog. Events only enqueue keys; the
+# worker reads the object fresh at dequeue time and calls reconcile with no
+# lock held. Correctness never depends on events: the start-up list and the
+# resync re-derive everything (level-based).
+
+_ERROR_MESSAGE_MAX = 1024
 
 
-class Fabrica:
-    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+class Context:
+    """What reconcile gets besides the object: ``client``, ``log``, ``reasons``, ``stopping``, ``deleting``."""
 
-    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
-    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
-    opened by start() (or serve()), not here, so serve's flags can override it.
-    ``max_body`` (1 MiB) caps a request body and also every object a write
-    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
-    ``ring_size`` and ``ring_bytes`` bound the file store's in-memory change
-    feed, which serves ``GET /events`` resume. Every write goes through ``registry``, the
-    Registry; the controllers run while the store's LeaderElector
-    (``elector``, made by start()) says this process leads.
+    __slots__ = ("app", "client", "kind", "key", "reasons", "deleting", "stopping", "log")
+
+    def __init__(self, client, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None,
+                 app=None):
+        self.app = app
+        self.client = client
+        self.kind = kind
+        self.key = key
+        self.reasons = reasons
+        self.deleting = deleting
+        self.stopping = threading.Event()
+        self.log = log or logging.getLogger(f"fabrica.controller.{kind.lower()}")
+
+
+class _Run:
+    # recorded: set once the watchdog has written Stalled for this run (or given up), so the run's
+    # own late write and its follow-up run come after that condition, never before it
+    __slots__ = ("key", "ctx", "started", "stalled", "recorded")
+
+    def __init__(self, key, ctx, started):
+        self.key, self.ctx, self.started, self.stalled = key, ctx, started, False
+        self.recorded = threading.Event()
+
+
+# The reasons of the Ready=False conditions fabrica records for a failed run, one per retry policy, so
+# status tells whether (and when) a retry comes; the message ends with that fact too.
+_RETRIED_WITH_BACKOFF = "ReconcileError"            # any other exception: retried with backoff
+_NOT_RETRIED = "ReconcilePermanentError"            # PermanentError: not retried until the object changes
+_RETRIED_AFTER_DELAY = "ReconcileTemporaryError"    # TemporaryError: retried after exactly its delay
+_FAILURE_REASONS = frozenset((_RETRIED_WITH_BACKOFF, _NOT_RETRIED, _RETRIED_AFTER_DELAY))
+
+
+def _clear_framework_conditions(obj: Resource, stalled: bool = False) -> None:
+    """Take back what fabrica recorded about earlier runs, after a run that succeeded (SPEC §5.3).
+
+    Ready=False with one of fabrica's failure reasons (ReconcileError,
+    ReconcilePermanentError, ReconcileTemporaryError) becomes
+    Ready=True/ReconcileSuccess unless the function set Ready itself.
+    Stalled/ReconcileTimeout is removed, as Flux and kstatus do (an absent
+    Stalled means not stalled), unless this very run (``stalled``) overran its
+    timeout; a conditions list left empty goes too.
+    """
+    ready = obj.condition("Ready")
+    if ready is not None and ready.get("reason") in _FAILURE_REASONS:
+        obj.set_condition("Ready", True, reason="ReconcileSuccess", message="Reconciliation successful")
+    stall = obj.condition("Stalled")
+    if not stalled and stall is not None and stall.get("reason") == "ReconcileTimeout":
+        status = obj.status
+        status["conditions"] = [c for c in status["conditions"] if c is not stall]
+        if not status["conditions"]:
+            del status["conditions"]
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= _ERROR_MESSAGE_MAX else text[:_ERROR_MESSAGE_MAX - 1] + "…"
+
+
+def _seconds_text(seconds: float) -> str:
+    """A delay for a condition message: ``0.005s``, ``5.12s``, ``3600s``."""
+    return f"{seconds:.0f}s" if seconds >= 100 else f"{seconds:.3g}s"
+
+
+class Controller:
+    """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
+
+    It reads and writes through ``registry`` (the status it writes, the
+    conditions it records, the finalizer it takes off), hears of the store's
+    changes from ``bus`` and hands reconcile a Context with ``client`` (and
+    ``app``, the application).
+    ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
+    one iteration of the housekeeping loop, so tests can drive them by hand.
     """
 
-    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
-                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
-                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
-                 cors: str | None = None):
+    event_queue_size = 1_000_000    # changes waiting for the controller's bus thread; overflow -> resync
+    event_queue_bytes = QUEUE_BYTES  # and their bytes: changes hold whole objects
+
+    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, clock=time.monotonic,
+                 max_delay: float = 300.0, app=None):
+        self.registry = registry
+        self.bus = bus
+        self.client = client
+        self.app = app
+        self.info = info
+        self.kind = info.kind
         self.clock = clock
-        self.data_dir = data_dir
-        self.durable = durable
-        self.database_url = database_url
-        self.token = token or None
-        self.cors = cors or None
-        self.event_prefix = event_prefix
-        self.event_source = event_source
-        self.service = service
-        self.open = open
-        self.registry = Registry(max_body=max_body, open=open, clock=clock)
-        self.registry.store = store
-        self.kinds = self.registry.kinds            # kind -> KindInfo (the registry's own dict)
-        self.ring_size, self.ring_bytes = ring_size, ring_bytes
-        self.bus = Bus()
-        self.identity = f"{socket.gethostname()}-{os.getpid()}"    # this process, to leader election
-        self.elector: LeaderElector | None = None   # the store's, made by start()
-        self._started = False
-        self._stopping = False
-        self._leading = threading.Lock()            # leadership transitions one at a time; stop() takes it too
-        self._app_name = "app"                      # what serve()'s ready line calls this app
-        self._controllers: dict[str, Controller] = {}   # changed in place: the REST API reads it for /metrics
-        self.rest = RestAPI(self, self.registry, self.bus, self._controllers)
-        self.wsgi = self.rest.wsgi
-        self.client = LocalClient(self.registry)
-        if open:
-            self.rest.mount(None)
+        self.queue = WorkQueue(info.kind.lower(), clock=clock, max_delay=max_delay)
+        self._lock = threading.Lock()           # guards _runs, _threads, _stalled
+        self._runs: dict[object, _Run] = {}
+        self._threads: list[threading.Thread] = []
+        self._stalled = 0
+        self._seq = 0
+        self._stop = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+        self._subscription: Subscription | None = None
+        self._next_resync = None
+        self.reconciles = self.errors = self.retries = self.resyncs = 0
+        self.durations = Histogram()
+        self.log = logging.getLogger(f"fabrica.controller.{info.kind.lower()}")
 
-    @property
-    def store(self) -> Store | None:
-        """The Store (the registry's); None until start() makes the default one."""
-        return self.registry.store
-
-    @store.setter
-    def store(self, store: Store | None) -> None:
-        self.registry.store = store
-
-    @property
-    def max_body(self) -> int:
-        """The bytes a request body, and every object a write stores, may have (the registry's limit)."""
-        return self.registry.max_body
-
-    @max_body.setter
-    def max_body(self, value: int) -> None:
-        self.registry.max_body = value
-
-    @property
-    def gc(self) -> GarbageCollector | None:
-        """The registry's GarbageCollector, made by start()."""
-        return self.registry.gc
-
-    # -- wiring --------------------------------------------------------------
-    def register(self, kind: str, reconcile=None, **options):
-        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
-
-        Works as a plain call and as a decorator (``@app.register("Rack")``).
-        Options: plural, prefix, spec, status, validate, owns, watches,
-        finalize, workers, resync, timeout, history. Raises
-        ConfigurationError when the kind exists, the app has started, or an
-        option is invalid.
-        """
-        if self._started:
-            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
-        info = self._declare(kind, reconcile, options)
-
-        def decorator(fn):
-            if info.reconcile is not None:
-                raise ConfigurationError(f"{kind} already has a reconcile function")
-            info.reconcile = fn
-            return fn
-        return reconcile if reconcile is not None else decorator
-
-    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
-        info = self.registry.declare(kind, reconcile, **options)
-        if mount:
-            self.rest.mount(info.plural, info.history_on)
-        return info
-
-    def resolve_kind(self, name: str) -> KindInfo:
-        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
-        return self.registry.resolve_kind(name)
-
-    # -- life cycle ------------------------------------------------------------
-    def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
-                        database_url: str | None = None) -> None:
-        """Override the store settings before start() (what ``serve``'s flags do)."""
-        if self._started:
-            raise ConfigurationError("configure_store() after start()")
-        if data_dir is not None:
-            self.data_dir, self.store, self.database_url = data_dir, None, None
-        if database_url is not None:
-            self.database_url, self.store = database_url, None
-        if durable is not None:
-            self.durable = durable
-            if self.store is not None:
-                self.store.durable = durable
-
-    def _make_store(self) -> Store:
-        if self.database_url:
-            raise ConfigurationError(
-                f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
-                f"fabrica {__version__}; use data_dir= (the JSON file store)")
-        return FileStore(self.data_dir, durable=self.durable, feed_size=self.ring_size, feed_bytes=self.ring_bytes)
-
-    def start(self) -> Fabrica:
-        """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
-
-        The controllers (and the garbage collector's start-up sweeps) start
-        when the store's elector says this process leads: at once for a store
-        one process opens.
-        """
-        if self._started:
-            return self
-        self.registry.check_wiring()
-        if self.store is None:
-            self.store = self._make_store()
-        self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
-        strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
-        for kind in strangers:
-            self._declare(kind, None, {"plural": self.store.discovered[kind]}, mount=not self.open)
-        if strangers:
-            logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
-                           "or a controller (serve the app that registers them to validate and reconcile them)",
-                           ", ".join(sorted(strangers)))
-        self.bus.attach(self.store, prefix=self.event_prefix, source=self.event_source)
-        self._started = True
-        self.registry.start()
-        self.elector = self.store.leader_elector(self.identity)
-        self.elector.start(self._started_leading, self._stopped_leading)
-        return self
+    # -- life cycle --------------------------------------------------------------
+    def start(self) -> None:
+        info = self.info
+        self._kinds_of_interest = {info.kind} | set(info.owns) | set(info.watches)
+        self._subscription = self.bus.subscribe_changes(
+            self._on_change, queue_size=self.event_queue_size, queue_bytes=self.event_queue_bytes,
+            name=f"{self.kind.lower()}-controller", on_gap=lambda: self.resync("gap"))
+        self.resync("startup")
+        self.queue.start()
+        self._schedule_resync()
+        for _ in range(info.workers):
+            self._spawn_worker()
+        self._housekeeper = threading.Thread(target=self._housekeep_loop, daemon=True,
+                                             name=f"fabrica-{self.kind.lower()}-housekeeper")
+        self._housekeeper.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop controllers (running reconciles get ctx.stopping), give leadership up, stop the garbage
-        collector and the bus, then close the store."""
-        if not self._started:
+        """Stop taking work; running reconciles get ctx.stopping and ``timeout`` to finish."""
+        self._stop.set()
+        if self._subscription is not None:
+            self._subscription.close(0)
+        self.queue.shutdown()
+        with self._lock:
+            for run in self._runs.values():
+                run.ctx.stopping.set()
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in threads + [self._housekeeper]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.queue.stop(max(0.0, deadline - time.monotonic()))
+        still = [t.name for t in threads if t.is_alive()]
+        if still:
+            ctl_log.warning("%s: %d reconcile(s) still running after %.1fs: %s", self.kind, len(still),
+                            timeout, ", ".join(still))
+
+    def _spawn_worker(self) -> None:
+        with self._lock:
+            self._seq += 1
+            thread = threading.Thread(target=self._worker_loop, daemon=True,
+                                      name=f"fabrica-{self.kind.lower()}-worker-{self._seq}")
+            self._threads.append(thread)
+        thread.start()
+
+    def _worker_loop(self) -> None:
+        me = threading.current_thread()
+        try:
+            while not self._stop.is_set():
+                self.process_next(timeout=0.5)
+                with self._lock:
+                    # a replacement worker retires once the stalled run it stood in for has ended
+                    if len(self._threads) > self.info.workers + self._stalled:
+                        return
+        finally:
+            with self._lock:
+                self._threads.remove(me)
+
+    # -- triggers ------------------------------------------------------------------
+    def _on_change(self, change: Change) -> None:
+        """Queue what one committed change concerns (SPEC §5.2, triggers 2-4)."""
+        obj = change.object
+        kind = obj["kind"]
+        if kind not in self._kinds_of_interest:
             return
-        deadline = time.monotonic() + timeout
-        with self._leading:
-            self._stopping = True       # no leadership gained from now on starts a controller
-            self._stop_controllers(timeout)
-        if self.elector is not None:
-            self.elector.stop()
-        self.registry.stop(max(0.0, deadline - time.monotonic()))
-        self.bus.stop(max(0.1, deadline - time.monotonic()))
-        self.store.close()
-        self._started = self._stopping = False
+        action, name, info = change.action, obj["metadata"]["name"], self.info
+        if kind == info.kind and (action in ("created", "deleted") or change.update_type != "status"):
+            self.queue.add((kind, obj["metadata"]["uid"]), f"{kind} {name} {action}")
+        if kind in info.owns:       # every owner of this kind, controller or not (SPEC §5.5: several)
+            for ref in obj["metadata"]["ownerReferences"]:
+                if ref["kind"] == info.kind:
+                    self.queue.add((info.kind, ref["uid"]), f"owned {kind} {name} {action}")
+        mapper = info.watches.get(kind)
+        if mapper is not None:
+            try:
+                refs = mapper(Resource(deepcopy_json(obj))) or ()
+                for ref in refs:
+                    self._add_ref(ref, f"watched {kind} {name} {action}")
+            except Exception:
+                ctl_log.exception("%s: watches[%r] raised for %s", self.kind, kind, name)
 
-    def __enter__(self):
-        return self.start()
+    def _add_ref(self, ref, reason):
+        if isinstance(ref, dict):
+            ref = ref.get("metadata", {}).get("uid") or ref.get("uid")
+        obj = self.registry.store.resolve(self.kind, ref) if isinstance(ref, str) else None
+        if obj is not None:
+            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
 
-    def __exit__(self, *exc):
-        self.stop()
+    def resync(self, reason: str = "resync") -> int:
+        """Queue every object of the kind (start-up list, periodic resync, bus gap)."""
+        objs = self.registry.store.list(self.kind)
+        for obj in objs:
+            self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
+        if reason != "startup":
+            self.resyncs += 1
+        return len(objs)
 
-    def _started_leading(self) -> None:
-        """OnStartedLeading: the garbage collector's sweeps, then the controllers (their start-up list)."""
-        with self._leading:
-            if self._stopping:
+    def _schedule_resync(self):
+        period = self.info.resync
+        if period:
+            jitter = 1.0 + (int.from_bytes(os.urandom(2), "big") / 65535.0 - 0.5) * 0.2   # ±10 %
+            self._next_resync = self.clock() + period * jitter
+
+    def _housekeep_loop(self) -> None:
+        while not self._stop.is_set():
+            self.housekeep()
+            self._stop.wait(self._housekeep_interval())
+
+    def _housekeep_interval(self) -> float:
+        waits = [1.0]
+        if self.info.timeout:
+            waits.append(max(0.01, self.info.timeout / 4))
+        if self._next_resync is not None:
+            waits.append(max(0.01, self._next_resync - self.clock()))
+        return min(waits)
+
+    def housekeep(self) -> None:
+        """One iteration: a due resync, and the timeout watchdog."""
+        now = self.clock()
+        if self._next_resync is not None and now >= self._next_resync:
+            self.resync("resync")
+            self._schedule_resync()
+        timeout = self.info.timeout
+        if not timeout:
+            return
+        with self._lock:
+            late = [run for run in self._runs.values() if not run.stalled and now - run.started > timeout]
+            for run in late:
+                run.stalled = True
+                self._stalled += 1
+        try:
+            for run in late:
+                run.ctx.stopping.set()
+                ctl_log.error("%s %s: reconcile has run longer than %ss; ctx.stopping is set and the object is "
+                              "marked Stalled (Python cannot stop the thread; other keys go on)",
+                              self.kind, run.key[1], timeout)
+                self._write_condition(run.key, "Stalled", "True", "ReconcileTimeout",
+                                      f"reconcile ran longer than {timeout}s")
+                run.recorded.set()
+                with self._lock:
+                    spawn = len(self._threads) < self.info.workers + self._stalled
+                if spawn:
+                    self._spawn_worker()
+        finally:
+            for run in late:
+                run.recorded.set()      # also when a write raised: the worker waiting for it goes on
+
+    # -- execution -----------------------------------------------------------------
+    def process_next(self, timeout: float | None = 0.5) -> bool:
+        """Take one key, reconcile it, and mark it done; False if nothing came within ``timeout``."""
+        item = self.queue.get(timeout=timeout)
+        if item is None:
+            return False
+        key, reasons = item
+        try:
+            self._process(key, reasons)
+        except BaseException:           # even SystemExit from user code must not end a worker
+            ctl_log.exception("%s %s: controller error (the key is retried)", self.kind, key[1])
+            self.queue.add_rate_limited(key, "controller error")
+        finally:
+            self.queue.done(key)
+        return True
+
+    def _process(self, key, reasons) -> None:
+        info = self.info
+        stored = self.registry.store.get(*key)
+        if stored is None:
+            self.queue.forget(key)      # deleted: never reconcile what no longer exists
+            return
+        deleting = stored["metadata"]["deletionTimestamp"] is not None
+        if deleting:
+            if info.finalize is None or FINALIZER not in stored["metadata"]["finalizers"]:
+                self.queue.forget(key)
                 return
-            self.registry.sweep_finalizers()
-            self.registry.sweep_orphans()
-            self._start_controllers()
-
-    def _stopped_leading(self) -> None:
-        """OnStoppedLeading: another process may lead now, so the controllers stop before anything else."""
-        with self._leading:
-            self._stop_controllers(10.0)
-
-    def _start_controllers(self):
-        for info in self.kinds.values():
-            if info.has_controller:
-                controller = Controller(self.registry, info, bus=self.bus, client=self.client, clock=self.clock,
-                                        app=self)
-                self._controllers[info.kind] = controller
-                controller.start()
-
-    def _stop_controllers(self, timeout):
-        deadline = time.monotonic() + timeout
-        controllers = list(self._controllers.values())
-        self._controllers.clear()
-        for controller in controllers:
-            controller._stop.set()
-            controller.queue.shutdown()
-        for controller in controllers:
-            controller.stop(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def controllers(self) -> dict[str, Controller]:
-        return dict(self._controllers)
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every queue is empty, no reconcile runs and nothing is due within ``timeout``.
-
-        Returns False if that did not happen within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        quiet = 0
-        wake = threading.Event()
-        while True:
-            left = deadline - time.monotonic()
-            if all(c.idle(max(0.0, left)) for c in list(self._controllers.values())) and \
-                    (self.gc is None or self.gc.idle(max(0.0, left))):
-                quiet += 1          # twice in a row: an event in flight between checks would show
-                if quiet >= 2 or left <= 0:
-                    return True
+            fn = info.finalize
+        elif info.reconcile is None:
+            self.queue.forget(key)      # a kind with only a finalizer: nothing to do until deletion
+            return
+        else:
+            fn = info.reconcile
+        obj = Resource(deepcopy_json(stored))
+        ctx = Context(self.client, self.kind, key, reasons, deleting, self.log, app=self.app)
+        run = _Run(key, ctx, self.clock())
+        with self._lock:
+            self._runs[key] = run
+        started = time.perf_counter()
+        outcome, error = "ok", None
+        try:
+            result = fn(ctx, obj)
+        except PermanentError as exc:
+            outcome, error = "permanent", exc
+        except TemporaryError as exc:
+            outcome, error = "temporary", exc
+        except Exception as exc:
+            outcome, error = "error", exc
+            # the first failure of a streak logs its traceback; the retries of the streak one line each
+            if self.queue.num_requeues(key) == 0:
+                ctl_log.exception("%s %s: %s raised (retried with backoff)", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)))
+        finally:
+            with self._lock:
+                self._runs.pop(key, None)
+                stalled = run.stalled
+                if stalled:
+                    self._stalled -= 1
+            self._observe(time.perf_counter() - started)
+            if stalled:
+                run.recorded.wait()     # the watchdog is writing Stalled right now: write after it
+        if outcome != "ok":
+            self.errors += 1
+            if outcome == "permanent":
+                self.queue.forget(key)
+                self._record_failure(key, error, _NOT_RETRIED, "not retried until the object changes")
+            elif outcome == "temporary":
+                self.queue.forget(key)
+                self._record_failure(key, error, _RETRIED_AFTER_DELAY, f"retrying in {_seconds_text(error.delay)}")
+                self.queue.add_after(key, error.delay, "TemporaryError")
             else:
-                quiet = 0
-            if left <= 0:
-                return False
-            wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
+                self.retries += 1
+                attempt = self.queue.num_requeues(key) + 1
+                delay = self._retry_with_backoff(key, error, "retry after error")
+                if attempt > 1:
+                    ctl_log.error("%s %s: %s raised again (attempt %d, next in %.3gs): %s", self.kind, obj.name,
+                                  getattr(fn, "__name__", repr(fn)), attempt, delay, _error_text(error))
+            return
+        if deleting:
+            self._finalized(key, stored)
+            return
+        try:
+            wrote = self._write_status(key, stored, obj, stalled)
+        except ValidationError as exc:
+            self.errors += 1
+            self.retries += 1
+            self._retry_with_backoff(key, exc, "invalid status")
+            return
+        if wrote is False:
+            return      # conflict: re-queued rate limited (or already pending)
+        if stalled:
+            # This run read the object before Stalled was written, so it could not clear it: a fresh
+            # run does, when it completes in time (a write with nothing new would leave Stalled forever).
+            self.queue.add(key, "stalled run ended")
+            return
+        if isinstance(result, (int, float)) and not isinstance(result, bool):
+            result = Result(requeue_after=float(result))
+        if isinstance(result, Result) and result.requeue and not result.requeue_after:
+            self.queue.add_rate_limited(key, "requeue")
+        elif isinstance(result, Result) and result.requeue_after is not None:
+            self.queue.forget(key)
+            self.queue.add_after(key, result.requeue_after, "requeue_after")
+        else:
+            self.queue.forget(key)
 
-    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
-        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
+    def _observe(self, seconds: float) -> None:
+        self.reconciles += 1
+        self.durations.observe(seconds)
 
-        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
-        past either, events are dropped and the subscription counts a gap.
+    def _write_status(self, key, stored, obj, stalled) -> bool | None:
+        """Write reconcile's status edits as a status-only write guarded by the rv it read."""
+        status = obj.status
+        if not isinstance(status, dict):
+            raise ValidationError(f"reconcile left status as {type(status).__name__}; it must stay a dict")
+        generation = stored["metadata"]["generation"]
+        status["observedGeneration"] = generation
+        _clear_framework_conditions(obj, stalled)
+        if _json_equal(status, stored["status"]):
+            return None
+        # a ValidationError is recorded like a failure
+        status = self.registry.check_status(self.info, status, stored["status"])
+        try:
+            self.registry.mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
+                                 resource_version=stored["metadata"]["resourceVersion"])
+            return True
+        except NotFoundError:
+            return None     # deleted meanwhile: drop the write, never re-create
+        except ConflictError:
+            if not self.queue.is_pending(key):
+                self.queue.add_rate_limited(key, "status conflict")
+            return False
+
+    def _retry_with_backoff(self, key, error, why: str) -> float:
+        """Record ``error`` as Ready=False/ReconcileError with the coming delay, then schedule that retry."""
+        delay = self.queue.add_rate_limited(key, why)
+        self._record_failure(key, error, _RETRIED_WITH_BACKOFF, f"retrying in {_seconds_text(delay)}")
+        return delay
+
+    def _record_failure(self, key, error, reason: str, retry: str) -> None:
+        """Ready=False with ``reason``; the message is the exception text, then what happens next."""
+        self._write_condition(key, "Ready", "False", reason, f"{_error_text(error)}; {retry}")
+
+    def _write_condition(self, key, type, status, reason, message) -> None:
+        def change(new):
+            res = Resource(new)
+            res.set_condition(type, status, reason=reason, message=message)
+        try:
+            self.registry.mutate(self.info, key[1], change)
+        except (NotFoundError, ConflictError):
+            pass
+        except FabricaError:
+            ctl_log.exception("%s %s: could not record condition %s", self.kind, key[1], type)
+
+    def _finalized(self, key, stored) -> None:
+        def change(new):
+            new["metadata"]["finalizers"] = [f for f in new["metadata"]["finalizers"] if f != FINALIZER]
+            # finalize is done and will not run again: an object that other finalizers keep must not go
+            # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
+            _clear_framework_conditions(Resource(new))
+        try:
+            self.registry.mutate(self.info, key[1], change)
+            self.queue.forget(key)
+        except NotFoundError:
+            self.queue.forget(key)
+
+    # -- introspection ----------------------------------------------------------
+    def idle(self, within: float = 0.0) -> bool:
+        sub = self._subscription
+        return (sub is None or sub.idle()) and self.queue.idle(within) and not self._runs
+
+    def stats(self) -> dict:
+        return {"queued": len(self.queue), "delayed": self.queue.delayed_count(), "running": len(self._runs),
+                "reconciles": self.reconciles, "errors": self.errors, "retries": self.retries,
+                "resyncs": self.resyncs, "workers": len(self._threads)}
+
+
+###############################################################################
+# Dashboard ####################################################################
+###############################################################################
+#
+# GET / for a browser (SPEC §11): DASHBOARD_HTML lists every kind through the
+# REST API, follows GET /events with an EventSource and polls /metrics for the
+# controllers. The page holds no data, so it is served without the token; an
+# EventSource sends no headers, so the page trades its bearer token (POST
+# /events/ticket) for a StreamTickets ticket: signed, scoped to GET /events,
+# valid STREAM_TICKET_TTL seconds and redeemed once.
+
+STREAM_TICKET_TTL = 30          # seconds a stream ticket stays redeemable
+_TICKET_RE = re.compile(r"([0-9]{1,12})\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})", re.ASCII)
+
+
+class _TicketsBusyError(FabricaError):
+    status = 429
+
+
+class StreamTickets:
+    """The stream tickets of one server: ``issue()`` one, ``redeem()`` it once (thread-safe).
+
+    A ticket is ``<expiry>.<nonce>.<mac>``: the expiry in whole Unix seconds of
+    ``clock``, 128 random bits, and HMAC-SHA256 over both and the scope under a
+    key drawn at construction (so a restart voids every ticket). Redeemed
+    nonces are remembered until their expiry, at most ``capacity`` of them.
+    """
+
+    def __init__(self, ttl: float = STREAM_TICKET_TTL, clock: Callable[[], float] = time.time,
+                 capacity: int = 10000):
+        self.ttl, self.clock, self.capacity = ttl, clock, capacity
+        self._key = os.urandom(32)
+        self._lock = threading.Lock()
+        self._used: dict[str, int] = {}     # nonce -> expiry of every redeemed, unexpired ticket; under _lock
+
+    def _mac(self, body: str) -> str:
+        mac = hmac.new(self._key, b"GET /events\n" + body.encode(), "sha256").digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def issue(self) -> dict:
+        """``{"ticket", "expiresAt"}``: a new ticket and its expiry (RFC 3339 UTC)."""
+        expiry = math.ceil(self.clock() + self.ttl)
+        body = f"{expiry}.{os.urandom(16).hex()}"
+        return {"ticket": f"{body}.{self._mac(body)}",
+                "expiresAt": datetime.fromtimestamp(expiry, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    def redeem(self, ticket: str) -> None:
+        """Accept ``ticket`` once; UnauthorizedError if it is malformed, forged, expired or used."""
+        match = _TICKET_RE.fullmatch(ticket)
+        if not match or not hmac.compare_digest(match[3], self._mac(f"{match[1]}.{match[2]}")):
+            raise UnauthorizedError("invalid stream ticket; POST /events/ticket with the bearer token for one")
+        expiry, nonce, now = int(match[1]), match[2], self.clock()
+        if expiry <= now:
+            raise UnauthorizedError("the stream ticket expired; POST /events/ticket for a new one")
+        with self._lock:
+            if nonce in self._used:
+                raise UnauthorizedError("the stream ticket was used already; POST /events/ticket for a new one")
+            if len(self._used) >= self.capacity:
+                self._used = {n: e for n, e in self._used.items() if e > now}
+                if len(self._used) >= self.capacity:     # forgetting one would let it be replayed
+                    raise _TicketsBusyError(f"{self.capacity} stream tickets were redeemed in the last "
+                                            f"{self.ttl:g} s; retry shortly")
+            self._used[nonce] = expiry
+
+
+def dashboard_admits(rest: RestAPI, environ: dict) -> bool:
+    """Whether a request without the bearer token may pass: the page itself, or GET /events with a ticket.
+
+    The page is the same for every server and carries no data. A ticket is
+    redeemed here, so a bad one raises UnauthorizedError naming what is wrong.
+    """
+    if environ.get("REQUEST_METHOD") != "GET":
+        return False
+    if environ.get("PATH_INFO") == "/":
+        return "text/html" in environ.get("HTTP_ACCEPT", "")
+    query = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")) if environ.get("PATH_INFO") == "/events" else {}
+    ticket = query.get("ticket")
+    if ticket:
+        rest.tickets.redeem(ticket[-1])
+    return bool(ticket)
+
+
+def dashboard_page() -> bottle.HTTPResponse:
+    """The page, with a policy that lets it fetch nothing but this server and be framed by no one."""
+    return bottle.HTTPResponse(_DASHBOARD_BYTES, 200, {
+        "Content-Type": "text/html; charset=utf-8", "Vary": "Accept", "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                   "connect-src 'self'; img-src data:; frame-ancestors 'none'"})
+
+
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fabrica</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
+<style>
+:root{--bg:#0d1117;--pane:#161b22;--line:#30363d;--fg:#e6edf3;--dim:#8b949e;--ok:#3fb950;--wait:#d29922;--bad:#f85149;
+--acc:#58a6ff}*{box-sizing:border-box}[hidden]{display:none!important}
+body{margin:0;height:100vh;font:13px/1.45 system-ui,sans-serif;color:var(--fg);background:var(--line);display:grid;
+gap:1px;grid-template:44px minmax(0,1fr) minmax(0,34%)/220px minmax(0,1fr) minmax(0,38%)}
+body>*{background:var(--bg);min-height:0;min-width:0}section{display:flex;flex-direction:column}
+header{grid-column:1/-1;display:flex;align-items:center;gap:16px;padding:0 14px;background:var(--pane)}
+header b{font-size:15px;letter-spacing:.02em}nav{grid-row:2/4;overflow:hidden auto;padding-bottom:10px}
+#detail{grid-row:2/4;grid-column:3;overflow:auto;padding:6px 14px}h3{margin:8px 0;font-size:15px}
+h2{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.08em;color:var(--dim);margin:14px 14px 6px}
+.kind{display:flex;gap:6px;padding:4px 14px;cursor:pointer}.kind span:first-child{flex:1}
+.kind:hover,.row:hover{background:var(--pane)}.kind.on{background:#1f6feb26;box-shadow:inset 3px 0 var(--acc)}
+.n{font-variant-numeric:tabular-nums;color:var(--dim)}.bar span:nth-child(3){flex:1}
+.bar{display:flex;gap:10px;align-items:center;padding:6px 10px;border-bottom:1px solid var(--line)}
+input{font:inherit;background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:6px;padding:3px}
+.grid,#table .row{display:grid;grid-template-columns:minmax(0,5fr) minmax(0,5fr) 64px 56px;gap:12px;
+align-items:center;padding:0 12px;height:26px;white-space:nowrap}.grid span{overflow:hidden;text-overflow:ellipsis}
+.grid span:nth-child(n+3){text-align:right}
+.th{color:var(--dim);font-size:11px;text-transform:uppercase;border-bottom:1px solid var(--line)}
+.vl{flex:1;overflow:auto;position:relative;contain:strict}.vl>div:last-child{position:absolute;left:0;right:0;top:0}
+.row{cursor:pointer;border-bottom:1px solid #21262d;font-variant-numeric:tabular-nums}.sel{background:#1f6feb33}
+.dot::before{content:"";display:inline-block;width:8px;height:8px;border-radius:50%;margin-right:7px;
+background:var(--wait)}.ok::before{background:var(--ok)}.bad::before{background:var(--bad)}
+.none::before{background:var(--line)}.dim{color:var(--dim)}.lag{color:var(--wait)}.red{color:var(--bad)}
+.grn{color:var(--ok)}.acc,a{color:var(--acc);cursor:pointer}.links a{margin-right:10px;white-space:nowrap}
+pre{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-all;background:var(--pane);
+padding:10px;border-radius:6px;margin:8px 0}#log{font:12px/20px ui-monospace,monospace}#log span{margin-right:8px}
+#log .row{padding:0 10px;height:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;border:0}
+table{border-collapse:collapse;margin:0 14px;font-variant-numeric:tabular-nums}th{font-weight:normal;font-size:11px}
+td,th{text-align:right;padding:2px 0 2px 14px}td:first-child,th:first-child{text-align:left;padding-left:0}
+dialog{background:var(--pane);color:var(--fg);border:1px solid var(--line);border-radius:8px}
+</style></head>
+<body>
+<header><b>fabrica</b><span id="svc" class="dim"></span><span id="live" class="dot">connecting</span>
+<span id="rv" class="n"></span><span style="flex:1"></span><span id="rate" class="n"></span></header>
+<nav><h2>Kinds</h2><div id="kinds"></div><h2>Controllers</h2><table><thead class="dim"><tr><th>kind</th><th>queue</th>
+<th>retries</th><th>errors</th></tr></thead><tbody id="ctl"></tbody></table></nav>
+<section><div class="bar"><b id="title"></b><span id="shown" class="n"></span><span></span>
+<input id="filter" type="search" placeholder="filter by name"></div>
+<div class="grid th"><span>name</span><span>ready / phase</span><span>gen / obs</span><span>age</span></div>
+<div id="table" class="vl"></div></section>
+<aside id="detail"><h2>Resource</h2><p class="dim">Click a row for its JSON, owner and dependents.</p></aside>
+<section><div class="bar"><b>Events</b><span id="logn" class="n"></span><span></span>
+<input id="types" type="search" size="34" placeholder="type filter: rack, **.deleted, io.fabrica.node.*"></div>
+<div id="log" class="vl"></div></section>
+<dialog id="auth"><form method="dialog"><p>This server asks for its bearer token (serve --token).</p>
+<input id="token" type="password" size="40" autocomplete="off"> <button>Connect</button></form></dialog>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id), LOG_KEEP = 5000;
+function el(tag, cls, text, ...kids) {
+  const e = Object.assign(document.createElement(tag), {className: cls || ""});
+  e.append(...(text === undefined ? [] : [String(text)]), ...kids);
+  return e;
+}
+const set = (e, text, cls) => { e.textContent = text; if (cls !== undefined) e.className = cls; };
+const kinds = new Map();    // kind -> {info, rows: Map uid -> row, view: rows sorted by name, sorted, el, notReady}
+let log = [], logView = log, match = null;    // log: {time, type, kind, uid, name, text}, oldest first
+let token = sessionStorage.getItem("fabrica-token") || "", current = "", filter = "", selected = null;
+let pending = [], scheduled = false, es = null, lastId = "", tombs = null, attempt = 0, epoch = 0, seen = 0, was = 0;
+let dirty = {counts: true, table: true, log: false, detail: false};
+
+async function api(path, opts = {}) {
+  const res = await fetch(path, {...opts, headers: token ? {Authorization: "Bearer " + token} : {}});
+  if (res.status === 401 && !$("auth").open) { $("token").value = token; $("auth").showModal(); }
+  if (!res.ok) throw new Error(path + " answered " + res.status);
+  return res;
+}
+const json = async (path, opts) => (await api(path, opts)).json();
+const hashKind = () => decodeURIComponent(location.hash.slice(1));
+
+class VList {     // a virtualised list: only the rows in sight exist, reused as it scrolls
+  constructor(box, height, cells, click) {
+    Object.assign(this, {box, height, cells, click, pool: []});
+    this.spacer = box.appendChild(el("div"));
+    this.rows = box.appendChild(el("div"));
+    box.onscroll = () => { this.dirty = true; schedule(); };
+  }
+  measure() {   // read before any write of the frame, so the frame lays out once
+    this.first = Math.floor(this.box.scrollTop / this.height);
+    this.n = Math.ceil(this.box.clientHeight / this.height) + 1;
+  }
+  render(count, item) {   // item(i): the i-th item; cells(item): [[text, class], ...], one per column
+    this.spacer.style.height = count * this.height + "px";
+    this.rows.style.transform = `translateY(${this.first * this.height}px)`;
+    while (this.pool.length < this.n) {
+      const e = this.rows.appendChild(Object.assign(el("div", "row"), {onclick: () => this.click(e.item)}));
+      this.pool.push(e);
+    }
+    this.pool.forEach((e, i) => {
+      if ((e.hidden = this.first + i >= count)) return;
+      const x = e.item = item(this.first + i), cells = this.cells(x);
+      while (e.children.length < cells.length) e.append(el("span"));
+      cells.forEach(([text, cls], j) => set(e.children[j], text, cls || ""));
+      e.classList.toggle("sel", !!selected && selected.uid === x.uid);
+    });
+    this.dirty = false;
+  }
+}
+const table = new VList($("table"), 26, (r) => {
+  const [cls, word] = status(r), lag = r.ogen !== undefined && r.ogen !== r.gen;
+  return [[r.name], [word, "dot " + cls], [r.ogen === undefined ? r.gen : `${r.gen} / ${r.ogen}`, lag ? "lag" : ""],
+    [age(r.created), "dim"]];
+}, (r) => select(current, r.uid));
+const events = new VList($("log"), 20, (x) => [[x.time, "dim"], [x.type, /created$/.test(x.type) ? "grn"
+  : /deleted$/.test(x.type) ? "red" : ""], [`${x.kind}/${x.name}`, "acc"], [x.text, "dim"]], (x) => go(x.kind, x.uid));
+
+function addKind(info) {
+  const k = kinds.get(info.kind) || {rows: new Map(), view: [], sorted: false, el: null, notReady: 0};
+  kinds.set(info.kind, Object.assign(k, {info}));
+  return k;
+}
+function summary(kind, o) {
+  const m = o.metadata, s = o.status || {}, c = (s.conditions || []).find((c) => c && c.type === "Ready") || {};
+  return {kind, uid: m.uid, name: m.name, rv: +m.resourceVersion, gen: m.generation, ogen: s.observedGeneration,
+    phase: typeof s.phase === "string" ? s.phase : "", ready: c.status || "", reason: c.reason || "",
+    created: Date.parse(m.createdAt), deleting: !!m.deletionTimestamp,
+    owners: (m.ownerReferences || []).map((r) => r.uid)};
+}
+const byName = (a, b) => a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+function place(k, row, add) {   // keeps a sorted view sorted: a binary search, not a sort per change
+  if (!k.sorted || (add && !row.name.includes(filter))) return;
+  let lo = 0, hi = k.view.length;
+  while (lo < hi) { const mid = (lo + hi) >> 1; if (byName(k.view[mid], row) < 0) lo = mid + 1; else hi = mid; }
+  if (add) k.view.splice(lo, 0, row); else if (k.view[lo] === row) k.view.splice(lo, 1);
+}
+function put(kind, o, deleted) {      // the newest resourceVersion wins, whether the list or the stream brings it
+  if (!kinds.has(kind)) {   // a kind the open server made just now: its plural is in /apis
+    json("apis").then((apis) => apis.kinds.forEach(addKind), () => {});
+    if (!current) show(kind);
+  }
+  const k = kinds.get(kind) || addKind({kind, plural: "", controller: false});
+  const uid = o.metadata.uid, rv = +o.metadata.resourceVersion, old = k.rows.get(uid);
+  if ((old && old.rv >= rv) || (tombs && tombs.get(uid) >= rv)) return;
+  const row = deleted ? old : summary(kind, o), mine = selected && row && row.owners.includes(selected.uid);
+  k.notReady -= old && old.ready !== "True" ? 1 : 0;
+  if (deleted && tombs) tombs.set(uid, rv);
+  if (deleted && old) { k.rows.delete(uid); place(k, old, false); }
+  if (!deleted && !old) { k.rows.set(uid, row); place(k, row, true); }
+  if (!deleted && old) { k.sorted &&= old.name === row.name; Object.assign(old, row); }
+  if (!deleted) k.notReady += row.ready !== "True" ? 1 : 0;
+  dirty.counts = true;
+  dirty.table ||= kind === current;
+  dirty.detail ||= mine && (deleted || !old);
+}
+
+function onEvent(text) {
+  const ev = JSON.parse(text), d = ev.data || {}, kind = ev.resourcekind || d.resourceKind, uid = d.resourceUID;
+  const row = kinds.has(kind) && kinds.get(kind).rows.get(uid);
+  seen++;
+  if (d.resource) put(kind, d.resource, d.action === "deleted");
+  if (d.resource && selected && selected.uid === uid) {
+    Object.assign(selected, {obj: d.resource, gone: d.action === "deleted"});
+    dirty.detail = true;
+  }
+  log.push({time: (ev.time || "").slice(11, 19), type: ev.type, kind, uid,
+    name: d.resourceName || (row ? row.name : uid),
+    text: d.resource ? d.action + (/updated|patched/.test(d.action) ? " " + d.updateType : "")
+      : `${d.conditionType} ${d.previousStatus || "-"} \u2192 ${d.status} ${d.reason || ""}`});
+  dirty.log = true;
+}
+function schedule() {   // one flush per animation frame (a timer while the tab is hidden: no frames then)
+  if (!scheduled) (document.hidden ? (f) => setTimeout(f, 500) : requestAnimationFrame)(flush);
+  scheduled = true;
+}
+const touch = (...parts) => { parts.forEach((p) => { dirty[p] = true; }); schedule(); };
+function flush() {    // what arrived since the last frame, rendered once
+  const batch = pending;
+  [scheduled, pending] = [false, []];
+  table.measure();
+  events.measure();
+  batch.forEach(onEvent);
+  if (log.length > 2 * LOG_KEEP) log = log.slice(-LOG_KEEP);
+  if (dirty.counts) renderKinds();
+  if (dirty.table || table.dirty) renderTable();
+  if (dirty.log) logView = match ? log.filter((x) => match(x.type)) : log;
+  if (dirty.log || events.dirty) events.render(logView.length, (i) => logView[logView.length - 1 - i]);
+  if (dirty.detail && selected) renderDetail();
+  set($("logn"), seen.toLocaleString());
+  dirty = {counts: false, table: false, log: false, detail: false};
+}
+
+function renderKinds() {   // in the order the app registered them
+  for (const [name, k] of kinds) {
+    k.el = k.el || $("kinds").appendChild(el("div", "kind", undefined, el("span", "", name), el("span"), el("span")));
+    k.el.onclick = () => show(name);
+    k.el.classList.toggle("on", name === current);
+    set(k.el.children[1], k.info.controller && k.notReady ? k.notReady + " not ready" : "", "lag n");
+    set(k.el.children[2], k.rows.size.toLocaleString(), "n");
+  }
+}
+function view(k) {
+  if (!k.sorted) k.view = [...k.rows.values()].filter((r) => r.name.includes(filter)).sort(byName);
+  k.sorted = true;
+  return k.view;
+}
+function age(ms) {
+  const s = Math.max(0, (Date.now() - ms) / 1000), [n, unit] = s < 90 ? [s, "s"] : s < 5400 ? [s / 60, "m"]
+    : s < 172800 ? [s / 3600, "h"] : [s / 86400, "d"];
+  return Math.floor(n) + unit;
+}
+function status(r) {    // [dot class, "phase or Ready · reason"]
+  const word = r.deleting ? "Deleting" : r.phase || (r.ready === "True" ? "Ready" : r.ready ? "NotReady" : "-");
+  const cls = r.ready === "True" ? "ok" : /error|fail/i.test(r.phase + r.reason) ? "bad"
+    : r.ready || r.phase ? "" : "none";
+  return [cls, r.reason && r.reason !== word ? word + " \u00b7 " + r.reason : word];
+}
+function renderTable() {
+  const k = kinds.get(current), rows = k ? view(k) : [];
+  set($("title"), current);
+  set($("shown"), k ? (filter ? rows.length.toLocaleString() + " of " : "") + k.rows.size.toLocaleString() : "");
+  table.render(rows.length, (i) => rows[i]);
+}
+function show(kind, uid) {   // a kind's table, scrolled to uid when given
+  current = kind;
+  history.replaceState(null, "", "#" + encodeURIComponent(kind));
+  const at = uid ? view(kinds.get(kind)).findIndex((r) => r.uid === uid) : -1;
+  $("table").scrollTop = Math.max(0, (at - 3) * 26);
+  touch("counts", "table");
+}
+function go(kind, uid) {    // to an object of any kind: its table, its row, its JSON
+  if (!kinds.has(kind)) return;
+  if (kind !== current) show(kind, uid);
+  select(kind, uid);
+}
+
+async function select(kind, uid) {
+  const s = selected = {kind, uid, obj: null, gone: false}, k = kinds.get(kind);
+  touch("detail", "table", "log");
+  if (!k || !k.info.plural) return;
+  try {
+    const o = await json(`${k.info.plural}/${encodeURIComponent(uid)}`);
+    if (!s.obj || +s.obj.metadata.resourceVersion < +o.metadata.resourceVersion) s.obj = o;
+  } catch (e) { s.gone = !s.obj; }
+  touch("detail");
+}
+function renderDetail() {
+  const s = selected, o = s.obj, row = (kinds.get(s.kind) || {rows: new Map()}).rows.get(s.uid), box = $("detail");
+  const link = (r) => Object.assign(el("a", "", `${r.kind} ${r.name || r.uid}`), {onclick: () => go(r.kind, r.uid)});
+  box.replaceChildren(el("h2", "", "Resource"), el("h3", "", `${s.kind} ${(o ? o.metadata : row || s).name || s.uid}`));
+  if (s.gone || !o) return box.append(el("p", s.gone ? "red" : "dim", s.gone ? "deleted" : "loading\u2026"));
+  const owners = el("div", "links", "owner: "), deps = el("div", "links", "dependents: "), found = [];
+  for (const k of kinds.values()) for (const r of k.rows.values()) if (r.owners.includes(s.uid)) found.push(r);
+  owners.append(...(o.metadata.ownerReferences || []).map(link));
+  deps.append(...found.sort(byName).slice(0, 100).map(link));
+  if (found.length > 100) deps.append(el("span", "dim", `and ${found.length - 100} more`));
+  for (const e of [owners, deps]) if (!e.children.length) e.append(el("span", "dim", "none"));
+  box.append(owners, deps, el("pre", "", JSON.stringify(o, null, 2)));
+}
+
+function matcher(pattern) {   // GET /events' type patterns (* one segment, ** any number), else a substring
+  if (!pattern.includes("*")) return (t) => t.includes(pattern);
+  const p = pattern.split(".");
+  const m = (i, t, j) => i === p.length ? j === t.length
+    : p[i] === "**" ? m(i + 1, t, j) || (j < t.length && m(i, t, j + 1))
+    : j < t.length && (p[i] === "*" || p[i] === t[j]) && m(i + 1, t, j + 1);
+  return (t) => m(0, t.split("."), 0);
+}
+async function pollControllers() {
+  if (document.hidden || !kinds.size) return;
+  const stats = {}, re = /^fabrica_(queue_depth|reconcile_retries_total|reconcile_errors_total)\{kind="(.*)"\} (\S+)$/;
+  try {
+    for (const line of (await (await api("metrics")).text()).split("\n")) {
+      const m = re.exec(line);
+      if (m) (stats[m[2]] = stats[m[2]] || {})[m[1]] = +m[3];
+    }
+  } catch (e) { return; }
+  $("ctl").replaceChildren(...[...kinds.keys()].filter((kind) => stats[kind]).map((kind) => {
+    const s = stats[kind], td = (n, cls) => el("td", n ? cls : "", n);
+    return el("tr", "", undefined, el("td", "", kind), td(s.queue_depth, "lag"), td(s.reconcile_retries_total, "lag"),
+      td(s.reconcile_errors_total, "red"));
+  }));
+}
+
+const live = (state) => set($("live"), state, "dot " + (state === "live" ? "ok" : state === "offline" ? "bad" : ""));
+async function connect(since) {   // resolves once the stream is open, or has failed
+  live(since ? "reconnecting" : "connecting");
+  const retry = () => setTimeout(() => since ? connect(since) : start(), Math.min(10000, 500 * 2 ** attempt++));
+  let src, opened = false;
+  try {
+    const q = new URLSearchParams({ticket: (await json("events/ticket", {method: "POST"})).ticket, untyped: "true"});
+    if (since) q.set("since", since);
+    src = es = new EventSource("events?" + q);
+  } catch (e) { return retry(); }
+  await new Promise((done) => {
+    src.onopen = () => { opened = true; attempt = 0; live("live"); done(); };
+    src.onmessage = (m) => { lastId = m.lastEventId; pending.push(m.data); schedule(); };
+    src.onerror = () => {   // the ticket is spent: a new one, from the last event seen (else relist)
+      src.close();
+      done();
+      if (es !== src) return;
+      live("offline");
+      since = opened && lastId;
+      retry();
+    };
+  });
+}
+async function start() {    // (re)list everything; the stream opens first, so no change falls in between
+  const mine = ++epoch;
+  if (es) es.close();
+  [es, pending] = [null, []];
+  const [apis, health] = await Promise.all([json("apis"), json("health")]).catch(() => []);
+  if (!apis) return live("offline");
+  set($("svc"), `${health.service} ${health.version}`);
+  kinds.clear();
+  $("kinds").replaceChildren();
+  apis.kinds.forEach(addKind);
+  const names = [...kinds.keys()], first = apis.kinds.find((k) => k.controller) || apis.kinds[0] || {};
+  current = kinds.has(hashKind()) ? hashKind() : first.kind || "";
+  if (current) show(current);
+  [lastId, tombs] = ["", new Map()];
+  await connect("");
+  await Promise.all([current, ...names.filter((n) => n !== current)].map(async (name) => {
+    for (let next = ""; ;) {
+      const res = await api(`${kinds.get(name).info.plural}?limit=1000` + (next ? "&continue=" + next : ""));
+      const items = await res.json();
+      if (mine !== epoch) return;     // a newer start() lists afresh
+      items.forEach((o) => put(name, o, false));
+      schedule();
+      if (!(next = encodeURIComponent(res.headers.get("X-Continue") || ""))) break;
+    }
+  })).catch(() => {});
+  if (mine === epoch) tombs = null;
+  pollControllers();
+}
+
+$("filter").oninput = () => {
+  filter = $("filter").value.trim();
+  kinds.forEach((k) => { k.sorted = false; });
+  $("table").scrollTop = 0;
+  touch("table");
+};
+$("types").oninput = () => { match = $("types").value.trim() && matcher($("types").value.trim()); touch("log"); };
+$("auth").onclose = () => {     // the same sessionStorage key as /docs: one token per tab for both pages
+  sessionStorage.setItem("fabrica-token", token = $("token").value.trim());
+  start();
+};
+window.onresize = () => { table.dirty = events.dirty = true; schedule(); };
+window.onhashchange = () => kinds.has(hashKind()) && show(hashKind());
+document.onvisibilitychange = () => { scheduled = false; schedule(); };
+setInterval(() => {     // the rate, and the ages
+  set($("rate"), `${seen - was} events/s`);
+  set($("rv"), lastId ? "last event " + lastId : "");
+  was = seen;
+  touch("table");
+}, 1000);
+setInterval(pollControllers, 2000);
+start();
+</script>
+</body></html>
+"""
+_DASHBOARD_BYTES = DASHBOARD_HTML.encode()
+
+
+###############################################################################
+# OpenAPI #####################################################################
+###############################################################################
+#
+# openapi_document(app) describes every route the app serves as an OpenAPI
+# 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
+# they are). It is rebuilt per request: cheap, and always true to app.kinds.
+# DOCS_HTML is the offline /docs page: inline CSS and JS, nothing fetched
+# but /openapi.json and the GETs a person tries.
+
+_OA_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_OA_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_OA_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+_OA_ERRORS = {
+    "304": "Not modified: If-None-Match matched the current ETag (no body)",
+    "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
+    "401": "Missing or wrong bearer token",
+    "404": "No such object, kind or version",
+    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, an owner is gone or being deleted, "
+           "or the object changes too fast",
+    "410": "Gone: events after that position are no longer available",
+    "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
+    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
+    "415": "Unsupported Content-Type",
+    "422": "Validation failed; details lists every failing field",
+    "500": "The store could not complete the write; the previous version is intact",
+    "507": "No space left for the write; the previous version is intact",
+}
+
+
+_OA_SUFFIXES = ("", "Spec", "Status", "Create", "Version", "Versions")
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_json(schema: dict) -> dict:
+    return {JSON_TYPE: {"schema": schema}}
+
+
+def _oa_responses(ok: dict, codes: str, token: bool) -> dict:
+    """ok (status -> response object) plus the Error responses named in ``codes``."""
+    out = dict(ok)
+    for code in codes.split() + (["401"] if token else []):
+        if code == "304":
+            out[code] = {"description": _OA_ERRORS[code], "headers": {"ETag": _oa_ref("ETag", "headers")}}
+        else:
+            out[code] = {"description": _OA_ERRORS[code], "content": _oa_json(_oa_ref("Error"))}
+    return dict(sorted(out.items()))
+
+
+def _oa_ok(description: str, schema: dict | None = None, headers=(), media: str = JSON_TYPE) -> dict:
+    res = {"description": description}
+    if headers:
+        res["headers"] = {h: _oa_ref(h.replace("-", ""), "headers") for h in headers}
+    if schema is not None:
+        res["content"] = {media: {"schema": schema}}
+    return res
+
+
+def _oa_schema(schema: Schema | None, what: str) -> dict:
+    if schema is None:
+        return {"type": "object", "description": f"any JSON object (the kind declares no {what} schema)"}
+    out = deepcopy_json(schema.json)
+    for key in ("$schema", "$id"):
+        out.pop(key, None)
+    return out
+
+
+def _oa_flat(kind: str | None, spec: dict) -> dict:
+    """The flat create/PUT form: name, labels, annotations beside the spec fields (SPEC §6.2)."""
+    reserved = {"name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                "apiVersion": {"const": API_VERSION}, "kind": {"const": kind} if kind else {"type": "string"}}
+    flat = {"title": "flat form", "type": "object"}
+    simple = set(spec) <= {"type", "properties", "required", "additionalProperties", "title", "description"}
+    if not simple or spec.get("type", "object") != "object":
+        flat["properties"] = reserved
+        flat["description"] = "name, labels and annotations beside the spec fields"
+        return flat
+    skip = set(_FLAT_RESERVED) | {"metadata", "spec"}
+    flat["properties"] = {**{k: v for k, v in (spec.get("properties") or {}).items() if k not in skip}, **reserved}
+    required = [r for r in spec.get("required", ()) if r not in skip]
+    if required:
+        flat["required"] = required
+    if "additionalProperties" in spec:
+        flat["additionalProperties"] = spec["additionalProperties"]
+    return flat
+
+
+def _oa_kind_schemas(info: KindInfo | None, name: str) -> dict:
+    """Components <name>Spec, <name>Status, <name>, <name>Create (and <name>Version) of one kind.
+
+    ``name`` is the kind's name unless that collides (see openapi_document); ``info=None`` gives
+    the generic resource of an open server's other plurals.
+    """
+    spec = _oa_schema(info.spec if info else None, "spec")
+    status = _oa_schema(info.status if info else None, "status")
+    status.setdefault("description", "written by controllers; conditions: see Condition")
+    kind_const = {"const": info.kind} if info is not None else {"type": "string"}
+    envelope = {
+        "title": "envelope form", "type": "object",
+        "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                       "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMetaWrite"),
+                       "spec": _oa_ref(name + "Spec"),
+                       "status": {"description": "ignored here: status is written only through /status"}},
+        "additionalProperties": False,
+        "anyOf": [{"required": ["metadata"]}, {"required": ["spec"]}],
+    }
+    schemas = {
+        name + "Spec": spec,
+        name + "Status": status,
+        name: {
+            "type": "object",
+            "required": ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"],
+            "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                           "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMeta"),
+                           "spec": _oa_ref(name + "Spec"), "status": _oa_ref(name + "Status")},
+        },
+        name + "Create": {
+            "description": "Create or PUT body: the flat form ({name, labels, annotations, <spec fields>}) "
+                           "or the envelope form ({metadata, spec}); a top-level metadata or spec key "
+                           "selects the envelope form.",
+            "anyOf": [_oa_flat(info.kind if info else None, spec), envelope],
+        },
+    }
+    if info is not None and info.history_on:
+        schemas[name + "Version"] = {"allOf": [_oa_ref("Version"),
+                                               {"properties": {"spec": _oa_ref(name + "Spec")}}]}
+    return schemas
+
+
+def _oa_patch_body(target: str) -> dict:
+    merge = {"type": "object", "description": f"RFC 7386 merge patch of the {target}"}
+    return {"required": True, "description": f"A patch of the {target}; the Content-Type picks the format",
+            "content": {MERGE_PATCH: {"schema": merge}, JSON_TYPE: {"schema": merge},
+                        JSON_PATCH: {"schema": _oa_ref("JSONPatch")},
+                        SHORTHAND_PATCH: {"schema": {"type": "object", "description":
+                                          "dotted paths to values; null removes the path"}}}}
+
+
+def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, token: bool,
+                   open_kind: bool = False) -> dict:
+    """The path items of one kind: ``name`` names its components and operations, ``label`` is for
+    people, ``base`` is "/<plural>" (or "/{plural}" for an open server's other plurals)."""
+    ref, K = _oa_ref("Ref", "parameters"), _oa_ref(name)
+    pre = [_oa_ref("IfMatch", "parameters"), _oa_ref("IfNoneMatch", "parameters")]
+    lead = [_oa_ref("Plural", "parameters")] if open_kind else []
+
+    def op(op_id, summary, responses, codes, params=(), body=None):
+        verb, _, suffix = op_id.partition("*")
+        o = {"tags": [tag], "summary": summary, "operationId": verb + name + suffix}
+        if params:
+            o["parameters"] = list(params)
+        if body is not None:
+            o["requestBody"] = body
+        o["responses"] = _oa_responses(responses, codes, token)
+        return o
+
+    create_body = {"required": True, "content": _oa_json(_oa_ref(name + "Create"))}
+    write = "400 404 409 412 413 415 422 500 507"
+    nf = " 404" if open_kind else ""     # a plural that is reserved or not a plural
+    obj_etag = _oa_ok(f"The {label}", K, ("ETag",))
+    patched = _oa_ok(f"The patched {label}", K, ("ETag", "Accept-Patch"))
+    paths = {
+        base: {"parameters": lead, **{
+            "get": op("list", f"List {label} objects (ordered by name)",
+                      {"200": _oa_ok("The matching objects", {"type": "array", "items": K},
+                                     ("X-Total-Count", "X-Continue", "Link"))}, "400" + nf,
+                      [_oa_ref(p, "parameters") for p in ("LabelSelector", "Name", "Limit", "Continue")]),
+            "post": op("create", f"Create a {label}",
+                       {"201": _oa_ok(f"The new {label}", K, ("Location", "ETag"))},
+                       "400 409 413 415 422 500 507" + nf, body=create_body)}},
+        base + "/{ref}": {"parameters": lead + [ref], **{
+            "get": op("get", f"Get a {label}", {"200": obj_etag}, "304 400 404",
+                      [_oa_ref("IfNoneMatchGet", "parameters")]),
+            "put": op("replace", f"Replace the spec (and labels) of a {label}; never creates",
+                      {"200": obj_etag}, write, pre, create_body),
+            "patch": op("patch", f"Patch the spec of a {label}", {"200": patched}, write,
+                        [pre[0]], _oa_patch_body("spec")),
+            "delete": op("delete", f"Delete a {label}",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse")),
+                          "202": _oa_ok("Finalizers are pending: marked for deletion", K, ("ETag",))},
+                         "400 404 409 412 500 507", [pre[0], _oa_ref("Force", "parameters")])}},
+        base + "/{ref}/status": {"parameters": lead + [ref], **{
+            "get": op("get*Status", f"Get the status of a {label}",
+                      {"200": _oa_ok("The status object", _oa_ref(name + "Status"), ("ETag",))}, "400 404"),
+            "put": op("replace*Status", f"Replace the status of a {label} (the bare status object)",
+                      {"200": obj_etag}, write, pre,
+                      {"required": True, "content": _oa_json(_oa_ref(name + "Status"))}),
+            "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
+                        _oa_patch_body("status"))}},
+    }
+    paths[base + "/{ref}/events"] = {"parameters": lead + [ref], "get": op(
+        "list*Events", f"The recent events of a {label} still in the event ring buffer, oldest first",
+        {"200": _oa_ok("CloudEvents", {"type": "array", "items": {
+            "type": "object", "required": ["specversion", "id", "type", "source"]}})}, "400 404",
+        [_oa_ref("EventLimit", "parameters")])}
+    if history:
+        vid = _oa_ref("VersionId", "parameters")
+        V = _oa_ref(name + "Version")
+        paths[base + "/{ref}/versions"] = {"parameters": lead + [ref], "get": op(
+            "list*Versions", f"List the spec versions of a {label}, oldest first",
+            {"200": _oa_ok("The snapshots", {"type": "array", "items": V})}, "400 404")}
+        paths[base + "/{ref}/versions/{versionId}"] = {"parameters": lead + [ref, vid], **{
+            "get": op("get*Version", "Get one spec version", {"200": _oa_ok("The snapshot", V)}, "400 404"),
+            "delete": op("delete*Version", "Delete one spec version",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse"))}, "400 404 500 507")}}
+        paths[base + "/{ref}/versions/{versionId}/restore"] = {"parameters": lead + [ref, vid], "post": op(
+            "restore*Version", "Write that version's spec back as a new, validated spec write",
+            {"200": obj_etag}, "400 404 409 412 422 500 507", pre)}
+    for item in paths.values():
+        if not item["parameters"]:
+            del item["parameters"]
+    return paths
+
+
+def _oa_components() -> dict:
+    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
+    time = {"type": "string", "format": "date-time"}
+    header = lambda description, schema, required=False: {  # noqa: E731
+        "description": description, "required": required, "schema": schema}
+    param = lambda name, where, description, schema, **extra: {  # noqa: E731
+        "name": name, "in": where, "description": description, "schema": schema, **extra}
+    return {
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
+                "error": {"type": "string"}, "code": {"type": "integer"},
+                "details": {"type": "array", "items": {"type": "object", "properties": {
+                    "field": {"type": "string"}, "message": {"type": "string"}}}}}},
+            "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
+                     "description": "a DNS-1123 subdomain, unique per kind"},
+            "Labels": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                       "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
+            "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                            "additionalProperties": {"type": "string"}},
+            "OwnerReference": {
+                "type": "object", "required": ["kind", "uid"], "additionalProperties": False,
+                "description": "an owner; at most one per object has controller: true (SPEC §5.5)",
+                "properties": {"kind": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]{0,62}$"},
+                               "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                               "name": {"type": "string"}, "controller": {"type": "boolean"}}},
+            "ObjectMeta": {
+                "type": "object",
+                "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
+                             "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"],
+                "properties": {
+                    "name": {"type": "string"}, "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                    "labels": string_map, "annotations": string_map, "createdAt": time, "updatedAt": time,
+                    "generation": {"type": "integer", "minimum": 1},
+                    "resourceVersion": {"type": "string", "pattern": "^[0-9]+$"},
+                    "finalizers": {"type": "array", "items": {"type": "string"}},
+                    "ownerReferences": {"type": "array", "items": _oa_ref("OwnerReference")},
+                    "deletionTimestamp": {"type": ["string", "null"], "format": "date-time"}}},
+            "ObjectMetaWrite": {
+                "type": "object", "additionalProperties": False,
+                "description": "metadata in an envelope body; server-managed fields are accepted and ignored",
+                "properties": {
+                    "name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                    "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                              "pattern": _OA_LABEL_KEY}},
+                    "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
+                    "ownerReferences": {"type": ["array", "null"], "items": _oa_ref("OwnerReference"),
+                                        "description": "read at create (every owner must exist and not be "
+                                                       "being deleted, else 409; the name is filled in), "
+                                                       "ignored by PUT"},
+                    **{k: {"description": "server-managed; ignored"} for k in
+                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
+            "Condition": {"type": "object", "required": ["type", "status"], "properties": {
+                "type": {"type": "string", "pattern": _OA_LABEL_KEY, "maxLength": CONDITION_TYPE_MAX},
+                "status": {"enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
+                "observedGeneration": {"type": "integer"}},
+                "description": "what set_condition() and the controller write into status.conditions"},
+            "DeleteResponse": {"type": "object", "required": ["message", "uid"], "properties": {
+                "message": {"type": "string"}, "uid": {"type": "string"}}},
+            "Version": {"type": "object",
+                        "required": ["versionId", "createdAt", "uid", "name", "labels", "annotations", "spec"],
+                        "properties": {"versionId": {"type": "string"}, "createdAt": time,
+                                       "uid": {"type": "string"}, "name": {"type": "string"},
+                                       "labels": string_map, "annotations": string_map,
+                                       "spec": {"type": "object"}}},
+            "JSONPatch": {"type": "array", "description": "RFC 6902 operations", "items": {
+                "type": "object", "required": ["op", "path"], "properties": {
+                    "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
+                    "path": {"type": "string"}, "from": {"type": "string"}, "value": {}}}},
+            "Health": {"type": "object", "required": ["status", "service"], "properties": {
+                "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
+                "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
+                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
+                "resourceVersion": {"type": "string"},
+                "workers": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "leader": {"type": "boolean", "description": "this process leads: it runs the controllers"},
+                "holderIdentity": {"type": ["string", "null"], "description": "who leads, if known"}}},
+            "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
+                "apiVersion": {"type": "string"},
+                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
+                "kinds": {"type": "array", "items": {
+                    "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
+                        "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
+                        "patchTypes": {"type": "array", "items": {"type": "string"}},
+                        "controller": {"type": "boolean"}, "history": {"type": "boolean"},
+                        "finalizer": {"type": "boolean"}}}}}},
+        },
+        "parameters": {
+            "Ref": param("ref", "path", "a uid, else a name", {"type": "string"}, required=True),
+            "Plural": param("plural", "path", "the plural of a kind made at first create (open server)",
+                            {"type": "string", "pattern": "^[a-z][a-z0-9]{0,62}$"}, required=True),
+            "VersionId": param("versionId", "path", "a spec version (the generation it produced)",
+                               {"type": "string"}, required=True),
+            "IfMatch": param("If-Match", "header", "strong ETags or *; no match: 412", {"type": "string"}),
+            "IfNoneMatch": param("If-None-Match", "header", "*: fail with 412 if the object exists",
+                                 {"type": "string"}),
+            "IfNoneMatchGet": param("If-None-Match", "header", "a matching ETag answers 304",
+                                    {"type": "string"}),
+            "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
+                                   "k notin (a), k, !k; comma = AND", {"type": "string"}),
+            "Name": param("name", "query", "only the object with this name", {"type": "string"}),
+            "EventLimit": param("limit", "query", "at most this many, the newest (default 50)",
+                                {"type": "integer", "minimum": 1, "maximum": 10000}),
+            "Limit": param("limit", "query", "page size (empty: no limit)",
+                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
+            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
+                              "first page)", {"type": "string"}),
+            "Force": param("force", "query", "delete now, even with finalizers pending",
+                           {"type": "boolean"}),
+            "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
+            "EventKind": param("kind", "query", "only events of this kind", {"type": "string"}),
+            "Since": param("since", "query", "replay events after this position (like Last-Event-ID)",
+                           {"type": "string"}),
+            "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
+                                 {"type": "string"}),
+            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
+                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
+            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
+                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
+        },
+        "headers": {
+            "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
+            "XTotalCount": header("objects matching before paging", {"type": "string", "pattern": "^[0-9]+$"},
+                                  True),
+            "XContinue": header("token for the next page, when there is one", {"type": "string"}),
+            "Link": header('<...>; rel="next" when there is a next page', {"type": "string"}),
+            "Location": header("the new object's path", {"type": "string"}, True),
+            "AcceptPatch": header("the patch media types", {"type": "string"}, True),
+        },
+    }
+
+
+def openapi_document(app) -> dict:
+    """The OpenAPI 3.1.0 document of every route ``app`` serves (what GET /openapi.json answers)."""
+    token = bool(app.token)
+    components = _oa_components()
+    paths, tags = {}, []
+    # A kind's components and operation ids are <name>, <name>Spec, <name>Status, ...; a kind whose
+    # name would collide (a kind "Error", or "ServerStatus" beside "Server") becomes <kind>Kind[N].
+    taken = set(components["schemas"]) | {"Health", "Apis", "Events", "OpenAPI", "Docs", "Metrics", "Dashboard"}
+
+    def allocate(kind: str) -> str:
+        name, n = kind, 1
+        while any(name + suffix in taken for suffix in _OA_SUFFIXES):
+            n += 1
+            name = kind + "Kind" + (str(n - 1) if n > 2 else "")
+        taken.update(name + suffix for suffix in _OA_SUFFIXES)
+        return name
+    for info in sorted(app.kinds.values(), key=lambda i: i.plural):
+        name = allocate(info.kind)
+        components["schemas"].update(_oa_kind_schemas(info, name))
+        notes = [f"plural {info.plural}", f"uid prefix {info.prefix}"]
+        notes += [note for flag, note in ((info.reconcile, "reconciled by a controller"),
+                                          (info.finalize, "has a finalizer"),
+                                          (info.history_on, "keeps spec history")) if flag]
+        tags.append({"name": info.kind, "description": "; ".join(notes)})
+        paths.update(_oa_kind_paths(name, info.kind, "/" + info.plural, info.kind, info.history_on, token))
+    if app.open:
+        name = allocate("Resource")
+        components["schemas"].update(_oa_kind_schemas(None, name))
+        tags.append({"name": "open", "description": "any other plural: its kind is made at first create"})
+        paths.update(_oa_kind_paths(name, "resource", "/{plural}", "open", False, token, open_kind=True))
+
+    def system(op_id, summary, responses, codes="", params=(), public=False):
+        o = {"tags": ["system"], "summary": summary, "operationId": op_id}
+        if params:
+            o["parameters"] = list(params)
+        o["responses"] = _oa_responses(responses, codes, token and not public)
+        if token and public:
+            o["security"] = []
+        return {"get": o}
+    text = {"type": "string"}
+    # the schema of one event of the stream: id = position, event = CloudEvent type, data = the CloudEvent
+    sse_event = {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}, "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["specversion", "id", "type", "source"]}},
+        "retry": {"type": "integer"}}}
+    paths.update({
+        "/health": system("getHealth", "Liveness and store health (never needs a token)",
+                          {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
+        "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
+                        {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
+        "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
+                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
+                                         media="text/event-stream")}, "400 404 410",
+                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
+                                                              "StreamTicket", "Untyped")]),
+        "/openapi.json": system("getOpenAPI", "This document",
+                                {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
+        "/docs": system("getDocs", "An offline page that browses this document",
+                        {"200": _oa_ok("HTML", text, media="text/html")}),
+        "/metrics": system("getMetrics", "Prometheus text format",
+                           {"200": _oa_ok("Metrics", text, media="text/plain")}),
+    })
+    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
+    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
+        paths["/"] = system("getDashboard", "A small HTML dashboard",
+                            {"200": _oa_ok("HTML", text, media="text/html")})
+    elif roots:
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
+                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
+        paths["/"] = root
+    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
+                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
+                        "type": "object", "required": ["ticket", "expiresAt"],
+                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
+    paths["/events/ticket"] = {"post": ticket["get"]}
+    tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": app.service, "version": __version__,
+                 "description": "Declarative resources (spec written by users, status by controllers) "
+                                "served by fabrica.py. Every error body is an Error."},
+        "tags": tags,
+        "paths": paths,
+        "components": components,
+    }
+    if token:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearerAuth": []}]
+    return doc
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>API docs</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#234;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
+header h1{font-size:18px;margin:0;flex:1}
+main{display:grid;grid-template-columns:220px 1fr;gap:16px;padding:16px}
+nav a{display:block;color:#246;text-decoration:none;padding:2px 0;cursor:pointer}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;margin-bottom:16px;padding:8px 12px}
+h2{font-size:16px;margin:4px 0 8px}
+.op{border-top:1px solid #eee;padding:6px 0}
+.op summary{cursor:pointer}
+.m{display:inline-block;width:58px;font:bold 12px monospace;text-align:center;border-radius:3px;color:#fff}
+.GET{background:#2a7}.POST{background:#27c}.PUT{background:#c82}.PATCH{background:#a5c}.DELETE{background:#c33}
+code,pre{font-family:ui-monospace,monospace;font-size:12px}
+pre{background:#f4f4f4;padding:8px;overflow:auto;max-height:420px;margin:6px 0}
+input{font:inherit;padding:2px 4px;margin:2px 6px 2px 0}
+.muted{color:#777}
+</style></head>
+<body>
+<header><h1 id="title">API</h1>
+<label>Token <input id="token" type="password" placeholder="bearer token (optional)"></label></header>
+<main><nav id="nav"></nav><div id="content"><p class="muted">Loading /openapi.json ...</p></div></main>
+<script>
+"use strict";
+const $ = (tag, attrs, ...kids) => {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "onclick") el.onclick = v; else el.setAttribute(k, v);
+  }
+  for (const kid of kids) el.append(kid);
+  return el;
+};
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("fabrica-token") || "";
+tokenInput.onchange = () => sessionStorage.setItem("fabrica-token", tokenInput.value);
+const headers = () => tokenInput.value ? {Authorization: "Bearer " + tokenInput.value} : {};
+const pretty = (text) => { try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; } };
+
+function tryGet(doc, path, op, out) {
+  const form = $("div");
+  const inputs = {};
+  for (const name of path.match(/[{][^}]+[}]/g) || []) {
+    const key = name.slice(1, -1);
+    inputs[key] = $("input", {placeholder: key, size: 20});
+    form.append(key + " ", inputs[key]);
+  }
+  const query = $("input", {placeholder: "query, e.g. limit=10", size: 28});
+  const resolve = (p) => p.$ref ? doc.components.parameters[p.$ref.split("/").pop()] : p;
+  if ((op.parameters || []).some((p) => resolve(p).in === "query")) form.append("?", query);
+  const button = $("button", {onclick: async () => {
+    let url = path.replace(/[{]([^}]+)[}]/g, (_, k) => encodeURIComponent(inputs[k].value));
+    if (query.value) url += "?" + query.value.replace(/^[?]/, "");
+    out.textContent = "GET " + url + " ...";
+    try {
+      const res = await fetch(url, {headers: headers()});
+      const body = await res.text();
+      out.textContent = "GET " + url + "\\n" + res.status + " " + res.statusText + "\\n\\n" + pretty(body);
+    } catch (e) { out.textContent = "GET " + url + " failed: " + e; }
+  }}, "Try");
+  form.append(button);
+  return form;
+}
+
+function schemaName(s) {
+  if (!s) return "";
+  if (s.$ref) return s.$ref.split("/").pop();
+  if (s.type === "array" && s.items) return "[" + schemaName(s.items) + "]";
+  return s.type || "";
+}
+
+function render(doc) {
+  document.title = doc.info.title + " API";
+  document.getElementById("title").textContent =
+    doc.info.title + " " + doc.info.version + " (OpenAPI " + doc.openapi + ")";
+  const nav = document.getElementById("nav"), content = document.getElementById("content");
+  content.textContent = "";
+  const byTag = {};
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      if (method === "parameters") continue;
+      for (const tag of op.tags || ["other"]) (byTag[tag] = byTag[tag] || []).push([path, method.toUpperCase(), op]);
+    }
+  }
+  for (const tag of doc.tags || Object.keys(byTag).map((name) => ({name}))) {
+    const ops = byTag[tag.name] || [];
+    const sec = $("section", {id: "tag-" + tag.name}, $("h2", {}, tag.name),
+                  $("div", {class: "muted"}, tag.description || ""));
+    nav.append($("a", {href: "#tag-" + tag.name}, tag.name));
+    for (const [path, method, op] of ops) {
+      const body = op.requestBody ? Object.entries(op.requestBody.content)
+        .map(([type, c]) => type + ": " + schemaName(c.schema)).join(", ") : "";
+      const codes = Object.entries(op.responses).map(([code, r]) => {
+        const c = r.content ? Object.values(r.content)[0] : null;
+        return code + (c ? " " + schemaName(c.schema) : "");
+      }).join(", ");
+      const params = (op.parameters || []).concat(doc.paths[path].parameters || [])
+        .map((p) => p.$ref ? p.$ref.split("/").pop() : p.name).join(", ");
+      const details = $("details", {class: "op"},
+        $("summary", {}, $("span", {class: "m " + method}, method), " ", $("code", {}, path), " ",
+          $("span", {class: "muted"}, op.summary || "")),
+        $("div", {}, "operationId: ", $("code", {}, op.operationId || "")),
+        params ? $("div", {}, "parameters: ", $("code", {}, params)) : "",
+        body ? $("div", {}, "body: ", $("code", {}, body)) : "",
+        $("div", {}, "responses: ", $("code", {}, codes)));
+      if (method === "GET" && path !== "/events") {   // an endless stream: no Try
+        const out = $("pre", {}, "");
+        details.append(tryGet(doc, path, op, out), out);
+      }
+      sec.append(details);
+    }
+    content.append(sec);
+  }
+  const schemas = $("section", {id: "schemas"}, $("h2", {}, "Schemas"));
+  nav.append($("a", {href: "#schemas"}, "Schemas"));
+  for (const [name, schema] of Object.entries((doc.components || {}).schemas || {})) {
+    schemas.append($("details", {class: "op"}, $("summary", {}, $("code", {}, name)),
+      $("pre", {}, JSON.stringify(schema, null, 2))));
+  }
+  content.append(schemas);
+}
+
+fetch("/openapi.json", {headers: headers()})
+  .then((res) => res.ok ? res.json() : res.text().then((t) => { throw new Error(res.status + " " + t); }))
+  .then(render)
+  .catch((e) => { document.getElementById("content").textContent = "Could not load /openapi.json: " + e; });
+</script>
+</body></html>
+"""
+
+
+###############################################################################
+# REST API #####################################################################
+###############################################################################
+#
+# Bottle routes per kind over the Fabrica write operations. Every error is a
+# JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
+# Order of checks: auth and Host (before_request) -> route -> ref syntax ->
+# body size, type and JSON -> existence -> preconditions -> validation -> write.
+
+PATCH_TYPES = {MERGE_PATCH: "merge", JSON_TYPE: "merge", "": "merge", JSON_PATCH: "json", SHORTHAND_PATCH: "shorthand"}
+ACCEPT_PATCH = ", ".join((MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH))
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _wsgi_text(value: str, what: str) -> str:
+    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
+
+    BadRequestError names ``what`` when the bytes are not UTF-8.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequestError(f"{what} is not valid UTF-8") from None
+
+
+def _host_name(value: str) -> str:
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def etag_of(obj: dict) -> str:
+    return '"' + obj["metadata"]["resourceVersion"] + '"'
+
+
+def _etag_list(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def if_match_ok(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-Match with strong comparison (a weak tag never matches)."""
+    if header is None:
+        return True
+    tags = _etag_list(header)
+    return "*" in tags or etag_of(obj) in tags
+
+
+def if_none_match_hit(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-None-Match with weak comparison (for GET)."""
+    if header is None:
+        return False
+    tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
+    return "*" in tags or etag_of(obj) in tags
+
+
+def etag_versions(header: str | None) -> tuple[str, ...] | None:
+    """The resourceVersions an If-Match or If-None-Match header names, for a write; None without one.
+
+    ``"7"`` names resourceVersion 7 and ``*`` stays ``*`` (any). A weak tag
+    (``W/"7"``) or a malformed one names none: a write compares entity tags
+    strongly (RFC 9110 §13.1.1), so it can never match.
+    """
+    if header is None:
+        return None
+    return tuple(t if t == "*" else t[1:-1] for t in _etag_list(header)
+                 if t == "*" or (len(t) >= 2 and t[0] == t[-1] == '"'))
+
+
+# A body's two forms (SPEC §6.2): the envelope ({"metadata": ..., "spec": ...}, what GET answers) and
+# the flat one (the spec's fields at the top, with name/labels/annotations beside them).
+_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
+_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
+_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
+
+
+def parse_body(info: KindInfo, body: dict, *, update: bool = False) -> dict:
+    """The Registry.create (or, with ``update``, Registry.update) arguments a flat or envelope body gives.
+
+    Checks the body's form: unknown top-level or metadata fields,
+    ``apiVersion`` and ``kind``, a status in a flat body (ValidationError),
+    metadata or spec not an object (BadRequestError); the registry checks
+    the fields' values. ``ownerReferences`` are taken at create only (they
+    are immutable); an update merges a flat body's labels and annotations.
+    """
+    out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
+           "resource_version": None}
+    envelope = "metadata" in body or "spec" in body
+    if envelope:
+        unknown = sorted(set(body) - _ENVELOPE_KEYS)
+        if unknown:
+            raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
+                                  "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
+                                  [{"field": k, "message": "unknown field"} for k in unknown])
+        meta = body.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise BadRequestError("metadata must be a JSON object")
+        unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
+        if unknown:
+            raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
+                                  [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
+        if "spec" in body:
+            if not isinstance(body["spec"], dict):
+                raise BadRequestError("spec must be a JSON object")
+            out["spec"] = body["spec"]
+        for key in ("name", "labels", "annotations", "finalizers"):
+            if key in meta:
+                out[key] = meta[key]
+        if not update:      # set at create, then immutable
+            refs = meta.get("ownerReferences")
+            out["owner_references"] = [] if refs is None else refs
+        if "resourceVersion" in meta:
+            out["resource_version"] = meta["resourceVersion"]
+    else:
+        out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
+        for key in ("name", "labels", "annotations"):
+            if key in body:
+                out[key] = body[key]
+    if update:
+        out["merge_metadata"] = not envelope
+    if "apiVersion" in body and body["apiVersion"] != API_VERSION:
+        raise _validation("apiVersion", f"must be {API_VERSION!r}")
+    if "kind" in body and body["kind"] != info.kind:
+        raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+    if not envelope and "status" in body:
+        # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
+        raise _not_spec("status")
+    return out
+
+
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class _ChunkedReader:
+    """Decodes a chunked request body for servers that pass it through raw; read() only."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        out = []
+        while not self.done and (size < 0 or size > 0):
+            if self.left == 0:
+                line = self.raw.readline(1024)
+                chunk = line.split(b";")[0].strip()
+                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
+                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
+                self.left = int(chunk, 16)
+                if self.left == 0:
+                    self._skip_trailers()
+                    self.done = True
+                    break
+            n = self.left if size < 0 else min(self.left, size)
+            data = self.raw.read(n)
+            if not data:
+                raise BadRequestError("the chunked body ended early")
+            out.append(data)
+            self.left -= len(data)
+            if size > 0:
+                size -= len(data)
+            if self.left == 0 and self.raw.read(2) != b"\r\n":
+                raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
+        return b"".join(out)
+
+    def _skip_trailers(self):
+        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
+        size = 0
+        while (line := self.raw.readline(1024)).strip():
+            size += len(line)
+            if size > MAX_HEAD:
+                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
+
+
+def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
+    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it; 408 when
+    the server's deadline for it passes)."""
+    try:
+        return _read_body(environ, limit)
+    except TimeoutError:
+        environ["fabrica.close"] = True
+        raise RequestTimeoutError("the request body did not arrive in time") from None
+
+
+def _read_body(environ: dict, limit: int) -> bytes:
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        stream = environ["wsgi.input"]
+        if not environ.get("wsgi.input_terminated"):
+            stream = _ChunkedReader(stream)
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            environ["fabrica.close"] = True
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        return data
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit() or not length.isascii():
+        raise BadRequestError(f"invalid Content-Length {length[:20]!r}")
+    length = int(length)
+    if length > limit:
+        environ["fabrica.close"] = True
+        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+    data = environ["wsgi.input"].read(length) if length else b""
+    if len(data) != length:
+        raise BadRequestError("the request body is shorter than its Content-Length")
+    return data
+
+
+def encode_continue(name: str) -> str:
+    """The opaque, URL-safe continue token for a page that ended at ``name``."""
+    return base64.urlsafe_b64encode(b"n:" + name.encode()).rstrip(b"=").decode()
+
+
+def decode_continue(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raw = ""
+    if not raw.startswith("n:") or not valid_name(raw[2:]):
+        raise BadRequestError(f"malformed continue token {token[:40]!r}; start the list again without it")
+    return raw[2:]
+
+
+def _media_type(environ) -> str:
+    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+
+
+def _sse_frame(position, event, typed: bool = True) -> bytes:
+    """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
+
+    A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
+    break inside one would start a field or an event of its sender's
+    choosing: the id and event fields have their control characters escaped
+    whatever reaches here, and the data is one line of JSON (json.dumps
+    escapes every control character in a string). ``typed=False`` leaves the
+    event field out (the type stays in the data).
+    """
+    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
+    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
+
+
+def _peer_closed(sock) -> bool:
+    """True when the client hung up (readable with nothing to read)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
+# method outside this set is "other", the route is the route's template, the code a status.
+_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
+_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
+
+
+def _prom_escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and line feed escaped (the text format's rule).
+
+    Every label value goes through it, those from a fixed set too: a value
+    is never what ends a line or a sample.
+    """
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class RestAPI:
+    """Builds the Bottle routes of a Fabrica; one instance per app.
+
+    Writes go to ``registry``, events come from ``bus``, /metrics reads
+    ``controllers`` (kind -> Controller, kept up to date by the app); of
+    ``app`` it reads settings only (token, cors, service, elector).
+    ``host_check`` answers only loopback Host names (serve sets it).
+    """
+
+    def __init__(self, app, registry: Registry, bus: Bus, controllers: dict[str, Controller]):
+        self.app = app
+        self.registry = registry
+        self.bus = bus
+        self.controllers = controllers
+        self.host_check = False
+        self.wsgi = bottle.Bottle()
+        self.wsgi.default_error_handler = self._bottle_error
+        self.wsgi.add_hook("before_request", self._guard)
+        self.wsgi.add_hook("after_request", self._after)
+        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.keepalive = 15.0                   # seconds between SSE keep-alive comments
+        self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
+        self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
+        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
+        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
+        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
+        self.wsgi.route("/health", "GET", self._endpoint(self.health))
+        self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
+        self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
+        self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
+        self.wsgi.route("/events", "GET", self._endpoint(self.events))
+        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
+        self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
+
+    # -- plumbing ----------------------------------------------------------
+    def _guard(self):
+        app = self.app
+        environ = bottle.request.environ
+        environ["fabrica.t0"] = time.perf_counter()
+        if self.host_check:
+            header = environ.get("HTTP_HOST", "")
+            ok = self._hosts.get(header)
+            if ok is None:
+                host = _host_name(header)
+                ok = not host or is_loopback(host)
+                if len(self._hosts) < 1024:        # bounded: Host is client input
+                    self._hosts[header] = ok
+            if not ok:
+                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
+                raise self._error_response(ForbiddenError(
+                    f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
+                    "(serve with --host to bind elsewhere)"))
+        try:
+            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
+            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
+        except BadRequestError as err:
+            raise self._error_response(err) from None
+        if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
+            raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
+        if app.token and environ.get("PATH_INFO") != "/health":
+            got = environ.get("HTTP_AUTHORIZATION", "")
+            if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
+                try:
+                    admitted = dashboard_admits(self, environ)
+                except FabricaError as err:     # a ticket, refused: the error says why
+                    raise self._error_response(err) from None
+                if not admitted:
+                    raise self._error_response(UnauthorizedError(
+                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
+                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+
+    def _after(self):
+        environ = bottle.request.environ
+        route = environ.get("bottle.route")
+        rule = route.rule if route is not None else "unmatched"
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in _METRIC_METHODS:
+            method = "other"
+        code = bottle.response.status_code
+        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
+        started = environ.get("fabrica.t0")
+        if started is not None:
+            hist = self.latency.get((rule, method))
+            if hist is None:
+                hist = self.latency.setdefault((rule, method), Histogram())
+            hist.observe(time.perf_counter() - started)
+        cors = self.app.cors
+        if cors and environ.get("HTTP_ORIGIN") == cors:
+            res = bottle.response
+            res.set_header("Access-Control-Allow-Origin", cors)
+            vary = res.get_header("Vary")       # GET / varies by Accept too
+            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
+            res.set_header("Access-Control-Expose-Headers",
+                           "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
+
+    @staticmethod
+    def _preflight(cors: str, environ) -> bottle.HTTPResponse:
+        """A CORS preflight answer (only with --cors; without it OPTIONS is routed like any method)."""
+        headers = {}
+        if environ.get("HTTP_ORIGIN") == cors:
+            headers = {"Access-Control-Allow-Origin": cors, "Vary": "Origin",
+                       "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+                       "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, If-None-Match, "
+                                                       "Last-Event-ID",
+                       "Access-Control-Max-Age": "600"}
+        return bottle.HTTPResponse(b"", 204, headers)
+
+    def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
+        res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
+        res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
+        res.content_type = JSON_TYPE
+        if err.status in (408, 413):         # the body is left unread: the connection cannot be reused
+            res.set_header("Connection", "close")
+        return res
+
+    def _bottle_error(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = JSON_TYPE
+        if res.status_code >= 500:
+            message = "internal server error; the server log has the details"
+            if res.traceback:
+                http_log.error("unhandled error in %s %s:\n%s", _one_line(bottle.request.method),
+                               _one_line(bottle.request.path), res.traceback)
+        elif res.status_code == 404:
+            message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
+        elif res.status_code == 405:
+            message = f"method {bottle.request.method} is not allowed here; allowed: {res.headers.get('Allow', '')}"
+        else:
+            message = str(res.body) if isinstance(res.body, str) and res.body else res.status_line
+        return dumps({"error": message, "code": res.status_code, "details": []})
+
+    def _endpoint(self, fn):
+        def handler(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FabricaError as err:
+                extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
+                return self._error_response(err, extra)
+            except Exception:
+                http_log.exception("unhandled error in %s %s", _one_line(bottle.request.method),
+                                   _one_line(bottle.request.path))
+                return self._error_response(FabricaError("internal server error; the server log has the details"))
+        handler.__name__ = fn.__name__
+        return handler
+
+    @staticmethod
+    def _send(obj, status: int = 200, etag: bool = True) -> bytes:
+        res = bottle.response
+        res.status = status
+        res.content_type = JSON_TYPE
+        if etag:
+            res.set_header("ETag", etag_of(obj))
+        return dumps(obj).encode()
+
+    def _json_body(self, *, patch: bool = False) -> tuple[object, str]:
+        environ = bottle.request.environ
+        media = _media_type(environ)
+        if patch:
+            if media not in PATCH_TYPES:
+                raise UnsupportedMediaTypeError(
+                    f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
+        elif media not in ("", JSON_TYPE):
+            raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
+        raw = read_body(environ, self.registry.max_body)
+        # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
+        kind = PATCH_TYPES[media] if patch else "body"
+        return read_json(raw, want_object=kind != "json"), kind
+
+    def _kind(self, plural: str):
+        info = self.registry.served(plural)
+        if info is None:
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        return info
+
+    def _obj(self, info, ref: str) -> dict:
+        obj = self.registry.store.resolve(info.kind, ref)
+        if obj is None:
+            if not valid_name(ref):
+                raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
+        return obj
+
+    # -- routes ------------------------------------------------------------
+    def mount(self, plural: str | None, history: bool = False) -> None:
+        """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
+        route, ep = self.wsgi.route, self._endpoint
+        if plural is None:
+            base, fixed = "/<plural:re:[a-z][a-z0-9]{0,62}>", {}
+        else:
+            base, fixed = "/" + plural, {"plural": plural}
+
+        def bind(fn):
+            return ep(lambda **kw: fn(**fixed, **kw)) if fixed else ep(fn)
+        route(base, "GET", bind(self.list))
+        route(base, "POST", bind(self.create))
+        route(base + "/<ref>", "GET", bind(self.get))
+        route(base + "/<ref>", "PUT", bind(self.update))
+        route(base + "/<ref>", "PATCH", bind(self.patch))
+        route(base + "/<ref>", "DELETE", bind(self.delete))
+        route(base + "/<ref>/status", "GET", bind(self.get_status))
+        route(base + "/<ref>/status", "PUT", bind(self.update_status))
+        route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
+        route(base + "/<ref>/events", "GET", bind(self.object_events))
+        if history:
+            route(base + "/<ref>/versions", "GET", bind(self.versions))
+            route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
+            route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
+            route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
+
+    def list(self, plural):
+        info = self.registry.served(plural)
+        if info is None and not (self.registry.open and plural not in RESERVED_PATHS):
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        query = self._query()
+        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
+        selector, name = query.get("labelSelector") or None, query.get("name") or None
+        limit, token = query.get("limit") or None, query.get("continue") or None
+        if limit is not None:
+            if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
+                raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
+            limit = int(limit)
+        items, total, more = self.registry.store.query(
+            info.kind if info else "", parse_selector(selector) if selector else None, name=name,
+            after=decode_continue(token) if token is not None else None, limit=limit)
+        res = bottle.response
+        res.set_header("X-Total-Count", str(total))
+        if more is not None:
+            token = encode_continue(more)
+            res.set_header("X-Continue", token)
+            params = {"limit": str(limit), "continue": token}
+            if selector:
+                params["labelSelector"] = selector
+            res.set_header("Link", f'</{info.plural}?{urllib.parse.urlencode(params)}>; rel="next"')
+        return self._send(items, etag=False)
+
+    def create(self, plural):
+        if plural in RESERVED_PATHS:
+            raise NotFoundError(f"/{plural} is reserved")
+        body, _ = self._json_body()
+        registry = self.registry
+        if registry.open:
+            with registry.open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None) as info:
+                obj = registry.create(info, **parse_body(info, body))
+        else:
+            info = self._kind(plural)
+            obj = registry.create(info, **parse_body(info, body))
+        bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
+        return self._send(obj, 201)
+
+    def get(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        res = bottle.response
+        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
+            res.status = 304
+            res.set_header("ETag", etag_of(obj))
+            return b""
+        # Stored objects are never mutated (a write stores a new dict), so the JSON of
+        # the very same object can be reused; the cache holds it, so `is` is safe.
+        key = (info.kind, obj["metadata"]["uid"])
+        bodies = self._bodies
+        cached = bodies.get(key)
+        if cached is None or cached[0] is not obj:
+            cached = (obj, dumps(obj).encode())
+            with self._bodies_lock:
+                stale = bodies.pop(key, None)
+                if stale is not None:
+                    self._bodies_bytes -= len(stale[1])
+                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
+                    bodies.clear()
+                    self._bodies_bytes = 0
+                bodies[key] = cached
+                self._bodies_bytes += len(cached[1])
+        res.content_type = JSON_TYPE
+        res.set_header("ETag", etag_of(obj))
+        return cached[1]
+
+    def _preconditions(self) -> dict:
+        """The resourceVersions the request's If-Match and If-None-Match name (None: no such header)."""
+        return {"if_match": etag_versions(self._header("HTTP_IF_MATCH")),
+                "if_none_match": etag_versions(self._header("HTTP_IF_NONE_MATCH"))}
+
+    @staticmethod
+    def _query() -> bottle.FormsDict:
+        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
+        try:
+            return bottle.request.query.decode()
+        except UnicodeError:
+            raise BadRequestError("the query string is not valid UTF-8") from None
+
+    @staticmethod
+    def _header(key: str) -> str | None:
+        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
+        value = bottle.request.environ.get(key)
+        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
+
+    def update(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        obj = self.registry.update(info, ref, **parse_body(info, body, update=True), **self._preconditions())
+        return self._send(obj)
+
+    def patch(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.registry.patch(info, ref, body, kind, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    def delete(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        force = self._query().get("force", "").lower() in ("true", "1", "yes")
+        obj, gone = self.registry.delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
+        if not gone:
+            return self._send(obj, 202)
+        return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
+                          etag=False)
+
+    def get_status(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        bottle.response.set_header("ETag", etag_of(obj))
+        return self._send(obj["status"], etag=False)
+
+    def update_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        obj = self.registry.update_status(info, ref, body, **self._preconditions())
+        return self._send(obj)
+
+    def patch_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.registry.patch(info, ref, body, kind, status=True, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    def object_events(self, plural, ref):
+        """The object's recent events the store's change feed still retains, oldest first (``?limit=``, default 50).
+
+        Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
         """
-        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        limit = self._query().get("limit") or "50"
+        if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
+            raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
+        return self._send(self.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
 
-    def health(self) -> dict:
-        """What GET /health answers: status, store problems, kinds, workers and who leads."""
-        return self.rest.health_document()
+    def _history(self, plural, ref):
+        info = self._kind(plural)
+        if not info.history_on:
+            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
+        return info, self._obj(info, ref)
+
+    def versions(self, plural, ref):
+        info, obj = self._history(plural, ref)
+        return self._send(self.registry.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
+
+    def get_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        snap = self.registry.store.get_version(info.kind, obj["metadata"]["uid"], vid)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send(snap, etag=False)
+
+    def delete_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        if not self.registry.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send({"message": "version deleted", "uid": vid}, etag=False)
+
+    def restore_version(self, plural, ref, vid):
+        info, _ = self._history(plural, ref)
+        return self._send(self.registry.restore(info, ref, vid, **self._preconditions()))
+
+    # -- global routes -----------------------------------------------------
+    def health(self):
+        return self._send(self.health_document(), etag=False)
+
+    def health_document(self) -> dict:
+        """Liveness and store health: what start-up could not load, the kinds, workers, and who leads."""
+        store, elector = self.registry.store, self.app.elector
+        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
+        kinds = self.registry.kinds
+        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
+                "service": self.app.service, "version": __version__, "kinds": sorted(kinds),
+                "quarantined": found["quarantined"], "ignored": found["ignored"],
+                "resourceVersion": str(store.resource_version) if store is not None else "0",
+                "workers": {k: i.workers for k, i in kinds.items() if i.has_controller},
+                "leader": elector is not None and elector.is_leader(),
+                "holderIdentity": None if elector is None else elector.leader}
+
+    def apis(self):
+        return self._send(self.registry.discovery(), etag=False)
+
+    def root(self):
+        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
+        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
+            return dashboard_page()
+        bottle.response.set_header("Vary", "Accept")
+        return self.apis()
+
+    def openapi(self):
+        return self._send(openapi_document(self.app), etag=False)
+
+    def docs(self):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        # the page is self-contained: the policy makes sure it fetches nothing but this server's JSON
+        bottle.response.set_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'; connect-src 'self'")
+        return DOCS_HTML
+
+    def events(self):
+        """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
+        env = bottle.request.environ
+        query = self._query()
+        pattern = query.get("type") or "**"
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        kind = query.get("kind") or None
+        if kind is not None:
+            kind = self.registry.resolve_kind(kind).kind
+        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
+        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
+        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
+        position = parse_position(since) if since else None
+        store = self.registry.store
+        if position is not None and store is not None and position[0] > store.resource_version:
+            # no event here ever had that position (a forged id, or one from another data dir): streaming
+            # on from it would skip every event up to it without a word
+            raise GoneError(f"event {format_position(position)} is newer than every event of this server "
+                            f"(resourceVersion {store.resource_version}); re-list and watch from now")
+        bus = self.bus
+        tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
+        try:
+            backlog = [] if position is None else [
+                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
+        except FabricaError:
+            tap.close()
+            raise
+        res = bottle.response
+        res.content_type = "text/event-stream; charset=utf-8"
+        res.set_header("Cache-Control", "no-cache")
+        res.set_header("X-Accel-Buffering", "no")
+        return self._stream(tap, backlog, position or (0, 0), env, typed)
+
+    def event_ticket(self):
+        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
+        bottle.response.set_header("Cache-Control", "no-store")
+        return self._send(self.tickets.issue(), etag=False)
+
+    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
+        sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
+        keepalive = self.keepalive
+        quiet_since = time.monotonic()
+        try:
+            yield b": stream open\n\n"
+            for pos, event in backlog:
+                yield _sse_frame(pos, event, typed)
+                last = pos
+            while self.app._started and not (server is not None and server.stopping):
+                event = tap.get(timeout=min(1.0, keepalive))
+                if event is None:
+                    if tap.overflowed or tap.closed or _peer_closed(sock):
+                        return      # a client resumes with Last-Event-ID
+                    if time.monotonic() - quiet_since >= keepalive:
+                        quiet_since = time.monotonic()
+                        yield b": keep-alive\n\n"
+                    continue
+                pos = parse_position(event["sequence"])
+                if pos <= last:
+                    continue        # already sent from the backlog
+                last = pos
+                quiet_since = time.monotonic()
+                yield _sse_frame(pos, event, typed)
+        finally:
+            tap.close()
+
+    def metrics(self):
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return self.metrics_text().encode()
 
     def metrics_text(self) -> str:
         """Everything /metrics shows, in the Prometheus text exposition format."""
-        return self.rest.metrics_text()
+        out = []
 
-    def discovery(self) -> dict:
-        """What GET /apis answers."""
-        return self.registry.discovery()
+        def family(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+        rest, store, bus = self, self.registry.store, self.bus
+        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
+               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
+                for (r, m, c), n in sorted(rest.requests.items())])
+        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
+               [line for (r, m), h in sorted(rest.latency.items())
+                for line in h.render("fabrica_http_request_duration_seconds",
+                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
+        family("fabrica_store_writes_total", "counter", "Committed store writes.",
+               [f"fabrica_store_writes_total {store.writes if store else 0}"])
+        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
+               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
+        stats = bus.stats()
+        family("fabrica_events_published_total", "counter", "Events published on the bus.",
+               [f"fabrica_events_published_total {stats['published']}"])
+        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
+               [f"fabrica_events_dropped_total {stats['dropped']}"])
+        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
+               [f"fabrica_event_gaps_total {stats['gaps']}"])
+        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
+               [f"fabrica_event_ring_events {stats['buffered']}"])
+        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
+               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
+        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
+               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
+        kinds = sorted(self.registry.kinds)
+        ctls = self.controllers
+        per_kind = {
+            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
+            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
+            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
+            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
+        }
+        for name, (kind, help_text, get) in per_kind.items():
+            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
+                                           for k in kinds if k in ctls])
+        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
+               [line for k in kinds if k in ctls
+                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
+                                                     f'kind="{_prom_escape(k)}"')])
+        objects, not_ready = [], []
+        for k in kinds:
+            items = store.list(k) if store is not None else []
+            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {len(items)}')
+            if not self.registry.kinds[k].has_controller:
+                continue        # nothing ever makes these Ready: they would look stuck forever
+            pending = sum(1 for o in items if not any(
+                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in o["status"].get("conditions") or ()))
+            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
+        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
+               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
+        elector = self.app.elector
+        family("fabrica_leader", "gauge", "1 while this process leads (runs the controllers and the garbage "
+               "collector's sweeps), else 0; identity is this process's.",
+               [f'fabrica_leader{{identity="{_prom_escape(self.app.identity)}"}} '
+                f'{int(elector is not None and elector.is_leader())}'])
+        return "\n".join(out) + "\n"
 
 
-    # -- serving -----------------------------------------------------------------
-    def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
-              token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
-        """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
+###############################################################################
+# HTTP server ##################################################################
+###############################################################################
+#
+# The default server: one thread per connection (bounded), HTTP/1.1
+# keep-alive, a listen backlog of 1,024, JSON error pages. Bottle's default
+# wsgiref server is single-threaded and speaks HTTP/1.0, so one slow client
+# stalls everyone and every request reconnects. A connection slot is held
+# only by a client that keeps up: the request head has a size cap (enforced
+# while reading) and a whole-head deadline, a body a minimum rate, and an idle
+# keep-alive connection gives its slot to a new client when all are taken.
 
-        The arguments are the app's defaults: the ``FABRICA_*`` variables that
-        ``python fabrica.py serve`` reads override them (12-factor), so
-        ``FABRICA_PORT=8081 python app.py`` moves the server without an edit;
-        ``FABRICA_DATA_DIR``/``FABRICA_DATABASE_URL`` override the store and
-        ``FABRICA_NO_FSYNC``, ``FABRICA_WORKERS``, ``FABRICA_CORS`` likewise.
-        ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
-        one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
-        when installed. ``max_threads`` bounds the connections (or the app
-        threads) and ``head_timeout`` the seconds a client has to send a request
-        head, on the servers that have such a setting (README: Serving).
+MIN_BODY_RATE = 500              # a body has `timeout` s, plus 1 s per this many bytes received
 
-        This is a program's main loop: it sets up logging (``FABRICA_LOG_LEVEL``,
-        default info) unless the program already did, logs one ready line, and
-        ends the program with a one-line message (SystemExit, no traceback)
-        when the store is locked or the port is taken.
-        """
-        env = _env_settings()
-        logging.basicConfig(level=getattr(logging, str(env.get("log_level", "info")).upper(), logging.INFO),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        if env.get("data_dir") or env.get("database_url"):
-            self.configure_store(data_dir=env.get("data_dir"), database_url=env.get("database_url"))
-        if env.get("no_fsync"):
-            self.configure_store(durable=False)
-        if env.get("workers"):
-            for info in self.kinds.values():
-                info.workers = env["workers"]
-        self.cors = env.get("cors") or self.cors
-        main = sys.modules.get("__main__")
-        name = os.path.basename(getattr(main, "__file__", None) or "") or "app"
+
+class _DeadlineReader(io.RawIOBase):
+    """The raw stream under a connection's rfile: no recv waits past ``deadline``.
+
+    A per-recv socket timeout is no deadline: a client that drips one byte per
+    timeout resets it forever (slowloris). Here every recv waits only for what
+    is left of the deadline; with ``rate`` set, each byte received extends it
+    by 1/rate s (a body must keep up a minimum rate, as Apache's mod_reqtimeout).
+    While ``idle`` is set (between requests) the wait for the first byte is
+    ``idle(seconds)``: False when the server closed the connection meanwhile.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        self.sock = sock
+        self.timeout = timeout          # the socket's own timeout, which writes use
+        self.deadline = math.inf
+        self.rate = 0.0
+        self.idle: Callable[[float], bool] | None = None
+
+    def start(self, seconds: float, rate: float = 0.0) -> None:
+        self.deadline, self.rate = time.monotonic() + seconds, rate
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client did not send in time")
+        if self.idle is not None and not self.idle(left):
+            return 0
+        self.sock.settimeout(min(left, self.timeout))
         try:
-            self._serve(env.get("host", host), env.get("port", port), server=env.get("wsgi_server", server),
-                        token=env.get("token", token), max_threads=env.get("max_threads", max_threads),
-                        head_timeout=env.get("head_timeout", head_timeout), name=name)
-        except (ConfigurationError, OSError) as exc:
-            raise SystemExit(f"fabrica: {exc.message if isinstance(exc, FabricaError) else exc.strerror or exc}"
-                             ) from None
-
-    def _serve(self, host: str, port: int, *, server: str | None, token: str | None, max_threads: int,
-               head_timeout: float, name: str) -> None:
-        """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
-        if token:
-            self.token = token
-        self.rest.host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
-        self._app_name = name
-        self.start()
-        try:
-            serve_wsgi(self.wsgi, host, port, server=server, max_threads=max_threads, head_timeout=head_timeout,
-                       max_body=self.max_body, ready=self._ready_line)
+            n = self.sock.recv_into(buffer)
         finally:
-            self.stop()
+            self.sock.settimeout(self.timeout)
+        if self.rate:
+            self.deadline += n / self.rate
+        return n
 
-    def _ready_line(self, url: str) -> str:
-        """The one line serve logs when it answers: version, app, URL, store, kinds."""
-        store = self.database_url or getattr(self.store, "data_dir", None) or type(self.store).__name__
-        kinds = ", ".join(self.kinds) or "none yet"
-        return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
-                f"(store: {store}; kinds: {kinds})")
+
+class _HeadTooLarge(Exception):
+    """The request head passed MAX_HEAD; ``status`` is 414 (in the request line) or 431."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class _BodyStream:
+    """What wsgi.input reads from: the connection's rfile, but the first read
+    starts the body's clock and sends a deferred ``100 Continue``. The app
+    reads the body only after its checks (token, declared size), so a client
+    waiting for the 100 gets a refusal as its final status alone (SPEC §6.7)."""
+
+    def __init__(self, handler: _WSGIRequestHandler):
+        self.handler = handler
+        self.started = False
+
+    def read(self, size: int = -1) -> bytes:
+        self._start()
+        return self.handler.rfile.read(size)
+
+    def readline(self, size: int = -1) -> bytes:
+        self._start()
+        return self.handler.rfile.readline(size)
+
+    def _start(self):
+        if not self.started:
+            self.started = True
+            self.handler.body_started()
+
+
+class _LimitedReader:
+    """wsgi.input for a Content-Length body: never reads past it."""
+
+    def __init__(self, raw, length: int):
+        self.raw = raw
+        self.left = length
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.raw.read(size)
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.raw.readline(size)
+        self.left -= len(data)
+        return data
+
+
+class _WSGIRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"fabrica/{__version__}"
+    timeout = 30                 # seconds an idle connection or a write may take (a body: plus MIN_BODY_RATE)
+    idle_since: float | None = None     # since when it waits for a next request; None while busy (server lock)
+    evicted = False                     # the server closed it to admit a new client (server lock)
+    linger = False                      # closing with client input unread: drain it first (finish)
+
+    def setup(self):
+        super().setup()
+        self.reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+        with self.server._conns_changed:
+            self.server._conns[self.request] = self
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection and not self.server.stopping:
+            self.handle_one_request()
+
+    def finish(self):
+        super().finish()
+        if self.linger:
+            # Closing a socket with unread input resets the connection, and the client may lose the
+            # error response just sent: stop writing, then drop what it still sends, for a moment.
+            sink = bytearray(1 << 16)
+            deadline = time.monotonic() + 2.0
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_WR)
+                while (left := deadline - time.monotonic()) > 0:
+                    self.connection.settimeout(left)
+                    if not self.connection.recv_into(sink):
+                        break
+
+    def handle_one_request(self):
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+        self.expect_continue = self.responded = False
+        if not self.await_request():
+            self.close_connection = True
+            return
+        try:
+            lines = self.read_head()
+        except _HeadTooLarge as exc:
+            what = "line" if exc.status == 414 else "head"
+            self.send_error(exc.status, f"the request {what} is over {MAX_HEAD} bytes")
+            return
+        except TimeoutError:
+            self.send_error(408, f"the request head did not arrive within {self.server.head_timeout:g} s")
+            self.linger = False                 # no grace for a client this slow: free its slot now
+            return
+        except (OSError, ValueError):
+            lines = []
+        if not lines:
+            self.close_connection = True        # the client went away (or was evicted) mid-head
+            return
+        self.raw_requestline = lines[0]
+        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(lines[1:]) + b"\r\n")
+        try:
+            parsed = self.parse_request()       # the stdlib's parser, over the head already read
+        finally:
+            self.rfile = rfile
+        if not parsed:
+            return
+        problem = self._framing_problem()
+        if problem:
+            self.send_error(400, problem)
+            return
+        try:
+            self._run_wsgi()
+        except (OSError, ValueError):
+            self.close_connection = True
+
+    def await_request(self) -> bool:
+        """Wait for the first byte of the next request (at once if it is buffered already);
+        False when the connection is done: closed, silent for ``timeout``, or evicted."""
+        self.reader.start(self.timeout)
+        self.reader.idle = self.wait_idle
+        try:
+            return bool(self.rfile.peek(1))
+        except (OSError, ValueError):
+            return False
+        finally:
+            self.reader.idle = None
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the client to send, as an idle connection the server
+        may evict (then False). Nothing is read here: while the bytes stay in the socket,
+        the server sees them and does not evict (_evict_idle), so no request is half-read."""
+        with self.server._conns_changed:
+            self.idle_since = time.monotonic()
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        ready = poller.poll(seconds * 1000)
+        with self.server._conns_changed:
+            self.idle_since = None
+            if self.evicted:
+                return False
+        if not ready:
+            raise TimeoutError("the connection was idle too long")
+        return True
+
+    def read_head(self) -> list[bytes]:
+        """The request line and header lines, all within ``head_timeout`` of the first byte
+        and at most MAX_HEAD bytes of them: the server never buffers more, whatever the
+        client sends. [] when the client closed mid-head; raises _HeadTooLarge, TimeoutError."""
+        self.reader.start(self.server.head_timeout)
+        lines, size = [], 0
+        while True:
+            line = self.rfile.readline(MAX_HEAD + 1 - size)
+            size += len(line)
+            if size > MAX_HEAD:
+                raise _HeadTooLarge(431 if lines else 414)
+            if not line.endswith(b"\n"):
+                return []
+            if line in (b"\r\n", b"\n"):
+                if lines:
+                    return lines
+                continue        # an empty line before the request line is ignored (RFC 9112 §2.2)
+            lines.append(line)
+
+    def handle_expect_100(self):
+        # parse_request calls this on "Expect: 100-continue". The 100 waits for the app's first
+        # body read (_BodyStream), which comes after its checks: a refusal is sent alone.
+        self.expect_continue = True
+        return True
+
+    def body_started(self):
+        """The app reads the body: start its clock, send the deferred 100 Continue."""
+        self.reader.start(self.timeout, MIN_BODY_RATE)
+        if self.expect_continue and not self.responded:
+            self.expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _framing_problem(self) -> str | None:
+        """Why the body's framing is ambiguous (a request-smuggling risk), or None."""
+        lengths = [v.strip() for h in self.headers.get_all("Content-Length") or () for v in h.split(",")]
+        codings = [v.strip().lower() for h in self.headers.get_all("Transfer-Encoding") or () for v in h.split(",")]
+        if codings:
+            if codings[-1] != "chunked" or codings.count("chunked") != 1:
+                return "unsupported Transfer-Encoding: the last coding must be chunked"
+            if lengths:
+                self.close_connection = True        # RFC 9112: chunked wins; do not reuse the connection
+            return None
+        if lengths and (len(set(lengths)) != 1 or not all(v.isdigit() and v.isascii() for v in lengths)):
+            return "invalid or conflicting Content-Length"
+        return None
+
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib writes an HTML page here; fabrica answers JSON everywhere.
+        self.responded = self.linger = True
+        body = dumps({"error": message or self.responses.get(code, ("error",))[0], "code": code,
+                      "details": []}).encode()
+        try:
+            self.send_response(code, message)
+            self.send_header("Content-Type", JSON_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        # the arguments hold the request line as the client sent it
+        http_log.debug("%s - %s", self.address_string(), _one_line(format % args))
+
+    def _environ(self):
+        path, _, query = self.path.partition("?")
+        if path.startswith(("http://", "https://")):
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        env = {
+            "REQUEST_METHOD": self.command, "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote(path, "latin-1"), "QUERY_STRING": query,
+            "SERVER_NAME": self.server.server_name, "SERVER_PORT": str(self.server.server_port),
+            "SERVER_PROTOCOL": self.request_version, "REMOTE_ADDR": self.client_address[0],
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "wsgi.input_terminated": True, "fabrica.socket": self.connection, "fabrica.server": self.server,
+        }
+        for key, value in self.headers.items():
+            if "_" in key:
+                continue        # X_Foo would alias X-Foo in the environ: drop it, as nginx does
+            key = key.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            env[key] = env[key] + "," + value if key in env else value
+        if "HTTP_TRANSFER_ENCODING" in env:            # checked by _framing_problem: ends in chunked
+            env["wsgi.input"] = _ChunkedReader(_BodyStream(self))
+            env.pop("CONTENT_LENGTH", None)
+        else:
+            length = env.get("CONTENT_LENGTH", "0").split(",")[0].strip()
+            env["CONTENT_LENGTH"] = length
+            env["wsgi.input"] = _LimitedReader(_BodyStream(self), int(length) if length.isdigit() else 0)
+        return env
+
+    def _run_wsgi(self):
+        env = self._environ()
+        state = {}
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and state.get("sent"):
+                raise exc_info[1].with_traceback(exc_info[2])
+            state["status"], state["headers"] = status, headers
+            return lambda data: self._write(state, data)
+
+        result = self.server.app(env, start_response)
+        try:
+            if isinstance(result, (list, tuple)):
+                body = b"".join(result)
+                self._write(state, body, length=len(body), last=True)
+            else:
+                for chunk in result:
+                    if chunk:
+                        self._write(state, chunk)
+                self._write(state, b"", last=True)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        reader = env["wsgi.input"]
+        if env.get("fabrica.close") or not isinstance(reader, _LimitedReader) or reader.left > 0:
+            # an unread body (or a chunked one) leaves the stream out of step: do not reuse it
+            if not (isinstance(reader, _ChunkedReader) and reader.done):
+                self.close_connection = self.linger = True
+
+    def _write(self, state, data: bytes, *, length: int | None = None, last: bool = False):
+        if not state.get("sent"):
+            state["sent"] = self.responded = True
+            code = int(state["status"][:3])
+            headers = state["headers"]
+            names = {k.lower() for k, _ in headers}
+            lines = [f"HTTP/1.1 {state['status']}\r\n"]
+            lines += [f"{k}: {v}\r\n" for k, v in headers]
+            if "server" not in names:
+                lines.append(f"Server: {self.server_version}\r\n")
+            no_body = code in (204, 304) or code < 200 or self.command == "HEAD"
+            state["chunked"] = False
+            if "content-length" not in names and not no_body:
+                if length is not None:
+                    lines.append(f"Content-Length: {length}\r\n")
+                else:
+                    lines.append("Transfer-Encoding: chunked\r\n")
+                    state["chunked"] = True
+            if any(k.lower() == "connection" and v.lower() == "close" for k, v in headers) or \
+                    self.close_connection or self.server.stopping:
+                self.close_connection = True
+                if "connection" not in names:
+                    lines.append("Connection: close\r\n")
+            lines.append("\r\n")
+            state["no_body"] = no_body
+            head = "".join(lines).encode("latin-1")
+            if no_body:
+                self.wfile.write(head)
+                return
+            if not state["chunked"]:
+                self.wfile.write(head + data)
+                return
+            self.wfile.write(head)
+        if state["no_body"]:
+            return
+        if state["chunked"]:
+            if data:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if last:
+                self.wfile.write(b"0\r\n\r\n")
+        elif data:
+            self.wfile.write(data)
+
+
+class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A bounded thread-per-connection WSGI server; ``stop()`` drains in-flight requests.
+
+    At most ``max_threads`` connections: when all are taken, the one idle
+    longest (waiting ``idle_grace`` seconds or more for its next request) is
+    closed to admit a new client; only when none is idle is the new client
+    answered 503 at once. A client must send its whole request head within ``head_timeout``
+    seconds of its first byte; ``timeout`` bounds an idle keep-alive
+    connection and a write, and a body has ``timeout`` seconds plus one per
+    MIN_BODY_RATE bytes received.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+    block_on_close = False
+    idle_grace = 1.0            # seconds without a request before a connection may be evicted
+
+    def __init__(self, address, app, *, max_threads: int = 256, timeout: float = 30.0,
+                 head_timeout: float = 10.0):
+        host = address[0]
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.app = app
+        self.stopping = False
+        self.stop_requested = 0
+        self.head_timeout = head_timeout
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._conns: dict[socket.socket, _WSGIRequestHandler] = {}
+        # guards _conns and its handlers' idle_since and evicted
+        self._conns_changed = threading.Condition(threading.Lock())
+        handler = type("WSGIRequestHandler", (_WSGIRequestHandler,), {"timeout": timeout})
+        super().__init__(address, handler)
+        self.server_name = host
+        self.server_port = self.server_address[1]
+
+    def process_request(self, request, client_address):
+        # all slots taken: an idle keep-alive connection gives way (its thread exits at once)
+        if not (self._slots.acquire(blocking=False) or (self._evict_idle() and self._slots.acquire(timeout=2.0))):
+            with contextlib.suppress(OSError):
+                body = dumps({"error": "server busy: too many open connections; retry", "code": 503,
+                              "details": []}).encode()
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _evict_idle(self) -> bool:
+        """Close the connection idle longest whose next request has not begun; False if none is idle.
+
+        A connection with bytes to read is not idle: its request has come. One
+        that arrives between that check and the close is lost as when an idle
+        timeout closes a connection (RFC 9112 §9.6), and clients retry it; the
+        grace spares the clients that send requests back to back that race.
+        """
+        idle_before = time.monotonic() - self.idle_grace
+        with self._conns_changed:
+            idle = sorted((h.idle_since, n, sock, h) for n, (sock, h) in enumerate(self._conns.items())
+                          if h.idle_since is not None and h.idle_since <= idle_before)
+            for _, _, sock, handler in idle:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if poller.poll(0):
+                    continue
+                handler.evicted = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return True
+        return False
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_changed:
+                self._conns.pop(request, None)
+                self._conns_changed.notify_all()
+            self._slots.release()
+
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def service_actions(self):
+        # called by serve_forever between polls: a signal handler only sets stop_requested
+        if self.stop_requested:
+            self._BaseServer__shutdown_request = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), close idle connections."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.shutdown()
+        self.server_close()
+        deadline = time.monotonic() + timeout
+        with self._conns_changed:
+            while self._conns and time.monotonic() < deadline:
+                for sock, handler in list(self._conns.items()):
+                    if handler.idle_since is not None:      # waiting for a next request that will not come
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                self._conns_changed.wait(0.05)
+
+
+def _env(name: str, default=None):
+    return os.environ.get("FABRICA_" + name, default)
+
+
+# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
+_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
+              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
+              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
+              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
+              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
+
+
+def _env_settings() -> dict:
+    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
+    found = {}
+    for key, (name, kind) in _SERVE_ENV.items():
+        value = _env(name)
+        if value in (None, ""):
+            continue
+        if kind is bool:
+            found[key] = value.lower() not in ("0", "false", "no", "off")
+            continue
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
+    return found
+
+
+def serve_wsgi(wsgi, host: str, port: int, *, server: str | None = None, max_threads: int = 256,
+               head_timeout: float = 10.0, max_body: int = MAX_BODY, ready: Callable[[str], str] = str) -> None:
+    """Serve ``wsgi`` on ``host``:``port`` until SIGINT/SIGTERM (in the main thread), then drain.
+
+    ``server`` names the WSGI server: None/"fabrica" for ThreadedWSGIServer,
+    "granian" (in this process), or a Bottle adapter ("waitress",
+    "cheroot", "gunicorn") when installed. ``max_threads`` bounds the
+    connections (or the app threads), ``head_timeout`` the seconds a client
+    has to send a request head, ``max_body`` the body bytes waitress takes,
+    on the servers that have such a setting. ``ready(url)`` is the line
+    logged once the server answers. Raises ConfigurationError for an
+    unknown or missing server and OSError when the address cannot be bound.
+    """
+    if server in (None, "", "fabrica", "auto"):
+        _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "granian":
+        _serve_granian(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "waitress":
+        # waitress reads a whole request (spooling a body to disk) before the app sees it, so
+        # its own limits guard memory and disk; channel_timeout closes a connection silent that
+        # long with no request running (idle, or a stalled head or body), checked every second
+        _serve_adapter(wsgi, server, host, port, ready, connection_limit=max_threads,
+                       channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
+                       max_request_header_size=MAX_HEAD, max_request_body_size=max_body + 1)
+    else:
+        _serve_adapter(wsgi, server, host, port, ready)
+
+
+def _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready):
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    try:
+        httpd = ThreadedWSGIServer((host.strip("[]"), port), wsgi, max_threads=max_threads,
+                                   head_timeout=head_timeout)
+    except OSError as exc:
+        hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
+    def on_signal(signum, frame):
+        # only a plain assignment here: a handler that takes locks can deadlock when a second
+        # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
+        httpd.stop_requested = signum
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    http_log.info("%s", ready(f"http://{shown}:{httpd.server_port}"))
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+        if httpd.stop_requested:
+            http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
+    finally:
+        httpd.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve_granian(wsgi, host, port, max_threads, head_timeout, ready):
+    """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
+
+    granian normally runs WSGI apps in worker processes; its thread-worker
+    server is made for free-threaded Pythons and refuses a GIL build, a
+    check we skip: the worker is a thread that calls into this process's
+    app like any other WSGI server thread.
+    """
+    try:
+        from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
+        from granian.server.mt import MTServer
+    except ImportError:
+        raise ConfigurationError("--server granian needs granian: pip install granian") from None
+
+    class InProcessGranian(MTServer):
+        def _check_gil(self):
+            pass
+    # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
+    http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
+    server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
+                              workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
+                              log_enabled=False)
+    # logged from granian's start-up hook: by then its signal handlers and socket are in place
+    server.on_startup(lambda: http_log.info("%s via granian", ready(f"http://{host}:{port}")))
+    server.serve(target_loader=lambda *args, **kwargs: wsgi, wrap_loader=False)
+
+
+def _serve_adapter(wsgi, name, host, port, ready, **options):
+    adapter = bottle.server_names.get(name)
+    if adapter is None:
+        raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
+        http_log.info("%s via %s", ready(f"http://{host}:{port}"), name)
+        bottle.run(wsgi, server=adapter, host=host, port=port, quiet=True, **options)
+    except ImportError as exc:
+        raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
+    except KeyboardInterrupt:
+        pass
 
 
 ###############################################################################
@@ -9172,6 +8848,330 @@ class Client:
             if not reconnect:
                 return
             time.sleep(0.2)     # reconnect pause (client side; no busy loop against a down server)
+
+
+###############################################################################
+# Fabrica ######################################################################
+###############################################################################
+#
+# The facade: register() wires a kind into the registry, the REST routes,
+# the bus and (with a reconcile function) a controller; start() and stop()
+# run them. The controllers and the garbage collector's sweeps run while
+# the store's LeaderElector says this process leads.
+
+
+class Fabrica:
+    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+
+    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
+    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
+    opened by start() (or serve()), not here, so serve's flags can override it.
+    ``max_body`` (1 MiB) caps a request body and also every object a write
+    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
+    ``ring_size`` and ``ring_bytes`` bound the file store's in-memory change
+    feed, which serves ``GET /events`` resume. Every write goes through ``registry``, the
+    Registry; the controllers run while the store's LeaderElector
+    (``elector``, made by start()) says this process leads.
+    """
+
+    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
+                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
+                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
+                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
+                 cors: str | None = None):
+        self.clock = clock
+        self.data_dir = data_dir
+        self.durable = durable
+        self.database_url = database_url
+        self.token = token or None
+        self.cors = cors or None
+        self.event_prefix = event_prefix
+        self.event_source = event_source
+        self.service = service
+        self.open = open
+        self.registry = Registry(max_body=max_body, open=open, clock=clock)
+        self.registry.store = store
+        self.kinds = self.registry.kinds            # kind -> KindInfo (the registry's own dict)
+        self.ring_size, self.ring_bytes = ring_size, ring_bytes
+        self.bus = Bus()
+        self.identity = f"{socket.gethostname()}-{os.getpid()}"    # this process, to leader election
+        self.elector: LeaderElector | None = None   # the store's, made by start()
+        self._started = False
+        self._stopping = False
+        self._leading = threading.Lock()            # leadership transitions one at a time; stop() takes it too
+        self._app_name = "app"                      # what serve()'s ready line calls this app
+        self._controllers: dict[str, Controller] = {}   # changed in place: the REST API reads it for /metrics
+        self.rest = RestAPI(self, self.registry, self.bus, self._controllers)
+        self.wsgi = self.rest.wsgi
+        self.client = LocalClient(self.registry)
+        if open:
+            self.rest.mount(None)
+
+    @property
+    def store(self) -> Store | None:
+        """The Store (the registry's); None until start() makes the default one."""
+        return self.registry.store
+
+    @store.setter
+    def store(self, store: Store | None) -> None:
+        self.registry.store = store
+
+    @property
+    def max_body(self) -> int:
+        """The bytes a request body, and every object a write stores, may have (the registry's limit)."""
+        return self.registry.max_body
+
+    @max_body.setter
+    def max_body(self, value: int) -> None:
+        self.registry.max_body = value
+
+    @property
+    def gc(self) -> GarbageCollector | None:
+        """The registry's GarbageCollector, made by start()."""
+        return self.registry.gc
+
+    # -- wiring --------------------------------------------------------------
+    def register(self, kind: str, reconcile=None, **options):
+        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
+
+        Works as a plain call and as a decorator (``@app.register("Rack")``).
+        Options: plural, prefix, spec, status, validate, owns, watches,
+        finalize, workers, resync, timeout, history. Raises
+        ConfigurationError when the kind exists, the app has started, or an
+        option is invalid.
+        """
+        if self._started:
+            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
+        info = self._declare(kind, reconcile, options)
+
+        def decorator(fn):
+            if info.reconcile is not None:
+                raise ConfigurationError(f"{kind} already has a reconcile function")
+            info.reconcile = fn
+            return fn
+        return reconcile if reconcile is not None else decorator
+
+    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
+        info = self.registry.declare(kind, reconcile, **options)
+        if mount:
+            self.rest.mount(info.plural, info.history_on)
+        return info
+
+    def resolve_kind(self, name: str) -> KindInfo:
+        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
+        return self.registry.resolve_kind(name)
+
+    # -- life cycle ------------------------------------------------------------
+    def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
+                        database_url: str | None = None) -> None:
+        """Override the store settings before start() (what ``serve``'s flags do)."""
+        if self._started:
+            raise ConfigurationError("configure_store() after start()")
+        if data_dir is not None:
+            self.data_dir, self.store, self.database_url = data_dir, None, None
+        if database_url is not None:
+            self.database_url, self.store = database_url, None
+        if durable is not None:
+            self.durable = durable
+            if self.store is not None:
+                self.store.durable = durable
+
+    def _make_store(self) -> Store:
+        if self.database_url:
+            raise ConfigurationError(
+                f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
+                f"fabrica {__version__}; use data_dir= (the JSON file store)")
+        return FileStore(self.data_dir, durable=self.durable, feed_size=self.ring_size, feed_bytes=self.ring_bytes)
+
+    def start(self) -> Fabrica:
+        """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
+
+        The controllers (and the garbage collector's start-up sweeps) start
+        when the store's elector says this process leads: at once for a store
+        one process opens.
+        """
+        if self._started:
+            return self
+        self.registry.check_wiring()
+        if self.store is None:
+            self.store = self._make_store()
+        self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
+        strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
+        for kind in strangers:
+            self._declare(kind, None, {"plural": self.store.discovered[kind]}, mount=not self.open)
+        if strangers:
+            logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
+                           "or a controller (serve the app that registers them to validate and reconcile them)",
+                           ", ".join(sorted(strangers)))
+        self.bus.attach(self.store, prefix=self.event_prefix, source=self.event_source)
+        self._started = True
+        self.registry.start()
+        self.elector = self.store.leader_elector(self.identity)
+        self.elector.start(self._started_leading, self._stopped_leading)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop controllers (running reconciles get ctx.stopping), give leadership up, stop the garbage
+        collector and the bus, then close the store."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        with self._leading:
+            self._stopping = True       # no leadership gained from now on starts a controller
+            self._stop_controllers(timeout)
+        if self.elector is not None:
+            self.elector.stop()
+        self.registry.stop(max(0.0, deadline - time.monotonic()))
+        self.bus.stop(max(0.1, deadline - time.monotonic()))
+        self.store.close()
+        self._started = self._stopping = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _started_leading(self) -> None:
+        """OnStartedLeading: the garbage collector's sweeps, then the controllers (their start-up list)."""
+        with self._leading:
+            if self._stopping:
+                return
+            self.registry.sweep_finalizers()
+            self.registry.sweep_orphans()
+            self._start_controllers()
+
+    def _stopped_leading(self) -> None:
+        """OnStoppedLeading: another process may lead now, so the controllers stop before anything else."""
+        with self._leading:
+            self._stop_controllers(10.0)
+
+    def _start_controllers(self):
+        for info in self.kinds.values():
+            if info.has_controller:
+                controller = Controller(self.registry, info, bus=self.bus, client=self.client, clock=self.clock,
+                                        app=self)
+                self._controllers[info.kind] = controller
+                controller.start()
+
+    def _stop_controllers(self, timeout):
+        deadline = time.monotonic() + timeout
+        controllers = list(self._controllers.values())
+        self._controllers.clear()
+        for controller in controllers:
+            controller._stop.set()
+            controller.queue.shutdown()
+        for controller in controllers:
+            controller.stop(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def controllers(self) -> dict[str, Controller]:
+        return dict(self._controllers)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every queue is empty, no reconcile runs and nothing is due within ``timeout``.
+
+        Returns False if that did not happen within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        wake = threading.Event()
+        while True:
+            left = deadline - time.monotonic()
+            if all(c.idle(max(0.0, left)) for c in list(self._controllers.values())) and \
+                    (self.gc is None or self.gc.idle(max(0.0, left))):
+                quiet += 1          # twice in a row: an event in flight between checks would show
+                if quiet >= 2 or left <= 0:
+                    return True
+            else:
+                quiet = 0
+            if left <= 0:
+                return False
+            wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
+
+    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
+        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
+
+        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
+        past either, events are dropped and the subscription counts a gap.
+        """
+        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
+
+    def health(self) -> dict:
+        """What GET /health answers: status, store problems, kinds, workers and who leads."""
+        return self.rest.health_document()
+
+    def metrics_text(self) -> str:
+        """Everything /metrics shows, in the Prometheus text exposition format."""
+        return self.rest.metrics_text()
+
+    def discovery(self) -> dict:
+        """What GET /apis answers."""
+        return self.registry.discovery()
+
+
+    # -- serving -----------------------------------------------------------------
+    def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
+              token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
+        """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
+
+        The arguments are the app's defaults: the ``FABRICA_*`` variables that
+        ``python fabrica.py serve`` reads override them (12-factor), so
+        ``FABRICA_PORT=8081 python app.py`` moves the server without an edit;
+        ``FABRICA_DATA_DIR``/``FABRICA_DATABASE_URL`` override the store and
+        ``FABRICA_NO_FSYNC``, ``FABRICA_WORKERS``, ``FABRICA_CORS`` likewise.
+        ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
+        one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
+        when installed. ``max_threads`` bounds the connections (or the app
+        threads) and ``head_timeout`` the seconds a client has to send a request
+        head, on the servers that have such a setting (README: Serving).
+
+        This is a program's main loop: it sets up logging (``FABRICA_LOG_LEVEL``,
+        default info) unless the program already did, logs one ready line, and
+        ends the program with a one-line message (SystemExit, no traceback)
+        when the store is locked or the port is taken.
+        """
+        env = _env_settings()
+        logging.basicConfig(level=getattr(logging, str(env.get("log_level", "info")).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if env.get("data_dir") or env.get("database_url"):
+            self.configure_store(data_dir=env.get("data_dir"), database_url=env.get("database_url"))
+        if env.get("no_fsync"):
+            self.configure_store(durable=False)
+        if env.get("workers"):
+            for info in self.kinds.values():
+                info.workers = env["workers"]
+        self.cors = env.get("cors") or self.cors
+        main = sys.modules.get("__main__")
+        name = os.path.basename(getattr(main, "__file__", None) or "") or "app"
+        try:
+            self._serve(env.get("host", host), env.get("port", port), server=env.get("wsgi_server", server),
+                        token=env.get("token", token), max_threads=env.get("max_threads", max_threads),
+                        head_timeout=env.get("head_timeout", head_timeout), name=name)
+        except (ConfigurationError, OSError) as exc:
+            raise SystemExit(f"fabrica: {exc.message if isinstance(exc, FabricaError) else exc.strerror or exc}"
+                             ) from None
+
+    def _serve(self, host: str, port: int, *, server: str | None, token: str | None, max_threads: int,
+               head_timeout: float, name: str) -> None:
+        """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
+        if token:
+            self.token = token
+        self.rest.host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
+        self._app_name = name
+        self.start()
+        try:
+            serve_wsgi(self.wsgi, host, port, server=server, max_threads=max_threads, head_timeout=head_timeout,
+                       max_body=self.max_body, ready=self._ready_line)
+        finally:
+            self.stop()
+
+    def _ready_line(self, url: str) -> str:
+        """The one line serve logs when it answers: version, app, URL, store, kinds."""
+        store = self.database_url or getattr(self.store, "data_dir", None) or type(self.store).__name__
+        kinds = ", ".join(self.kinds) or "none yet"
+        return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
+                f"(store: {store}; kinds: {kinds})")
 
 
 ###############################################################################
