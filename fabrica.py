@@ -7008,8 +7008,9 @@ fetch("/openapi.json", {headers: headers()})
 # REST API #####################################################################
 ###############################################################################
 #
-# Bottle routes per kind over the Fabrica write operations. Every error is a
-# JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
+# Bottle routes per kind over the Registry's writes; the HTTP forms (body
+# forms, If-Match, ETags) are parsed here and handed on as values. Every error
+# is a JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
 # Order of checks: auth and Host (before_request) -> route -> ref syntax ->
 # body size, type and JSON -> existence -> preconditions -> validation -> write.
 

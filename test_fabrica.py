@@ -1,11 +1,11 @@
 """The tests of fabrica.py, in one file whose sections follow fabrica.py's banners.
 
-Sections, in fabrica.py's order: Helpers, Errors, Resources, Patches, Label
-selectors, JSON Schema, Schemas, Leader election, Stores, File store, Bus,
-Work queue, Registry, Controller, REST API, OpenAPI, Dashboard, HTTP server,
-Fabrica, Clients, CLI; then the examples, the README and the benchmarks, run
-as a user runs them. A failure points to a banner:
-``grep -n '^# .*####' test_fabrica.py``.
+Sections, in fabrica.py's order: Errors, Helpers, Resources, Patches, Label
+selectors, JSON Schema, Schemas, Leader election, Stores, Memory store, File
+store, Events, Bus, Work queue, Registry, Controller, Dashboard, OpenAPI, REST
+API, HTTP server, Clients, Fabrica, CLI; then the examples, the README and the
+benchmarks, run as a user runs them, and the file's layout. A failure points
+to a banner: ``grep -n '^# .*####' test_fabrica.py``.
 
 One harness, at the top, serves every section:
 
@@ -39,6 +39,7 @@ the apps' tests already cover with fsync off).
 from __future__ import annotations   # the dataclasses below are resolved with get_type_hints
 
 import concurrent.futures
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -12421,3 +12422,127 @@ def test_quick_benchmark_runs_and_reports(tmp_path):
     assert storm["na"] is None, storm["na"]
     assert storm["raw"]["fabrica_converged"] is True
     assert doc["table"] in proc.stdout
+
+
+###############################################################################
+# Layout ######################################################################
+###############################################################################
+
+def _upward_references(source: str) -> list[str]:
+    """Where a section of ``source`` uses what a later section defines, as ``line: [section] name (later)``.
+
+    Counted: a module-level name (outside annotations, which are strings
+    here), and a method or property of a later section's class used on a
+    receiver known to be one: ``app``/``self.app``/``self._app`` (a
+    Fabrica), a parameter annotated with the class, or ``self.x`` that
+    ``__init__`` sets from such a parameter.
+    """
+    lines = source.splitlines()
+    banners = [(i + 1, m.group(1).strip()) for i, line in enumerate(lines)
+               if (m := re.match(r"^# (.*?)#{4,}$", line))]
+
+    def section(lineno):
+        return max((k for k, (ln, _) in enumerate(banners) if ln <= lineno), default=-1)
+    tree = ast.parse(source)
+    defined, methods, class_sec = {}, {}, {}
+    for node in tree.body:
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names = [node.target.id]
+        for name in names:
+            defined.setdefault(name, section(node.lineno))
+        if isinstance(node, ast.ClassDef):
+            class_sec[node.name] = section(node.lineno)
+            methods[node.name] = {b.name for b in node.body if isinstance(b, ast.FunctionDef)}
+    receivers = {"app": "Fabrica", "self.app": "Fabrica", "self._app": "Fabrica"}
+    found = set()
+
+    def annotated(args):
+        out = {}
+        for a in args.args + args.kwonlyargs:
+            if a.annotation is not None:
+                cls = ast.unparse(a.annotation).split("|")[0].strip().strip("'\"")
+                if cls in class_sec:
+                    out[a.arg] = cls
+        return out
+
+    def check(node, sec, typed, local):
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id not in local:
+                later = defined.get(sub.id, -1)
+                if later > sec:
+                    found.add(f"{sub.lineno}: [{banners[sec][1]}] {sub.id} ({banners[later][1]})")
+            elif isinstance(sub, ast.Attribute):
+                cls = typed.get(ast.unparse(sub.value)) or receivers.get(ast.unparse(sub.value))
+                if cls in class_sec and class_sec[cls] > sec and sub.attr in methods[cls]:
+                    found.add(f"{sub.lineno}: [{banners[sec][1]}] {ast.unparse(sub)} ({banners[class_sec[cls]][1]})")
+
+    def visit(node, sec, typed, local):
+        if isinstance(node, ast.FunctionDef):
+            inner = set(local) | {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
+            for sub in (s for stmt in node.body for s in ast.walk(stmt)):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    inner.add(sub.id)
+                elif isinstance(sub, (ast.FunctionDef, ast.ClassDef)):
+                    inner.add(sub.name)
+                elif isinstance(sub, ast.alias):
+                    inner.add((sub.asname or sub.name).split(".")[0])
+                elif isinstance(sub, ast.ExceptHandler) and sub.name:
+                    inner.add(sub.name)
+            for expr in node.args.defaults + [d for d in node.args.kw_defaults if d] + node.decorator_list:
+                check(expr, sec, typed, local)
+            typed = {**typed, **annotated(node.args)}
+            for stmt in node.body:
+                visit(stmt, sec, typed, inner)
+        elif isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                check(base, sec, typed, local)
+            typed = dict(typed)
+            for init in (b for b in node.body if isinstance(b, ast.FunctionDef) and b.name == "__init__"):
+                params = annotated(init.args)
+                for sub in ast.walk(init):
+                    if isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Name) and sub.value.id in params:
+                        typed.update({ast.unparse(t): params[sub.value.id] for t in sub.targets
+                                      if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self"})
+            for stmt in node.body:
+                visit(stmt, sec, typed, local)
+        elif isinstance(node, ast.AnnAssign):
+            if node.value is not None:
+                check(node.value, sec, typed, local)
+        else:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    visit(child, sec, typed, local)
+                else:
+                    check(child, sec, typed, local)
+    for node in tree.body:
+        if not (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)):    # runs last
+            visit(node, section(node.lineno), {}, frozenset())
+    return sorted(found, key=lambda text: int(text.split(":")[0]))
+
+
+class TestFileLayout:
+    def test_no_section_uses_what_a_later_section_defines(self):
+        assert _upward_references(FABRICA_PY.read_text(encoding="utf-8")) == []
+
+    def test_the_check_sees_a_call_up_the_file(self):
+        source = textwrap.dedent('''
+            # First ####
+            def first(app: Second):
+                app.method()
+                return later_name
+
+            # Second ####
+            class Second:
+                def method(self):
+                    pass
+
+            later_name = 1
+            ''')
+        found = _upward_references(source)
+        assert [text.split(": ", 1)[1] for text in found] == \
+            ["[First] app.method (Second)", "[First] later_name (Second)"], found
