@@ -2179,7 +2179,7 @@ class Store:
         versions(kind, uid), get_version(kind, uid, id), delete_version(...), prune_versions(...)
         changes(since) -> iterator of Change
 
-    and announce each commit: build its record with ``self.make_change(action,
+    (open() sets ``self._opened``, close() clears it) and announce each commit: build its record with ``self.make_change(action,
     old, new)``, then call ``self._announce(change, size)``, once per commit,
     in resourceVersion order, never two at a time (``size``: the bytes of the
     object's JSON, which a store measures anyway to check or store it).
@@ -2216,6 +2216,7 @@ class Store:
         self.write_failures = 0
         self._listeners: tuple[StoreWatch, ...] = ()       # replaced whole under _watch_lock
         self._watch_lock = threading.Lock()
+        self._opened = False        # open() sets it, close() clears it
 
     # -- override these ------------------------------------------------------
     def open(self, kinds: dict[str, str], *, discover: bool = False) -> None:
@@ -2321,6 +2322,11 @@ class Store:
         raise NotImplementedError
 
     # -- provided --------------------------------------------------------------
+    @property
+    def opened(self) -> bool:
+        """Whether the store is open: between open() and close()."""
+        return self._opened
+
     def resolve(self, kind: str, ref: str) -> dict | None:
         """A uid first, then a name (SPEC §1)."""
         obj = self.get(kind, ref)
@@ -2435,7 +2441,6 @@ class IndexedStore(Store):
         # the store is unsure of; an entry leaves with the owner's last dependent (so it stays bounded)
         self._deleted_owners: set[tuple[str, str]] = set()
         self._rv = 0
-        self._opened = False
         self.quarantined: list[dict] = []       # files this start-up quarantined
         self.still_quarantined: list[dict] = [] # files earlier start-ups quarantined that are still there
         self.ignored: list[dict] = []           # folders of the data dir start-up did not load
@@ -5026,7 +5031,7 @@ class Registry:
         info = KindInfo(kind, plural, prefix, reconcile, **options)
         self.kinds[kind] = info
         self._by_plural[plural] = info
-        if self.store is not None and self.store._opened:
+        if self.store is not None and self.store.opened:
             self.store.add_kind(kind, plural)
         return info
 
