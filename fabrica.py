@@ -2203,7 +2203,8 @@ class Store:
       all loaded, ``health()`` what start-up could not load.
 
     Class attributes: ``durable`` (writes survive a crash) and ``shared``
-    (several processes serve it: PostgreSQL).
+    (several processes serve it: PostgreSQL). A shared store also overrides
+    ``leader_elector(identity)``: the one provided always leads.
     """
 
     durable = True
@@ -2339,6 +2340,14 @@ class Store:
     def health(self) -> dict:
         """What start-up could not load: ``{"quarantined": [...], "ignored": [...]}``."""
         return {"quarantined": [], "ignored": []}
+
+    def leader_elector(self, identity: str) -> LeaderElector:
+        """The elector that decides whether the process ``identity`` leads (runs the controllers).
+
+        A store that one process alone opens always leads: this returns
+        LeaderElector(identity). A store several processes share overrides it.
+        """
+        return LeaderElector(identity)
 
     def retained(self) -> tuple[int, int]:
         """(changes, bytes) the store holds in memory to answer changes(); (0, 0) if it keeps none."""
@@ -2492,14 +2501,6 @@ class IndexedStore(Store):
     def health(self) -> dict:
         """What start-up could not load: files in the quarantine (of any start-up) and ignored folders."""
         return {"quarantined": [*self.quarantined, *self.still_quarantined], "ignored": list(self.ignored)}
-
-    def leader_elector(self, identity: str) -> LeaderElector:
-        """The elector that decides whether the process ``identity`` leads (runs the controllers).
-
-        A store that one process alone opens always leads: this returns
-        LeaderElector(identity). A store several processes share overrides it.
-        """
-        return LeaderElector(identity)
 
     # -- reads -------------------------------------------------------------
     def get(self, kind: str, uid: str) -> dict | None:

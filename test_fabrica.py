@@ -1979,6 +1979,13 @@ class TestLeaderElector:
         elector = store_factory().leader_elector("host-1")
         assert type(elector) is fabrica.LeaderElector and elector.identity == "host-1"
 
+    def test_the_store_contract_provides_it(self):
+        """A store that implements Store directly (a database store) gets the always-leader elector too."""
+        class Contract(fabrica.Store):
+            pass
+        elector = Contract().leader_elector("host-2")
+        assert type(elector) is fabrica.LeaderElector and elector.identity == "host-2"
+
 
 ###############################################################################
 # Stores ######################################################################
