@@ -8875,15 +8875,16 @@ class Fabrica:
     opened by start() (or serve()), not here, so serve's flags can override it.
     ``max_body`` (1 MiB) caps a request body and also every object a write
     stores, measured as compact JSON, whatever produced it (SPEC §6.4).
-    ``ring_size`` and ``ring_bytes`` bound the file store's in-memory change
-    feed, which serves ``GET /events`` resume. Every write goes through ``registry``, the
+    ``ring_size`` and ``ring_bytes``, when given, bound the in-memory change
+    feed of a MemoryStore or FileStore (otherwise its own bounds: 10,000
+    changes, 64 MiB), which serves ``GET /events`` resume. Every write goes through ``registry``, the
     Registry; the controllers run while the store's LeaderElector
     (``elector``, made by start()) says this process leads.
     """
 
     def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
                  database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int = 10000, ring_bytes: int = RING_BYTES,
+                 event_source: str = "", ring_size: int | None = None, ring_bytes: int | None = None,
                  max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
                  cors: str | None = None):
         self.clock = clock
@@ -8988,7 +8989,7 @@ class Fabrica:
             raise ConfigurationError(
                 f"database_url {self.database_url!r}: the SQLite and PostgreSQL stores are not available in "
                 f"fabrica {__version__}; use data_dir= (the JSON file store)")
-        return FileStore(self.data_dir, durable=self.durable, feed_size=self.ring_size, feed_bytes=self.ring_bytes)
+        return FileStore(self.data_dir, durable=self.durable)
 
     def start(self) -> Fabrica:
         """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
@@ -9002,6 +9003,11 @@ class Fabrica:
         self.registry.check_wiring()
         if self.store is None:
             self.store = self._make_store()
+        if isinstance(self.store, IndexedStore):     # a database store keeps its feed as it is configured to
+            if self.ring_size is not None:
+                self.store.feed_size = self.ring_size
+            if self.ring_bytes is not None:
+                self.store.feed_bytes = self.ring_bytes
         self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
         strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
         for kind in strangers:

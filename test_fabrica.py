@@ -8050,7 +8050,7 @@ def get_text(app, path, headers=None):
 
 class TestEventRingBytes:
     def test_the_ring_is_bounded_in_bytes_and_resume_past_it_is_gone(self, bounded_app):
-        assert fabrica.Fabrica().ring_bytes == fabrica.FileStore(".").feed_bytes == 64 << 20 == fabrica.RING_BYTES
+        assert fabrica.FileStore(".").feed_bytes == fabrica.MemoryStore().feed_bytes == 64 << 20 == fabrica.RING_BYTES
         app = bounded_app(plain, ring_bytes=100_000)
         first = new_rack(app, spec={"a": "y" * 20_000})
         for n in range(20):        # 20 PUTs of one ~20 KB object: 400 KB of events
