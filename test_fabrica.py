@@ -7886,8 +7886,11 @@ def _json_values(scalars):
                         max_leaves=10)
 
 
-_specs_with_bools = st.dictionaries(_text, _json_values(st.booleans() | _numbers | _text), max_size=5)
-_specs = st.dictionaries(_text, _json_values(_numbers | _text), max_size=5)
+# a spec patch may not write the top-level keys a flat body reserves (fabrica._NOT_SPEC: 422 by design), so the
+# generated specs leave them out; a spec field of such a name is the envelope form's, tested on its own
+_spec_keys = _text.filter(lambda key: key not in fabrica._NOT_SPEC)
+_specs_with_bools = st.dictionaries(_spec_keys, _json_values(st.booleans() | _numbers | _text), max_size=5)
+_specs = st.dictionaries(_spec_keys, _json_values(_numbers | _text), max_size=5)
 
 
 def _round_trip(a, b):
