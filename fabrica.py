@@ -39,11 +39,13 @@ __all__ = [
     "FabricaError",
     "FileStore",
     "GoneError",
+    "LeaderElector",
     "MemoryStore",
     "NotFoundError",
     "PatchError",
     "PermanentError",
     "PreconditionFailedError",
+    "Registry",
     "Resource",
     "Result",
     "SQLiteStore",
@@ -109,6 +111,142 @@ ctl_log = logging.getLogger("fabrica.controller")
 http_log = logging.getLogger("fabrica.http")
 
 ###############################################################################
+# Errors #######################################################################
+###############################################################################
+#
+# One FabricaError base carrying the HTTP status it maps to. The REST layer
+# turns any of them into {"error", "code", "details"}; the HTTP Client turns
+# such a body back into the same class, so both clients raise alike.
+
+
+class FabricaError(Exception):
+    """Base of every error fabrica raises on purpose; ``status`` is the HTTP code it maps to."""
+
+    status = 500
+
+    def __init__(self, message: str = "", details: list | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = list(details or [])
+
+    def to_json(self) -> dict:
+        return {"error": self.message, "code": self.status, "details": self.details}
+
+
+class BadRequestError(FabricaError):
+    status = 400
+
+
+class UnauthorizedError(FabricaError):
+    status = 401
+
+
+class ForbiddenError(FabricaError):
+    status = 403
+
+
+class NotFoundError(FabricaError):
+    status = 404
+
+
+class RequestTimeoutError(FabricaError):
+    """The client did not send its request (head or body) in time."""
+
+    status = 408
+
+
+class ConflictError(FabricaError):
+    status = 409
+
+
+class StaleError(ConflictError):
+    """The stored object moved on since it was read (a failed compare-and-swap)."""
+
+
+class GoneError(FabricaError):
+    status = 410
+
+
+class PreconditionFailedError(ConflictError):
+    """A stale ``If-Match`` (or ``If-None-Match: *`` on an existing object): re-read and retry."""
+
+    status = 412
+
+
+class PayloadTooLargeError(FabricaError):
+    status = 413
+
+
+class UnsupportedMediaTypeError(FabricaError):
+    status = 415
+
+
+class ValidationError(FabricaError):
+    """The object, or a field of it, is invalid; ``details`` lists every failing field."""
+
+    status = 422
+
+
+class PatchError(ValidationError):
+    """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
+
+
+class PatchTooLargeError(PatchError, PayloadTooLargeError):
+    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
+
+    status = 413
+
+
+class InsufficientStorageError(FabricaError):
+    status = 507
+
+
+class StoreError(FabricaError):
+    """The store could not complete a write; the previous version is intact."""
+
+    status = 500
+
+
+class ConfigurationError(FabricaError):
+    """A wiring mistake in register()/Fabrica(): raised at once, never over HTTP."""
+
+
+class StoreLockedError(ConfigurationError):
+    """Another process holds the data dir (or database) lock."""
+
+
+class PermanentError(Exception):
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
+    until the object changes."""
+
+
+class TemporaryError(Exception):
+    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
+    exactly ``delay`` seconds."""
+
+    def __init__(self, message: str = "", delay: float = 60.0):
+        super().__init__(message)
+        self.delay = float(delay)
+
+
+_ERRORS_BY_STATUS = {cls.status: cls for cls in (
+    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, RequestTimeoutError, ConflictError,
+    GoneError, PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
+    InsufficientStorageError)}
+
+
+def error_for_status(status: int, message: str, details=None, reason: str | None = None) -> FabricaError:
+    """The exception class for an error body (used by the HTTP Client): by ``reason``, else by status."""
+    cls = _ERRORS_BY_STATUS.get(status, FabricaError)
+    named = globals().get(reason) if isinstance(reason, str) and reason.endswith("Error") else None
+    if isinstance(named, type) and issubclass(named, cls) and named.status == status:
+        cls = named
+    err = cls(message, details)
+    err.status = status
+    return err
+
+
+###############################################################################
 # Helpers ######################################################################
 ###############################################################################
 #
@@ -117,6 +255,7 @@ http_log = logging.getLogger("fabrica.http")
 # before it is used anywhere, a path included.
 
 API_VERSION = "v1"
+JSON_TYPE = "application/json"
 SCHEMA_VERSION = "v1"
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 << 10              # request line + headers; a longer head is refused with 431 (414 for the line)
@@ -333,140 +472,32 @@ def _one_line(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
-###############################################################################
-# Errors #######################################################################
-###############################################################################
-#
-# One FabricaError base carrying the HTTP status it maps to. The REST layer
-# turns any of them into {"error", "code", "details"}; the HTTP Client turns
-# such a body back into the same class, so both clients raise alike.
+class Histogram:
+    """A Prometheus histogram: cumulative buckets, sum and count (thread-safe enough under the GIL)."""
 
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-class FabricaError(Exception):
-    """Base of every error fabrica raises on purpose; ``status`` is the HTTP code it maps to."""
+    def __init__(self, buckets=BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
 
-    status = 500
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
 
-    def __init__(self, message: str = "", details: list | None = None):
-        super().__init__(message)
-        self.message = message
-        self.details = list(details or [])
-
-    def to_json(self) -> dict:
-        return {"error": self.message, "code": self.status, "details": self.details}
-
-
-class BadRequestError(FabricaError):
-    status = 400
-
-
-class UnauthorizedError(FabricaError):
-    status = 401
-
-
-class ForbiddenError(FabricaError):
-    status = 403
-
-
-class NotFoundError(FabricaError):
-    status = 404
-
-
-class RequestTimeoutError(FabricaError):
-    """The client did not send its request (head or body) in time."""
-
-    status = 408
-
-
-class ConflictError(FabricaError):
-    status = 409
-
-
-class StaleError(ConflictError):
-    """The stored object moved on since it was read (a failed compare-and-swap)."""
-
-
-class GoneError(FabricaError):
-    status = 410
-
-
-class PreconditionFailedError(ConflictError):
-    """A stale ``If-Match`` (or ``If-None-Match: *`` on an existing object): re-read and retry."""
-
-    status = 412
-
-
-class PayloadTooLargeError(FabricaError):
-    status = 413
-
-
-class UnsupportedMediaTypeError(FabricaError):
-    status = 415
-
-
-class ValidationError(FabricaError):
-    """The object, or a field of it, is invalid; ``details`` lists every failing field."""
-
-    status = 422
-
-
-class PatchError(ValidationError):
-    """A patch document that cannot be applied (RFC 6902/7386 or shorthand)."""
-
-
-class PatchTooLargeError(PatchError, PayloadTooLargeError):
-    """A JSON Patch that would build a document past its size bound (413): refused before it grows."""
-
-    status = 413
-
-
-class InsufficientStorageError(FabricaError):
-    status = 507
-
-
-class StoreError(FabricaError):
-    """The store could not complete a write; the previous version is intact."""
-
-    status = 500
-
-
-class ConfigurationError(FabricaError):
-    """A wiring mistake in register()/Fabrica(): raised at once, never over HTTP."""
-
-
-class StoreLockedError(ConfigurationError):
-    """Another process holds the data dir (or database) lock."""
-
-
-class PermanentError(Exception):
-    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcilePermanentError``, not retried
-    until the object changes."""
-
-
-class TemporaryError(Exception):
-    """Raised by reconcile: recorded as ``Ready=False, reason=ReconcileTemporaryError``, retried after
-    exactly ``delay`` seconds."""
-
-    def __init__(self, message: str = "", delay: float = 60.0):
-        super().__init__(message)
-        self.delay = float(delay)
-
-
-_ERRORS_BY_STATUS = {cls.status: cls for cls in (
-    BadRequestError, UnauthorizedError, ForbiddenError, NotFoundError, RequestTimeoutError, ConflictError,
-    GoneError, PreconditionFailedError, PayloadTooLargeError, UnsupportedMediaTypeError, ValidationError,
-    InsufficientStorageError)}
-
-
-def error_for_status(status: int, message: str, details=None, reason: str | None = None) -> FabricaError:
-    """The exception class for an error body (used by the HTTP Client): by ``reason``, else by status."""
-    cls = _ERRORS_BY_STATUS.get(status, FabricaError)
-    named = globals().get(reason) if isinstance(reason, str) and reason.endswith("Error") else None
-    if isinstance(named, type) and issubclass(named, cls) and named.status == status:
-        cls = named
-    err = cls(message, details)
-    err.status = status
-    return err
+    def render(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        lines, total = [], 0
+        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
+            total += n
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
+        lines.append(f"{name}_sum{{{labels}}} {self.sum!r}")
+        lines.append(f"{name}_count{{{labels}}} {self.count}")
+        return lines
 
 
 ###############################################################################
@@ -782,6 +813,9 @@ class Result:
 # JSON Patch alone can multiply a document (copy), so it takes a size bound
 # that it checks before each operation grows the document.
 
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+SHORTHAND_PATCH = "application/shorthand-patch+json"
 _ARRAY_INDEX = re.compile(r"0|[1-9][0-9]*")
 _BAD_ESCAPE = re.compile(r"~(?![01])")
 _JSON_PATCH_OPS = ("add", "remove", "replace", "move", "copy", "test")
@@ -1966,6 +2000,82 @@ class Schema:
 
 
 ###############################################################################
+# Leader election #############################################################
+###############################################################################
+#
+# Which process runs the controllers and the garbage collector's sweeps. A
+# store gives the elector (Store.leader_elector): one that a single process
+# opens always leads; one several processes share campaigns for a lease.
+# Transitions run their callback one at a time, in order (self._transition).
+
+
+class LeaderElector:
+    """Whether this process is the leader, modelled on client-go's leaderelection.
+
+    ``start(on_started_leading, on_stopped_leading)`` begins: the first
+    callback runs when this process becomes the leader, the second when it
+    stops being one (the lease is lost, or stop() gives it up). Both take no
+    argument; they run one at a time, in the order of the transitions, in
+    the thread that saw the transition (for this class: start()'s and
+    stop()'s). ``is_leader()`` and ``leader`` (the holder's identity, as far
+    as this process knows; None when unknown) are thread-safe.
+
+    This class is the elector of a store only one process opens (the file
+    store holds a lock on its directory): it leads from start() until
+    stop(). A store that several processes share returns a subclass from
+    Store.leader_elector that overrides start() to campaign for a lease in
+    its own thread (Kubernetes Lease semantics: holder, renew deadline) and
+    stop() to release it, and reports with ``_started_leading()`` and
+    ``_stopped_leading(holder)``; a leader that cannot renew must call
+    ``_stopped_leading`` before its lease can pass to another process.
+    """
+
+    def __init__(self, identity: str):
+        self.identity = identity
+        self._leading = False
+        self._holder: str | None = None
+        self._callbacks: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self._transition = threading.Lock()     # held while a transition runs its callback
+
+    def start(self, on_started_leading: Callable[[], None], on_stopped_leading: Callable[[], None]) -> None:
+        """Begin; this class leads at once, so ``on_started_leading()`` runs before start() returns."""
+        self._callbacks = (on_started_leading, on_stopped_leading)
+        self._started_leading()
+
+    def stop(self) -> None:
+        """Give leadership up: ``on_stopped_leading()`` runs if this process led; no callback runs after."""
+        self._stopped_leading(None)
+        self._callbacks = None
+
+    def is_leader(self) -> bool:
+        return self._leading
+
+    @property
+    def leader(self) -> str | None:
+        """The identity of the leader (this process's ``identity`` while it leads), or None."""
+        return self._holder
+
+    # -- for subclasses: report a transition -------------------------------------
+    def _started_leading(self) -> None:
+        """This process has become the leader: run on_started_leading (once per transition)."""
+        with self._transition:
+            if self._leading or self._callbacks is None:
+                return
+            self._leading, self._holder = True, self.identity
+            self._callbacks[0]()
+
+    def _stopped_leading(self, holder: str | None = None) -> None:
+        """This process no longer leads (``holder`` does, if known): run on_stopped_leading first."""
+        with self._transition:
+            self._holder = holder
+            if not self._leading:
+                return
+            self._leading = False
+            if self._callbacks is not None:
+                self._callbacks[1]()
+
+
+###############################################################################
 # Stores #######################################################################
 ###############################################################################
 #
@@ -2094,7 +2204,8 @@ class Store:
       all loaded, ``health()`` what start-up could not load.
 
     Class attributes: ``durable`` (writes survive a crash) and ``shared``
-    (several processes serve it: PostgreSQL).
+    (several processes serve it: PostgreSQL). A shared store also overrides
+    ``leader_elector(identity)``: the one provided always leads.
     """
 
     durable = True
@@ -2241,6 +2352,14 @@ class Store:
     def health(self) -> dict:
         """What start-up could not load: ``{"quarantined": [...], "ignored": [...]}``."""
         return {"quarantined": [], "ignored": []}
+
+    def leader_elector(self, identity: str) -> LeaderElector:
+        """The elector that decides whether the process ``identity`` leads (runs the controllers).
+
+        A store that one process alone opens always leads: this returns
+        LeaderElector(identity). A store several processes share overrides it.
+        """
+        return LeaderElector(identity)
 
     def retained(self) -> tuple[int, int]:
         """(changes, bytes) the store holds in memory to answer changes(); (0, 0) if it keeps none."""
@@ -3830,7 +3949,7 @@ class _Job:
         self.done = threading.Event()
         self.result = None
         self.error = None
-        self.change = None          # (Change, bytes of its object's JSON) once it took a resourceVersion
+        self.change = None          # (Change, bytes of its object's JSON, that JSON) once it took a resourceVersion
 
 
 class SQLiteStore(Store):
@@ -4102,19 +4221,20 @@ class SQLiteStore(Store):
                 else:
                     conn.close()
 
-    def _parsed(self, kind: str, uid: str, doc: str) -> dict:
+    def _parsed(self, kind: str, uid: str, doc: str, obj: dict | None = None) -> dict:
         """The object a stored document holds: the one parsed last time while the document is the same.
 
         Every read still reads the row; the cache only saves parsing it and
         hands out the same dict for the same version, as the in-memory
         stores do (so the REST layer's cache of encoded bodies works too).
+        ``obj``, when given, is what ``doc`` encodes (a write's own object).
         """
         key = (kind, uid)
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == doc:
+        if obj is None and hit is not None and hit[0] == doc:
             return hit[1]
         try:
-            obj = json.loads(doc)
+            obj = json.loads(doc) if obj is None else obj
         except ValueError as exc:       # a row edited by hand: never a traceback, and say which
             raise StoreError(f"{kind} {uid} in {self.path} is not valid JSON ({exc}); mend or delete its row "
                              "(table objects)") from None
@@ -4428,12 +4548,12 @@ class SQLiteStore(Store):
         conn.execute("INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?)",
                      (kind, uid, int(snapshot["versionId"]), dumps(snapshot)))
 
-    def _record(self, conn, action, old, new, doc) -> tuple[Change, int]:
-        """Insert the Change of a write in its transaction: (the change, the bytes of ``doc``)."""
+    def _record(self, conn, action, old, new, doc) -> tuple[Change, int, str]:
+        """Insert the Change of a write in its transaction: (the change, the bytes of ``doc``, ``doc``)."""
         change = self.make_change(action, old, new)
         conn.execute("INSERT INTO changes VALUES (?, ?, ?, ?, ?)", (change.resource_version, action, change.time,
                      doc, None if change.previous is None else dumps(change.previous)))
-        return change, _utf8_size(doc)
+        return change, _utf8_size(doc), doc
 
     @staticmethod
     def _check_current(kind, old, ref, expected_rv):
@@ -4553,8 +4673,16 @@ class SQLiteStore(Store):
             self._pruned = pruned
         for job in done:
             if job.change is not None:
+                change, size, doc = job.change
                 self.writes += 1
-                self._announce(*job.change)
+                if change.action == "deleted":
+                    with self._cache_lock:
+                        stale = self._cache.pop((change.kind, change.uid), None)
+                        if stale is not None:
+                            self._cache_bytes -= len(stale[0])
+                else:       # reads return the very object the write returned, as long as it is current
+                    self._parsed(change.kind, change.uid, doc, change.object)
+                self._announce(change, size)
 
     def _sqlite_write_error(self, job, exc) -> FabricaError:
         if not isinstance(exc, self._sql.Error):
@@ -5513,6 +5641,853 @@ class WorkQueue(queue.Queue):
 
 
 ###############################################################################
+# Kinds #######################################################################
+###############################################################################
+#
+# What register() knows about a kind (KindInfo) and the rules every write of
+# it keeps, whoever makes it: fabrica's own finalizer as the kind says,
+# finalizers only removed once deletion began, no metadata written as spec.
+
+FINALIZER = "fabrica.io/finalize"
+_FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}   # never spec in a flat body
+
+
+_FRAMEWORK_STATUS = {
+    "conditions": {"type": "array", "items": {"type": "object"}},
+    "observedGeneration": {"type": "integer"},
+    "version": {"type": "string"},
+}
+
+
+def _with_framework_status(definition) -> dict:
+    """A status schema that also admits the fields fabrica writes (conditions, observedGeneration, version)."""
+    schema = deepcopy_json(Schema(definition).json)
+    if isinstance(schema.get("properties"), dict):
+        for key, sub in _FRAMEWORK_STATUS.items():
+            schema["properties"].setdefault(key, sub)
+    return schema
+
+
+class KindInfo:
+    """What register() knows about one kind."""
+
+    def __init__(self, kind, plural, prefix, reconcile=None, **options):
+        self.kind, self.plural, self.prefix = kind, plural, prefix
+        self.reconcile = reconcile
+        self.spec = None if options.get("spec") is None else Schema(options["spec"])
+        self.status = None if options.get("status") is None else Schema(_with_framework_status(options["status"]))
+        self.validate = options.get("validate")
+        self.owns = list(options.get("owns") or ())
+        self.watches = dict(options.get("watches") or {})
+        self.finalize = options.get("finalize")
+        self.workers = int(options.get("workers", 1))
+        self.resync = options.get("resync", 600)
+        self.timeout = options.get("timeout")
+        history = options.get("history", False)
+        self.history = 0 if not history else (None if history is True else int(history))
+        self.history_on = bool(history)
+
+    @property
+    def has_controller(self) -> bool:
+        """A controller runs this kind's reconcile or finalize (a finalizer alone needs one too)."""
+        return self.reconcile is not None or self.finalize is not None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "plural": self.plural, "prefix": self.prefix,
+                "patchTypes": [MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH],
+                "controller": self.has_controller, "history": self.history_on,
+                "finalizer": self.finalize is not None}
+
+
+def _with_own_finalizer(info: KindInfo, finalizers: list, deleting: bool) -> list:
+    """``finalizers`` with fabrica's own kept true to the kind (SPEC §5.6).
+
+    A kind with ``finalize=`` carries it on every object, but it is not added
+    once deletion has begun (Kubernetes: no new finalizers then). A kind
+    without one (every kind of the open server) never carries it: nothing
+    would remove it, and the object would wait for its delete forever.
+    """
+    if info.finalize is None:
+        return [f for f in finalizers if f != FINALIZER]
+    if FINALIZER in finalizers or deleting:
+        return list(finalizers)
+    return [*finalizers, FINALIZER]
+
+
+def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
+    """Kubernetes' finalizer rules for a write of ``old_meta`` to ``meta``; ValidationError if broken.
+
+    Once deletionTimestamp is set (it is server-managed, so it is never
+    cleared) finalizers may only be removed; fabrica's own is kept or added
+    as the kind requires.
+    """
+    deleting = old_meta["deletionTimestamp"] is not None
+    if deleting:
+        added = [f for f in meta["finalizers"] if f not in old_meta["finalizers"]]
+        if added:
+            raise _validation("metadata.finalizers", f"cannot gain {', '.join(map(repr, added))}: "
+                              f"{old_meta['name']!r} is being deleted, and then finalizers can only be removed")
+    meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
+
+
+# The top-level keys a flat body reserves (_FLAT_RESERVED) and the envelope's markers are never spec
+# fields there, nor in a spec patch, where writing one is the same mistake (SPEC §6.2, §6.4): why, and
+# what to do instead. A spec field of such a name is written with the envelope form.
+_NOT_SPEC = {
+    "status": "write it through the object's /status route",
+    "labels": "labels are metadata: PUT the envelope form ({\"metadata\": {\"labels\": ...}}, which replaces "
+              "them) or the flat form ({\"labels\": ...}, which merges them)",
+    "annotations": "annotations are metadata: PUT the envelope form ({\"metadata\": {\"annotations\": ...}}, "
+                   "which replaces them) or the flat form ({\"annotations\": ...}, which merges them)",
+    "name": "the name is given at create and never changes",
+    "apiVersion": f"apiVersion is always {API_VERSION!r}",
+    "kind": "kind is the one served at the URL",
+    "metadata": "to change labels, annotations or finalizers, PUT the envelope form ({\"metadata\": {...}})",
+    "spec": "a spec patch applies to the spec already: patch its fields directly ({\"x\": 1}, not "
+            "{\"spec\": {\"x\": 1}})",
+}
+
+
+def _not_spec(key: str) -> ValidationError:
+    """The 422 for a flat body or a spec patch that writes the top-level ``key`` of _NOT_SPEC."""
+    where = "a flat body or a spec patch" if key in _FLAT_RESERVED else "a spec patch"
+    return _validation(key, f"is not a spec field in {where}; {_NOT_SPEC[key]}. A spec field named {key} is "
+                            f"written with the envelope form, {{\"spec\": {{\"{key}\": ...}}}}")
+
+
+def _patch_writes_not_spec(patch, patch_type: str, before: dict, after: dict) -> str | None:
+    """The first key of _NOT_SPEC a spec patch writes at the top level of the spec, or None.
+
+    A patch writes a key when it names it as a target (a merge patch's key,
+    a shorthand path, a JSON Patch path, or the source of a move) or when the
+    key is created, changed or removed in ``after``; one that leaves such a
+    key alone (a spec that has one from the envelope form) is fine.
+    """
+    if patch_type == "merge":
+        targets = set(patch)
+    elif patch_type == "shorthand":
+        targets = {key.split(".", 1)[0] for key in patch}
+    else:
+        targets = {op[member].split("/", 2)[1] for op in patch if isinstance(op, dict)
+                   for member in ("path", "from") if op.get("op") != "test" and
+                   (member == "path" or op.get("op") == "move") and
+                   isinstance(op.get(member), str) and op[member].startswith("/")}
+    for key in _NOT_SPEC:
+        # the result catches what no target names: a JSON Patch on the root ("") that brings one along
+        if key in targets or (key in before) != (key in after) or not _json_equal(before.get(key), after.get(key)):
+            return key
+    return None
+
+
+def _validation(field: str, message: str) -> ValidationError:
+    return ValidationError(f"{field} {message}", [{"field": field, "message": message}])
+
+
+def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
+    if not isinstance(value, dict):
+        return [{"field": field, "message": "must be an object of strings"}]
+    errors = []
+    for key, item in value.items():
+        problem = _label_key_problem(key)
+        if problem:
+            errors.append({"field": f"{field}.{key}", "message": problem})
+        if not isinstance(item, str):
+            errors.append({"field": f"{field}.{key}", "message": "value must be a string"})
+        elif label_values:
+            problem = _label_value_problem(item, "value")
+            if problem:
+                errors.append({"field": f"{field}.{key}", "message": problem})
+    return errors
+
+
+###############################################################################
+# Registry ####################################################################
+###############################################################################
+#
+# The write path (Kubernetes: the generic registry). Every write, REST,
+# app.client or a controller's, goes through Registry.create/mutate/delete:
+# validation, server-managed fields, generation, finalizers, history and
+# compare-and-swap on resourceVersion. The GarbageCollector deletes a
+# dependent once every owner is positively gone (Store.gone: never merely
+# not loaded) and retries failed steps until done.
+
+_CAS_RETRIES = 50
+OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
+
+
+class GarbageCollector:
+    """Deletes the dependents whose owners are all gone (SPEC §5.5) and retries every step that failed.
+
+    ``collect(keys)`` runs a cascade in the caller's thread (the owner's
+    delete, the start-up sweep): each key is a dependent to look at; one
+    that is deleted makes its own dependents the next keys. A step that
+    fails (an I/O error, a full disk) is logged and queued here, and one
+    thread retries it with per-key exponential backoff (5 ms doubling to
+    ``max_delay``) until it succeeds, without a restart. ``process_next``
+    is one iteration of that thread. Thread-safe; never raises from a step.
+    """
+
+    def __init__(self, registry: Registry, *, clock=time.monotonic, max_delay: float = 300.0):
+        self.registry = registry
+        self.queue = WorkQueue("gc", clock=clock, max_delay=max_delay)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.retries = 0
+
+    def start(self) -> None:
+        self.queue.start()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fabrica-gc")
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop retrying (pending retries are dropped: the next start-up sweep finds them again)."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        self.queue.shutdown()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.queue.stop(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.process_next(timeout=0.5)
+
+    def process_next(self, timeout: float | None = 0.0) -> bool:
+        """Retry one queued step (and the cascade below it); False if none was ready within ``timeout``."""
+        item = self.queue.get(timeout=timeout)
+        if item is None:
+            return False
+        key = item[0]
+        try:
+            self.retries += 1
+            self.collect([key])
+        finally:
+            self.queue.done(key)
+        return True
+
+    def collect(self, keys) -> None:
+        """Collect ``keys`` (``(kind, uid)`` of dependents) and, under each one deleted, its dependents.
+
+        A work list, not recursion, so any depth of ownership is collected.
+        """
+        work = list(keys)
+        while work:
+            key = work.pop()
+            try:
+                gone = self.registry.collect(*key)
+            except Exception as exc:    # one failed step never stops the others; it is retried
+                delay = self.queue.add_rate_limited(key, "retry")
+                ctl_log.error("garbage collection of %s %s failed (%s); retrying in %.3gs", key[0], key[1],
+                              exc, delay, exc_info=not isinstance(exc, FabricaError))
+                continue
+            self.queue.forget(key)
+            if gone:
+                work.extend(self.registry.store.dependents(*key))
+
+    def idle(self, within: float = 0.0) -> bool:
+        return self.queue.idle(within)
+
+
+def _versions_text(versions) -> str:
+    """How an error message shows the resourceVersions a precondition named: ``"6", "7"``, ``*``."""
+    return ", ".join("*" if v == "*" else f'"{v}"' for v in versions) or "no strong entity tag"
+
+
+class Registry:
+    """The write path between the store and every API (what Kubernetes' apiserver calls the generic registry).
+
+    REST, ``app.client`` and the controllers all write through it, so a
+    write is validated, defaulted and recorded the same way whoever makes
+    it: schemas and ``validate=``, server-managed metadata, generation (it
+    moves exactly when the spec changes, which is what makes an event's
+    ``updateType``), owners, finalizers, spec history, compare-and-swap on
+    resourceVersion (retried on a race) and garbage collection.
+
+    It takes parsed values, never HTTP: a spec dict, label dicts, the
+    resourceVersion a body carried (``resource_version``: stale -> 409
+    ConflictError) and the resourceVersions an If-Match or If-None-Match
+    names (``if_match``/``if_none_match``: a collection of resourceVersion
+    strings, ``"*"`` for any; unmet -> 412 PreconditionFailedError). A write
+    returns the stored object, which is shared: treat it as read-only.
+    Writes raise NotFoundError, ValidationError (422, every failing field
+    listed), PayloadTooLargeError (413, ``max_body`` bytes of compact JSON
+    per object), ConflictError, PreconditionFailedError, StoreError, and
+    ConfigurationError before start(). Thread-safe.
+
+    ``kinds`` maps each declared kind to its KindInfo; ``store`` is the
+    Store (opened by the app before start()); ``gc`` the GarbageCollector
+    start() makes. ``open`` lets a create at an unknown plural make its kind
+    (the open server, see open_kind).
+    """
+
+    def __init__(self, *, max_body: int = MAX_BODY, open: bool = False, clock=time.monotonic):
+        self.max_body = max_body
+        self.open = open
+        self.clock = clock
+        self.store: Store | None = None
+        self.gc: GarbageCollector | None = None
+        self.started = False
+        self.kinds: dict[str, KindInfo] = {}
+        self._by_plural: dict[str, KindInfo] = {}
+        self._kind_lock = threading.Lock()          # guards open-server kind creation and _new_kinds
+        self._new_kinds: dict[str, list] = {}       # plural -> [KindInfo, creates in flight] (not yet served)
+
+    # -- kinds -----------------------------------------------------------------
+    def declare(self, kind: str, reconcile=None, **options) -> KindInfo:
+        """Add a kind (register()'s options); ConfigurationError when it is taken or an option is invalid."""
+        unknown = set(options) - {"plural", "prefix", "spec", "status", "validate", "owns", "watches",
+                                  "finalize", "workers", "resync", "timeout", "history"}
+        if unknown:
+            raise ConfigurationError(f"register({kind!r}): unknown option(s) {', '.join(sorted(unknown))}")
+        if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
+            raise ConfigurationError(f"kind {kind!r} must be CapWords letters and digits, like 'RackTemplate'")
+        plural = options.get("plural") or pluralize(kind)
+        prefix = options.get("prefix") or kind.lower()
+        if not PLURAL_RE.fullmatch(plural) or plural in RESERVED_PATHS:
+            raise ConfigurationError(f"plural {plural!r} for {kind} must be lower-case letters and digits, "
+                                     f"and not one of {sorted(RESERVED_PATHS)}")
+        if not PREFIX_RE.fullmatch(prefix):
+            raise ConfigurationError(f"prefix {prefix!r} for {kind} must be lower-case letters and digits")
+        if kind in self.kinds:
+            raise ConfigurationError(f"kind {kind} is already registered")
+        if plural in self._by_plural:
+            raise ConfigurationError(f"plural {plural!r} is already used by {self._by_plural[plural].kind}")
+        for name in ("validate", "finalize"):
+            if options.get(name) is not None and not callable(options[name]):
+                raise ConfigurationError(f"register({kind!r}): {name} must be callable")
+        if reconcile is not None and not callable(reconcile):
+            raise ConfigurationError(f"register({kind!r}): reconcile must be callable")
+        if int(options.get("workers", 1)) < 1:
+            raise ConfigurationError(f"register({kind!r}): workers must be >= 1")
+        options = {k: v for k, v in options.items() if k not in ("plural", "prefix")}
+        info = KindInfo(kind, plural, prefix, reconcile, **options)
+        self.kinds[kind] = info
+        self._by_plural[plural] = info
+        if self.store is not None and self.store.opened:
+            self.store.add_kind(kind, plural)
+        return info
+
+    def served(self, plural: str) -> KindInfo | None:
+        """The kind served at /<plural>, or None."""
+        return self._by_plural.get(plural)
+
+    def resolve_kind(self, name: str) -> KindInfo:
+        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``); NotFoundError if none."""
+        info = self.kinds.get(name) or self._by_plural.get(name)
+        if info is None:
+            low = name.lower()
+            for candidate in self.kinds.values():
+                if low in (candidate.kind.lower(), candidate.plural):
+                    return candidate
+            raise NotFoundError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(self.kinds)) or 'none'}")
+        return info
+
+    def check_wiring(self) -> None:
+        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
+        for info in self.kinds.values():
+            named = list(info.owns) + list(info.watches)
+            if named and info.reconcile is None:
+                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
+                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
+            unknown = [k for k in named if k not in self.kinds]
+            if unknown:
+                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
+                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
+
+    def discovery(self) -> dict:
+        """What GET /apis answers: the API version, whether the server is open, and every kind."""
+        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
+
+    @contextlib.contextmanager
+    def open_kind(self, plural: str, kind: str | None = None):
+        """The kind to create an object of at /<plural> on the open server; a new kind is made by its first object.
+
+        A context manager around the create: ``with registry.open_kind(plural,
+        body_kind) as info: registry.create(info, ...)``. ``kind`` names a
+        new kind (default: the singular of ``plural``). Kinds are named by
+        clients, so there are at most OPEN_KINDS of them, counting the new
+        ones being created (ValidationError past that, or for a kind name
+        taken or not CapWords). A new kind is provisional while its creates
+        run: the store can take its objects, but the kind is declared
+        (served, listed in /apis) only once one of them is stored, and
+        forgotten if none is, so a failed create leaves no kind behind.
+        Concurrent creates of one new kind share it.
+        """
+        self.require_started()
+        with self._kind_lock:
+            info = self._by_plural.get(plural)
+            pending = None
+            if info is None:
+                pending = self._new_kinds.get(plural)
+                if pending is None:
+                    kind = kind or singularize(plural)
+                    if not KIND_RE.fullmatch(kind) or kind in self.kinds or \
+                            any(p[0].kind == kind for p in self._new_kinds.values()):
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}", [
+                            {"field": "kind", "message": "must be CapWords and not already served"}])
+                    if len(self.kinds) + len(self._new_kinds) >= OPEN_KINDS:
+                        making = f" and is making {len(self._new_kinds)}" if self._new_kinds else ""
+                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
+                                              f"serves {len(self.kinds)} kinds{making}, its limit is {OPEN_KINDS}",
+                                              [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
+                    pending = self._new_kinds[plural] = [KindInfo(kind, plural, kind.lower()), 0]
+                    self.store.add_kind(kind, plural)
+                info = pending[0]
+                pending[1] += 1         # creates of the new kind in flight
+        if pending is None:
+            yield info
+            return
+        try:
+            yield info
+        finally:
+            with self._kind_lock:
+                pending[1] -= 1
+                # stored, even by a create that failed afterwards (a disk that did not confirm it)
+                if plural not in self._by_plural and self.store.count(info.kind):
+                    self.declare(info.kind, None, plural=plural)
+                if not pending[1]:
+                    del self._new_kinds[plural]
+                    if plural not in self._by_plural:
+                        self.store.drop_kind(info.kind)
+
+    # -- life cycle ------------------------------------------------------------
+    def start(self) -> None:
+        """Take writes (``store`` is open by now) and start the garbage collector's retries."""
+        self.started = True
+        self.gc = GarbageCollector(self, clock=self.clock)
+        self.gc.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the garbage collector (pending retries wait for the next start-up sweep); writes then fail."""
+        if self.gc is not None:
+            self.gc.stop(timeout)
+        self.started = False
+
+    def require_started(self) -> None:
+        """ConfigurationError unless start() has run: every read and write needs the open store."""
+        if not self.started:
+            raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
+
+    # -- validation ------------------------------------------------------------
+    def _check_fields(self, info: KindInfo, *, name=None, labels=None, annotations=None, finalizers=None,
+                      owner_references=None, resource_version=None, spec=None) -> None:
+        """ValidationError listing every invalid metadata field of a write (and then its spec's errors too)."""
+        if spec is not None and not isinstance(spec, dict):
+            raise BadRequestError("spec must be a JSON object")
+        errors = []
+        if name is not None and not valid_name(name):
+            errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
+                           "letters, digits, '-' and '.', alphanumeric at both ends, at most 253 characters"})
+        if labels is not None:
+            errors += _check_string_map(labels, "metadata.labels", label_values=True)
+        if annotations is not None:
+            errors += _check_string_map(annotations, "metadata.annotations", label_values=False)
+        problem = None if owner_references is None else owner_references_problem(owner_references)
+        if problem is not None:
+            errors.append({"field": f"metadata.ownerReferences{problem[0]}", "message": problem[1]})
+        if finalizers is not None:
+            if not isinstance(finalizers, list) or any(
+                    not isinstance(f, str) or not f or _label_key_problem(f) for f in finalizers):
+                errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
+        if resource_version is not None and not isinstance(resource_version, str):
+            errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
+        if errors and spec is not None and info.spec is not None:
+            errors += info.spec.validate(spec, "spec")[1]      # list every failing field at once
+        if errors:
+            raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
+
+    def _check_spec(self, info: KindInfo, spec) -> dict:
+        """The spec with defaults filled in; ValidationError (422) listing every failing field."""
+        if not isinstance(spec, dict):
+            raise BadRequestError("spec must be a JSON object")
+        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
+
+    def check_status(self, info: KindInfo, status, stored: dict) -> dict:
+        """The status with defaults; the fields fabrica writes are checked apart from the user's schema.
+
+        ``stored`` is the status it replaces (conditions kept from it are only
+        shape-checked). BadRequestError unless a dict; ValidationError.
+        """
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
+        own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
+        errors = status_problems(own, stored)
+        rest = {k: v for k, v in status.items() if k not in own}
+        if info.status is not None:
+            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
+            errors += more
+        if errors:
+            raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
+                                                                    for e in errors[:3]), errors)
+        rest.update(own)
+        return rest
+
+    def _run_validate(self, info: KindInfo, obj: dict) -> None:
+        if info.validate is None:
+            return
+        try:
+            info.validate(Resource(deepcopy_json(obj)))
+        except ValidationError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(str(exc)) from None
+
+    # -- writes ----------------------------------------------------------------
+    def get(self, info: KindInfo, ref: str) -> dict:
+        """The stored object (a uid or a name); NotFoundError if missing."""
+        self.require_started()
+        obj = self.store.resolve(info.kind, ref)
+        if obj is None:
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
+        return obj
+
+    def _owner_check(self, info: KindInfo, owner_keys) -> list[dict]:
+        """The owners; ConflictError unless every one exists and is not being deleted."""
+        owners = []
+        for kind, uid in owner_keys:
+            current = self.store.get(kind, uid)
+            if current is None or current["metadata"]["deletionTimestamp"]:
+                raise ConflictError(f"cannot create a {info.kind} owned by {kind} {uid!r}: the owner "
+                                    f"{'does not exist' if current is None else 'is being deleted'}")
+            owners.append(current)
+        return owners
+
+    def create(self, info: KindInfo, *, name: str | None = None, spec: dict | None = None,
+               labels: dict | None = None, annotations: dict | None = None, finalizers: list | None = None,
+               owner_references: list | None = None, resource_version: str | None = None) -> dict:
+        """Create an object of ``info``'s kind; the uid is drawn here, the name defaults to it.
+
+        ``owner_references`` are ``{"kind", "uid", "controller"?}`` dicts:
+        every owner must exist and not be being deleted (ConflictError).
+        ``resource_version`` (a GET answer sent back) is only checked to be
+        a string. Raises as the class says; returns the stored object.
+        """
+        self._check_fields(info, name=name, labels=labels, annotations=annotations, finalizers=finalizers,
+                           owner_references=owner_references, resource_version=resource_version, spec=spec)
+        self.require_started()
+        owner_references = owner_references or []
+        spec = self._check_spec(info, deepcopy_json(spec or {}))
+        finalizers = _with_own_finalizer(info, list(finalizers or []), deleting=False)
+        owner_keys = [(ref["kind"], ref["uid"]) for ref in owner_references]
+        # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
+        owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
+                       "controller": ref.get("controller", False)}
+                      for ref, owner in zip(owner_references, self._owner_check(info, owner_keys))]
+
+        def guard():
+            # again under the store lock: a reconcile racing its owner's delete cannot leave an orphan
+            self._owner_check(info, owner_keys)
+        status = {}
+        if info.status is not None:
+            status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
+            status = {} if errors else status
+        for _ in range(16):
+            uid = f"{info.prefix}-{os.urandom(4).hex()}"
+            obj = new_object(info.kind, name or uid, uid, spec=spec, labels=labels, annotations=annotations,
+                             finalizers=finalizers, owner_references=owner_refs)
+            obj["status"] = deepcopy_json(status)
+            snapshot = None
+            if info.history_on:
+                obj["status"]["version"] = "1"
+                snapshot = self._snapshot(obj)
+            self._run_validate(info, obj)
+            try:
+                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys,
+                                         max_size=self.max_body)
+            except ConflictError as exc:
+                if exc.details and exc.details[0]["field"] == "metadata.uid":
+                    continue        # a uid collision: draw another one
+                raise
+        raise ConflictError(f"could not draw a free uid for {info.kind}; retry")
+
+    def mutate(self, info: KindInfo, ref: str, change, *, action: str = "updated", if_match=None,
+               if_none_match=None, resource_version: str | None = None) -> dict:
+        """Read, apply ``change(new)`` to a copy, validate, and compare-and-swap; retried on races.
+
+        ``change`` edits the copy in place (server-managed metadata and
+        ownerReferences are put back after it). Returns the stored object:
+        the current one, unwritten, when nothing changed. A race with another
+        write retries, unless the caller named a resourceVersion
+        (ConflictError) or an If-Match (PreconditionFailedError).
+        """
+        self.require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f'{kind} "{ref}" not found')
+            name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
+            if if_none_match is not None and ("*" in if_none_match or rv in if_none_match):
+                raise PreconditionFailedError(f"{kind} {name!r} exists (If-None-Match: "
+                                              f"{_versions_text(if_none_match)})")
+            if if_match is not None and "*" not in if_match and rv not in if_match:
+                raise PreconditionFailedError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                              f"If-Match: {_versions_text(if_match)}; re-read and retry")
+            if resource_version is not None and resource_version != rv:
+                raise ConflictError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
+                                    f"{resource_version}; re-read and retry")
+            new = deepcopy_json(cur)
+            change(new)
+            meta, old_meta = new["metadata"], cur["metadata"]
+            for key in SERVER_MANAGED:
+                meta[key] = old_meta[key]
+            meta["ownerReferences"] = old_meta["ownerReferences"]
+            _check_finalizers(info, old_meta, meta)
+            snapshot = None
+            if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
+                meta["generation"] = old_meta["generation"] + 1
+                if info.history_on:
+                    new["status"]["version"] = str(meta["generation"])
+                    snapshot = self._snapshot(new)
+            elif info.history_on and "version" in cur["status"]:
+                new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
+            if _json_equal(new, cur):
+                return cur
+            self._run_validate(info, new)
+            meta["updatedAt"] = utcnow()
+            try:
+                if old_meta["deletionTimestamp"] and not meta["finalizers"]:
+                    # Kubernetes: the answer and the deleted event show the object as this write left it
+                    return self._remove(info, old_meta["uid"], rv, last=new)
+                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
+                if snapshot is not None and info.history:      # after the commit: never raises
+                    store.prune_versions(kind, old_meta["uid"], info.history)
+                return stored
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
+                                                  f"(If-Match: {_versions_text(if_match)}); re-read and retry"
+                                                  ) from None
+                if resource_version is not None:
+                    raise
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to update; retry")
+
+    def update(self, info: KindInfo, ref: str, *, name: str | None = None, spec: dict | None = None,
+               labels: dict | None = None, annotations: dict | None = None, finalizers: list | None = None,
+               merge_metadata: bool = False, resource_version: str | None = None, if_match=None,
+               if_none_match=None) -> dict:
+        """Replace what is given (None: keep): the spec, labels, annotations and finalizers.
+
+        ``merge_metadata`` merges labels and annotations into the current
+        ones instead of replacing them (the flat body form). ``name`` must be
+        the object's own (it is immutable).
+        """
+        self._check_fields(info, name=name, labels=labels, annotations=annotations, finalizers=finalizers,
+                           resource_version=resource_version, spec=spec)
+        spec = None if spec is None else self._check_spec(info, deepcopy_json(spec))
+
+        def change(new):
+            meta = new["metadata"]
+            if name is not None and name != meta["name"]:
+                raise _validation("metadata.name", f"is immutable (it is {meta['name']!r})")
+            if spec is not None:
+                new["spec"] = deepcopy_json(spec)
+            for key, value in (("labels", labels), ("annotations", annotations)):
+                if value is not None:
+                    meta[key] = {**meta[key], **value} if merge_metadata else dict(value)
+            if finalizers is not None:
+                meta["finalizers"] = list(finalizers)
+        return self.mutate(info, ref, change, resource_version=resource_version, if_match=if_match,
+                           if_none_match=if_none_match)
+
+    def patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
+              if_match=None, if_none_match=None) -> dict:
+        """Patch the spec (or, with ``status``, the status): ``patch_type`` is merge, json or shorthand."""
+        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
+        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
+        # document would first meet recursion in validation and history)
+        apply = {"merge": apply_merge_patch,
+                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
+                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
+                 }.get(patch_type)
+        if apply is None:
+            raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
+        part = "status" if status else "spec"
+
+        def change(new):
+            result = apply(new[part], patch)
+            if not isinstance(result, dict):
+                raise PatchError(f"the patched {part} must be a JSON object",
+                                 [{"field": part, "message": "must be an object"}])
+            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
+            if written is not None:
+                raise _not_spec(written)
+            new[part] = self.check_status(info, result, new[part]) if status else self._check_spec(info, result)
+        return self.mutate(info, ref, change, action="patched", if_match=if_match, if_none_match=if_none_match)
+
+    def update_status(self, info: KindInfo, ref: str, status: dict, *, if_match=None, if_none_match=None) -> dict:
+        """Replace the status (no generation bump); the fields fabrica writes are checked too."""
+        if not isinstance(status, dict):
+            raise BadRequestError("status must be a JSON object")
+
+        def change(new):
+            new["status"] = self.check_status(info, deepcopy_json(status), new["status"])
+        return self.mutate(info, ref, change, if_match=if_match, if_none_match=if_none_match)
+
+    @staticmethod
+    def _snapshot(obj: dict) -> dict:
+        meta = obj["metadata"]
+        return {"versionId": str(meta["generation"]), "createdAt": utcnow(), "uid": meta["uid"],
+                "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
+                "spec": deepcopy_json(obj["spec"])}
+
+    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
+        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
+
+        ``last`` is its final state when the delete also changes it (Store.delete).
+        """
+        tomb = self.store.delete(info.kind, uid, rv, last)
+        if info.history_on:
+            if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
+                self.gc.queue.add_rate_limited((info.kind, uid), "history")     # collect() finishes it
+        if cascade:
+            self.gc.collect(self.store.dependents(info.kind, uid))
+        return tomb
+
+    def restore(self, info: KindInfo, ref: str, version_id: str, *, if_match=None, if_none_match=None) -> dict:
+        """Write a stored spec snapshot back as a new, validated spec write; NotFoundError if there is none."""
+        obj = self.store.resolve(info.kind, ref)
+        snap = None if obj is None else self.store.get_version(info.kind, obj["metadata"]["uid"], version_id)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
+        spec = self._check_spec(info, deepcopy_json(snap["spec"]))
+        return self.mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), if_match=if_match,
+                           if_none_match=if_none_match)
+
+    def delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None,
+               cascade: bool = True) -> tuple[dict, bool]:
+        """Delete now: ``(the object as it went, True)``; or, with finalizers pending, mark it
+        deletionTimestamp: ``(the object, False)``. ``force`` skips the finalizers; ``cascade``
+        collects the dependents whose owners are then all gone."""
+        self.require_started()
+        store, kind = self.store, info.kind
+        for _ in range(_CAS_RETRIES):
+            cur = store.resolve(kind, ref)
+            if cur is None:
+                raise NotFoundError(f'{kind} "{ref}" not found')
+            meta = cur["metadata"]
+            if if_match is not None and "*" not in if_match and meta["resourceVersion"] not in if_match:
+                raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
+                                              f"{meta['resourceVersion']}, the request expected If-Match: "
+                                              f"{_versions_text(if_match)}; re-read and retry")
+            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
+            # that missed it; dropped where nothing would ever remove it
+            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
+            try:
+                if pending and not force:
+                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
+                        return cur, False       # a second DELETE changes nothing (Kubernetes)
+                    new = deepcopy_json(cur)
+                    new["metadata"]["finalizers"] = pending
+                    new["metadata"]["updatedAt"] = utcnow()
+                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
+                    return store.replace(new, meta["resourceVersion"], "updated"), False
+                last = None
+                if not force and pending != meta["finalizers"]:
+                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
+                    last = deepcopy_json(cur)
+                    last["metadata"]["finalizers"] = pending
+                    last["metadata"]["updatedAt"] = utcnow()
+                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
+            except StaleError:
+                if if_match is not None:
+                    raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
+        raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
+
+    # -- garbage collection ----------------------------------------------------
+    def owners_gone(self, obj: dict) -> bool:
+        """Whether ``obj`` has owners and every one is positively gone (Kubernetes: none exists any more).
+
+        An owner that is quarantined, not loaded or of a kind this app does
+        not serve is not gone (Store.gone): its dependents stay.
+        """
+        refs = obj["metadata"]["ownerReferences"]
+        return bool(refs) and all(self.store.gone(ref["kind"], ref["uid"]) for ref in refs)
+
+    def collect(self, kind: str, uid: str) -> bool:
+        """One garbage-collection step: delete the object if its owners are all gone.
+
+        Returns True when the object is gone (its dependents are next).
+        Dependents with finalizers get deletionTimestamp and go when their
+        finalizers are done. Raises FabricaError when the store fails.
+        """
+        info, obj = self.kinds.get(kind), self.store.get(kind, uid)
+        if obj is None:
+            if info is not None and info.history_on and self.store.versions(kind, uid) and \
+                    not self.store.prune_versions(kind, uid, 0):    # the rest of a delete whose history removal failed
+                raise StoreError(f"the spec history of the deleted {kind} {uid!r} is not removed yet")
+            return True
+        if info is None or not self.owners_gone(obj):
+            return False
+        try:
+            return self.delete(info, uid, cascade=False)[1]
+        except NotFoundError:
+            return True
+
+    def sweep_finalizers(self) -> int:
+        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
+
+        Runs when this process starts leading, before the controllers' start-up list: a kind that
+        gained ``finalize=`` since its objects were written gets its cleanup
+        when they are deleted, and one that lost it (or is now served by the
+        open server) leaves no object waiting for a finalizer nothing handles:
+        one being deleted that waited only for it is deleted now. Never raises.
+        """
+        count = 0
+        for info in list(self.kinds.values()):
+            # the objects the rule may change: a kind without finalize= never carries it, one with it always
+            for obj in self.store.finalizer_candidates(info.kind, FINALIZER, present=info.finalize is None):
+                meta = obj["metadata"]
+                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
+                        meta["finalizers"]:
+                    continue
+                try:
+                    self.mutate(info, meta["uid"], lambda new: None)      # mutate applies _check_finalizers
+                    count += 1
+                except NotFoundError:
+                    continue
+                except FabricaError:
+                    # not fatal: DELETE applies the same rule to the object again
+                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
+        if count:
+            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
+        return count
+
+    def sweep_orphans(self) -> int:
+        """Collect what a crash mid-cascade left: every object whose owners are all positively gone.
+
+        Runs when this process starts leading and never raises: a delete that fails (a full disk)
+        is retried by the garbage collector while the app serves. An owner
+        the store could not load is not gone, so nothing is deleted because
+        something else was not read (SPEC §3.0). Returns the orphans found.
+        """
+        orphans, kept = [], 0
+        for info in list(self.kinds.values()):
+            for obj in self.store.orphan_candidates(info.kind):     # an owner not held: not all present
+                refs = obj["metadata"]["ownerReferences"]
+                if self.owners_gone(obj):
+                    orphans.append((info.kind, obj["metadata"]["uid"]))
+                elif refs and all(self.store.get(r["kind"], r["uid"]) is None for r in refs):
+                    kept += 1
+        if kept:
+            logger.warning("kept %d object(s) whose owners were not found but may exist (%s); they are collected "
+                           "once their owners are known to be gone", kept,
+                           "; ".join(f"{k}: {why}" for k, why in sorted(self.store.unsure.items())) or
+                           "owner kinds this app does not serve")
+        if orphans:
+            logger.warning("deleting %d orphan(s) whose owners are gone", len(orphans))
+            self.gc.collect(orphans)
+        return len(orphans)
+
+
+###############################################################################
 # Controller ###################################################################
 ###############################################################################
 #
@@ -5531,9 +6506,10 @@ class Context:
 
     __slots__ = ("app", "client", "kind", "key", "reasons", "deleting", "stopping", "log")
 
-    def __init__(self, app: Fabrica, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None):
+    def __init__(self, client, kind: str, key, reasons, deleting: bool, log: logging.Logger | None = None,
+                 app=None):
         self.app = app
-        self.client = app.client
+        self.client = client
         self.kind = kind
         self.key = key
         self.reasons = reasons
@@ -5594,6 +6570,10 @@ def _seconds_text(seconds: float) -> str:
 class Controller:
     """Reconciles one kind: work queue, workers, resync and timeouts (SPEC §5).
 
+    It reads and writes through ``registry`` (the status it writes, the
+    conditions it records, the finalizer it takes off), hears of the store's
+    changes from ``bus`` and hands reconcile a Context with ``client`` (and
+    ``app``, the application).
     ``process_next(timeout)`` is one iteration of a worker and ``housekeep()``
     one iteration of the housekeeping loop, so tests can drive them by hand.
     """
@@ -5601,7 +6581,11 @@ class Controller:
     event_queue_size = 1_000_000    # changes waiting for the controller's bus thread; overflow -> resync
     event_queue_bytes = QUEUE_BYTES  # and their bytes: changes hold whole objects
 
-    def __init__(self, app: Fabrica, info: KindInfo, *, clock=time.monotonic, max_delay: float = 300.0):
+    def __init__(self, registry: Registry, info: KindInfo, *, bus: Bus, client=None, clock=time.monotonic,
+                 max_delay: float = 300.0, app=None):
+        self.registry = registry
+        self.bus = bus
+        self.client = client
         self.app = app
         self.info = info
         self.kind = info.kind
@@ -5622,9 +6606,9 @@ class Controller:
 
     # -- life cycle --------------------------------------------------------------
     def start(self) -> None:
-        app, info = self.app, self.info
+        info = self.info
         self._kinds_of_interest = {info.kind} | set(info.owns) | set(info.watches)
-        self._subscription = app.bus.subscribe_changes(
+        self._subscription = self.bus.subscribe_changes(
             self._on_change, queue_size=self.event_queue_size, queue_bytes=self.event_queue_bytes,
             name=f"{self.kind.lower()}-controller", on_gap=lambda: self.resync("gap"))
         self.resync("startup")
@@ -5703,13 +6687,13 @@ class Controller:
     def _add_ref(self, ref, reason):
         if isinstance(ref, dict):
             ref = ref.get("metadata", {}).get("uid") or ref.get("uid")
-        obj = self.app.store.resolve(self.kind, ref) if isinstance(ref, str) else None
+        obj = self.registry.store.resolve(self.kind, ref) if isinstance(ref, str) else None
         if obj is not None:
             self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
 
     def resync(self, reason: str = "resync") -> int:
         """Queue every object of the kind (start-up list, periodic resync, bus gap)."""
-        objs = self.app.store.list(self.kind)
+        objs = self.registry.store.list(self.kind)
         for obj in objs:
             self.queue.add((self.kind, obj["metadata"]["uid"]), reason)
         if reason != "startup":
@@ -5783,8 +6767,8 @@ class Controller:
         return True
 
     def _process(self, key, reasons) -> None:
-        app, info = self.app, self.info
-        stored = app.store.get(*key)
+        info = self.info
+        stored = self.registry.store.get(*key)
         if stored is None:
             self.queue.forget(key)      # deleted: never reconcile what no longer exists
             return
@@ -5800,7 +6784,7 @@ class Controller:
         else:
             fn = info.reconcile
         obj = Resource(deepcopy_json(stored))
-        ctx = Context(app, self.kind, key, reasons, deleting, self.log)
+        ctx = Context(self.client, self.kind, key, reasons, deleting, self.log, app=self.app)
         run = _Run(key, ctx, self.clock())
         with self._lock:
             self._runs[key] = run
@@ -5886,10 +6870,10 @@ class Controller:
         if _json_equal(status, stored["status"]):
             return None
         # a ValidationError is recorded like a failure
-        status = self.app._check_status(self.info, status, stored["status"])
+        status = self.registry.check_status(self.info, status, stored["status"])
         try:
-            self.app._mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
-                             expected_rv=stored["metadata"]["resourceVersion"])
+            self.registry.mutate(self.info, key[1], lambda new: new.__setitem__("status", deepcopy_json(status)),
+                                 resource_version=stored["metadata"]["resourceVersion"])
             return True
         except NotFoundError:
             return None     # deleted meanwhile: drop the write, never re-create
@@ -5913,7 +6897,7 @@ class Controller:
             res = Resource(new)
             res.set_condition(type, status, reason=reason, message=message)
         try:
-            self.app._mutate(self.info, key[1], change)
+            self.registry.mutate(self.info, key[1], change)
         except (NotFoundError, ConflictError):
             pass
         except FabricaError:
@@ -5926,7 +6910,7 @@ class Controller:
             # on showing its earlier failures (even Stalled from this run: nothing is left to stall)
             _clear_framework_conditions(Resource(new))
         try:
-            self.app._mutate(self.info, key[1], change)
+            self.registry.mutate(self.info, key[1], change)
             self.queue.forget(key)
         except NotFoundError:
             self.queue.forget(key)
@@ -5940,1281 +6924,6 @@ class Controller:
         return {"queued": len(self.queue), "delayed": self.queue.delayed_count(), "running": len(self._runs),
                 "reconciles": self.reconciles, "errors": self.errors, "retries": self.retries,
                 "resyncs": self.resyncs, "workers": len(self._threads)}
-
-
-###############################################################################
-# REST API #####################################################################
-###############################################################################
-#
-# Bottle routes per kind over the Fabrica write operations. Every error is a
-# JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
-# Order of checks: auth and Host (before_request) -> route -> ref syntax ->
-# body size, type and JSON -> existence -> preconditions -> validation -> write.
-
-JSON_TYPE = "application/json"
-MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
-SHORTHAND_PATCH = "application/shorthand-patch+json"
-PATCH_TYPES = {MERGE_PATCH: "merge", JSON_TYPE: "merge", "": "merge", JSON_PATCH: "json", SHORTHAND_PATCH: "shorthand"}
-ACCEPT_PATCH = ", ".join((MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH))
-_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost names and loopback addresses."""
-    host = host.strip("[]").lower()
-    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _wsgi_text(value: str, what: str) -> str:
-    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
-
-    BadRequestError names ``what`` when the bytes are not UTF-8.
-    """
-    try:
-        return value.encode("latin-1").decode("utf-8")
-    except UnicodeError:
-        raise BadRequestError(f"{what} is not valid UTF-8") from None
-
-
-def _host_name(value: str) -> str:
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def etag_of(obj: dict) -> str:
-    return '"' + obj["metadata"]["resourceVersion"] + '"'
-
-
-def _etag_list(header: str) -> list[str]:
-    return [t.strip() for t in header.split(",") if t.strip()]
-
-
-def if_match_ok(header: str | None, obj: dict) -> bool:
-    """RFC 9110 If-Match with strong comparison (a weak tag never matches)."""
-    if header is None:
-        return True
-    tags = _etag_list(header)
-    return "*" in tags or etag_of(obj) in tags
-
-
-def if_none_match_hit(header: str | None, obj: dict) -> bool:
-    """RFC 9110 If-None-Match with weak comparison (for GET)."""
-    if header is None:
-        return False
-    tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
-    return "*" in tags or etag_of(obj) in tags
-
-
-_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-class _ChunkedReader:
-    """Decodes a chunked request body for servers that pass it through raw; read() only."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.left = 0
-        self.done = False
-
-    def read(self, size: int = -1) -> bytes:
-        out = []
-        while not self.done and (size < 0 or size > 0):
-            if self.left == 0:
-                line = self.raw.readline(1024)
-                chunk = line.split(b";")[0].strip()
-                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
-                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
-                self.left = int(chunk, 16)
-                if self.left == 0:
-                    self._skip_trailers()
-                    self.done = True
-                    break
-            n = self.left if size < 0 else min(self.left, size)
-            data = self.raw.read(n)
-            if not data:
-                raise BadRequestError("the chunked body ended early")
-            out.append(data)
-            self.left -= len(data)
-            if size > 0:
-                size -= len(data)
-            if self.left == 0 and self.raw.read(2) != b"\r\n":
-                raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
-        return b"".join(out)
-
-    def _skip_trailers(self):
-        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
-        size = 0
-        while (line := self.raw.readline(1024)).strip():
-            size += len(line)
-            if size > MAX_HEAD:
-                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
-
-
-def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
-    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it; 408 when
-    the server's deadline for it passes)."""
-    try:
-        return _read_body(environ, limit)
-    except TimeoutError:
-        environ["fabrica.close"] = True
-        raise RequestTimeoutError("the request body did not arrive in time") from None
-
-
-def _read_body(environ: dict, limit: int) -> bytes:
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        stream = environ["wsgi.input"]
-        if not environ.get("wsgi.input_terminated"):
-            stream = _ChunkedReader(stream)
-        data = stream.read(limit + 1)
-        if len(data) > limit:
-            environ["fabrica.close"] = True
-            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
-        return data
-    length = environ.get("CONTENT_LENGTH") or "0"
-    if not length.isdigit() or not length.isascii():
-        raise BadRequestError(f"invalid Content-Length {length[:20]!r}")
-    length = int(length)
-    if length > limit:
-        environ["fabrica.close"] = True
-        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
-    data = environ["wsgi.input"].read(length) if length else b""
-    if len(data) != length:
-        raise BadRequestError("the request body is shorter than its Content-Length")
-    return data
-
-
-def encode_continue(name: str) -> str:
-    """The opaque, URL-safe continue token for a page that ended at ``name``."""
-    return base64.urlsafe_b64encode(b"n:" + name.encode()).rstrip(b"=").decode()
-
-
-def decode_continue(token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raw = ""
-    if not raw.startswith("n:") or not valid_name(raw[2:]):
-        raise BadRequestError(f"malformed continue token {token[:40]!r}; start the list again without it")
-    return raw[2:]
-
-
-def _media_type(environ) -> str:
-    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
-
-
-def _sse_frame(position, event, typed: bool = True) -> bytes:
-    """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
-
-    A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
-    break inside one would start a field or an event of its sender's
-    choosing: the id and event fields have their control characters escaped
-    whatever reaches here, and the data is one line of JSON (json.dumps
-    escapes every control character in a string). ``typed=False`` leaves the
-    event field out (the type stays in the data).
-    """
-    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
-    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
-
-
-def _peer_closed(sock) -> bool:
-    """True when the client hung up (readable with nothing to read)."""
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative buckets, sum and count (thread-safe enough under the GIL)."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-    def __init__(self, buckets=BUCKETS):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str, labels: str) -> list[str]:
-        sep = "," if labels else ""
-        lines, total = [], 0
-        for bound, n in zip(self.buckets + (float("inf"),), self.counts):
-            total += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {total}')
-        lines.append(f"{name}_sum{{{labels}}} {self.sum!r}")
-        lines.append(f"{name}_count{{{labels}}} {self.count}")
-        return lines
-
-
-# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
-# method outside this set is "other", the route is the route's template, the code a status.
-_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
-_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
-
-
-def _prom_escape(value: str) -> str:
-    """A Prometheus label value: backslash, double quote and line feed escaped (the text format's rule).
-
-    Every label value goes through it, those from a fixed set too: a value
-    is never what ends a line or a sample.
-    """
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class RestAPI:
-    """Builds the Bottle routes of a Fabrica; one instance per app."""
-
-    def __init__(self, app: Fabrica):
-        self.app = app
-        self.wsgi = bottle.Bottle()
-        self.wsgi.default_error_handler = self._bottle_error
-        self.wsgi.add_hook("before_request", self._guard)
-        self.wsgi.add_hook("after_request", self._after)
-        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.keepalive = 15.0                   # seconds between SSE keep-alive comments
-        self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
-        self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
-        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
-        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
-        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
-        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
-        self.wsgi.route("/health", "GET", self._endpoint(self.health))
-        self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
-        self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
-        self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
-        self.wsgi.route("/events", "GET", self._endpoint(self.events))
-        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
-        self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
-
-    # -- plumbing ----------------------------------------------------------
-    def _guard(self):
-        app = self.app
-        environ = bottle.request.environ
-        environ["fabrica.t0"] = time.perf_counter()
-        if app._host_check:
-            header = environ.get("HTTP_HOST", "")
-            ok = self._hosts.get(header)
-            if ok is None:
-                host = _host_name(header)
-                ok = not host or is_loopback(host)
-                if len(self._hosts) < 1024:        # bounded: Host is client input
-                    self._hosts[header] = ok
-            if not ok:
-                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
-                raise self._error_response(ForbiddenError(
-                    f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
-                    "(serve with --host to bind elsewhere)"))
-        try:
-            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
-            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
-        except BadRequestError as err:
-            raise self._error_response(err) from None
-        if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
-            raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
-        if app.token and environ.get("PATH_INFO") != "/health":
-            got = environ.get("HTTP_AUTHORIZATION", "")
-            if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
-                try:
-                    admitted = dashboard_admits(self, environ)
-                except FabricaError as err:     # a ticket, refused: the error says why
-                    raise self._error_response(err) from None
-                if not admitted:
-                    raise self._error_response(UnauthorizedError(
-                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
-                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
-
-    def _after(self):
-        environ = bottle.request.environ
-        route = environ.get("bottle.route")
-        rule = route.rule if route is not None else "unmatched"
-        method = environ.get("REQUEST_METHOD", "")
-        if method not in _METRIC_METHODS:
-            method = "other"
-        code = bottle.response.status_code
-        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
-        started = environ.get("fabrica.t0")
-        if started is not None:
-            hist = self.latency.get((rule, method))
-            if hist is None:
-                hist = self.latency.setdefault((rule, method), Histogram())
-            hist.observe(time.perf_counter() - started)
-        cors = self.app.cors
-        if cors and environ.get("HTTP_ORIGIN") == cors:
-            res = bottle.response
-            res.set_header("Access-Control-Allow-Origin", cors)
-            vary = res.get_header("Vary")       # GET / varies by Accept too
-            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
-            res.set_header("Access-Control-Expose-Headers",
-                           "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
-
-    @staticmethod
-    def _preflight(cors: str, environ) -> bottle.HTTPResponse:
-        """A CORS preflight answer (only with --cors; without it OPTIONS is routed like any method)."""
-        headers = {}
-        if environ.get("HTTP_ORIGIN") == cors:
-            headers = {"Access-Control-Allow-Origin": cors, "Vary": "Origin",
-                       "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
-                       "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, If-None-Match, "
-                                                       "Last-Event-ID",
-                       "Access-Control-Max-Age": "600"}
-        return bottle.HTTPResponse(b"", 204, headers)
-
-    def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
-        res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
-        res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
-        res.content_type = JSON_TYPE
-        if err.status in (408, 413):         # the body is left unread: the connection cannot be reused
-            res.set_header("Connection", "close")
-        return res
-
-    def _bottle_error(self, res: bottle.HTTPError) -> str:
-        bottle.response.content_type = JSON_TYPE
-        if res.status_code >= 500:
-            message = "internal server error; the server log has the details"
-            if res.traceback:
-                http_log.error("unhandled error in %s %s:\n%s", _one_line(bottle.request.method),
-                               _one_line(bottle.request.path), res.traceback)
-        elif res.status_code == 404:
-            message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
-        elif res.status_code == 405:
-            message = f"method {bottle.request.method} is not allowed here; allowed: {res.headers.get('Allow', '')}"
-        else:
-            message = str(res.body) if isinstance(res.body, str) and res.body else res.status_line
-        return dumps({"error": message, "code": res.status_code, "details": []})
-
-    def _endpoint(self, fn):
-        def handler(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except FabricaError as err:
-                extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
-                return self._error_response(err, extra)
-            except Exception:
-                http_log.exception("unhandled error in %s %s", _one_line(bottle.request.method),
-                                   _one_line(bottle.request.path))
-                return self._error_response(FabricaError("internal server error; the server log has the details"))
-        handler.__name__ = fn.__name__
-        return handler
-
-    @staticmethod
-    def _send(obj, status: int = 200, etag: bool = True) -> bytes:
-        res = bottle.response
-        res.status = status
-        res.content_type = JSON_TYPE
-        if etag:
-            res.set_header("ETag", etag_of(obj))
-        return dumps(obj).encode()
-
-    def _json_body(self, *, patch: bool = False) -> tuple[object, str]:
-        environ = bottle.request.environ
-        media = _media_type(environ)
-        if patch:
-            if media not in PATCH_TYPES:
-                raise UnsupportedMediaTypeError(
-                    f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
-        elif media not in ("", JSON_TYPE):
-            raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
-        raw = read_body(environ, self.app.max_body)
-        # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
-        kind = PATCH_TYPES[media] if patch else "body"
-        return read_json(raw, want_object=kind != "json"), kind
-
-    def _kind(self, plural: str):
-        info = self.app._by_plural.get(plural)
-        if info is None:
-            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        return info
-
-    def _obj(self, info, ref: str) -> dict:
-        obj = self.app.store.resolve(info.kind, ref)
-        if obj is None:
-            if not valid_name(ref):
-                raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
-            raise NotFoundError(f'{info.kind} "{ref}" not found')
-        return obj
-
-    # -- routes ------------------------------------------------------------
-    def mount(self, plural: str | None, history: bool = False) -> None:
-        """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
-        route, ep = self.wsgi.route, self._endpoint
-        if plural is None:
-            base, fixed = "/<plural:re:[a-z][a-z0-9]{0,62}>", {}
-        else:
-            base, fixed = "/" + plural, {"plural": plural}
-
-        def bind(fn):
-            return ep(lambda **kw: fn(**fixed, **kw)) if fixed else ep(fn)
-        route(base, "GET", bind(self.list))
-        route(base, "POST", bind(self.create))
-        route(base + "/<ref>", "GET", bind(self.get))
-        route(base + "/<ref>", "PUT", bind(self.update))
-        route(base + "/<ref>", "PATCH", bind(self.patch))
-        route(base + "/<ref>", "DELETE", bind(self.delete))
-        route(base + "/<ref>/status", "GET", bind(self.get_status))
-        route(base + "/<ref>/status", "PUT", bind(self.update_status))
-        route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
-        route(base + "/<ref>/events", "GET", bind(self.object_events))
-        if history:
-            route(base + "/<ref>/versions", "GET", bind(self.versions))
-            route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
-            route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
-            route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
-
-    def list(self, plural):
-        info = self.app._by_plural.get(plural)
-        if info is None and not (self.app.open and plural not in RESERVED_PATHS):
-            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
-        query = self._query()
-        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
-        selector, name = query.get("labelSelector") or None, query.get("name") or None
-        limit, token = query.get("limit") or None, query.get("continue") or None
-        if limit is not None:
-            if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
-                raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
-            limit = int(limit)
-        items, total, more = self.app.store.query(
-            info.kind if info else "", parse_selector(selector) if selector else None, name=name,
-            after=decode_continue(token) if token is not None else None, limit=limit)
-        res = bottle.response
-        res.set_header("X-Total-Count", str(total))
-        if more is not None:
-            token = encode_continue(more)
-            res.set_header("X-Continue", token)
-            params = {"limit": str(limit), "continue": token}
-            if selector:
-                params["labelSelector"] = selector
-            res.set_header("Link", f'</{info.plural}?{urllib.parse.urlencode(params)}>; rel="next"')
-        return self._send(items, etag=False)
-
-    def create(self, plural):
-        if plural in RESERVED_PATHS:
-            raise NotFoundError(f"/{plural} is reserved")
-        body, _ = self._json_body()
-        if self.app.open:
-            info, obj = self.app._create_open(plural, body)
-        else:
-            info = self._kind(plural)
-            obj = self.app._create(info, self.app._parse_body(info, body))
-        bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
-        return self._send(obj, 201)
-
-    def get(self, plural, ref):
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        res = bottle.response
-        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
-            res.status = 304
-            res.set_header("ETag", etag_of(obj))
-            return b""
-        # Stored objects are never mutated (a write stores a new dict), so the JSON of
-        # the very same object can be reused; the cache holds it, so `is` is safe.
-        key = (info.kind, obj["metadata"]["uid"])
-        bodies = self._bodies
-        cached = bodies.get(key)
-        if cached is None or cached[0] is not obj:
-            cached = (obj, dumps(obj).encode())
-            with self._bodies_lock:
-                stale = bodies.pop(key, None)
-                if stale is not None:
-                    self._bodies_bytes -= len(stale[1])
-                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
-                    bodies.clear()
-                    self._bodies_bytes = 0
-                bodies[key] = cached
-                self._bodies_bytes += len(cached[1])
-        res.content_type = JSON_TYPE
-        res.set_header("ETag", etag_of(obj))
-        return cached[1]
-
-    def _preconditions(self):
-        return {"if_match": self._header("HTTP_IF_MATCH"), "if_none_match": self._header("HTTP_IF_NONE_MATCH")}
-
-    @staticmethod
-    def _query() -> bottle.FormsDict:
-        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
-        try:
-            return bottle.request.query.decode()
-        except UnicodeError:
-            raise BadRequestError("the query string is not valid UTF-8") from None
-
-    @staticmethod
-    def _header(key: str) -> str | None:
-        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
-        value = bottle.request.environ.get(key)
-        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
-
-    def update(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, _ = self._json_body()
-        parsed = self.app._parse_body(info, body, update=True)
-        obj = self.app._update(info, ref, parsed, **self._preconditions())
-        return self._send(obj)
-
-    def patch(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, kind = self._json_body(patch=True)
-        obj = self.app._patch(info, ref, body, kind, **self._preconditions())
-        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
-        return self._send(obj)
-
-    def delete(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        force = self._query().get("force", "").lower() in ("true", "1", "yes")
-        obj, gone = self.app._delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
-        if not gone:
-            return self._send(obj, 202)
-        return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
-                          etag=False)
-
-    def get_status(self, plural, ref):
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        bottle.response.set_header("ETag", etag_of(obj))
-        return self._send(obj["status"], etag=False)
-
-    def update_status(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, _ = self._json_body()
-        obj = self.app._update_status(info, ref, body, **self._preconditions())
-        return self._send(obj)
-
-    def patch_status(self, plural, ref):
-        info = self._kind(plural)
-        self._obj(info, ref)
-        body, kind = self._json_body(patch=True)
-        obj = self.app._patch(info, ref, body, kind, status=True, **self._preconditions())
-        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
-        return self._send(obj)
-
-    def object_events(self, plural, ref):
-        """The object's recent events the store's change feed still retains, oldest first (``?limit=``, default 50).
-
-        Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
-        """
-        info = self._kind(plural)
-        obj = self._obj(info, ref)
-        limit = self._query().get("limit") or "50"
-        if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
-            raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
-        return self._send(self.app.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
-
-    def _history(self, plural, ref):
-        info = self._kind(plural)
-        if not info.history_on:
-            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
-        return info, self._obj(info, ref)
-
-    def versions(self, plural, ref):
-        info, obj = self._history(plural, ref)
-        return self._send(self.app.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
-
-    def get_version(self, plural, ref, vid):
-        info, obj = self._history(plural, ref)
-        snap = self.app.store.get_version(info.kind, obj["metadata"]["uid"], vid)
-        if snap is None:
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
-        return self._send(snap, etag=False)
-
-    def delete_version(self, plural, ref, vid):
-        info, obj = self._history(plural, ref)
-        if not self.app.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
-        return self._send({"message": "version deleted", "uid": vid}, etag=False)
-
-    def restore_version(self, plural, ref, vid):
-        info, _ = self._history(plural, ref)
-        return self._send(self.app._restore(info, ref, vid, **self._preconditions()))
-
-    # -- global routes -----------------------------------------------------
-    def health(self):
-        return self._send(self.app.health(), etag=False)
-
-    def apis(self):
-        return self._send(self.app.discovery(), etag=False)
-
-    def root(self):
-        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
-        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
-            return dashboard_page()
-        bottle.response.set_header("Vary", "Accept")
-        return self.apis()
-
-    def openapi(self):
-        return self._send(openapi_document(self.app), etag=False)
-
-    def docs(self):
-        bottle.response.content_type = "text/html; charset=utf-8"
-        # the page is self-contained: the policy makes sure it fetches nothing but this server's JSON
-        bottle.response.set_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'; connect-src 'self'")
-        return DOCS_HTML
-
-    def events(self):
-        """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
-        env = bottle.request.environ
-        query = self._query()
-        pattern = query.get("type") or "**"
-        try:
-            compile_pattern(pattern)
-        except ValueError as exc:
-            raise BadRequestError(str(exc)) from None
-        kind = query.get("kind") or None
-        if kind is not None:
-            kind = self.app.resolve_kind(kind).kind
-        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
-        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
-        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
-        position = parse_position(since) if since else None
-        store = self.app.store
-        if position is not None and store is not None and position[0] > store.resource_version:
-            # no event here ever had that position (a forged id, or one from another data dir): streaming
-            # on from it would skip every event up to it without a word
-            raise GoneError(f"event {format_position(position)} is newer than every event of this server "
-                            f"(resourceVersion {store.resource_version}); re-list and watch from now")
-        bus = self.app.bus
-        tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
-        try:
-            backlog = [] if position is None else [
-                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
-        except FabricaError:
-            tap.close()
-            raise
-        res = bottle.response
-        res.content_type = "text/event-stream; charset=utf-8"
-        res.set_header("Cache-Control", "no-cache")
-        res.set_header("X-Accel-Buffering", "no")
-        return self._stream(tap, backlog, position or (0, 0), env, typed)
-
-    def event_ticket(self):
-        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
-        bottle.response.set_header("Cache-Control", "no-store")
-        return self._send(self.tickets.issue(), etag=False)
-
-    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
-        sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
-        keepalive = self.keepalive
-        quiet_since = time.monotonic()
-        try:
-            yield b": stream open\n\n"
-            for pos, event in backlog:
-                yield _sse_frame(pos, event, typed)
-                last = pos
-            while self.app._started and not (server is not None and server.stopping):
-                event = tap.get(timeout=min(1.0, keepalive))
-                if event is None:
-                    if tap.overflowed or tap.closed or _peer_closed(sock):
-                        return      # a client resumes with Last-Event-ID
-                    if time.monotonic() - quiet_since >= keepalive:
-                        quiet_since = time.monotonic()
-                        yield b": keep-alive\n\n"
-                    continue
-                pos = parse_position(event["sequence"])
-                if pos <= last:
-                    continue        # already sent from the backlog
-                last = pos
-                quiet_since = time.monotonic()
-                yield _sse_frame(pos, event, typed)
-        finally:
-            tap.close()
-
-    def metrics(self):
-        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return self.app.metrics_text().encode()
-
-
-###############################################################################
-# OpenAPI #####################################################################
-###############################################################################
-#
-# openapi_document(app) describes every route the app serves as an OpenAPI
-# 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
-# they are). It is rebuilt per request: cheap, and always true to app.kinds.
-# DOCS_HTML is the offline /docs page: inline CSS and JS, nothing fetched
-# but /openapi.json and the GETs a person tries.
-
-_OA_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-_OA_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_OA_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
-_OA_ERRORS = {
-    "304": "Not modified: If-None-Match matched the current ETag (no body)",
-    "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
-    "401": "Missing or wrong bearer token",
-    "404": "No such object, kind or version",
-    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, an owner is gone or being deleted, "
-           "or the object changes too fast",
-    "410": "Gone: events after that position are no longer available",
-    "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
-    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
-    "415": "Unsupported Content-Type",
-    "422": "Validation failed; details lists every failing field",
-    "500": "The store could not complete the write; the previous version is intact",
-    "507": "No space left for the write; the previous version is intact",
-}
-
-
-_OA_SUFFIXES = ("", "Spec", "Status", "Create", "Version", "Versions")
-
-
-def _oa_ref(name: str, kind: str = "schemas") -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _oa_json(schema: dict) -> dict:
-    return {JSON_TYPE: {"schema": schema}}
-
-
-def _oa_responses(ok: dict, codes: str, token: bool) -> dict:
-    """ok (status -> response object) plus the Error responses named in ``codes``."""
-    out = dict(ok)
-    for code in codes.split() + (["401"] if token else []):
-        if code == "304":
-            out[code] = {"description": _OA_ERRORS[code], "headers": {"ETag": _oa_ref("ETag", "headers")}}
-        else:
-            out[code] = {"description": _OA_ERRORS[code], "content": _oa_json(_oa_ref("Error"))}
-    return dict(sorted(out.items()))
-
-
-def _oa_ok(description: str, schema: dict | None = None, headers=(), media: str = JSON_TYPE) -> dict:
-    res = {"description": description}
-    if headers:
-        res["headers"] = {h: _oa_ref(h.replace("-", ""), "headers") for h in headers}
-    if schema is not None:
-        res["content"] = {media: {"schema": schema}}
-    return res
-
-
-def _oa_schema(schema: Schema | None, what: str) -> dict:
-    if schema is None:
-        return {"type": "object", "description": f"any JSON object (the kind declares no {what} schema)"}
-    out = deepcopy_json(schema.json)
-    for key in ("$schema", "$id"):
-        out.pop(key, None)
-    return out
-
-
-def _oa_flat(kind: str | None, spec: dict) -> dict:
-    """The flat create/PUT form: name, labels, annotations beside the spec fields (SPEC §6.2)."""
-    reserved = {"name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
-                "apiVersion": {"const": API_VERSION}, "kind": {"const": kind} if kind else {"type": "string"}}
-    flat = {"title": "flat form", "type": "object"}
-    simple = set(spec) <= {"type", "properties", "required", "additionalProperties", "title", "description"}
-    if not simple or spec.get("type", "object") != "object":
-        flat["properties"] = reserved
-        flat["description"] = "name, labels and annotations beside the spec fields"
-        return flat
-    skip = set(_FLAT_RESERVED) | {"metadata", "spec"}
-    flat["properties"] = {**{k: v for k, v in (spec.get("properties") or {}).items() if k not in skip}, **reserved}
-    required = [r for r in spec.get("required", ()) if r not in skip]
-    if required:
-        flat["required"] = required
-    if "additionalProperties" in spec:
-        flat["additionalProperties"] = spec["additionalProperties"]
-    return flat
-
-
-def _oa_kind_schemas(info: KindInfo | None, name: str) -> dict:
-    """Components <name>Spec, <name>Status, <name>, <name>Create (and <name>Version) of one kind.
-
-    ``name`` is the kind's name unless that collides (see openapi_document); ``info=None`` gives
-    the generic resource of an open server's other plurals.
-    """
-    spec = _oa_schema(info.spec if info else None, "spec")
-    status = _oa_schema(info.status if info else None, "status")
-    status.setdefault("description", "written by controllers; conditions: see Condition")
-    kind_const = {"const": info.kind} if info is not None else {"type": "string"}
-    envelope = {
-        "title": "envelope form", "type": "object",
-        "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
-                       "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMetaWrite"),
-                       "spec": _oa_ref(name + "Spec"),
-                       "status": {"description": "ignored here: status is written only through /status"}},
-        "additionalProperties": False,
-        "anyOf": [{"required": ["metadata"]}, {"required": ["spec"]}],
-    }
-    schemas = {
-        name + "Spec": spec,
-        name + "Status": status,
-        name: {
-            "type": "object",
-            "required": ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"],
-            "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
-                           "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMeta"),
-                           "spec": _oa_ref(name + "Spec"), "status": _oa_ref(name + "Status")},
-        },
-        name + "Create": {
-            "description": "Create or PUT body: the flat form ({name, labels, annotations, <spec fields>}) "
-                           "or the envelope form ({metadata, spec}); a top-level metadata or spec key "
-                           "selects the envelope form.",
-            "anyOf": [_oa_flat(info.kind if info else None, spec), envelope],
-        },
-    }
-    if info is not None and info.history_on:
-        schemas[name + "Version"] = {"allOf": [_oa_ref("Version"),
-                                               {"properties": {"spec": _oa_ref(name + "Spec")}}]}
-    return schemas
-
-
-def _oa_patch_body(target: str) -> dict:
-    merge = {"type": "object", "description": f"RFC 7386 merge patch of the {target}"}
-    return {"required": True, "description": f"A patch of the {target}; the Content-Type picks the format",
-            "content": {MERGE_PATCH: {"schema": merge}, JSON_TYPE: {"schema": merge},
-                        JSON_PATCH: {"schema": _oa_ref("JSONPatch")},
-                        SHORTHAND_PATCH: {"schema": {"type": "object", "description":
-                                          "dotted paths to values; null removes the path"}}}}
-
-
-def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, token: bool,
-                   open_kind: bool = False) -> dict:
-    """The path items of one kind: ``name`` names its components and operations, ``label`` is for
-    people, ``base`` is "/<plural>" (or "/{plural}" for an open server's other plurals)."""
-    ref, K = _oa_ref("Ref", "parameters"), _oa_ref(name)
-    pre = [_oa_ref("IfMatch", "parameters"), _oa_ref("IfNoneMatch", "parameters")]
-    lead = [_oa_ref("Plural", "parameters")] if open_kind else []
-
-    def op(op_id, summary, responses, codes, params=(), body=None):
-        verb, _, suffix = op_id.partition("*")
-        o = {"tags": [tag], "summary": summary, "operationId": verb + name + suffix}
-        if params:
-            o["parameters"] = list(params)
-        if body is not None:
-            o["requestBody"] = body
-        o["responses"] = _oa_responses(responses, codes, token)
-        return o
-
-    create_body = {"required": True, "content": _oa_json(_oa_ref(name + "Create"))}
-    write = "400 404 409 412 413 415 422 500 507"
-    nf = " 404" if open_kind else ""     # a plural that is reserved or not a plural
-    obj_etag = _oa_ok(f"The {label}", K, ("ETag",))
-    patched = _oa_ok(f"The patched {label}", K, ("ETag", "Accept-Patch"))
-    paths = {
-        base: {"parameters": lead, **{
-            "get": op("list", f"List {label} objects (ordered by name)",
-                      {"200": _oa_ok("The matching objects", {"type": "array", "items": K},
-                                     ("X-Total-Count", "X-Continue", "Link"))}, "400" + nf,
-                      [_oa_ref(p, "parameters") for p in ("LabelSelector", "Name", "Limit", "Continue")]),
-            "post": op("create", f"Create a {label}",
-                       {"201": _oa_ok(f"The new {label}", K, ("Location", "ETag"))},
-                       "400 409 413 415 422 500 507" + nf, body=create_body)}},
-        base + "/{ref}": {"parameters": lead + [ref], **{
-            "get": op("get", f"Get a {label}", {"200": obj_etag}, "304 400 404",
-                      [_oa_ref("IfNoneMatchGet", "parameters")]),
-            "put": op("replace", f"Replace the spec (and labels) of a {label}; never creates",
-                      {"200": obj_etag}, write, pre, create_body),
-            "patch": op("patch", f"Patch the spec of a {label}", {"200": patched}, write,
-                        [pre[0]], _oa_patch_body("spec")),
-            "delete": op("delete", f"Delete a {label}",
-                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse")),
-                          "202": _oa_ok("Finalizers are pending: marked for deletion", K, ("ETag",))},
-                         "400 404 409 412 500 507", [pre[0], _oa_ref("Force", "parameters")])}},
-        base + "/{ref}/status": {"parameters": lead + [ref], **{
-            "get": op("get*Status", f"Get the status of a {label}",
-                      {"200": _oa_ok("The status object", _oa_ref(name + "Status"), ("ETag",))}, "400 404"),
-            "put": op("replace*Status", f"Replace the status of a {label} (the bare status object)",
-                      {"200": obj_etag}, write, pre,
-                      {"required": True, "content": _oa_json(_oa_ref(name + "Status"))}),
-            "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
-                        _oa_patch_body("status"))}},
-    }
-    paths[base + "/{ref}/events"] = {"parameters": lead + [ref], "get": op(
-        "list*Events", f"The recent events of a {label} still in the event ring buffer, oldest first",
-        {"200": _oa_ok("CloudEvents", {"type": "array", "items": {
-            "type": "object", "required": ["specversion", "id", "type", "source"]}})}, "400 404",
-        [_oa_ref("EventLimit", "parameters")])}
-    if history:
-        vid = _oa_ref("VersionId", "parameters")
-        V = _oa_ref(name + "Version")
-        paths[base + "/{ref}/versions"] = {"parameters": lead + [ref], "get": op(
-            "list*Versions", f"List the spec versions of a {label}, oldest first",
-            {"200": _oa_ok("The snapshots", {"type": "array", "items": V})}, "400 404")}
-        paths[base + "/{ref}/versions/{versionId}"] = {"parameters": lead + [ref, vid], **{
-            "get": op("get*Version", "Get one spec version", {"200": _oa_ok("The snapshot", V)}, "400 404"),
-            "delete": op("delete*Version", "Delete one spec version",
-                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse"))}, "400 404 500 507")}}
-        paths[base + "/{ref}/versions/{versionId}/restore"] = {"parameters": lead + [ref, vid], "post": op(
-            "restore*Version", "Write that version's spec back as a new, validated spec write",
-            {"200": obj_etag}, "400 404 409 412 422 500 507", pre)}
-    for item in paths.values():
-        if not item["parameters"]:
-            del item["parameters"]
-    return paths
-
-
-def _oa_components() -> dict:
-    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
-    time = {"type": "string", "format": "date-time"}
-    header = lambda description, schema, required=False: {  # noqa: E731
-        "description": description, "required": required, "schema": schema}
-    param = lambda name, where, description, schema, **extra: {  # noqa: E731
-        "name": name, "in": where, "description": description, "schema": schema, **extra}
-    return {
-        "schemas": {
-            "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
-                "error": {"type": "string"}, "code": {"type": "integer"},
-                "details": {"type": "array", "items": {"type": "object", "properties": {
-                    "field": {"type": "string"}, "message": {"type": "string"}}}}}},
-            "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
-                     "description": "a DNS-1123 subdomain, unique per kind"},
-            "Labels": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
-                       "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
-            "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
-                            "additionalProperties": {"type": "string"}},
-            "OwnerReference": {
-                "type": "object", "required": ["kind", "uid"], "additionalProperties": False,
-                "description": "an owner; at most one per object has controller: true (SPEC §5.5)",
-                "properties": {"kind": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]{0,62}$"},
-                               "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
-                               "name": {"type": "string"}, "controller": {"type": "boolean"}}},
-            "ObjectMeta": {
-                "type": "object",
-                "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
-                             "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"],
-                "properties": {
-                    "name": {"type": "string"}, "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
-                    "labels": string_map, "annotations": string_map, "createdAt": time, "updatedAt": time,
-                    "generation": {"type": "integer", "minimum": 1},
-                    "resourceVersion": {"type": "string", "pattern": "^[0-9]+$"},
-                    "finalizers": {"type": "array", "items": {"type": "string"}},
-                    "ownerReferences": {"type": "array", "items": _oa_ref("OwnerReference")},
-                    "deletionTimestamp": {"type": ["string", "null"], "format": "date-time"}}},
-            "ObjectMetaWrite": {
-                "type": "object", "additionalProperties": False,
-                "description": "metadata in an envelope body; server-managed fields are accepted and ignored",
-                "properties": {
-                    "name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
-                    "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
-                                                              "pattern": _OA_LABEL_KEY}},
-                    "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
-                    "ownerReferences": {"type": ["array", "null"], "items": _oa_ref("OwnerReference"),
-                                        "description": "read at create (every owner must exist and not be "
-                                                       "being deleted, else 409; the name is filled in), "
-                                                       "ignored by PUT"},
-                    **{k: {"description": "server-managed; ignored"} for k in
-                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
-            "Condition": {"type": "object", "required": ["type", "status"], "properties": {
-                "type": {"type": "string", "pattern": _OA_LABEL_KEY, "maxLength": CONDITION_TYPE_MAX},
-                "status": {"enum": ["True", "False", "Unknown"]},
-                "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
-                "observedGeneration": {"type": "integer"}},
-                "description": "what set_condition() and the controller write into status.conditions"},
-            "DeleteResponse": {"type": "object", "required": ["message", "uid"], "properties": {
-                "message": {"type": "string"}, "uid": {"type": "string"}}},
-            "Version": {"type": "object",
-                        "required": ["versionId", "createdAt", "uid", "name", "labels", "annotations", "spec"],
-                        "properties": {"versionId": {"type": "string"}, "createdAt": time,
-                                       "uid": {"type": "string"}, "name": {"type": "string"},
-                                       "labels": string_map, "annotations": string_map,
-                                       "spec": {"type": "object"}}},
-            "JSONPatch": {"type": "array", "description": "RFC 6902 operations", "items": {
-                "type": "object", "required": ["op", "path"], "properties": {
-                    "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
-                    "path": {"type": "string"}, "from": {"type": "string"}, "value": {}}}},
-            "Health": {"type": "object", "required": ["status", "service"], "properties": {
-                "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
-                "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
-                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
-                "resourceVersion": {"type": "string"},
-                "workers": {"type": "object", "additionalProperties": {"type": "integer"}}}},
-            "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
-                "apiVersion": {"type": "string"},
-                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
-                "kinds": {"type": "array", "items": {
-                    "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
-                        "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
-                        "patchTypes": {"type": "array", "items": {"type": "string"}},
-                        "controller": {"type": "boolean"}, "history": {"type": "boolean"},
-                        "finalizer": {"type": "boolean"}}}}}},
-        },
-        "parameters": {
-            "Ref": param("ref", "path", "a uid, else a name", {"type": "string"}, required=True),
-            "Plural": param("plural", "path", "the plural of a kind made at first create (open server)",
-                            {"type": "string", "pattern": "^[a-z][a-z0-9]{0,62}$"}, required=True),
-            "VersionId": param("versionId", "path", "a spec version (the generation it produced)",
-                               {"type": "string"}, required=True),
-            "IfMatch": param("If-Match", "header", "strong ETags or *; no match: 412", {"type": "string"}),
-            "IfNoneMatch": param("If-None-Match", "header", "*: fail with 412 if the object exists",
-                                 {"type": "string"}),
-            "IfNoneMatchGet": param("If-None-Match", "header", "a matching ETag answers 304",
-                                    {"type": "string"}),
-            "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
-                                   "k notin (a), k, !k; comma = AND", {"type": "string"}),
-            "Name": param("name", "query", "only the object with this name", {"type": "string"}),
-            "EventLimit": param("limit", "query", "at most this many, the newest (default 50)",
-                                {"type": "integer", "minimum": 1, "maximum": 10000}),
-            "Limit": param("limit", "query", "page size (empty: no limit)",
-                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
-            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
-                              "first page)", {"type": "string"}),
-            "Force": param("force", "query", "delete now, even with finalizers pending",
-                           {"type": "boolean"}),
-            "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
-            "EventKind": param("kind", "query", "only events of this kind", {"type": "string"}),
-            "Since": param("since", "query", "replay events after this position (like Last-Event-ID)",
-                           {"type": "string"}),
-            "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
-                                 {"type": "string"}),
-            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
-                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
-            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
-                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
-        },
-        "headers": {
-            "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
-            "XTotalCount": header("objects matching before paging", {"type": "string", "pattern": "^[0-9]+$"},
-                                  True),
-            "XContinue": header("token for the next page, when there is one", {"type": "string"}),
-            "Link": header('<...>; rel="next" when there is a next page', {"type": "string"}),
-            "Location": header("the new object's path", {"type": "string"}, True),
-            "AcceptPatch": header("the patch media types", {"type": "string"}, True),
-        },
-    }
-
-
-def openapi_document(app) -> dict:
-    """The OpenAPI 3.1.0 document of every route ``app`` serves (what GET /openapi.json answers)."""
-    token = bool(app.token)
-    components = _oa_components()
-    paths, tags = {}, []
-    # A kind's components and operation ids are <name>, <name>Spec, <name>Status, ...; a kind whose
-    # name would collide (a kind "Error", or "ServerStatus" beside "Server") becomes <kind>Kind[N].
-    taken = set(components["schemas"]) | {"Health", "Apis", "Events", "OpenAPI", "Docs", "Metrics", "Dashboard"}
-
-    def allocate(kind: str) -> str:
-        name, n = kind, 1
-        while any(name + suffix in taken for suffix in _OA_SUFFIXES):
-            n += 1
-            name = kind + "Kind" + (str(n - 1) if n > 2 else "")
-        taken.update(name + suffix for suffix in _OA_SUFFIXES)
-        return name
-    for info in sorted(app.kinds.values(), key=lambda i: i.plural):
-        name = allocate(info.kind)
-        components["schemas"].update(_oa_kind_schemas(info, name))
-        notes = [f"plural {info.plural}", f"uid prefix {info.prefix}"]
-        notes += [note for flag, note in ((info.reconcile, "reconciled by a controller"),
-                                          (info.finalize, "has a finalizer"),
-                                          (info.history_on, "keeps spec history")) if flag]
-        tags.append({"name": info.kind, "description": "; ".join(notes)})
-        paths.update(_oa_kind_paths(name, info.kind, "/" + info.plural, info.kind, info.history_on, token))
-    if app.open:
-        name = allocate("Resource")
-        components["schemas"].update(_oa_kind_schemas(None, name))
-        tags.append({"name": "open", "description": "any other plural: its kind is made at first create"})
-        paths.update(_oa_kind_paths(name, "resource", "/{plural}", "open", False, token, open_kind=True))
-
-    def system(op_id, summary, responses, codes="", params=(), public=False):
-        o = {"tags": ["system"], "summary": summary, "operationId": op_id}
-        if params:
-            o["parameters"] = list(params)
-        o["responses"] = _oa_responses(responses, codes, token and not public)
-        if token and public:
-            o["security"] = []
-        return {"get": o}
-    text = {"type": "string"}
-    # the schema of one event of the stream: id = position, event = CloudEvent type, data = the CloudEvent
-    sse_event = {"type": "object", "properties": {
-        "id": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}, "event": {"type": "string"},
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"type": "object", "required": ["specversion", "id", "type", "source"]}},
-        "retry": {"type": "integer"}}}
-    paths.update({
-        "/health": system("getHealth", "Liveness and store health (never needs a token)",
-                          {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
-        "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
-                        {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
-        "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
-                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
-                                         media="text/event-stream")}, "400 404 410",
-                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
-                                                              "StreamTicket", "Untyped")]),
-        "/openapi.json": system("getOpenAPI", "This document",
-                                {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
-        "/docs": system("getDocs", "An offline page that browses this document",
-                        {"200": _oa_ok("HTML", text, media="text/html")}),
-        "/metrics": system("getMetrics", "Prometheus text format",
-                           {"200": _oa_ok("Metrics", text, media="text/plain")}),
-    })
-    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
-    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
-        paths["/"] = system("getDashboard", "A small HTML dashboard",
-                            {"200": _oa_ok("HTML", text, media="text/html")})
-    elif roots:
-        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
-                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
-        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
-        paths["/"] = root
-    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
-                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
-                        "type": "object", "required": ["ticket", "expiresAt"],
-                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
-    paths["/events/ticket"] = {"post": ticket["get"]}
-    tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
-    doc = {
-        "openapi": "3.1.0",
-        "info": {"title": app.service, "version": __version__,
-                 "description": "Declarative resources (spec written by users, status by controllers) "
-                                "served by fabrica.py. Every error body is an Error."},
-        "tags": tags,
-        "paths": paths,
-        "components": components,
-    }
-    if token:
-        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
-        doc["security"] = [{"bearerAuth": []}]
-    return doc
-
-
-DOCS_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>API docs</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#234;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
-header h1{font-size:18px;margin:0;flex:1}
-main{display:grid;grid-template-columns:220px 1fr;gap:16px;padding:16px}
-nav a{display:block;color:#246;text-decoration:none;padding:2px 0;cursor:pointer}
-section{background:#fff;border:1px solid #ddd;border-radius:6px;margin-bottom:16px;padding:8px 12px}
-h2{font-size:16px;margin:4px 0 8px}
-.op{border-top:1px solid #eee;padding:6px 0}
-.op summary{cursor:pointer}
-.m{display:inline-block;width:58px;font:bold 12px monospace;text-align:center;border-radius:3px;color:#fff}
-.GET{background:#2a7}.POST{background:#27c}.PUT{background:#c82}.PATCH{background:#a5c}.DELETE{background:#c33}
-code,pre{font-family:ui-monospace,monospace;font-size:12px}
-pre{background:#f4f4f4;padding:8px;overflow:auto;max-height:420px;margin:6px 0}
-input{font:inherit;padding:2px 4px;margin:2px 6px 2px 0}
-.muted{color:#777}
-</style></head>
-<body>
-<header><h1 id="title">API</h1>
-<label>Token <input id="token" type="password" placeholder="bearer token (optional)"></label></header>
-<main><nav id="nav"></nav><div id="content"><p class="muted">Loading /openapi.json ...</p></div></main>
-<script>
-"use strict";
-const $ = (tag, attrs, ...kids) => {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "onclick") el.onclick = v; else el.setAttribute(k, v);
-  }
-  for (const kid of kids) el.append(kid);
-  return el;
-};
-const tokenInput = document.getElementById("token");
-tokenInput.value = sessionStorage.getItem("fabrica-token") || "";
-tokenInput.onchange = () => sessionStorage.setItem("fabrica-token", tokenInput.value);
-const headers = () => tokenInput.value ? {Authorization: "Bearer " + tokenInput.value} : {};
-const pretty = (text) => { try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; } };
-
-function tryGet(doc, path, op, out) {
-  const form = $("div");
-  const inputs = {};
-  for (const name of path.match(/[{][^}]+[}]/g) || []) {
-    const key = name.slice(1, -1);
-    inputs[key] = $("input", {placeholder: key, size: 20});
-    form.append(key + " ", inputs[key]);
-  }
-  const query = $("input", {placeholder: "query, e.g. limit=10", size: 28});
-  const resolve = (p) => p.$ref ? doc.components.parameters[p.$ref.split("/").pop()] : p;
-  if ((op.parameters || []).some((p) => resolve(p).in === "query")) form.append("?", query);
-  const button = $("button", {onclick: async () => {
-    let url = path.replace(/[{]([^}]+)[}]/g, (_, k) => encodeURIComponent(inputs[k].value));
-    if (query.value) url += "?" + query.value.replace(/^[?]/, "");
-    out.textContent = "GET " + url + " ...";
-    try {
-      const res = await fetch(url, {headers: headers()});
-      const body = await res.text();
-      out.textContent = "GET " + url + "\\n" + res.status + " " + res.statusText + "\\n\\n" + pretty(body);
-    } catch (e) { out.textContent = "GET " + url + " failed: " + e; }
-  }}, "Try");
-  form.append(button);
-  return form;
-}
-
-function schemaName(s) {
-  if (!s) return "";
-  if (s.$ref) return s.$ref.split("/").pop();
-  if (s.type === "array" && s.items) return "[" + schemaName(s.items) + "]";
-  return s.type || "";
-}
-
-function render(doc) {
-  document.title = doc.info.title + " API";
-  document.getElementById("title").textContent =
-    doc.info.title + " " + doc.info.version + " (OpenAPI " + doc.openapi + ")";
-  const nav = document.getElementById("nav"), content = document.getElementById("content");
-  content.textContent = "";
-  const byTag = {};
-  for (const [path, item] of Object.entries(doc.paths)) {
-    for (const [method, op] of Object.entries(item)) {
-      if (method === "parameters") continue;
-      for (const tag of op.tags || ["other"]) (byTag[tag] = byTag[tag] || []).push([path, method.toUpperCase(), op]);
-    }
-  }
-  for (const tag of doc.tags || Object.keys(byTag).map((name) => ({name}))) {
-    const ops = byTag[tag.name] || [];
-    const sec = $("section", {id: "tag-" + tag.name}, $("h2", {}, tag.name),
-                  $("div", {class: "muted"}, tag.description || ""));
-    nav.append($("a", {href: "#tag-" + tag.name}, tag.name));
-    for (const [path, method, op] of ops) {
-      const body = op.requestBody ? Object.entries(op.requestBody.content)
-        .map(([type, c]) => type + ": " + schemaName(c.schema)).join(", ") : "";
-      const codes = Object.entries(op.responses).map(([code, r]) => {
-        const c = r.content ? Object.values(r.content)[0] : null;
-        return code + (c ? " " + schemaName(c.schema) : "");
-      }).join(", ");
-      const params = (op.parameters || []).concat(doc.paths[path].parameters || [])
-        .map((p) => p.$ref ? p.$ref.split("/").pop() : p.name).join(", ");
-      const details = $("details", {class: "op"},
-        $("summary", {}, $("span", {class: "m " + method}, method), " ", $("code", {}, path), " ",
-          $("span", {class: "muted"}, op.summary || "")),
-        $("div", {}, "operationId: ", $("code", {}, op.operationId || "")),
-        params ? $("div", {}, "parameters: ", $("code", {}, params)) : "",
-        body ? $("div", {}, "body: ", $("code", {}, body)) : "",
-        $("div", {}, "responses: ", $("code", {}, codes)));
-      if (method === "GET" && path !== "/events") {   // an endless stream: no Try
-        const out = $("pre", {}, "");
-        details.append(tryGet(doc, path, op, out), out);
-      }
-      sec.append(details);
-    }
-    content.append(sec);
-  }
-  const schemas = $("section", {id: "schemas"}, $("h2", {}, "Schemas"));
-  nav.append($("a", {href: "#schemas"}, "Schemas"));
-  for (const [name, schema] of Object.entries((doc.components || {}).schemas || {})) {
-    schemas.append($("details", {class: "op"}, $("summary", {}, $("code", {}, name)),
-      $("pre", {}, JSON.stringify(schema, null, 2))));
-  }
-  content.append(schemas);
-}
-
-fetch("/openapi.json", {headers: headers()})
-  .then((res) => res.ok ? res.json() : res.text().then((t) => { throw new Error(res.status + " " + t); }))
-  .then(render)
-  .catch((e) => { document.getElementById("content").textContent = "Could not load /openapi.json: " + e; });
-</script>
-</body></html>
-"""
 
 
 ###############################################################################
@@ -7663,6 +7372,1420 @@ start();
 </body></html>
 """
 _DASHBOARD_BYTES = DASHBOARD_HTML.encode()
+
+
+###############################################################################
+# OpenAPI #####################################################################
+###############################################################################
+#
+# openapi_document(app) describes every route the app serves as an OpenAPI
+# 3.1.0 document (JSON Schema 2020-12, so spec and status schemas go in as
+# they are). It is rebuilt per request: cheap, and always true to app.kinds.
+# DOCS_HTML is the offline /docs page: inline CSS and JS, nothing fetched
+# but /openapi.json and the GETs a person tries.
+
+_OA_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_OA_LABEL_KEY = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                 r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_OA_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+_OA_ERRORS = {
+    "304": "Not modified: If-None-Match matched the current ETag (no body)",
+    "400": "Bad request: malformed JSON, an invalid reference, query parameter or continue token",
+    "401": "Missing or wrong bearer token",
+    "404": "No such object, kind or version",
+    "409": "Conflict: the name is taken, metadata.resourceVersion is stale, an owner is gone or being deleted, "
+           "or the object changes too fast",
+    "410": "Gone: events after that position are no longer available",
+    "412": "Precondition failed: If-Match does not match (or If-None-Match: * on an existing object)",
+    "413": "The request body, or the object the write would store, is over the limit (1 MiB of JSON by default)",
+    "415": "Unsupported Content-Type",
+    "422": "Validation failed; details lists every failing field",
+    "500": "The store could not complete the write; the previous version is intact",
+    "507": "No space left for the write; the previous version is intact",
+}
+
+
+_OA_SUFFIXES = ("", "Spec", "Status", "Create", "Version", "Versions")
+
+
+def _oa_ref(name: str, kind: str = "schemas") -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _oa_json(schema: dict) -> dict:
+    return {JSON_TYPE: {"schema": schema}}
+
+
+def _oa_responses(ok: dict, codes: str, token: bool) -> dict:
+    """ok (status -> response object) plus the Error responses named in ``codes``."""
+    out = dict(ok)
+    for code in codes.split() + (["401"] if token else []):
+        if code == "304":
+            out[code] = {"description": _OA_ERRORS[code], "headers": {"ETag": _oa_ref("ETag", "headers")}}
+        else:
+            out[code] = {"description": _OA_ERRORS[code], "content": _oa_json(_oa_ref("Error"))}
+    return dict(sorted(out.items()))
+
+
+def _oa_ok(description: str, schema: dict | None = None, headers=(), media: str = JSON_TYPE) -> dict:
+    res = {"description": description}
+    if headers:
+        res["headers"] = {h: _oa_ref(h.replace("-", ""), "headers") for h in headers}
+    if schema is not None:
+        res["content"] = {media: {"schema": schema}}
+    return res
+
+
+def _oa_schema(schema: Schema | None, what: str) -> dict:
+    if schema is None:
+        return {"type": "object", "description": f"any JSON object (the kind declares no {what} schema)"}
+    out = deepcopy_json(schema.json)
+    for key in ("$schema", "$id"):
+        out.pop(key, None)
+    return out
+
+
+def _oa_flat(kind: str | None, spec: dict) -> dict:
+    """The flat create/PUT form: name, labels, annotations beside the spec fields (SPEC §6.2)."""
+    reserved = {"name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                "apiVersion": {"const": API_VERSION}, "kind": {"const": kind} if kind else {"type": "string"}}
+    flat = {"title": "flat form", "type": "object"}
+    simple = set(spec) <= {"type", "properties", "required", "additionalProperties", "title", "description"}
+    if not simple or spec.get("type", "object") != "object":
+        flat["properties"] = reserved
+        flat["description"] = "name, labels and annotations beside the spec fields"
+        return flat
+    skip = set(_FLAT_RESERVED) | {"metadata", "spec"}
+    flat["properties"] = {**{k: v for k, v in (spec.get("properties") or {}).items() if k not in skip}, **reserved}
+    required = [r for r in spec.get("required", ()) if r not in skip]
+    if required:
+        flat["required"] = required
+    if "additionalProperties" in spec:
+        flat["additionalProperties"] = spec["additionalProperties"]
+    return flat
+
+
+def _oa_kind_schemas(info: KindInfo | None, name: str) -> dict:
+    """Components <name>Spec, <name>Status, <name>, <name>Create (and <name>Version) of one kind.
+
+    ``name`` is the kind's name unless that collides (see openapi_document); ``info=None`` gives
+    the generic resource of an open server's other plurals.
+    """
+    spec = _oa_schema(info.spec if info else None, "spec")
+    status = _oa_schema(info.status if info else None, "status")
+    status.setdefault("description", "written by controllers; conditions: see Condition")
+    kind_const = {"const": info.kind} if info is not None else {"type": "string"}
+    envelope = {
+        "title": "envelope form", "type": "object",
+        "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                       "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMetaWrite"),
+                       "spec": _oa_ref(name + "Spec"),
+                       "status": {"description": "ignored here: status is written only through /status"}},
+        "additionalProperties": False,
+        "anyOf": [{"required": ["metadata"]}, {"required": ["spec"]}],
+    }
+    schemas = {
+        name + "Spec": spec,
+        name + "Status": status,
+        name: {
+            "type": "object",
+            "required": ["apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"],
+            "properties": {"apiVersion": {"const": API_VERSION}, "kind": kind_const,
+                           "schemaVersion": {"type": "string"}, "metadata": _oa_ref("ObjectMeta"),
+                           "spec": _oa_ref(name + "Spec"), "status": _oa_ref(name + "Status")},
+        },
+        name + "Create": {
+            "description": "Create or PUT body: the flat form ({name, labels, annotations, <spec fields>}) "
+                           "or the envelope form ({metadata, spec}); a top-level metadata or spec key "
+                           "selects the envelope form.",
+            "anyOf": [_oa_flat(info.kind if info else None, spec), envelope],
+        },
+    }
+    if info is not None and info.history_on:
+        schemas[name + "Version"] = {"allOf": [_oa_ref("Version"),
+                                               {"properties": {"spec": _oa_ref(name + "Spec")}}]}
+    return schemas
+
+
+def _oa_patch_body(target: str) -> dict:
+    merge = {"type": "object", "description": f"RFC 7386 merge patch of the {target}"}
+    return {"required": True, "description": f"A patch of the {target}; the Content-Type picks the format",
+            "content": {MERGE_PATCH: {"schema": merge}, JSON_TYPE: {"schema": merge},
+                        JSON_PATCH: {"schema": _oa_ref("JSONPatch")},
+                        SHORTHAND_PATCH: {"schema": {"type": "object", "description":
+                                          "dotted paths to values; null removes the path"}}}}
+
+
+def _oa_kind_paths(name: str, label: str, base: str, tag: str, history: bool, token: bool,
+                   open_kind: bool = False) -> dict:
+    """The path items of one kind: ``name`` names its components and operations, ``label`` is for
+    people, ``base`` is "/<plural>" (or "/{plural}" for an open server's other plurals)."""
+    ref, K = _oa_ref("Ref", "parameters"), _oa_ref(name)
+    pre = [_oa_ref("IfMatch", "parameters"), _oa_ref("IfNoneMatch", "parameters")]
+    lead = [_oa_ref("Plural", "parameters")] if open_kind else []
+
+    def op(op_id, summary, responses, codes, params=(), body=None):
+        verb, _, suffix = op_id.partition("*")
+        o = {"tags": [tag], "summary": summary, "operationId": verb + name + suffix}
+        if params:
+            o["parameters"] = list(params)
+        if body is not None:
+            o["requestBody"] = body
+        o["responses"] = _oa_responses(responses, codes, token)
+        return o
+
+    create_body = {"required": True, "content": _oa_json(_oa_ref(name + "Create"))}
+    write = "400 404 409 412 413 415 422 500 507"
+    nf = " 404" if open_kind else ""     # a plural that is reserved or not a plural
+    obj_etag = _oa_ok(f"The {label}", K, ("ETag",))
+    patched = _oa_ok(f"The patched {label}", K, ("ETag", "Accept-Patch"))
+    paths = {
+        base: {"parameters": lead, **{
+            "get": op("list", f"List {label} objects (ordered by name)",
+                      {"200": _oa_ok("The matching objects", {"type": "array", "items": K},
+                                     ("X-Total-Count", "X-Continue", "Link"))}, "400" + nf,
+                      [_oa_ref(p, "parameters") for p in ("LabelSelector", "Name", "Limit", "Continue")]),
+            "post": op("create", f"Create a {label}",
+                       {"201": _oa_ok(f"The new {label}", K, ("Location", "ETag"))},
+                       "400 409 413 415 422 500 507" + nf, body=create_body)}},
+        base + "/{ref}": {"parameters": lead + [ref], **{
+            "get": op("get", f"Get a {label}", {"200": obj_etag}, "304 400 404",
+                      [_oa_ref("IfNoneMatchGet", "parameters")]),
+            "put": op("replace", f"Replace the spec (and labels) of a {label}; never creates",
+                      {"200": obj_etag}, write, pre, create_body),
+            "patch": op("patch", f"Patch the spec of a {label}", {"200": patched}, write,
+                        [pre[0]], _oa_patch_body("spec")),
+            "delete": op("delete", f"Delete a {label}",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse")),
+                          "202": _oa_ok("Finalizers are pending: marked for deletion", K, ("ETag",))},
+                         "400 404 409 412 500 507", [pre[0], _oa_ref("Force", "parameters")])}},
+        base + "/{ref}/status": {"parameters": lead + [ref], **{
+            "get": op("get*Status", f"Get the status of a {label}",
+                      {"200": _oa_ok("The status object", _oa_ref(name + "Status"), ("ETag",))}, "400 404"),
+            "put": op("replace*Status", f"Replace the status of a {label} (the bare status object)",
+                      {"200": obj_etag}, write, pre,
+                      {"required": True, "content": _oa_json(_oa_ref(name + "Status"))}),
+            "patch": op("patch*Status", f"Patch the status of a {label}", {"200": patched}, write, [pre[0]],
+                        _oa_patch_body("status"))}},
+    }
+    paths[base + "/{ref}/events"] = {"parameters": lead + [ref], "get": op(
+        "list*Events", f"The recent events of a {label} still in the event ring buffer, oldest first",
+        {"200": _oa_ok("CloudEvents", {"type": "array", "items": {
+            "type": "object", "required": ["specversion", "id", "type", "source"]}})}, "400 404",
+        [_oa_ref("EventLimit", "parameters")])}
+    if history:
+        vid = _oa_ref("VersionId", "parameters")
+        V = _oa_ref(name + "Version")
+        paths[base + "/{ref}/versions"] = {"parameters": lead + [ref], "get": op(
+            "list*Versions", f"List the spec versions of a {label}, oldest first",
+            {"200": _oa_ok("The snapshots", {"type": "array", "items": V})}, "400 404")}
+        paths[base + "/{ref}/versions/{versionId}"] = {"parameters": lead + [ref, vid], **{
+            "get": op("get*Version", "Get one spec version", {"200": _oa_ok("The snapshot", V)}, "400 404"),
+            "delete": op("delete*Version", "Delete one spec version",
+                         {"200": _oa_ok("Deleted", _oa_ref("DeleteResponse"))}, "400 404 500 507")}}
+        paths[base + "/{ref}/versions/{versionId}/restore"] = {"parameters": lead + [ref, vid], "post": op(
+            "restore*Version", "Write that version's spec back as a new, validated spec write",
+            {"200": obj_etag}, "400 404 409 412 422 500 507", pre)}
+    for item in paths.values():
+        if not item["parameters"]:
+            del item["parameters"]
+    return paths
+
+
+def _oa_components() -> dict:
+    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
+    time = {"type": "string", "format": "date-time"}
+    header = lambda description, schema, required=False: {  # noqa: E731
+        "description": description, "required": required, "schema": schema}
+    param = lambda name, where, description, schema, **extra: {  # noqa: E731
+        "name": name, "in": where, "description": description, "schema": schema, **extra}
+    return {
+        "schemas": {
+            "Error": {"type": "object", "required": ["error", "code", "details"], "properties": {
+                "error": {"type": "string"}, "code": {"type": "integer"},
+                "details": {"type": "array", "items": {"type": "object", "properties": {
+                    "field": {"type": "string"}, "message": {"type": "string"}}}}}},
+            "Name": {"type": "string", "maxLength": 253, "pattern": _OA_NAME,
+                     "description": "a DNS-1123 subdomain, unique per kind"},
+            "Labels": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                       "additionalProperties": {"type": "string", "maxLength": 63, "pattern": _OA_LABEL_VALUE}},
+            "Annotations": {"type": "object", "propertyNames": {"pattern": _OA_LABEL_KEY, "maxLength": 317},
+                            "additionalProperties": {"type": "string"}},
+            "OwnerReference": {
+                "type": "object", "required": ["kind", "uid"], "additionalProperties": False,
+                "description": "an owner; at most one per object has controller: true (SPEC §5.5)",
+                "properties": {"kind": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]{0,62}$"},
+                               "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                               "name": {"type": "string"}, "controller": {"type": "boolean"}}},
+            "ObjectMeta": {
+                "type": "object",
+                "required": ["name", "uid", "labels", "annotations", "createdAt", "updatedAt", "generation",
+                             "resourceVersion", "finalizers", "ownerReferences", "deletionTimestamp"],
+                "properties": {
+                    "name": {"type": "string"}, "uid": {"type": "string", "pattern": r"^[a-z0-9]+-[0-9a-f]{8}$"},
+                    "labels": string_map, "annotations": string_map, "createdAt": time, "updatedAt": time,
+                    "generation": {"type": "integer", "minimum": 1},
+                    "resourceVersion": {"type": "string", "pattern": "^[0-9]+$"},
+                    "finalizers": {"type": "array", "items": {"type": "string"}},
+                    "ownerReferences": {"type": "array", "items": _oa_ref("OwnerReference")},
+                    "deletionTimestamp": {"type": ["string", "null"], "format": "date-time"}}},
+            "ObjectMetaWrite": {
+                "type": "object", "additionalProperties": False,
+                "description": "metadata in an envelope body; server-managed fields are accepted and ignored",
+                "properties": {
+                    "name": _oa_ref("Name"), "labels": _oa_ref("Labels"), "annotations": _oa_ref("Annotations"),
+                    "finalizers": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                              "pattern": _OA_LABEL_KEY}},
+                    "resourceVersion": {"type": "string", "description": "if given and not current: 409"},
+                    "ownerReferences": {"type": ["array", "null"], "items": _oa_ref("OwnerReference"),
+                                        "description": "read at create (every owner must exist and not be "
+                                                       "being deleted, else 409; the name is filled in), "
+                                                       "ignored by PUT"},
+                    **{k: {"description": "server-managed; ignored"} for k in
+                       ("uid", "createdAt", "updatedAt", "generation", "deletionTimestamp")}}},
+            "Condition": {"type": "object", "required": ["type", "status"], "properties": {
+                "type": {"type": "string", "pattern": _OA_LABEL_KEY, "maxLength": CONDITION_TYPE_MAX},
+                "status": {"enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string"}, "message": {"type": "string"}, "lastTransitionTime": time,
+                "observedGeneration": {"type": "integer"}},
+                "description": "what set_condition() and the controller write into status.conditions"},
+            "DeleteResponse": {"type": "object", "required": ["message", "uid"], "properties": {
+                "message": {"type": "string"}, "uid": {"type": "string"}}},
+            "Version": {"type": "object",
+                        "required": ["versionId", "createdAt", "uid", "name", "labels", "annotations", "spec"],
+                        "properties": {"versionId": {"type": "string"}, "createdAt": time,
+                                       "uid": {"type": "string"}, "name": {"type": "string"},
+                                       "labels": string_map, "annotations": string_map,
+                                       "spec": {"type": "object"}}},
+            "JSONPatch": {"type": "array", "description": "RFC 6902 operations", "items": {
+                "type": "object", "required": ["op", "path"], "properties": {
+                    "op": {"enum": ["add", "remove", "replace", "move", "copy", "test"]},
+                    "path": {"type": "string"}, "from": {"type": "string"}, "value": {}}}},
+            "Health": {"type": "object", "required": ["status", "service"], "properties": {
+                "status": {"enum": ["healthy", "degraded"]}, "service": {"type": "string"},
+                "version": {"type": "string"}, "kinds": {"type": "array", "items": {"type": "string"}},
+                "quarantined": {"type": "array"}, "ignored": {"type": "array"},
+                "resourceVersion": {"type": "string"},
+                "workers": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "leader": {"type": "boolean", "description": "this process leads: it runs the controllers"},
+                "holderIdentity": {"type": ["string", "null"], "description": "who leads, if known"}}},
+            "Discovery": {"type": "object", "required": ["apiVersion", "kinds"], "properties": {
+                "apiVersion": {"type": "string"},
+                "open": {"type": "boolean", "description": "any kind can be created (serve without an app)"},
+                "kinds": {"type": "array", "items": {
+                    "type": "object", "required": ["kind", "plural", "prefix"], "properties": {
+                        "kind": {"type": "string"}, "plural": {"type": "string"}, "prefix": {"type": "string"},
+                        "patchTypes": {"type": "array", "items": {"type": "string"}},
+                        "controller": {"type": "boolean"}, "history": {"type": "boolean"},
+                        "finalizer": {"type": "boolean"}}}}}},
+        },
+        "parameters": {
+            "Ref": param("ref", "path", "a uid, else a name", {"type": "string"}, required=True),
+            "Plural": param("plural", "path", "the plural of a kind made at first create (open server)",
+                            {"type": "string", "pattern": "^[a-z][a-z0-9]{0,62}$"}, required=True),
+            "VersionId": param("versionId", "path", "a spec version (the generation it produced)",
+                               {"type": "string"}, required=True),
+            "IfMatch": param("If-Match", "header", "strong ETags or *; no match: 412", {"type": "string"}),
+            "IfNoneMatch": param("If-None-Match", "header", "*: fail with 412 if the object exists",
+                                 {"type": "string"}),
+            "IfNoneMatchGet": param("If-None-Match", "header", "a matching ETag answers 304",
+                                    {"type": "string"}),
+            "LabelSelector": param("labelSelector", "query", "Kubernetes syntax: k=v, k!=v, k in (a,b), "
+                                   "k notin (a), k, !k; comma = AND", {"type": "string"}),
+            "Name": param("name", "query", "only the object with this name", {"type": "string"}),
+            "EventLimit": param("limit", "query", "at most this many, the newest (default 50)",
+                                {"type": "integer", "minimum": 1, "maximum": 10000}),
+            "Limit": param("limit", "query", "page size (empty: no limit)",
+                           {"type": "integer", "minimum": 1, "maximum": 2 ** 31}),
+            "Continue": param("continue", "query", "the X-Continue token of the previous page (empty: the "
+                              "first page)", {"type": "string"}),
+            "Force": param("force", "query", "delete now, even with finalizers pending",
+                           {"type": "boolean"}),
+            "EventType": param("type", "query", "CloudEvent type pattern (* wildcards)", {"type": "string"}),
+            "EventKind": param("kind", "query", "only events of this kind", {"type": "string"}),
+            "Since": param("since", "query", "replay events after this position (like Last-Event-ID)",
+                           {"type": "string"}),
+            "LastEventID": param("Last-Event-ID", "header", "replay events after this position",
+                                 {"type": "string"}),
+            "StreamTicket": param("ticket", "query", "with --token, what POST /events/ticket answered (instead of "
+                                  "the Authorization header an EventSource cannot send)", {"type": "string"}),
+            "Untyped": param("untyped", "query", "true: frames without the event: field, so EventSource.onmessage "
+                             "receives every type", {"type": "string", "enum": ["true", "false"]}),
+        },
+        "headers": {
+            "ETag": header('"<resourceVersion>" (strong)', {"type": "string"}, True),
+            "XTotalCount": header("objects matching before paging", {"type": "string", "pattern": "^[0-9]+$"},
+                                  True),
+            "XContinue": header("token for the next page, when there is one", {"type": "string"}),
+            "Link": header('<...>; rel="next" when there is a next page', {"type": "string"}),
+            "Location": header("the new object's path", {"type": "string"}, True),
+            "AcceptPatch": header("the patch media types", {"type": "string"}, True),
+        },
+    }
+
+
+def openapi_document(app) -> dict:
+    """The OpenAPI 3.1.0 document of every route ``app`` serves (what GET /openapi.json answers)."""
+    token = bool(app.token)
+    components = _oa_components()
+    paths, tags = {}, []
+    # A kind's components and operation ids are <name>, <name>Spec, <name>Status, ...; a kind whose
+    # name would collide (a kind "Error", or "ServerStatus" beside "Server") becomes <kind>Kind[N].
+    taken = set(components["schemas"]) | {"Health", "Apis", "Events", "OpenAPI", "Docs", "Metrics", "Dashboard"}
+
+    def allocate(kind: str) -> str:
+        name, n = kind, 1
+        while any(name + suffix in taken for suffix in _OA_SUFFIXES):
+            n += 1
+            name = kind + "Kind" + (str(n - 1) if n > 2 else "")
+        taken.update(name + suffix for suffix in _OA_SUFFIXES)
+        return name
+    for info in sorted(app.kinds.values(), key=lambda i: i.plural):
+        name = allocate(info.kind)
+        components["schemas"].update(_oa_kind_schemas(info, name))
+        notes = [f"plural {info.plural}", f"uid prefix {info.prefix}"]
+        notes += [note for flag, note in ((info.reconcile, "reconciled by a controller"),
+                                          (info.finalize, "has a finalizer"),
+                                          (info.history_on, "keeps spec history")) if flag]
+        tags.append({"name": info.kind, "description": "; ".join(notes)})
+        paths.update(_oa_kind_paths(name, info.kind, "/" + info.plural, info.kind, info.history_on, token))
+    if app.open:
+        name = allocate("Resource")
+        components["schemas"].update(_oa_kind_schemas(None, name))
+        tags.append({"name": "open", "description": "any other plural: its kind is made at first create"})
+        paths.update(_oa_kind_paths(name, "resource", "/{plural}", "open", False, token, open_kind=True))
+
+    def system(op_id, summary, responses, codes="", params=(), public=False):
+        o = {"tags": ["system"], "summary": summary, "operationId": op_id}
+        if params:
+            o["parameters"] = list(params)
+        o["responses"] = _oa_responses(responses, codes, token and not public)
+        if token and public:
+            o["security"] = []
+        return {"get": o}
+    text = {"type": "string"}
+    # the schema of one event of the stream: id = position, event = CloudEvent type, data = the CloudEvent
+    sse_event = {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}, "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object", "required": ["specversion", "id", "type", "source"]}},
+        "retry": {"type": "integer"}}}
+    paths.update({
+        "/health": system("getHealth", "Liveness and store health (never needs a token)",
+                          {"200": _oa_ok("Health", _oa_ref("Health"))}, public=True),
+        "/apis": system("getApis", "Discovery: kinds, plurals, prefixes, patch types",
+                        {"200": _oa_ok("The kinds", _oa_ref("Discovery"))}),
+        "/events": system("watchEvents", "Server-Sent Events: one CloudEvent per change",
+                          {"200": _oa_ok("An endless text/event-stream (id:, event:, data: lines)", sse_event,
+                                         media="text/event-stream")}, "400 404 410",
+                          [_oa_ref(p, "parameters") for p in ("EventType", "EventKind", "Since", "LastEventID",
+                                                              "StreamTicket", "Untyped")]),
+        "/openapi.json": system("getOpenAPI", "This document",
+                                {"200": _oa_ok("OpenAPI 3.1.0", {"type": "object"})}),
+        "/docs": system("getDocs", "An offline page that browses this document",
+                        {"200": _oa_ok("HTML", text, media="text/html")}),
+        "/metrics": system("getMetrics", "Prometheus text format",
+                           {"200": _oa_ok("Metrics", text, media="text/plain")}),
+    })
+    roots = [r for r in app.wsgi.routes if r.rule == "/" and r.method == "GET"]
+    if roots and roots[-1].name != ROOT_ROUTE:      # the app's own page replaced fabrica's (the last one wins)
+        paths["/"] = system("getDashboard", "A small HTML dashboard",
+                            {"200": _oa_ok("HTML", text, media="text/html")})
+    elif roots:
+        root = system("getRoot", "Discovery, as at /apis; a browser (Accept: text/html) gets the dashboard, "
+                      "a page that needs no token", {"200": _oa_ok("The kinds", _oa_ref("Discovery"))})
+        root["get"]["responses"]["200"]["content"]["text/html"] = {"schema": text}
+        paths["/"] = root
+    ticket = system("createEventTicket", f"A ticket for GET /events?ticket=: used once, within "
+                    f"{STREAM_TICKET_TTL} s", {"200": _oa_ok("The ticket", {
+                        "type": "object", "required": ["ticket", "expiresAt"],
+                        "properties": {"ticket": text, "expiresAt": {"type": "string", "format": "date-time"}}})})
+    paths["/events/ticket"] = {"post": ticket["get"]}
+    tags.append({"name": "system", "description": "health, discovery, events, documentation, metrics"})
+    doc = {
+        "openapi": "3.1.0",
+        "info": {"title": app.service, "version": __version__,
+                 "description": "Declarative resources (spec written by users, status by controllers) "
+                                "served by fabrica.py. Every error body is an Error."},
+        "tags": tags,
+        "paths": paths,
+        "components": components,
+    }
+    if token:
+        components["securitySchemes"] = {"bearerAuth": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearerAuth": []}]
+    return doc
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>API docs</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#234;color:#fff;padding:10px 16px;display:flex;gap:16px;align-items:center}
+header h1{font-size:18px;margin:0;flex:1}
+main{display:grid;grid-template-columns:220px 1fr;gap:16px;padding:16px}
+nav a{display:block;color:#246;text-decoration:none;padding:2px 0;cursor:pointer}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;margin-bottom:16px;padding:8px 12px}
+h2{font-size:16px;margin:4px 0 8px}
+.op{border-top:1px solid #eee;padding:6px 0}
+.op summary{cursor:pointer}
+.m{display:inline-block;width:58px;font:bold 12px monospace;text-align:center;border-radius:3px;color:#fff}
+.GET{background:#2a7}.POST{background:#27c}.PUT{background:#c82}.PATCH{background:#a5c}.DELETE{background:#c33}
+code,pre{font-family:ui-monospace,monospace;font-size:12px}
+pre{background:#f4f4f4;padding:8px;overflow:auto;max-height:420px;margin:6px 0}
+input{font:inherit;padding:2px 4px;margin:2px 6px 2px 0}
+.muted{color:#777}
+</style></head>
+<body>
+<header><h1 id="title">API</h1>
+<label>Token <input id="token" type="password" placeholder="bearer token (optional)"></label></header>
+<main><nav id="nav"></nav><div id="content"><p class="muted">Loading /openapi.json ...</p></div></main>
+<script>
+"use strict";
+const $ = (tag, attrs, ...kids) => {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "onclick") el.onclick = v; else el.setAttribute(k, v);
+  }
+  for (const kid of kids) el.append(kid);
+  return el;
+};
+const tokenInput = document.getElementById("token");
+tokenInput.value = sessionStorage.getItem("fabrica-token") || "";
+tokenInput.onchange = () => sessionStorage.setItem("fabrica-token", tokenInput.value);
+const headers = () => tokenInput.value ? {Authorization: "Bearer " + tokenInput.value} : {};
+const pretty = (text) => { try { return JSON.stringify(JSON.parse(text), null, 2); } catch (e) { return text; } };
+
+function tryGet(doc, path, op, out) {
+  const form = $("div");
+  const inputs = {};
+  for (const name of path.match(/[{][^}]+[}]/g) || []) {
+    const key = name.slice(1, -1);
+    inputs[key] = $("input", {placeholder: key, size: 20});
+    form.append(key + " ", inputs[key]);
+  }
+  const query = $("input", {placeholder: "query, e.g. limit=10", size: 28});
+  const resolve = (p) => p.$ref ? doc.components.parameters[p.$ref.split("/").pop()] : p;
+  if ((op.parameters || []).some((p) => resolve(p).in === "query")) form.append("?", query);
+  const button = $("button", {onclick: async () => {
+    let url = path.replace(/[{]([^}]+)[}]/g, (_, k) => encodeURIComponent(inputs[k].value));
+    if (query.value) url += "?" + query.value.replace(/^[?]/, "");
+    out.textContent = "GET " + url + " ...";
+    try {
+      const res = await fetch(url, {headers: headers()});
+      const body = await res.text();
+      out.textContent = "GET " + url + "\\n" + res.status + " " + res.statusText + "\\n\\n" + pretty(body);
+    } catch (e) { out.textContent = "GET " + url + " failed: " + e; }
+  }}, "Try");
+  form.append(button);
+  return form;
+}
+
+function schemaName(s) {
+  if (!s) return "";
+  if (s.$ref) return s.$ref.split("/").pop();
+  if (s.type === "array" && s.items) return "[" + schemaName(s.items) + "]";
+  return s.type || "";
+}
+
+function render(doc) {
+  document.title = doc.info.title + " API";
+  document.getElementById("title").textContent =
+    doc.info.title + " " + doc.info.version + " (OpenAPI " + doc.openapi + ")";
+  const nav = document.getElementById("nav"), content = document.getElementById("content");
+  content.textContent = "";
+  const byTag = {};
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      if (method === "parameters") continue;
+      for (const tag of op.tags || ["other"]) (byTag[tag] = byTag[tag] || []).push([path, method.toUpperCase(), op]);
+    }
+  }
+  for (const tag of doc.tags || Object.keys(byTag).map((name) => ({name}))) {
+    const ops = byTag[tag.name] || [];
+    const sec = $("section", {id: "tag-" + tag.name}, $("h2", {}, tag.name),
+                  $("div", {class: "muted"}, tag.description || ""));
+    nav.append($("a", {href: "#tag-" + tag.name}, tag.name));
+    for (const [path, method, op] of ops) {
+      const body = op.requestBody ? Object.entries(op.requestBody.content)
+        .map(([type, c]) => type + ": " + schemaName(c.schema)).join(", ") : "";
+      const codes = Object.entries(op.responses).map(([code, r]) => {
+        const c = r.content ? Object.values(r.content)[0] : null;
+        return code + (c ? " " + schemaName(c.schema) : "");
+      }).join(", ");
+      const params = (op.parameters || []).concat(doc.paths[path].parameters || [])
+        .map((p) => p.$ref ? p.$ref.split("/").pop() : p.name).join(", ");
+      const details = $("details", {class: "op"},
+        $("summary", {}, $("span", {class: "m " + method}, method), " ", $("code", {}, path), " ",
+          $("span", {class: "muted"}, op.summary || "")),
+        $("div", {}, "operationId: ", $("code", {}, op.operationId || "")),
+        params ? $("div", {}, "parameters: ", $("code", {}, params)) : "",
+        body ? $("div", {}, "body: ", $("code", {}, body)) : "",
+        $("div", {}, "responses: ", $("code", {}, codes)));
+      if (method === "GET" && path !== "/events") {   // an endless stream: no Try
+        const out = $("pre", {}, "");
+        details.append(tryGet(doc, path, op, out), out);
+      }
+      sec.append(details);
+    }
+    content.append(sec);
+  }
+  const schemas = $("section", {id: "schemas"}, $("h2", {}, "Schemas"));
+  nav.append($("a", {href: "#schemas"}, "Schemas"));
+  for (const [name, schema] of Object.entries((doc.components || {}).schemas || {})) {
+    schemas.append($("details", {class: "op"}, $("summary", {}, $("code", {}, name)),
+      $("pre", {}, JSON.stringify(schema, null, 2))));
+  }
+  content.append(schemas);
+}
+
+fetch("/openapi.json", {headers: headers()})
+  .then((res) => res.ok ? res.json() : res.text().then((t) => { throw new Error(res.status + " " + t); }))
+  .then(render)
+  .catch((e) => { document.getElementById("content").textContent = "Could not load /openapi.json: " + e; });
+</script>
+</body></html>
+"""
+
+
+###############################################################################
+# REST API #####################################################################
+###############################################################################
+#
+# Bottle routes per kind over the Registry's writes; the HTTP forms (body
+# forms, If-Match, ETags) are parsed here and handed on as values. Every error
+# is a JSON body {"error", "code", "details"}, Bottle's own 404/405/500 included.
+# Order of checks: auth and Host (before_request) -> route -> ref syntax ->
+# body size, type and JSON -> existence -> preconditions -> validation -> write.
+
+PATCH_TYPES = {MERGE_PATCH: "merge", JSON_TYPE: "merge", "": "merge", JSON_PATCH: "json", SHORTHAND_PATCH: "shorthand"}
+ACCEPT_PATCH = ", ".join((MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH))
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback addresses."""
+    host = host.strip("[]").lower()
+    if host in _LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _wsgi_text(value: str, what: str) -> str:
+    """A WSGI string (PEP 3333: the raw bytes, decoded as latin-1) as the UTF-8 text the client sent.
+
+    BadRequestError names ``what`` when the bytes are not UTF-8.
+    """
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequestError(f"{what} is not valid UTF-8") from None
+
+
+def _host_name(value: str) -> str:
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def etag_of(obj: dict) -> str:
+    return '"' + obj["metadata"]["resourceVersion"] + '"'
+
+
+def _etag_list(header: str) -> list[str]:
+    return [t.strip() for t in header.split(",") if t.strip()]
+
+
+def if_match_ok(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-Match with strong comparison (a weak tag never matches)."""
+    if header is None:
+        return True
+    tags = _etag_list(header)
+    return "*" in tags or etag_of(obj) in tags
+
+
+def if_none_match_hit(header: str | None, obj: dict) -> bool:
+    """RFC 9110 If-None-Match with weak comparison (for GET)."""
+    if header is None:
+        return False
+    tags = [t[2:] if t.startswith("W/") else t for t in _etag_list(header)]
+    return "*" in tags or etag_of(obj) in tags
+
+
+def etag_versions(header: str | None) -> tuple[str, ...] | None:
+    """The resourceVersions an If-Match or If-None-Match header names, for a write; None without one.
+
+    ``"7"`` names resourceVersion 7 and ``*`` stays ``*`` (any). A weak tag
+    (``W/"7"``) or a malformed one names none: a write compares entity tags
+    strongly (RFC 9110 §13.1.1), so it can never match.
+    """
+    if header is None:
+        return None
+    return tuple(t if t == "*" else t[1:-1] for t in _etag_list(header)
+                 if t == "*" or (len(t) >= 2 and t[0] == t[-1] == '"'))
+
+
+# A body's two forms (SPEC §6.2): the envelope ({"metadata": ..., "spec": ...}, what GET answers) and
+# the flat one (the spec's fields at the top, with name/labels/annotations beside them).
+_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
+_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
+_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
+
+
+def parse_body(info: KindInfo, body: dict, *, update: bool = False) -> dict:
+    """The Registry.create (or, with ``update``, Registry.update) arguments a flat or envelope body gives.
+
+    Checks the body's form: unknown top-level or metadata fields,
+    ``apiVersion`` and ``kind``, a status in a flat body (ValidationError),
+    metadata or spec not an object (BadRequestError); the registry checks
+    the fields' values. ``ownerReferences`` are taken at create only (they
+    are immutable); an update merges a flat body's labels and annotations.
+    """
+    out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
+           "resource_version": None}
+    envelope = "metadata" in body or "spec" in body
+    if envelope:
+        unknown = sorted(set(body) - _ENVELOPE_KEYS)
+        if unknown:
+            raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
+                                  "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
+                                  [{"field": k, "message": "unknown field"} for k in unknown])
+        meta = body.get("metadata", {})
+        if not isinstance(meta, dict):
+            raise BadRequestError("metadata must be a JSON object")
+        unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
+        if unknown:
+            raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
+                                  [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
+        if "spec" in body:
+            if not isinstance(body["spec"], dict):
+                raise BadRequestError("spec must be a JSON object")
+            out["spec"] = body["spec"]
+        for key in ("name", "labels", "annotations", "finalizers"):
+            if key in meta:
+                out[key] = meta[key]
+        if not update:      # set at create, then immutable
+            refs = meta.get("ownerReferences")
+            out["owner_references"] = [] if refs is None else refs
+        if "resourceVersion" in meta:
+            out["resource_version"] = meta["resourceVersion"]
+    else:
+        out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
+        for key in ("name", "labels", "annotations"):
+            if key in body:
+                out[key] = body[key]
+    if update:
+        out["merge_metadata"] = not envelope
+    if "apiVersion" in body and body["apiVersion"] != API_VERSION:
+        raise _validation("apiVersion", f"must be {API_VERSION!r}")
+    if "kind" in body and body["kind"] != info.kind:
+        raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
+    if not envelope and "status" in body:
+        # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
+        raise _not_spec("status")
+    return out
+
+
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class _ChunkedReader:
+    """Decodes a chunked request body for servers that pass it through raw; read() only."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = 0
+        self.done = False
+
+    def read(self, size: int = -1) -> bytes:
+        out = []
+        while not self.done and (size < 0 or size > 0):
+            if self.left == 0:
+                line = self.raw.readline(1024)
+                chunk = line.split(b";")[0].strip()
+                if not _CHUNK_SIZE_RE.fullmatch(chunk) or not line.endswith(b"\n"):
+                    raise BadRequestError("malformed chunked body (a chunk-size line ends within 1 KiB)")
+                self.left = int(chunk, 16)
+                if self.left == 0:
+                    self._skip_trailers()
+                    self.done = True
+                    break
+            n = self.left if size < 0 else min(self.left, size)
+            data = self.raw.read(n)
+            if not data:
+                raise BadRequestError("the chunked body ended early")
+            out.append(data)
+            self.left -= len(data)
+            if size > 0:
+                size -= len(data)
+            if self.left == 0 and self.raw.read(2) != b"\r\n":
+                raise BadRequestError("malformed chunked body: a chunk must end with CRLF")
+        return b"".join(out)
+
+    def _skip_trailers(self):
+        # trailer fields are dropped, but counted like a head: a client cannot stream them forever
+        size = 0
+        while (line := self.raw.readline(1024)).strip():
+            size += len(line)
+            if size > MAX_HEAD:
+                raise BadRequestError(f"the chunked body's trailer fields are over {MAX_HEAD} bytes")
+
+
+def read_body(environ: dict, limit: int = MAX_BODY) -> bytes:
+    """The request body, at most ``limit`` bytes, never buffered beyond that (413 past it; 408 when
+    the server's deadline for it passes)."""
+    try:
+        return _read_body(environ, limit)
+    except TimeoutError:
+        environ["fabrica.close"] = True
+        raise RequestTimeoutError("the request body did not arrive in time") from None
+
+
+def _read_body(environ: dict, limit: int) -> bytes:
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        stream = environ["wsgi.input"]
+        if not environ.get("wsgi.input_terminated"):
+            stream = _ChunkedReader(stream)
+        data = stream.read(limit + 1)
+        if len(data) > limit:
+            environ["fabrica.close"] = True
+            raise PayloadTooLargeError(f"the request body is larger than {limit} bytes")
+        return data
+    length = environ.get("CONTENT_LENGTH") or "0"
+    if not length.isdigit() or not length.isascii():
+        raise BadRequestError(f"invalid Content-Length {length[:20]!r}")
+    length = int(length)
+    if length > limit:
+        environ["fabrica.close"] = True
+        raise PayloadTooLargeError(f"the request body is {length} bytes; the limit is {limit}")
+    data = environ["wsgi.input"].read(length) if length else b""
+    if len(data) != length:
+        raise BadRequestError("the request body is shorter than its Content-Length")
+    return data
+
+
+def encode_continue(name: str) -> str:
+    """The opaque, URL-safe continue token for a page that ended at ``name``."""
+    return base64.urlsafe_b64encode(b"n:" + name.encode()).rstrip(b"=").decode()
+
+
+def decode_continue(token: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raw = ""
+    if not raw.startswith("n:") or not valid_name(raw[2:]):
+        raise BadRequestError(f"malformed continue token {token[:40]!r}; start the list again without it")
+    return raw[2:]
+
+
+def _media_type(environ) -> str:
+    return environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+
+
+def _sse_frame(position, event, typed: bool = True) -> bytes:
+    """One Server-Sent Events frame: ``id``, ``event`` and ``data`` lines.
+
+    A field ends at CR or LF (WHATWG HTML, server-sent events), so a line
+    break inside one would start a field or an event of its sender's
+    choosing: the id and event fields have their control characters escaped
+    whatever reaches here, and the data is one line of JSON (json.dumps
+    escapes every control character in a string). ``typed=False`` leaves the
+    event field out (the type stays in the data).
+    """
+    head = f"event: {_one_line(str(event['type']))}\n" if typed else ""
+    return f"id: {_one_line(format_position(position))}\n{head}data: {dumps(event)}\n\n".encode()
+
+
+def _peer_closed(sock) -> bool:
+    """True when the client hung up (readable with nothing to read)."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+# Label values of the HTTP metrics come from a fixed set, never from what a client sent: a
+# method outside this set is "other", the route is the route's template, the code a status.
+_METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_BODY_CACHE_COUNT = 10000           # GET bodies the JSON cache keeps...
+_BODY_CACHE_BYTES = 64 << 20        # ...and their bytes (objects reach the 1 MiB object limit)
+
+
+def _prom_escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and line feed escaped (the text format's rule).
+
+    Every label value goes through it, those from a fixed set too: a value
+    is never what ends a line or a sample.
+    """
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class RestAPI:
+    """Builds the Bottle routes of a Fabrica; one instance per app.
+
+    Writes go to ``registry``, events come from ``bus``, /metrics reads
+    ``controllers`` (kind -> Controller, kept up to date by the app); of
+    ``app`` it reads settings only (token, cors, service, elector).
+    ``host_check`` answers only loopback Host names (serve sets it).
+    """
+
+    def __init__(self, app, registry: Registry, bus: Bus, controllers: dict[str, Controller]):
+        self.app = app
+        self.registry = registry
+        self.bus = bus
+        self.controllers = controllers
+        self.host_check = False
+        self.wsgi = bottle.Bottle()
+        self.wsgi.default_error_handler = self._bottle_error
+        self.wsgi.add_hook("before_request", self._guard)
+        self.wsgi.add_hook("after_request", self._after)
+        self.requests = collections.Counter()   # (route template, method, code) -> count; see _METRIC_METHODS
+        self.latency: dict[tuple[str, str], Histogram] = {}
+        self.keepalive = 15.0                   # seconds between SSE keep-alive comments
+        self._hosts: dict[str, bool] = {}       # Host header -> allowed (the loopback check, cached)
+        self._bodies: dict[tuple[str, str], tuple[dict, bytes]] = {}   # (kind, uid) -> (object, its JSON)
+        self._bodies_bytes = 0                  # the cached JSON's bytes, summed
+        self._bodies_lock = threading.Lock()    # guards writes to _bodies and _bodies_bytes (reads take none)
+        self.tickets = StreamTickets()          # GET /events without a header: the dashboard's EventSource
+        self.wsgi.route("/", "GET", self._endpoint(self.root), name=ROOT_ROUTE)
+        self.wsgi.route("/health", "GET", self._endpoint(self.health))
+        self.wsgi.route("/apis", "GET", self._endpoint(self.apis))
+        self.wsgi.route("/openapi.json", "GET", self._endpoint(self.openapi))
+        self.wsgi.route("/docs", "GET", self._endpoint(self.docs))
+        self.wsgi.route("/events", "GET", self._endpoint(self.events))
+        self.wsgi.route("/events/ticket", "POST", self._endpoint(self.event_ticket))
+        self.wsgi.route("/metrics", "GET", self._endpoint(self.metrics))
+
+    # -- plumbing ----------------------------------------------------------
+    def _guard(self):
+        app = self.app
+        environ = bottle.request.environ
+        environ["fabrica.t0"] = time.perf_counter()
+        if self.host_check:
+            header = environ.get("HTTP_HOST", "")
+            ok = self._hosts.get(header)
+            if ok is None:
+                host = _host_name(header)
+                ok = not host or is_loopback(host)
+                if len(self._hosts) < 1024:        # bounded: Host is client input
+                    self._hosts[header] = ok
+            if not ok:
+                host = _host_name(header).encode("latin-1", "replace").decode("utf-8", "replace")
+                raise self._error_response(ForbiddenError(
+                    f"Host {host[:80]!r} is not a loopback name; this server only answers loopback requests "
+                    "(serve with --host to bind elsewhere)"))
+        try:
+            # Bottle routes on the path decoded as UTF-8 with the bad bytes dropped: /widgets/w%FF1 would be w1
+            _wsgi_text(environ.get("bottle.raw_path", ""), "the path")
+        except BadRequestError as err:
+            raise self._error_response(err) from None
+        if app.cors and environ["REQUEST_METHOD"] == "OPTIONS":
+            raise self._preflight(app.cors, environ)       # browsers send no credentials on a preflight
+        if app.token and environ.get("PATH_INFO") != "/health":
+            got = environ.get("HTTP_AUTHORIZATION", "")
+            if not hmac.compare_digest(got.encode("utf-8", "replace"), ("Bearer " + app.token).encode()):
+                try:
+                    admitted = dashboard_admits(self, environ)
+                except FabricaError as err:     # a ticket, refused: the error says why
+                    raise self._error_response(err) from None
+                if not admitted:
+                    raise self._error_response(UnauthorizedError(
+                        "missing or wrong bearer token: send 'Authorization: Bearer <token>'"),
+                        {"WWW-Authenticate": 'Bearer realm="fabrica"'})
+
+    def _after(self):
+        environ = bottle.request.environ
+        route = environ.get("bottle.route")
+        rule = route.rule if route is not None else "unmatched"
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in _METRIC_METHODS:
+            method = "other"
+        code = bottle.response.status_code
+        self.requests[(rule, method, code if 100 <= code <= 599 else 0)] += 1
+        started = environ.get("fabrica.t0")
+        if started is not None:
+            hist = self.latency.get((rule, method))
+            if hist is None:
+                hist = self.latency.setdefault((rule, method), Histogram())
+            hist.observe(time.perf_counter() - started)
+        cors = self.app.cors
+        if cors and environ.get("HTTP_ORIGIN") == cors:
+            res = bottle.response
+            res.set_header("Access-Control-Allow-Origin", cors)
+            vary = res.get_header("Vary")       # GET / varies by Accept too
+            res.set_header("Vary", f"{vary}, Origin" if vary else "Origin")
+            res.set_header("Access-Control-Expose-Headers",
+                           "ETag, Location, Link, X-Continue, X-Total-Count, Accept-Patch")
+
+    @staticmethod
+    def _preflight(cors: str, environ) -> bottle.HTTPResponse:
+        """A CORS preflight answer (only with --cors; without it OPTIONS is routed like any method)."""
+        headers = {}
+        if environ.get("HTTP_ORIGIN") == cors:
+            headers = {"Access-Control-Allow-Origin": cors, "Vary": "Origin",
+                       "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+                       "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match, If-None-Match, "
+                                                       "Last-Event-ID",
+                       "Access-Control-Max-Age": "600"}
+        return bottle.HTTPResponse(b"", 204, headers)
+
+    def _error_response(self, err: FabricaError, headers=None) -> bottle.HTTPResponse:
+        res = bottle.HTTPResponse(dumps(err.to_json()), err.status, headers)
+        res.set_header("X-Error-Class", type(err).__name__)      # lets Client raise the very same class
+        res.content_type = JSON_TYPE
+        if err.status in (408, 413):         # the body is left unread: the connection cannot be reused
+            res.set_header("Connection", "close")
+        return res
+
+    def _bottle_error(self, res: bottle.HTTPError) -> str:
+        bottle.response.content_type = JSON_TYPE
+        if res.status_code >= 500:
+            message = "internal server error; the server log has the details"
+            if res.traceback:
+                http_log.error("unhandled error in %s %s:\n%s", _one_line(bottle.request.method),
+                               _one_line(bottle.request.path), res.traceback)
+        elif res.status_code == 404:
+            message = f"no route for {bottle.request.path[:200]!r}; GET /apis lists the kinds"
+        elif res.status_code == 405:
+            message = f"method {bottle.request.method} is not allowed here; allowed: {res.headers.get('Allow', '')}"
+        else:
+            message = str(res.body) if isinstance(res.body, str) and res.body else res.status_line
+        return dumps({"error": message, "code": res.status_code, "details": []})
+
+    def _endpoint(self, fn):
+        def handler(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except FabricaError as err:
+                extra = {"Accept-Patch": ACCEPT_PATCH} if err.status == 415 and bottle.request.method == "PATCH" else None
+                return self._error_response(err, extra)
+            except Exception:
+                http_log.exception("unhandled error in %s %s", _one_line(bottle.request.method),
+                                   _one_line(bottle.request.path))
+                return self._error_response(FabricaError("internal server error; the server log has the details"))
+        handler.__name__ = fn.__name__
+        return handler
+
+    @staticmethod
+    def _send(obj, status: int = 200, etag: bool = True) -> bytes:
+        res = bottle.response
+        res.status = status
+        res.content_type = JSON_TYPE
+        if etag:
+            res.set_header("ETag", etag_of(obj))
+        return dumps(obj).encode()
+
+    def _json_body(self, *, patch: bool = False) -> tuple[object, str]:
+        environ = bottle.request.environ
+        media = _media_type(environ)
+        if patch:
+            if media not in PATCH_TYPES:
+                raise UnsupportedMediaTypeError(
+                    f"unsupported patch type {media!r}; use one of {ACCEPT_PATCH}")
+        elif media not in ("", JSON_TYPE):
+            raise UnsupportedMediaTypeError(f"Content-Type must be {JSON_TYPE}, not {media!r}")
+        raw = read_body(environ, self.registry.max_body)
+        # a JSON Patch is an array; every other body (a spec/status merge or shorthand patch too) is an object
+        kind = PATCH_TYPES[media] if patch else "body"
+        return read_json(raw, want_object=kind != "json"), kind
+
+    def _kind(self, plural: str):
+        info = self.registry.served(plural)
+        if info is None:
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        return info
+
+    def _obj(self, info, ref: str) -> dict:
+        obj = self.registry.store.resolve(info.kind, ref)
+        if obj is None:
+            if not valid_name(ref):
+                raise BadRequestError(f"invalid reference {ref[:80]!r}: expected a uid or a DNS-1123 name")
+            raise NotFoundError(f'{info.kind} "{ref}" not found')
+        return obj
+
+    # -- routes ------------------------------------------------------------
+    def mount(self, plural: str | None, history: bool = False) -> None:
+        """Mount the routes of one plural (``plural=None`` mounts the open server's catch-all)."""
+        route, ep = self.wsgi.route, self._endpoint
+        if plural is None:
+            base, fixed = "/<plural:re:[a-z][a-z0-9]{0,62}>", {}
+        else:
+            base, fixed = "/" + plural, {"plural": plural}
+
+        def bind(fn):
+            return ep(lambda **kw: fn(**fixed, **kw)) if fixed else ep(fn)
+        route(base, "GET", bind(self.list))
+        route(base, "POST", bind(self.create))
+        route(base + "/<ref>", "GET", bind(self.get))
+        route(base + "/<ref>", "PUT", bind(self.update))
+        route(base + "/<ref>", "PATCH", bind(self.patch))
+        route(base + "/<ref>", "DELETE", bind(self.delete))
+        route(base + "/<ref>/status", "GET", bind(self.get_status))
+        route(base + "/<ref>/status", "PUT", bind(self.update_status))
+        route(base + "/<ref>/status", "PATCH", bind(self.patch_status))
+        route(base + "/<ref>/events", "GET", bind(self.object_events))
+        if history:
+            route(base + "/<ref>/versions", "GET", bind(self.versions))
+            route(base + "/<ref>/versions/<vid>", "GET", bind(self.get_version))
+            route(base + "/<ref>/versions/<vid>", "DELETE", bind(self.delete_version))
+            route(base + "/<ref>/versions/<vid>/restore", "POST", bind(self.restore_version))
+
+    def list(self, plural):
+        info = self.registry.served(plural)
+        if info is None and not (self.registry.open and plural not in RESERVED_PATHS):
+            raise NotFoundError(f"no kind is served at /{plural}; GET /apis lists the kinds")
+        query = self._query()
+        # An empty option is an absent one, as in Kubernetes (its clients start paging with continue="").
+        selector, name = query.get("labelSelector") or None, query.get("name") or None
+        limit, token = query.get("limit") or None, query.get("continue") or None
+        if limit is not None:
+            if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 2 ** 31:
+                raise BadRequestError(f"limit must be an integer from 1 to 2^31, not {limit[:20]!r}")
+            limit = int(limit)
+        items, total, more = self.registry.store.query(
+            info.kind if info else "", parse_selector(selector) if selector else None, name=name,
+            after=decode_continue(token) if token is not None else None, limit=limit)
+        res = bottle.response
+        res.set_header("X-Total-Count", str(total))
+        if more is not None:
+            token = encode_continue(more)
+            res.set_header("X-Continue", token)
+            params = {"limit": str(limit), "continue": token}
+            if selector:
+                params["labelSelector"] = selector
+            res.set_header("Link", f'</{info.plural}?{urllib.parse.urlencode(params)}>; rel="next"')
+        return self._send(items, etag=False)
+
+    def create(self, plural):
+        if plural in RESERVED_PATHS:
+            raise NotFoundError(f"/{plural} is reserved")
+        body, _ = self._json_body()
+        registry = self.registry
+        if registry.open:
+            with registry.open_kind(plural, body.get("kind") if isinstance(body.get("kind"), str) else None) as info:
+                obj = registry.create(info, **parse_body(info, body))
+        else:
+            info = self._kind(plural)
+            obj = registry.create(info, **parse_body(info, body))
+        bottle.response.set_header("Location", f"/{info.plural}/{obj['metadata']['uid']}")
+        return self._send(obj, 201)
+
+    def get(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        res = bottle.response
+        if if_none_match_hit(self._header("HTTP_IF_NONE_MATCH"), obj):
+            res.status = 304
+            res.set_header("ETag", etag_of(obj))
+            return b""
+        # Stored objects are never mutated (a write stores a new dict), so the JSON of
+        # the very same object can be reused; the cache holds it, so `is` is safe.
+        key = (info.kind, obj["metadata"]["uid"])
+        bodies = self._bodies
+        cached = bodies.get(key)
+        if cached is None or cached[0] is not obj:
+            cached = (obj, dumps(obj).encode())
+            with self._bodies_lock:
+                stale = bodies.pop(key, None)
+                if stale is not None:
+                    self._bodies_bytes -= len(stale[1])
+                if len(bodies) >= _BODY_CACHE_COUNT or self._bodies_bytes + len(cached[1]) > _BODY_CACHE_BYTES:
+                    bodies.clear()
+                    self._bodies_bytes = 0
+                bodies[key] = cached
+                self._bodies_bytes += len(cached[1])
+        res.content_type = JSON_TYPE
+        res.set_header("ETag", etag_of(obj))
+        return cached[1]
+
+    def _preconditions(self) -> dict:
+        """The resourceVersions the request's If-Match and If-None-Match name (None: no such header)."""
+        return {"if_match": etag_versions(self._header("HTTP_IF_MATCH")),
+                "if_none_match": etag_versions(self._header("HTTP_IF_NONE_MATCH"))}
+
+    @staticmethod
+    def _query() -> bottle.FormsDict:
+        """The query parameters as the UTF-8 text the client sent (Bottle decodes them as latin-1, PEP 3333)."""
+        try:
+            return bottle.request.query.decode()
+        except UnicodeError:
+            raise BadRequestError("the query string is not valid UTF-8") from None
+
+    @staticmethod
+    def _header(key: str) -> str | None:
+        """A request header by its WSGI key (``HTTP_IF_MATCH``) as the UTF-8 text the client sent."""
+        value = bottle.request.environ.get(key)
+        return None if value is None else _wsgi_text(value, key[5:].replace("_", "-").title() + " header")
+
+    def update(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        obj = self.registry.update(info, ref, **parse_body(info, body, update=True), **self._preconditions())
+        return self._send(obj)
+
+    def patch(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.registry.patch(info, ref, body, kind, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    def delete(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        force = self._query().get("force", "").lower() in ("true", "1", "yes")
+        obj, gone = self.registry.delete(info, ref, force=force, if_match=self._preconditions()["if_match"])
+        if not gone:
+            return self._send(obj, 202)
+        return self._send({"message": f"{info.kind} deleted successfully", "uid": obj["metadata"]["uid"]},
+                          etag=False)
+
+    def get_status(self, plural, ref):
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        bottle.response.set_header("ETag", etag_of(obj))
+        return self._send(obj["status"], etag=False)
+
+    def update_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, _ = self._json_body()
+        obj = self.registry.update_status(info, ref, body, **self._preconditions())
+        return self._send(obj)
+
+    def patch_status(self, plural, ref):
+        info = self._kind(plural)
+        self._obj(info, ref)
+        body, kind = self._json_body(patch=True)
+        obj = self.registry.patch(info, ref, body, kind, status=True, **self._preconditions())
+        bottle.response.set_header("Accept-Patch", ACCEPT_PATCH)
+        return self._send(obj)
+
+    def object_events(self, plural, ref):
+        """The object's recent events the store's change feed still retains, oldest first (``?limit=``, default 50).
+
+        Not a stream: ``describe`` shows them; GET /events?kind= follows them live.
+        """
+        info = self._kind(plural)
+        obj = self._obj(info, ref)
+        limit = self._query().get("limit") or "50"
+        if not limit.isdigit() or not limit.isascii() or not 1 <= int(limit) <= 10000:
+            raise BadRequestError(f"limit must be an integer from 1 to 10000, not {limit[:20]!r}")
+        return self._send(self.bus.recent(info.kind, obj["metadata"]["uid"], int(limit)), etag=False)
+
+    def _history(self, plural, ref):
+        info = self._kind(plural)
+        if not info.history_on:
+            raise NotFoundError(f"{info.kind} keeps no spec history (register it with history=True)")
+        return info, self._obj(info, ref)
+
+    def versions(self, plural, ref):
+        info, obj = self._history(plural, ref)
+        return self._send(self.registry.store.versions(info.kind, obj["metadata"]["uid"]), etag=False)
+
+    def get_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        snap = self.registry.store.get_version(info.kind, obj["metadata"]["uid"], vid)
+        if snap is None:
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send(snap, etag=False)
+
+    def delete_version(self, plural, ref, vid):
+        info, obj = self._history(plural, ref)
+        if not self.registry.store.delete_version(info.kind, obj["metadata"]["uid"], vid):
+            raise NotFoundError(f"{info.kind} {ref!r} has no version {vid[:40]!r}")
+        return self._send({"message": "version deleted", "uid": vid}, etag=False)
+
+    def restore_version(self, plural, ref, vid):
+        info, _ = self._history(plural, ref)
+        return self._send(self.registry.restore(info, ref, vid, **self._preconditions()))
+
+    # -- global routes -----------------------------------------------------
+    def health(self):
+        return self._send(self.health_document(), etag=False)
+
+    def health_document(self) -> dict:
+        """Liveness and store health: what start-up could not load, the kinds, workers, and who leads."""
+        store, elector = self.registry.store, self.app.elector
+        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
+        kinds = self.registry.kinds
+        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
+                "service": self.app.service, "version": __version__, "kinds": sorted(kinds),
+                "quarantined": found["quarantined"], "ignored": found["ignored"],
+                "resourceVersion": str(store.resource_version) if store is not None else "0",
+                "workers": {k: i.workers for k, i in kinds.items() if i.has_controller},
+                "leader": elector is not None and elector.is_leader(),
+                "holderIdentity": None if elector is None else elector.leader}
+
+    def apis(self):
+        return self._send(self.registry.discovery(), etag=False)
+
+    def root(self):
+        """A browser (Accept names text/html) gets the dashboard (SPEC §11), a JSON client discovery."""
+        if "text/html" in bottle.request.environ.get("HTTP_ACCEPT", ""):
+            return dashboard_page()
+        bottle.response.set_header("Vary", "Accept")
+        return self.apis()
+
+    def openapi(self):
+        return self._send(openapi_document(self.app), etag=False)
+
+    def docs(self):
+        bottle.response.content_type = "text/html; charset=utf-8"
+        # the page is self-contained: the policy makes sure it fetches nothing but this server's JSON
+        bottle.response.set_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                                   "style-src 'unsafe-inline'; connect-src 'self'")
+        return DOCS_HTML
+
+    def events(self):
+        """Server-Sent Events (SPEC §6.8): id = position, event = type, data = the CloudEvent."""
+        env = bottle.request.environ
+        query = self._query()
+        pattern = query.get("type") or "**"
+        try:
+            compile_pattern(pattern)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
+        kind = query.get("kind") or None
+        if kind is not None:
+            kind = self.registry.resolve_kind(kind).kind
+        # untyped=true leaves out the event: field, so an EventSource's onmessage receives every type
+        typed = query.get("untyped", "").lower() not in ("true", "1", "yes")
+        since = self._header("HTTP_LAST_EVENT_ID") or query.get("since")
+        position = parse_position(since) if since else None
+        store = self.registry.store
+        if position is not None and store is not None and position[0] > store.resource_version:
+            # no event here ever had that position (a forged id, or one from another data dir): streaming
+            # on from it would skip every event up to it without a word
+            raise GoneError(f"event {format_position(position)} is newer than every event of this server "
+                            f"(resourceVersion {store.resource_version}); re-list and watch from now")
+        bus = self.bus
+        tap = bus.tap(pattern, kind=kind)       # first, so nothing falls between backlog and live
+        try:
+            backlog = [] if position is None else [
+                (pos, ev) for pos, ev in bus.since(position, kind) if tap.matches(ev["type"])]
+        except FabricaError:
+            tap.close()
+            raise
+        res = bottle.response
+        res.content_type = "text/event-stream; charset=utf-8"
+        res.set_header("Cache-Control", "no-cache")
+        res.set_header("X-Accel-Buffering", "no")
+        return self._stream(tap, backlog, position or (0, 0), env, typed)
+
+    def event_ticket(self):
+        """A stream ticket for GET /events?ticket= (EventSource sends no Authorization header)."""
+        bottle.response.set_header("Cache-Control", "no-store")
+        return self._send(self.tickets.issue(), etag=False)
+
+    def _stream(self, tap: Tap, backlog, last, env, typed: bool = True):
+        sock, server = env.get("fabrica.socket"), env.get("fabrica.server")
+        keepalive = self.keepalive
+        quiet_since = time.monotonic()
+        try:
+            yield b": stream open\n\n"
+            for pos, event in backlog:
+                yield _sse_frame(pos, event, typed)
+                last = pos
+            while self.app._started and not (server is not None and server.stopping):
+                event = tap.get(timeout=min(1.0, keepalive))
+                if event is None:
+                    if tap.overflowed or tap.closed or _peer_closed(sock):
+                        return      # a client resumes with Last-Event-ID
+                    if time.monotonic() - quiet_since >= keepalive:
+                        quiet_since = time.monotonic()
+                        yield b": keep-alive\n\n"
+                    continue
+                pos = parse_position(event["sequence"])
+                if pos <= last:
+                    continue        # already sent from the backlog
+                last = pos
+                quiet_since = time.monotonic()
+                yield _sse_frame(pos, event, typed)
+        finally:
+            tap.close()
+
+    def metrics(self):
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return self.metrics_text().encode()
+
+    def metrics_text(self) -> str:
+        """Everything /metrics shows, in the Prometheus text exposition format."""
+        out = []
+
+        def family(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+        rest, store, bus = self, self.registry.store, self.bus
+        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
+               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
+                for (r, m, c), n in sorted(rest.requests.items())])
+        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
+               [line for (r, m), h in sorted(rest.latency.items())
+                for line in h.render("fabrica_http_request_duration_seconds",
+                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
+        family("fabrica_store_writes_total", "counter", "Committed store writes.",
+               [f"fabrica_store_writes_total {store.writes if store else 0}"])
+        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
+               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
+        stats = bus.stats()
+        family("fabrica_events_published_total", "counter", "Events published on the bus.",
+               [f"fabrica_events_published_total {stats['published']}"])
+        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
+               [f"fabrica_events_dropped_total {stats['dropped']}"])
+        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
+               [f"fabrica_event_gaps_total {stats['gaps']}"])
+        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
+               [f"fabrica_event_ring_events {stats['buffered']}"])
+        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
+               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
+        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
+               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
+        kinds = sorted(self.registry.kinds)
+        ctls = self.controllers
+        per_kind = {
+            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
+            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
+            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
+            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
+        }
+        for name, (kind, help_text, get) in per_kind.items():
+            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
+                                           for k in kinds if k in ctls])
+        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
+               [line for k in kinds if k in ctls
+                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
+                                                     f'kind="{_prom_escape(k)}"')])
+        objects, not_ready = [], []
+        for k in kinds:
+            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {store.count(k) if store is not None else 0}')
+            if not self.registry.kinds[k].has_controller:
+                continue        # nothing ever makes these Ready: they would look stuck forever
+            items = store.list(k) if store is not None else []
+            pending = sum(1 for o in items if not any(
+                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+                for c in o["status"].get("conditions") or ()))
+            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
+        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
+        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
+               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
+        elector = self.app.elector
+        family("fabrica_leader", "gauge", "1 while this process leads (runs the controllers and the garbage "
+               "collector's sweeps), else 0; identity is this process's.",
+               [f'fabrica_leader{{identity="{_prom_escape(self.app.identity)}"}} '
+                f'{int(elector is not None and elector.is_leader())}'])
+        return "\n".join(out) + "\n"
 
 
 ###############################################################################
@@ -8155,1179 +9278,137 @@ class ThreadedWSGIServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 self._conns_changed.wait(0.05)
 
 
-###############################################################################
-# Fabrica ######################################################################
-###############################################################################
-#
-# The facade: register() wires a kind into the store, the REST routes, the
-# bus and (with a reconcile function) a controller. Every write, REST or
-# app.client, goes through _create/_mutate/_delete: validation, server-
-# managed fields, compare-and-swap on resourceVersion, events. The
-# GarbageCollector deletes a dependent once every owner is positively gone
-# (Store.gone: never merely not loaded) and retries failed steps until done.
-
-FINALIZER = "fabrica.io/finalize"
-_ENVELOPE_KEYS = {"apiVersion", "kind", "schemaVersion", "metadata", "spec", "status"}
-_FLAT_RESERVED = {"name", "labels", "annotations", "apiVersion", "kind", "status"}
-_META_WRITABLE = {"name", "labels", "annotations", "finalizers", "resourceVersion", "ownerReferences"}
-_META_IGNORED = {"uid", "createdAt", "updatedAt", "generation", "deletionTimestamp"}
-_CAS_RETRIES = 50
-OPEN_KINDS = 1000           # kinds an open server makes at most (their names are client input)
+def _env(name: str, default=None):
+    return os.environ.get("FABRICA_" + name, default)
 
 
-_FRAMEWORK_STATUS = {
-    "conditions": {"type": "array", "items": {"type": "object"}},
-    "observedGeneration": {"type": "integer"},
-    "version": {"type": "string"},
-}
+# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
+_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
+              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
+              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
+              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
+              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
 
 
-def _with_framework_status(definition) -> dict:
-    """A status schema that also admits the fields fabrica writes (conditions, observedGeneration, version)."""
-    schema = deepcopy_json(Schema(definition).json)
-    if isinstance(schema.get("properties"), dict):
-        for key, sub in _FRAMEWORK_STATUS.items():
-            schema["properties"].setdefault(key, sub)
-    return schema
+def _env_settings() -> dict:
+    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
+    found = {}
+    for key, (name, kind) in _SERVE_ENV.items():
+        value = _env(name)
+        if value in (None, ""):
+            continue
+        if kind is bool:
+            found[key] = value.lower() not in ("0", "false", "no", "off")
+            continue
+        try:
+            found[key] = kind(value)
+        except ValueError:
+            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
+    return found
 
 
-class KindInfo:
-    """What register() knows about one kind."""
+def serve_wsgi(wsgi, host: str, port: int, *, server: str | None = None, max_threads: int = 256,
+               head_timeout: float = 10.0, max_body: int = MAX_BODY, ready: Callable[[str], str] = str) -> None:
+    """Serve ``wsgi`` on ``host``:``port`` until SIGINT/SIGTERM (in the main thread), then drain.
 
-    def __init__(self, kind, plural, prefix, reconcile=None, **options):
-        self.kind, self.plural, self.prefix = kind, plural, prefix
-        self.reconcile = reconcile
-        self.spec = None if options.get("spec") is None else Schema(options["spec"])
-        self.status = None if options.get("status") is None else Schema(_with_framework_status(options["status"]))
-        self.validate = options.get("validate")
-        self.owns = list(options.get("owns") or ())
-        self.watches = dict(options.get("watches") or {})
-        self.finalize = options.get("finalize")
-        self.workers = int(options.get("workers", 1))
-        self.resync = options.get("resync", 600)
-        self.timeout = options.get("timeout")
-        history = options.get("history", False)
-        self.history = 0 if not history else (None if history is True else int(history))
-        self.history_on = bool(history)
-
-    @property
-    def has_controller(self) -> bool:
-        """A controller runs this kind's reconcile or finalize (a finalizer alone needs one too)."""
-        return self.reconcile is not None or self.finalize is not None
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "plural": self.plural, "prefix": self.prefix,
-                "patchTypes": [MERGE_PATCH, JSON_PATCH, SHORTHAND_PATCH],
-                "controller": self.has_controller, "history": self.history_on,
-                "finalizer": self.finalize is not None}
-
-
-def _with_own_finalizer(info: KindInfo, finalizers: list, deleting: bool) -> list:
-    """``finalizers`` with fabrica's own kept true to the kind (SPEC §5.6).
-
-    A kind with ``finalize=`` carries it on every object, but it is not added
-    once deletion has begun (Kubernetes: no new finalizers then). A kind
-    without one (every kind of the open server) never carries it: nothing
-    would remove it, and the object would wait for its delete forever.
+    ``server`` names the WSGI server: None/"fabrica" for ThreadedWSGIServer,
+    "granian" (in this process), or a Bottle adapter ("waitress",
+    "cheroot", "gunicorn") when installed. ``max_threads`` bounds the
+    connections (or the app threads), ``head_timeout`` the seconds a client
+    has to send a request head, ``max_body`` the body bytes waitress takes,
+    on the servers that have such a setting. ``ready(url)`` is the line
+    logged once the server answers. Raises ConfigurationError for an
+    unknown or missing server and OSError when the address cannot be bound.
     """
-    if info.finalize is None:
-        return [f for f in finalizers if f != FINALIZER]
-    if FINALIZER in finalizers or deleting:
-        return list(finalizers)
-    return [*finalizers, FINALIZER]
-
-
-def _check_finalizers(info: KindInfo, old_meta: dict, meta: dict) -> None:
-    """Kubernetes' finalizer rules for a write of ``old_meta`` to ``meta``; ValidationError if broken.
-
-    Once deletionTimestamp is set (it is server-managed, so it is never
-    cleared) finalizers may only be removed; fabrica's own is kept or added
-    as the kind requires.
-    """
-    deleting = old_meta["deletionTimestamp"] is not None
-    if deleting:
-        added = [f for f in meta["finalizers"] if f not in old_meta["finalizers"]]
-        if added:
-            raise _validation("metadata.finalizers", f"cannot gain {', '.join(map(repr, added))}: "
-                              f"{old_meta['name']!r} is being deleted, and then finalizers can only be removed")
-    meta["finalizers"] = _with_own_finalizer(info, meta["finalizers"], deleting)
-
-
-# The top-level keys a flat body reserves (_FLAT_RESERVED) and the envelope's markers are never spec
-# fields there, nor in a spec patch, where writing one is the same mistake (SPEC §6.2, §6.4): why, and
-# what to do instead. A spec field of such a name is written with the envelope form.
-_NOT_SPEC = {
-    "status": "write it through the object's /status route",
-    "labels": "labels are metadata: PUT the envelope form ({\"metadata\": {\"labels\": ...}}, which replaces "
-              "them) or the flat form ({\"labels\": ...}, which merges them)",
-    "annotations": "annotations are metadata: PUT the envelope form ({\"metadata\": {\"annotations\": ...}}, "
-                   "which replaces them) or the flat form ({\"annotations\": ...}, which merges them)",
-    "name": "the name is given at create and never changes",
-    "apiVersion": f"apiVersion is always {API_VERSION!r}",
-    "kind": "kind is the one served at the URL",
-    "metadata": "to change labels, annotations or finalizers, PUT the envelope form ({\"metadata\": {...}})",
-    "spec": "a spec patch applies to the spec already: patch its fields directly ({\"x\": 1}, not "
-            "{\"spec\": {\"x\": 1}})",
-}
-
-
-def _not_spec(key: str) -> ValidationError:
-    """The 422 for a flat body or a spec patch that writes the top-level ``key`` of _NOT_SPEC."""
-    where = "a flat body or a spec patch" if key in _FLAT_RESERVED else "a spec patch"
-    return _validation(key, f"is not a spec field in {where}; {_NOT_SPEC[key]}. A spec field named {key} is "
-                            f"written with the envelope form, {{\"spec\": {{\"{key}\": ...}}}}")
-
-
-def _patch_writes_not_spec(patch, patch_type: str, before: dict, after: dict) -> str | None:
-    """The first key of _NOT_SPEC a spec patch writes at the top level of the spec, or None.
-
-    A patch writes a key when it names it as a target (a merge patch's key,
-    a shorthand path, a JSON Patch path, or the source of a move) or when the
-    key is created, changed or removed in ``after``; one that leaves such a
-    key alone (a spec that has one from the envelope form) is fine.
-    """
-    if patch_type == "merge":
-        targets = set(patch)
-    elif patch_type == "shorthand":
-        targets = {key.split(".", 1)[0] for key in patch}
+    if server in (None, "", "fabrica", "auto"):
+        _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "granian":
+        _serve_granian(wsgi, host, port, max_threads, head_timeout, ready)
+    elif server == "waitress":
+        # waitress reads a whole request (spooling a body to disk) before the app sees it, so
+        # its own limits guard memory and disk; channel_timeout closes a connection silent that
+        # long with no request running (idle, or a stalled head or body), checked every second
+        _serve_adapter(wsgi, server, host, port, ready, connection_limit=max_threads,
+                       channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
+                       max_request_header_size=MAX_HEAD, max_request_body_size=max_body + 1)
     else:
-        targets = {op[member].split("/", 2)[1] for op in patch if isinstance(op, dict)
-                   for member in ("path", "from") if op.get("op") != "test" and
-                   (member == "path" or op.get("op") == "move") and
-                   isinstance(op.get(member), str) and op[member].startswith("/")}
-    for key in _NOT_SPEC:
-        # the result catches what no target names: a JSON Patch on the root ("") that brings one along
-        if key in targets or (key in before) != (key in after) or not _json_equal(before.get(key), after.get(key)):
-            return key
-    return None
+        _serve_adapter(wsgi, server, host, port, ready)
 
 
-def _validation(field: str, message: str) -> ValidationError:
-    return ValidationError(f"{field} {message}", [{"field": field, "message": message}])
+def _serve_builtin(wsgi, host, port, max_threads, head_timeout, ready):
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    try:
+        httpd = ThreadedWSGIServer((host.strip("[]"), port), wsgi, max_threads=max_threads,
+                                   head_timeout=head_timeout)
+    except OSError as exc:
+        hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
+                if exc.errno == errno.EADDRINUSE else "check --host and --port")
+        raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
+    def on_signal(signum, frame):
+        # only a plain assignment here: a handler that takes locks can deadlock when a second
+        # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
+        httpd.stop_requested = signum
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    http_log.info("%s", ready(f"http://{shown}:{httpd.server_port}"))
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+        if httpd.stop_requested:
+            http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
+    finally:
+        httpd.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _check_string_map(value, field: str, *, label_values: bool) -> list[dict]:
-    if not isinstance(value, dict):
-        return [{"field": field, "message": "must be an object of strings"}]
-    errors = []
-    for key, item in value.items():
-        problem = _label_key_problem(key)
-        if problem:
-            errors.append({"field": f"{field}.{key}", "message": problem})
-        if not isinstance(item, str):
-            errors.append({"field": f"{field}.{key}", "message": "value must be a string"})
-        elif label_values:
-            problem = _label_value_problem(item, "value")
-            if problem:
-                errors.append({"field": f"{field}.{key}", "message": problem})
-    return errors
+def _serve_granian(wsgi, host, port, max_threads, head_timeout, ready):
+    """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
 
-
-class GarbageCollector:
-    """Deletes the dependents whose owners are all gone (SPEC §5.5) and retries every step that failed.
-
-    ``collect(keys)`` runs a cascade in the caller's thread (the owner's
-    delete, the start-up sweep): each key is a dependent to look at; one
-    that is deleted makes its own dependents the next keys. A step that
-    fails (an I/O error, a full disk) is logged and queued here, and one
-    thread retries it with per-key exponential backoff (5 ms doubling to
-    ``max_delay``) until it succeeds, without a restart. ``process_next``
-    is one iteration of that thread. Thread-safe; never raises from a step.
+    granian normally runs WSGI apps in worker processes; its thread-worker
+    server is made for free-threaded Pythons and refuses a GIL build, a
+    check we skip: the worker is a thread that calls into this process's
+    app like any other WSGI server thread.
     """
-
-    def __init__(self, app: Fabrica, *, clock=time.monotonic, max_delay: float = 300.0):
-        self.app = app
-        self.queue = WorkQueue("gc", clock=clock, max_delay=max_delay)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.retries = 0
-
-    def start(self) -> None:
-        self.queue.start()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="fabrica-gc")
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop retrying (pending retries are dropped: the next start-up sweep finds them again)."""
-        deadline = time.monotonic() + timeout
-        self._stop.set()
-        self.queue.shutdown()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        self.queue.stop(max(0.0, deadline - time.monotonic()))
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.process_next(timeout=0.5)
-
-    def process_next(self, timeout: float | None = 0.0) -> bool:
-        """Retry one queued step (and the cascade below it); False if none was ready within ``timeout``."""
-        item = self.queue.get(timeout=timeout)
-        if item is None:
-            return False
-        key = item[0]
-        try:
-            self.retries += 1
-            self.collect([key])
-        finally:
-            self.queue.done(key)
-        return True
-
-    def collect(self, keys) -> None:
-        """Collect ``keys`` (``(kind, uid)`` of dependents) and, under each one deleted, its dependents.
-
-        A work list, not recursion, so any depth of ownership is collected.
-        """
-        work = list(keys)
-        while work:
-            key = work.pop()
-            try:
-                gone = self.app._collect(*key)
-            except Exception as exc:    # one failed step never stops the others; it is retried
-                delay = self.queue.add_rate_limited(key, "retry")
-                ctl_log.error("garbage collection of %s %s failed (%s); retrying in %.3gs", key[0], key[1],
-                              exc, delay, exc_info=not isinstance(exc, FabricaError))
-                continue
-            self.queue.forget(key)
-            if gone:
-                work.extend(self.app.store.dependents(*key))
-
-    def idle(self, within: float = 0.0) -> bool:
-        return self.queue.idle(within)
-
-
-class Fabrica:
-    """One application: kinds, a store, a bus, controllers, a REST API and clients.
-
-    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
-    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
-    opened by start() (or serve()), not here, so serve's flags can override it.
-    ``max_body`` (1 MiB) caps a request body and also every object a write
-    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
-    ``ring_size`` and ``ring_bytes``, when given, bound the in-memory change
-    feed of a MemoryStore or FileStore (otherwise its own bounds: 10,000
-    changes, 64 MiB), which serves ``GET /events`` resume.
-    """
-
-    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
-                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
-                 event_source: str = "", ring_size: int | None = None, ring_bytes: int | None = None,
-                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
-                 cors: str | None = None):
-        self.clock = clock
-        self.data_dir = data_dir
-        self.durable = durable
-        self.database_url = database_url
-        self.token = token or None
-        self.cors = cors or None
-        self.event_prefix = event_prefix
-        self.event_source = event_source
-        self.max_body = max_body
-        self.service = service
-        self.open = open
-        self.store = store
-        self.ring_size, self.ring_bytes = ring_size, ring_bytes
-        self.bus = Bus()
-        self.kinds: dict[str, KindInfo] = {}
-        self._by_plural: dict[str, KindInfo] = {}
-        self._kind_lock = threading.Lock()          # guards open-server kind creation and _new_kinds
-        self._new_kinds: dict[str, list] = {}       # plural -> [KindInfo, creates in flight] (not yet served)
-        self._started = False
-        self._host_check = False
-        self._app_name = "app"                      # what serve()'s ready line calls this app
-        self._controllers: dict[str, object] = {}
-        self.gc: GarbageCollector | None = None     # made by start(), with the clock
-        self.rest = RestAPI(self)
-        self.wsgi = self.rest.wsgi
-        self.client = LocalClient(self)
-        if open:
-            self.rest.mount(None)
-
-    # -- wiring --------------------------------------------------------------
-    def register(self, kind: str, reconcile=None, **options):
-        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
-
-        Works as a plain call and as a decorator (``@app.register("Rack")``).
-        Options: plural, prefix, spec, status, validate, owns, watches,
-        finalize, workers, resync, timeout, history. Raises
-        ConfigurationError when the kind exists, the app has started, or an
-        option is invalid.
-        """
-        if self._started:
-            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
-        info = self._declare(kind, reconcile, options)
-
-        def decorator(fn):
-            if info.reconcile is not None:
-                raise ConfigurationError(f"{kind} already has a reconcile function")
-            info.reconcile = fn
-            return fn
-        return reconcile if reconcile is not None else decorator
-
-    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
-        unknown = set(options) - {"plural", "prefix", "spec", "status", "validate", "owns", "watches",
-                                  "finalize", "workers", "resync", "timeout", "history"}
-        if unknown:
-            raise ConfigurationError(f"register({kind!r}): unknown option(s) {', '.join(sorted(unknown))}")
-        if not isinstance(kind, str) or not KIND_RE.fullmatch(kind):
-            raise ConfigurationError(f"kind {kind!r} must be CapWords letters and digits, like 'RackTemplate'")
-        plural = options.get("plural") or pluralize(kind)
-        prefix = options.get("prefix") or kind.lower()
-        if not PLURAL_RE.fullmatch(plural) or plural in RESERVED_PATHS:
-            raise ConfigurationError(f"plural {plural!r} for {kind} must be lower-case letters and digits, "
-                                     f"and not one of {sorted(RESERVED_PATHS)}")
-        if not PREFIX_RE.fullmatch(prefix):
-            raise ConfigurationError(f"prefix {prefix!r} for {kind} must be lower-case letters and digits")
-        if kind in self.kinds:
-            raise ConfigurationError(f"kind {kind} is already registered")
-        if plural in self._by_plural:
-            raise ConfigurationError(f"plural {plural!r} is already used by {self._by_plural[plural].kind}")
-        for name in ("validate", "finalize"):
-            if options.get(name) is not None and not callable(options[name]):
-                raise ConfigurationError(f"register({kind!r}): {name} must be callable")
-        if reconcile is not None and not callable(reconcile):
-            raise ConfigurationError(f"register({kind!r}): reconcile must be callable")
-        if int(options.get("workers", 1)) < 1:
-            raise ConfigurationError(f"register({kind!r}): workers must be >= 1")
-        options = {k: v for k, v in options.items() if k not in ("plural", "prefix")}
-        info = KindInfo(kind, plural, prefix, reconcile, **options)
-        self.kinds[kind] = info
-        self._by_plural[plural] = info
-        if self.store is not None and self.store.opened:
-            self.store.add_kind(kind, plural)
-        if mount:
-            self.rest.mount(plural, info.history_on)
-        return info
-
-    def _create_open(self, plural: str, body: dict) -> tuple[KindInfo, dict]:
-        """POST /<plural> on the open server: (the kind, the stored object); a new kind is made by its first object.
-
-        Kinds are named by clients, so there are at most OPEN_KINDS of them,
-        counting the new ones being created. A new kind is provisional while
-        its creates run: the store can take its objects, but the kind is
-        declared (served, listed in /apis) only once one of them is stored,
-        and forgotten if none is, so a failed create leaves no kind behind.
-        Concurrent creates of one new kind share it.
-        """
-        self._require_started()
-        kind = body.get("kind") if isinstance(body.get("kind"), str) else None
-        with self._kind_lock:
-            info = self._by_plural.get(plural)
-            pending = None
-            if info is None:
-                pending = self._new_kinds.get(plural)
-                if pending is None:
-                    kind = kind or singularize(plural)
-                    if not KIND_RE.fullmatch(kind) or kind in self.kinds or \
-                            any(p[0].kind == kind for p in self._new_kinds.values()):
-                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}", [
-                            {"field": "kind", "message": "must be CapWords and not already served"}])
-                    if len(self.kinds) + len(self._new_kinds) >= OPEN_KINDS:
-                        making = f" and is making {len(self._new_kinds)}" if self._new_kinds else ""
-                        raise ValidationError(f"cannot create kind {kind!r} at /{plural}: this open server already "
-                                              f"serves {len(self.kinds)} kinds{making}, its limit is {OPEN_KINDS}",
-                                              [{"field": "kind", "message": f"at most {OPEN_KINDS} kinds"}])
-                    pending = self._new_kinds[plural] = [KindInfo(kind, plural, kind.lower()), 0]
-                    self.store.add_kind(kind, plural)
-                info = pending[0]
-                pending[1] += 1         # creates of the new kind in flight
-        if pending is None:
-            return info, self._create(info, self._parse_body(info, body))
-        try:
-            return info, self._create(info, self._parse_body(info, body))
-        finally:
-            with self._kind_lock:
-                pending[1] -= 1
-                # stored, even by a create that failed afterwards (a disk that did not confirm it)
-                if plural not in self._by_plural and self.store.count(info.kind):
-                    self._declare(info.kind, None, {"plural": plural}, mount=False)
-                if not pending[1]:
-                    del self._new_kinds[plural]
-                    if plural not in self._by_plural:
-                        self.store.drop_kind(info.kind)
-
-    def resolve_kind(self, name: str) -> KindInfo:
-        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
-        info = self.kinds.get(name) or self._by_plural.get(name)
-        if info is None:
-            low = name.lower()
-            for candidate in self.kinds.values():
-                if low in (candidate.kind.lower(), candidate.plural):
-                    return candidate
-            raise NotFoundError(f"unknown kind {name!r}; known kinds: {', '.join(sorted(self.kinds)) or 'none'}")
-        return info
-
-    # -- life cycle ------------------------------------------------------------
-    def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
-                        database_url: str | None = None) -> None:
-        """Override the store settings before start() (what ``serve``'s flags do)."""
-        if self._started:
-            raise ConfigurationError("configure_store() after start()")
-        if data_dir is not None:
-            self.data_dir, self.store, self.database_url = data_dir, None, None
-        if database_url is not None:
-            self.database_url, self.store = database_url, None
-        if durable is not None:
-            self.durable = durable
-            if self.store is not None:
-                self.store.durable = durable
-
-    def _make_store(self) -> Store:
-        if self.database_url:
-            if parse_database_url(self.database_url)[0] != "sqlite":
-                raise ConfigurationError(
-                    f"database_url {self.database_url!r}: the PostgreSQL store is not available in "
-                    f"fabrica {__version__}; use sqlite:///path/app.db or data_dir= (the JSON file store)")
-            return SQLiteStore.from_url(self.database_url, durable=self.durable)
-        return FileStore(self.data_dir, durable=self.durable)
-
-    def start(self) -> Fabrica:
-        """Open the store (lock, recovery, load) and start the bus and controllers; no HTTP."""
-        if self._started:
-            return self
-        self._check_wiring()
-        if self.store is None:
-            self.store = self._make_store()
-        if isinstance(self.store, IndexedStore):     # a database store keeps its feed as it is configured to
-            if self.ring_size is not None:
-                self.store.feed_size = self.ring_size
-            if self.ring_bytes is not None:
-                self.store.feed_bytes = self.ring_bytes
-        self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
-        strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
-        for kind in strangers:
-            self._declare(kind, None, {"plural": self.store.discovered[kind]}, mount=not self.open)
-        if strangers:
-            logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
-                           "or a controller (serve the app that registers them to validate and reconcile them)",
-                           ", ".join(sorted(strangers)))
-        self.bus.attach(self.store, prefix=self.event_prefix, source=self.event_source)
-        self._started = True
-        self.gc = GarbageCollector(self, clock=self.clock)
-        self.gc.start()
-        self._sweep_finalizers()
-        self._sweep_orphans()
-        self._start_controllers()
-        return self
-
-    def _check_wiring(self) -> None:
-        """ConfigurationError for owns=/watches= that can never act: no reconcile, or a kind never registered."""
-        for info in self.kinds.values():
-            named = list(info.owns) + list(info.watches)
-            if named and info.reconcile is None:
-                raise ConfigurationError(f"register({info.kind!r}): owns=/watches= re-queue its reconcile, but it "
-                                         f"has none; pass reconcile= or use @app.register({info.kind!r}, ...)")
-            unknown = [k for k in named if k not in self.kinds]
-            if unknown:
-                raise ConfigurationError(f"register({info.kind!r}): {', '.join(map(repr, unknown))} is no registered "
-                                         f"kind; register it too (kinds: {', '.join(self.kinds)})")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop controllers (running reconciles get ctx.stopping), the bus, then close the store."""
-        if not self._started:
-            return
-        deadline = time.monotonic() + timeout
-        self._stop_controllers(timeout)
-        self.gc.stop(max(0.0, deadline - time.monotonic()))
-        self.bus.stop(max(0.1, deadline - time.monotonic()))
-        self.store.close()
-        self._started = False
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def _start_controllers(self):
-        for info in self.kinds.values():
-            if info.has_controller:
-                controller = Controller(self, info, clock=self.clock)
-                self._controllers[info.kind] = controller
-                controller.start()
-
-    def _stop_controllers(self, timeout):
-        deadline = time.monotonic() + timeout
-        controllers, self._controllers = list(self._controllers.values()), {}
-        for controller in controllers:
-            controller._stop.set()
-            controller.queue.shutdown()
-        for controller in controllers:
-            controller.stop(max(0.0, deadline - time.monotonic()))
-
-    @property
-    def controllers(self) -> dict[str, Controller]:
-        return dict(self._controllers)
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until every queue is empty, no reconcile runs and nothing is due within ``timeout``.
-
-        Returns False if that did not happen within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        quiet = 0
-        wake = threading.Event()
-        while True:
-            left = deadline - time.monotonic()
-            if all(c.idle(max(0.0, left)) for c in self._controllers.values()) and \
-                    (self.gc is None or self.gc.idle(max(0.0, left))):
-                quiet += 1          # twice in a row: an event in flight between checks would show
-                if quiet >= 2 or left <= 0:
-                    return True
-            else:
-                quiet = 0
-            if left <= 0:
-                return False
-            wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
-
-    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
-        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
-
-        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
-        past either, events are dropped and the subscription counts a gap.
-        """
-        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
-
-    def health(self) -> dict:
-        store = self.store
-        found = store.health() if store is not None else {"quarantined": [], "ignored": []}
-        return {"status": "degraded" if found["quarantined"] or found["ignored"] else "healthy",
-                "service": self.service, "version": __version__, "kinds": sorted(self.kinds),
-                "quarantined": found["quarantined"], "ignored": found["ignored"],
-                "resourceVersion": str(store.resource_version) if store is not None else "0",
-                "workers": {k: i.workers for k, i in self.kinds.items() if i.has_controller}}
-
-    def metrics_text(self) -> str:
-        """Everything /metrics shows, in the Prometheus text exposition format."""
-        out = []
-
-        def family(name, kind, help_text, samples):
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(samples)
-        rest, store, bus = self.rest, self.store, self.bus
-        family("fabrica_http_requests_total", "counter", "HTTP requests by route, method and status code.",
-               [f'fabrica_http_requests_total{{route="{_prom_escape(r)}",method="{_prom_escape(m)}",code="{c}"}} {n}'
-                for (r, m, c), n in sorted(rest.requests.items())])
-        family("fabrica_http_request_duration_seconds", "histogram", "HTTP request latency.",
-               [line for (r, m), h in sorted(rest.latency.items())
-                for line in h.render("fabrica_http_request_duration_seconds",
-                                     f'route="{_prom_escape(r)}",method="{_prom_escape(m)}"')])
-        family("fabrica_store_writes_total", "counter", "Committed store writes.",
-               [f"fabrica_store_writes_total {store.writes if store else 0}"])
-        family("fabrica_store_write_failures_total", "counter", "Store writes that failed (nothing committed).",
-               [f"fabrica_store_write_failures_total {store.write_failures if store else 0}"])
-        stats = bus.stats()
-        family("fabrica_events_published_total", "counter", "Events published on the bus.",
-               [f"fabrica_events_published_total {stats['published']}"])
-        family("fabrica_events_dropped_total", "counter", "Events dropped by full subscriber queues.",
-               [f"fabrica_events_dropped_total {stats['dropped']}"])
-        family("fabrica_event_gaps_total", "counter", "Subscriber gaps (answered by a resync).",
-               [f"fabrica_event_gaps_total {stats['gaps']}"])
-        family("fabrica_event_ring_events", "gauge", "Events buffered for GET /events resume.",
-               [f"fabrica_event_ring_events {stats['buffered']}"])
-        family("fabrica_event_ring_bytes", "gauge", "Bytes of the events buffered for GET /events resume.",
-               [f"fabrica_event_ring_bytes {stats['bufferedBytes']}"])
-        family("fabrica_event_queue_bytes", "gauge", "Bytes of the events waiting in subscriber queues.",
-               [f"fabrica_event_queue_bytes {stats['queuedBytes']}"])
-        kinds = sorted(self.kinds)
-        ctls = self._controllers
-        per_kind = {
-            "fabrica_queue_depth": ("gauge", "Keys waiting in the work queue.", lambda c: len(c.queue)),
-            "fabrica_reconcile_total": ("counter", "Reconcile calls.", lambda c: c.reconciles),
-            "fabrica_reconcile_errors_total": ("counter", "Reconcile calls that raised.", lambda c: c.errors),
-            "fabrica_reconcile_retries_total": ("counter", "Retries after errors.", lambda c: c.retries),
-        }
-        for name, (kind, help_text, get) in per_kind.items():
-            family(name, kind, help_text, [f'{name}{{kind="{_prom_escape(k)}"}} {get(ctls[k])}'
-                                           for k in kinds if k in ctls])
-        family("fabrica_reconcile_duration_seconds", "histogram", "Reconcile duration.",
-               [line for k in kinds if k in ctls
-                for line in ctls[k].durations.render("fabrica_reconcile_duration_seconds",
-                                                     f'kind="{_prom_escape(k)}"')])
-        objects, not_ready = [], []
-        for k in kinds:
-            objects.append(f'fabrica_objects{{kind="{_prom_escape(k)}"}} {store.count(k) if store is not None else 0}')
-            if not self.kinds[k].has_controller:
-                continue        # nothing ever makes these Ready: they would look stuck forever
-            items = store.list(k) if store is not None else []
-            pending = sum(1 for o in items if not any(
-                isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
-                for c in o["status"].get("conditions") or ()))
-            not_ready.append(f'fabrica_objects_not_ready{{kind="{_prom_escape(k)}"}} {pending}')
-        family("fabrica_objects", "gauge", "Objects stored, per kind.", objects)
-        family("fabrica_objects_not_ready", "gauge", "Objects without condition Ready=True, per kind with a "
-               "controller (reconcile or finalize); kinds without one are not listed.", not_ready)
-        return "\n".join(out) + "\n"
-
-    def discovery(self) -> dict:
-        return {"apiVersion": API_VERSION, "open": self.open, "kinds": [i.describe() for i in self.kinds.values()]}
-
-    def _require_started(self):
-        if not self._started:
-            raise ConfigurationError("the app is not started: call app.start() (or use 'with app:') first")
-
-    # -- bodies ----------------------------------------------------------------
-    def _parse_body(self, info: KindInfo, body: dict, *, update: bool = False) -> dict:
-        """Split a flat or envelope body (SPEC §6.2) into name, labels, annotations, finalizers, spec."""
-        out = {"name": None, "labels": None, "annotations": None, "finalizers": None, "spec": None,
-               "resource_version": None, "envelope": False, "owners": []}
-        if "metadata" in body or "spec" in body:
-            out["envelope"] = True
-            unknown = sorted(set(body) - _ENVELOPE_KEYS)
-            if unknown:
-                raise ValidationError(f"unknown top-level field(s) {', '.join(map(repr, unknown))} in an envelope "
-                                      "body; allowed: apiVersion, kind, metadata, spec (status is ignored)",
-                                      [{"field": k, "message": "unknown field"} for k in unknown])
-            meta = body.get("metadata", {})
-            if not isinstance(meta, dict):
-                raise BadRequestError("metadata must be a JSON object")
-            unknown = sorted(set(meta) - _META_WRITABLE - _META_IGNORED)
-            if unknown:
-                raise ValidationError(f"unknown metadata field(s) {', '.join(map(repr, unknown))}",
-                                      [{"field": f"metadata.{k}", "message": "unknown field"} for k in unknown])
-            if "spec" in body:
-                if not isinstance(body["spec"], dict):
-                    raise BadRequestError("spec must be a JSON object")
-                out["spec"] = body["spec"]
-            for key in ("name", "labels", "annotations", "finalizers"):
-                if key in meta:
-                    out[key] = meta[key]
-            if meta.get("ownerReferences") is not None and not update:    # set at create, then immutable
-                out["owners"] = meta["ownerReferences"]
-            if "resourceVersion" in meta:
-                out["resource_version"] = meta["resourceVersion"]
-        else:
-            out["spec"] = {k: v for k, v in body.items() if k not in _FLAT_RESERVED}
-            for key in ("name", "labels", "annotations"):
-                if key in body:
-                    out[key] = body[key]
-        if "apiVersion" in body and body["apiVersion"] != API_VERSION:
-            raise _validation("apiVersion", f"must be {API_VERSION!r}")
-        if "kind" in body and body["kind"] != info.kind:
-            raise _validation("kind", f"must be {info.kind!r} (the kind served at /{info.plural})")
-        if not out["envelope"] and "status" in body:
-            # a flat body is never the shape of a GET answer, so a status in it is a mistake, not a round trip
-            raise _not_spec("status")
-        errors = []
-        if out["name"] is not None and not valid_name(out["name"]):
-            errors.append({"field": "metadata.name", "message": "must be a DNS-1123 subdomain: lower-case "
-                           "letters, digits, '-' and '.', alphanumeric at both ends, at most 253 characters"})
-        if out["labels"] is not None:
-            errors += _check_string_map(out["labels"], "metadata.labels", label_values=True)
-        if out["annotations"] is not None:
-            errors += _check_string_map(out["annotations"], "metadata.annotations", label_values=False)
-        problem = owner_references_problem(out["owners"])
-        if problem is not None:
-            errors.append({"field": f"metadata.ownerReferences{problem[0]}", "message": problem[1]})
-        if out["finalizers"] is not None:
-            if not isinstance(out["finalizers"], list) or any(
-                    not isinstance(f, str) or not f or _label_key_problem(f) for f in out["finalizers"]):
-                errors.append({"field": "metadata.finalizers", "message": "must be a list of qualified names"})
-        rv = out["resource_version"]
-        if rv is not None and not isinstance(rv, str):
-            errors.append({"field": "metadata.resourceVersion", "message": "must be a string"})
-        if errors and out["spec"] is not None and info.spec is not None and isinstance(out["spec"], dict):
-            errors += info.spec.validate(out["spec"], "spec")[1]      # list every failing field at once
-        if errors:
-            raise ValidationError("invalid " + ", ".join(e["field"] for e in errors), errors)
-        return out
-
-    def _check_spec(self, info: KindInfo, spec) -> dict:
-        """The spec with defaults filled in; ValidationError (422) listing every failing field."""
-        if not isinstance(spec, dict):
-            raise BadRequestError("spec must be a JSON object")
-        return spec if info.spec is None else info.spec.check(spec, "spec", max_size=self.max_body)
-
-    def _check_status(self, info: KindInfo, status, stored: dict) -> dict:
-        """The status with defaults; the fields fabrica writes are checked apart from the user's schema.
-
-        ``stored`` is the status it replaces (conditions kept from it are only shape-checked).
-        """
-        if not isinstance(status, dict):
-            raise BadRequestError("status must be a JSON object")
-        own = {k: status[k] for k in _FRAMEWORK_STATUS if k in status}
-        errors = status_problems(own, stored)
-        rest = {k: v for k, v in status.items() if k not in own}
-        if info.status is not None:
-            rest, more = info.status.validate(rest, "status", max_size=self.max_body)
-            errors += more
-        if errors:
-            raise ValidationError("status is invalid: " + "; ".join(f"{e['field']}: {e['message']}"
-                                                                    for e in errors[:3]), errors)
-        rest.update(own)
-        return rest
-
-    def _run_validate(self, info: KindInfo, obj: dict) -> None:
-        if info.validate is None:
-            return
-        try:
-            info.validate(Resource(deepcopy_json(obj)))
-        except ValidationError:
-            raise
-        except (ValueError, TypeError) as exc:
-            raise ValidationError(str(exc)) from None
-
-    # -- writes ----------------------------------------------------------------
-    def _owner_check(self, info: KindInfo, owner_keys) -> list[dict]:
-        """The owners; ConflictError unless every one exists and is not being deleted."""
-        owners = []
-        for kind, uid in owner_keys:
-            current = self.store.get(kind, uid)
-            if current is None or current["metadata"]["deletionTimestamp"]:
-                raise ConflictError(f"cannot create a {info.kind} owned by {kind} {uid!r}: the owner "
-                                    f"{'does not exist' if current is None else 'is being deleted'}")
-            owners.append(current)
-        return owners
-
-    def _create(self, info: KindInfo, parsed: dict) -> dict:
-        """Create from a parsed body; every owner in ``parsed["owners"]`` must exist and not be deleting (409)."""
-        self._require_started()
-        spec = self._check_spec(info, deepcopy_json(parsed["spec"] or {}))
-        finalizers = _with_own_finalizer(info, list(parsed["finalizers"] or []), deleting=False)
-        owner_keys = [(ref["kind"], ref["uid"]) for ref in parsed["owners"]]
-        # every reference is kept (SPEC §5.5), in one form; the name is the owner's own
-        owner_refs = [{"kind": ref["kind"], "uid": ref["uid"], "name": owner["metadata"]["name"],
-                       "controller": ref.get("controller", False)}
-                      for ref, owner in zip(parsed["owners"], self._owner_check(info, owner_keys))]
-
-        def guard():
-            # again under the store lock: a reconcile racing its owner's delete cannot leave an orphan
-            self._owner_check(info, owner_keys)
-        status = {}
-        if info.status is not None:
-            status, errors = info.status.validate({}, "status")    # the status schema's defaults, if complete
-            status = {} if errors else status
-        for _ in range(16):
-            uid = f"{info.prefix}-{os.urandom(4).hex()}"
-            obj = new_object(info.kind, parsed["name"] or uid, uid, spec=spec, labels=parsed["labels"],
-                             annotations=parsed["annotations"], finalizers=finalizers,
-                             owner_references=owner_refs)
-            obj["status"] = deepcopy_json(status)
-            snapshot = None
-            if info.history_on:
-                obj["status"]["version"] = "1"
-                snapshot = self._snapshot(obj)
-            self._run_validate(info, obj)
-            try:
-                return self.store.create(obj, snapshot, guard if owner_keys else None, wait_for=owner_keys,
-                                         max_size=self.max_body)
-            except ConflictError as exc:
-                if exc.details and exc.details[0]["field"] == "metadata.uid":
-                    continue        # a uid collision: draw another one
-                raise
-        raise ConflictError(f"could not draw a free uid for {info.kind}; retry")
-
-    def _mutate(self, info: KindInfo, ref: str, change, *, action: str = "updated", if_match=None,
-                if_none_match=None, expected_rv=None) -> dict:
-        """Read, apply ``change(new)`` to a copy, validate, and compare-and-swap; retried on races.
-
-        Returns the stored object (the current one, unwritten, when nothing changed).
-        """
-        self._require_started()
-        store, kind = self.store, info.kind
-        for _ in range(_CAS_RETRIES):
-            cur = store.resolve(kind, ref)
-            if cur is None:
-                raise NotFoundError(f'{kind} "{ref}" not found')
-            name, rv = cur["metadata"]["name"], cur["metadata"]["resourceVersion"]
-            if if_none_match is not None and ("*" in _etag_list(if_none_match) or
-                                              etag_of(cur) in _etag_list(if_none_match)):
-                raise PreconditionFailedError(f"{kind} {name!r} exists (If-None-Match: {if_none_match})")
-            if not if_match_ok(if_match, cur):
-                raise PreconditionFailedError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
-                                              f"If-Match: {if_match}; re-read and retry")
-            if expected_rv is not None and expected_rv != rv:
-                raise ConflictError(f"{kind} {name!r} is at resourceVersion {rv}, the request expected "
-                                    f"{expected_rv}; re-read and retry")
-            new = deepcopy_json(cur)
-            change(new)
-            meta, old_meta = new["metadata"], cur["metadata"]
-            for key in SERVER_MANAGED:
-                meta[key] = old_meta[key]
-            meta["ownerReferences"] = old_meta["ownerReferences"]
-            _check_finalizers(info, old_meta, meta)
-            snapshot = None
-            if not _json_equal(new["spec"], cur["spec"]):      # JSON equality: true is not 1
-                meta["generation"] = old_meta["generation"] + 1
-                if info.history_on:
-                    new["status"]["version"] = str(meta["generation"])
-                    snapshot = self._snapshot(new)
-            elif info.history_on and "version" in cur["status"]:
-                new["status"]["version"] = cur["status"]["version"]    # status writes keep it (SPEC §6.9)
-            if _json_equal(new, cur):
-                return cur
-            self._run_validate(info, new)
-            meta["updatedAt"] = utcnow()
-            try:
-                if old_meta["deletionTimestamp"] and not meta["finalizers"]:
-                    # Kubernetes: the answer and the deleted event show the object as this write left it
-                    return self._remove(info, old_meta["uid"], rv, last=new)
-                stored = store.replace(new, rv, action, snapshot, max_size=self.max_body)
-                if snapshot is not None and info.history:      # after the commit: never raises
-                    store.prune_versions(kind, old_meta["uid"], info.history)
-                return stored
-            except StaleError:
-                if if_match is not None:
-                    raise PreconditionFailedError(f"{kind} {name!r} changed while the request was applied "
-                                                  f"(If-Match: {if_match}); re-read and retry") from None
-                if expected_rv is not None:
-                    raise
-        raise ConflictError(f"{kind} {ref!r} is changing too fast to update; retry")
-
-    def _update(self, info: KindInfo, ref: str, parsed: dict, **pre) -> dict:
-        spec = None if parsed["spec"] is None else self._check_spec(info, deepcopy_json(parsed["spec"]))
-
-        def change(new):
-            meta = new["metadata"]
-            if parsed["name"] is not None and parsed["name"] != meta["name"]:
-                raise _validation("metadata.name", f"is immutable (it is {meta['name']!r})")
-            if spec is not None:
-                new["spec"] = deepcopy_json(spec)
-            for key in ("labels", "annotations"):
-                if parsed[key] is not None:
-                    meta[key] = dict(parsed[key]) if parsed["envelope"] else {**meta[key], **parsed[key]}
-            if parsed["finalizers"] is not None:
-                meta["finalizers"] = list(parsed["finalizers"])
-        return self._mutate(info, ref, change, expected_rv=parsed["resource_version"], **pre)
-
-    def _patch(self, info: KindInfo, ref: str, patch, patch_type: str = "merge", *, status: bool = False,
-               **pre) -> dict:
-        # a JSON Patch alone can multiply what it is given (copy): bounded as it runs; it and the
-        # shorthand can nest deeper than their body (the store refuses that too, but a deeper
-        # document would first meet recursion in validation and history)
-        apply = {"merge": apply_merge_patch,
-                 "shorthand": lambda doc, patch: apply_shorthand_patch(doc, patch, max_depth=MAX_DEPTH),
-                 "json": lambda doc, ops: apply_json_patch(doc, ops, max_size=self.max_body, max_depth=MAX_DEPTH),
-                 }.get(patch_type)
-        if apply is None:
-            raise UnsupportedMediaTypeError(f"unsupported patch type {patch_type!r}; use merge, json or shorthand")
-        part = "status" if status else "spec"
-
-        def change(new):
-            result = apply(new[part], patch)
-            if not isinstance(result, dict):
-                raise PatchError(f"the patched {part} must be a JSON object",
-                                 [{"field": part, "message": "must be an object"}])
-            written = None if status else _patch_writes_not_spec(patch, patch_type, new["spec"], result)
-            if written is not None:
-                raise _not_spec(written)
-            new[part] = self._check_status(info, result, new[part]) if status else self._check_spec(info, result)
-        return self._mutate(info, ref, change, action="patched", **pre)
-
-    def _update_status(self, info: KindInfo, ref: str, status, **pre) -> dict:
-        if not isinstance(status, dict):
-            raise BadRequestError("status must be a JSON object")
-
-        def change(new):
-            new["status"] = self._check_status(info, deepcopy_json(status), new["status"])
-        return self._mutate(info, ref, change, **pre)
-
-    @staticmethod
-    def _snapshot(obj: dict) -> dict:
-        meta = obj["metadata"]
-        return {"versionId": str(meta["generation"]), "createdAt": utcnow(), "uid": meta["uid"],
-                "name": meta["name"], "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"]),
-                "spec": deepcopy_json(obj["spec"])}
-
-    def _remove(self, info: KindInfo, uid: str, rv: str, cascade: bool = True, last: dict | None = None) -> dict:
-        """Delete an object now, then its spec history and (with ``cascade``) its dependents.
-
-        ``last`` is its final state when the delete also changes it (Store.delete).
-        """
-        tomb = self.store.delete(info.kind, uid, rv, last)
-        if info.history_on:
-            if not self.store.prune_versions(info.kind, uid, 0):    # logged; retried until the disk lets it go
-                self.gc.queue.add_rate_limited((info.kind, uid), "history")     # _collect finishes it
-        if cascade:
-            self.gc.collect(self.store.dependents(info.kind, uid))
-        return tomb
-
-    def _restore(self, info: KindInfo, ref: str, version_id: str, **pre) -> dict:
-        """Write a stored spec snapshot back as a new, validated spec write."""
-        obj = self.store.resolve(info.kind, ref)
-        snap = None if obj is None else self.store.get_version(info.kind, obj["metadata"]["uid"], version_id)
-        if snap is None:
-            raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
-        spec = self._check_spec(info, deepcopy_json(snap["spec"]))
-        return self._mutate(info, ref, lambda new: new.__setitem__("spec", deepcopy_json(spec)), **pre)
-
-    def _delete(self, info: KindInfo, ref: str, *, force: bool = False, if_match=None,
-                cascade: bool = True) -> tuple[dict, bool]:
-        """Delete now (True) or, with finalizers pending, mark deletionTimestamp (False)."""
-        self._require_started()
-        store, kind = self.store, info.kind
-        for _ in range(_CAS_RETRIES):
-            cur = store.resolve(kind, ref)
-            if cur is None:
-                raise NotFoundError(f'{kind} "{ref}" not found')
-            meta = cur["metadata"]
-            if not if_match_ok(if_match, cur):
-                raise PreconditionFailedError(f"{kind} {meta['name']!r} is at resourceVersion "
-                                              f"{meta['resourceVersion']}, the request expected If-Match: "
-                                              f"{if_match}; re-read and retry")
-            # fabrica's own finalizer as the kind requires: added, so finalize runs even for an object
-            # that missed it; dropped where nothing would ever remove it
-            pending = _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None)
-            try:
-                if pending and not force:
-                    if meta["deletionTimestamp"] and pending == meta["finalizers"]:
-                        return cur, False       # a second DELETE changes nothing (Kubernetes)
-                    new = deepcopy_json(cur)
-                    new["metadata"]["finalizers"] = pending
-                    new["metadata"]["updatedAt"] = utcnow()
-                    new["metadata"]["deletionTimestamp"] = meta["deletionTimestamp"] or new["metadata"]["updatedAt"]
-                    return store.replace(new, meta["resourceVersion"], "updated"), False
-                last = None
-                if not force and pending != meta["finalizers"]:
-                    # the last finalizer was fabrica's own, taken off here: the deleted event shows it gone
-                    last = deepcopy_json(cur)
-                    last["metadata"]["finalizers"] = pending
-                    last["metadata"]["updatedAt"] = utcnow()
-                return self._remove(info, meta["uid"], meta["resourceVersion"], cascade, last), True
-            except StaleError:
-                if if_match is not None:
-                    raise PreconditionFailedError(f"{kind} {meta['name']!r} changed during the delete") from None
-        raise ConflictError(f"{kind} {ref!r} is changing too fast to delete; retry")
-
-    def _owners_gone(self, obj: dict) -> bool:
-        """Whether ``obj`` has owners and every one is positively gone (Kubernetes: none exists any more).
-
-        An owner that is quarantined, not loaded or of a kind this app does
-        not serve is not gone (Store.gone): its dependents stay.
-        """
-        refs = obj["metadata"]["ownerReferences"]
-        return bool(refs) and all(self.store.gone(ref["kind"], ref["uid"]) for ref in refs)
-
-    def _collect(self, kind: str, uid: str) -> bool:
-        """One garbage-collection step: delete the object if its owners are all gone.
-
-        Returns True when the object is gone (its dependents are next).
-        Dependents with finalizers get deletionTimestamp and go when their
-        finalizers are done. Raises FabricaError when the store fails.
-        """
-        info, obj = self.kinds.get(kind), self.store.get(kind, uid)
-        if obj is None:
-            if info is not None and info.history_on and self.store.versions(kind, uid) and \
-                    not self.store.prune_versions(kind, uid, 0):    # the rest of a delete whose history removal failed
-                raise StoreError(f"the spec history of the deleted {kind} {uid!r} is not removed yet")
-            return True
-        if info is None or not self._owners_gone(obj):
-            return False
-        try:
-            return self._delete(info, uid, cascade=False)[1]
-        except NotFoundError:
-            return True
-
-    def _sweep_finalizers(self) -> int:
-        """Put fabrica's finalizer on, or take it off, every object whose kind says so (SPEC §5.6).
-
-        Runs at start-up, before the controllers' start-up list: a kind that
-        gained ``finalize=`` since its objects were written gets its cleanup
-        when they are deleted, and one that lost it (or is now served by the
-        open server) leaves no object waiting for a finalizer nothing handles:
-        one being deleted that waited only for it is deleted now.
-        """
-        count = 0
-        for info in list(self.kinds.values()):
-            # the objects the rule may change: a kind without finalize= never carries it, one with it always
-            for obj in self.store.finalizer_candidates(info.kind, FINALIZER, present=info.finalize is None):
-                meta = obj["metadata"]
-                if _with_own_finalizer(info, meta["finalizers"], meta["deletionTimestamp"] is not None) == \
-                        meta["finalizers"]:
-                    continue
-                try:
-                    self._mutate(info, meta["uid"], lambda new: None)      # _mutate applies _check_finalizers
-                    count += 1
-                except NotFoundError:
-                    continue
-                except FabricaError:
-                    # not fatal: DELETE applies the same rule to the object again
-                    store_log.exception("could not update the finalizers of %s %s", info.kind, meta["uid"])
-        if count:
-            logger.info("updated fabrica's finalizer on %d object(s) to match their kinds", count)
-        return count
-
-    def _sweep_orphans(self) -> int:
-        """Collect what a crash mid-cascade left: every object whose owners are all positively gone.
-
-        Runs at start-up and never raises: a delete that fails (a full disk)
-        is retried by the garbage collector while the app serves. An owner
-        the store could not load is not gone, so nothing is deleted because
-        something else was not read (SPEC §3.0). Returns the orphans found.
-        """
-        orphans, kept = [], 0
-        for info in list(self.kinds.values()):
-            for obj in self.store.orphan_candidates(info.kind):     # an owner not held: not all present
-                refs = obj["metadata"]["ownerReferences"]
-                if self._owners_gone(obj):
-                    orphans.append((info.kind, obj["metadata"]["uid"]))
-                elif refs and all(self.store.get(r["kind"], r["uid"]) is None for r in refs):
-                    kept += 1
-        if kept:
-            logger.warning("kept %d object(s) whose owners were not found but may exist (%s); they are collected "
-                           "once their owners are known to be gone", kept,
-                           "; ".join(f"{k}: {why}" for k, why in sorted(self.store.unsure.items())) or
-                           "owner kinds this app does not serve")
-        if orphans:
-            logger.warning("deleting %d orphan(s) whose owners are gone", len(orphans))
-            self.gc.collect(orphans)
-        return len(orphans)
-
-    # -- serving -----------------------------------------------------------------
-    def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
-              token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
-        """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
-
-        The arguments are the app's defaults: the ``FABRICA_*`` variables that
-        ``python fabrica.py serve`` reads override them (12-factor), so
-        ``FABRICA_PORT=8081 python app.py`` moves the server without an edit;
-        ``FABRICA_DATA_DIR``/``FABRICA_DATABASE_URL`` override the store and
-        ``FABRICA_NO_FSYNC``, ``FABRICA_WORKERS``, ``FABRICA_CORS`` likewise.
-        ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
-        one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
-        when installed. ``max_threads`` bounds the connections (or the app
-        threads) and ``head_timeout`` the seconds a client has to send a request
-        head, on the servers that have such a setting (README: Serving).
-
-        This is a program's main loop: it sets up logging (``FABRICA_LOG_LEVEL``,
-        default info) unless the program already did, logs one ready line, and
-        ends the program with a one-line message (SystemExit, no traceback)
-        when the store is locked or the port is taken.
-        """
-        env = _env_settings()
-        logging.basicConfig(level=getattr(logging, str(env.get("log_level", "info")).upper(), logging.INFO),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        if env.get("data_dir") or env.get("database_url"):
-            self.configure_store(data_dir=env.get("data_dir"), database_url=env.get("database_url"))
-        if env.get("no_fsync"):
-            self.configure_store(durable=False)
-        if env.get("workers"):
-            for info in self.kinds.values():
-                info.workers = env["workers"]
-        self.cors = env.get("cors") or self.cors
-        main = sys.modules.get("__main__")
-        name = os.path.basename(getattr(main, "__file__", None) or "") or "app"
-        try:
-            self._serve(env.get("host", host), env.get("port", port), server=env.get("wsgi_server", server),
-                        token=env.get("token", token), max_threads=env.get("max_threads", max_threads),
-                        head_timeout=env.get("head_timeout", head_timeout), name=name)
-        except (ConfigurationError, OSError) as exc:
-            raise SystemExit(f"fabrica: {exc.message if isinstance(exc, FabricaError) else exc.strerror or exc}"
-                             ) from None
-
-    def _serve(self, host: str, port: int, *, server: str | None, token: str | None, max_threads: int,
-               head_timeout: float, name: str) -> None:
-        """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
-        if token:
-            self.token = token
-        self._host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
-        self._app_name = name
-        self.start()
-        try:
-            if server in (None, "", "fabrica", "auto"):
-                self._serve_builtin(host, port, max_threads, head_timeout)
-            elif server == "granian":
-                self._serve_granian(host, port, max_threads, head_timeout)
-            elif server == "waitress":
-                # waitress reads a whole request (spooling a body to disk) before the app sees it, so
-                # its own limits guard memory and disk; channel_timeout closes a connection silent that
-                # long with no request running (idle, or a stalled head or body), checked every second
-                self._serve_adapter(server, host, port, connection_limit=max_threads,
-                                    channel_timeout=max(1, math.ceil(head_timeout)), cleanup_interval=1,
-                                    max_request_header_size=MAX_HEAD, max_request_body_size=self.max_body + 1)
-            else:
-                self._serve_adapter(server, host, port)
-        finally:
-            self.stop()
-
-    def _ready_line(self, url: str) -> str:
-        """The one line serve logs when it answers: version, app, URL, store, kinds."""
-        store = self.database_url or getattr(self.store, "data_dir", None) or type(self.store).__name__
-        kinds = ", ".join(self.kinds) or "none yet"
-        return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
-                f"(store: {store}; kinds: {kinds})")
-
-    def _serve_builtin(self, host, port, max_threads, head_timeout):
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        try:
-            httpd = ThreadedWSGIServer((host.strip("[]"), port), self.wsgi, max_threads=max_threads,
-                                       head_timeout=head_timeout)
-        except OSError as exc:
-            hint = ("another process has it; choose another port (--port, FABRICA_PORT)"
-                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
-            raise OSError(exc.errno, f"cannot listen on http://{shown}:{port}: {exc.strerror}; {hint}") from None
-        self.httpd = httpd
-        def on_signal(signum, frame):
-            # only a plain assignment here: a handler that takes locks can deadlock when a second
-            # signal interrupts the first; serve_forever's loop notices the flag (service_actions)
-            httpd.stop_requested = signum
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, on_signal)
-        http_log.info("%s", self._ready_line(f"http://{shown}:{httpd.server_port}"))
-        try:
-            httpd.serve_forever(poll_interval=0.2)
-            if httpd.stop_requested:
-                http_log.info("signal %d: stopping (finishing in-flight requests)", httpd.stop_requested)
-        finally:
-            httpd.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _serve_granian(self, host, port, max_threads, head_timeout):
-        """Serve with granian (a Rust HTTP server) in THIS process, so the store lock and controllers stay here.
-
-        granian normally runs WSGI apps in worker processes; its thread-worker
-        server is made for free-threaded Pythons and refuses a GIL build, a
-        check we skip: the worker is a thread that calls into this process's
-        app like any other WSGI server thread.
-        """
-        try:
-            from granian.constants import Interfaces
-            from granian.http import HTTP1Settings
-            from granian.server.mt import MTServer
-        except ImportError:
-            raise ConfigurationError("--server granian needs granian: pip install granian") from None
-
-        class InProcessGranian(MTServer):
-            def _check_gil(self):
-                pass
-        # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
-        http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
-        server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
-                                  workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
-                                  log_enabled=False)
-        # logged from granian's start-up hook: by then its signal handlers and socket are in place
-        server.on_startup(lambda: http_log.info("%s via granian", self._ready_line(f"http://{host}:{port}")))
-        server.serve(target_loader=lambda *args, **kwargs: self.wsgi, wrap_loader=False)
-
-    def _serve_adapter(self, name, host, port, **options):
-        adapter = bottle.server_names.get(name)
-        if adapter is None:
-            raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
-
-        def on_signal(signum, frame):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
-            raise KeyboardInterrupt
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_signal)
-        try:
-            # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
-            http_log.info("%s via %s", self._ready_line(f"http://{host}:{port}"), name)
-            bottle.run(self.wsgi, server=adapter, host=host, port=port, quiet=True, **options)
-        except ImportError as exc:
-            raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
-        except KeyboardInterrupt:
+    try:
+        from granian.constants import Interfaces
+        from granian.http import HTTP1Settings
+        from granian.server.mt import MTServer
+    except ImportError:
+        raise ConfigurationError("--server granian needs granian: pip install granian") from None
+
+    class InProcessGranian(MTServer):
+        def _check_gil(self):
             pass
+    # hyper's header_read_timeout is a whole-head deadline; its read buffer caps the head (431 past it)
+    http1 = HTTP1Settings(header_read_timeout=max(1, round(head_timeout * 1000)), max_buffer_size=MAX_HEAD)
+    server = InProcessGranian("fabrica:app", address=host.strip("[]"), port=port, interface=Interfaces.WSGI,
+                              workers=1, blocking_threads=max(1, min(max_threads, 64)), http1_settings=http1,
+                              log_enabled=False)
+    # logged from granian's start-up hook: by then its signal handlers and socket are in place
+    server.on_startup(lambda: http_log.info("%s via granian", ready(f"http://{host}:{port}")))
+    server.serve(target_loader=lambda *args, **kwargs: wsgi, wrap_loader=False)
+
+
+def _serve_adapter(wsgi, name, host, port, ready, **options):
+    adapter = bottle.server_names.get(name)
+    if adapter is None:
+        raise ConfigurationError(f"unknown WSGI server {name!r}; try one of: fabrica, waitress, cheroot, gunicorn")
+
+    def on_signal(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # once: a second one must not cut the shutdown short
+        raise KeyboardInterrupt
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+    try:
+        # inside the try: a SIGTERM right after this line (a supervisor's, a test's) is a clean stop
+        http_log.info("%s via %s", ready(f"http://{host}:{port}"), name)
+        bottle.run(wsgi, server=adapter, host=host, port=port, quiet=True, **options)
+    except ImportError as exc:
+        raise ConfigurationError(f"--server {name}: {exc}; install it (pip install {name})") from None
+    except KeyboardInterrupt:
+        pass
 
 
 ###############################################################################
@@ -9368,33 +9449,28 @@ def _owner_object(client, owner, creating: str | None = None) -> dict:
 
 
 class LocalClient:
-    """The in-process client: every write takes exactly the REST path (validation, events, rv)."""
+    """The in-process client: every write takes exactly the REST path (the Registry: validation, events, rv)."""
 
-    def __init__(self, app: Fabrica):
-        self._app = app
+    def __init__(self, registry: Registry):
+        self._registry = registry
 
     def _info(self, kind: str) -> KindInfo:
-        return self._app.resolve_kind(kind)
+        return self._registry.resolve_kind(kind)
 
     def _out(self, obj) -> Resource:
         return Resource(deepcopy_json(obj))
 
     def get(self, kind: str, ref: str) -> Resource:
         """The object (uid or name); NotFoundError if missing."""
-        info = self._info(kind)
-        self._app._require_started()
-        obj = self._app.store.resolve(info.kind, ref)
-        if obj is None:
-            raise NotFoundError(f'{info.kind} "{ref}" not found')
-        return self._out(obj)
+        return self._out(self._registry.get(self._info(kind), ref))
 
     def list(self, kind: str, selector: str | None = None, limit: int | None = None,
              owner: dict | tuple | None = None) -> list[Resource]:
         """Every object of a kind, by name; ``selector`` is a label selector; ``owner`` (an object, or a
         ``(kind, ref)`` tuple) keeps the ones whose ownerReferences name it (one of their owners)."""
         info = self._info(kind)
-        self._app._require_started()
-        store, sel = self._app.store, parse_selector(selector) if selector else None
+        self._registry.require_started()
+        store, sel = self._registry.store, parse_selector(selector) if selector else None
         if owner is not None:
             owner = _owner_object(self, owner)
         if owner is None:
@@ -9413,12 +9489,10 @@ class LocalClient:
         """Create an object; ``owner`` (an object, or a ``(kind, ref)`` tuple) makes it the controller
         owner (409 if it is gone or being deleted)."""
         info = self._info(kind)
-        meta = {k: v for k, v in (("name", name), ("labels", labels), ("annotations", annotations),
-                                  ("finalizers", finalizers)) if v is not None}
-        if owner is not None:
-            meta["ownerReferences"] = [_controller_ref(_owner_object(self, owner, info.kind))]
-        parsed = self._app._parse_body(info, {"metadata": meta, "spec": spec or {}})
-        return self._out(self._app._create(info, parsed))
+        owners = None if owner is None else [_controller_ref(_owner_object(self, owner, info.kind))]
+        return self._out(self._registry.create(info, name=name, spec=spec or {}, labels=labels,
+                                               annotations=annotations, finalizers=finalizers,
+                                               owner_references=owners))
 
     def update(self, obj: dict) -> Resource:
         """PUT the envelope (spec, labels, annotations, finalizers) guarded by its resourceVersion.
@@ -9427,27 +9501,26 @@ class LocalClient:
         """
         info = self._info(obj["kind"])
         meta = obj["metadata"]
-        body = {"metadata": {k: meta[k] for k in ("name", "labels", "annotations", "finalizers") if k in meta},
-                "spec": obj.get("spec", {})}
-        parsed = self._app._parse_body(info, body, update=True)
         rv = meta.get("resourceVersion")
-        return self._out(self._app._update(info, meta["uid"] if meta.get("uid") else meta["name"], parsed,
-                                           if_match=f'"{rv}"' if rv else None))
+        return self._out(self._registry.update(
+            info, meta["uid"] if meta.get("uid") else meta["name"], name=meta.get("name"),
+            spec=obj.get("spec", {}), labels=meta.get("labels"), annotations=meta.get("annotations"),
+            finalizers=meta.get("finalizers"), if_match=(rv,) if rv else None))
 
     def patch(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
         """Patch the spec with a merge patch, a JSON Patch (``type="json"``) or a shorthand patch."""
-        return self._out(self._app._patch(self._info(kind), ref, patch, type))
+        return self._out(self._registry.patch(self._info(kind), ref, patch, type))
 
     def update_status(self, kind: str, ref: str, status: dict) -> Resource:
         """Replace the status (no generation bump)."""
-        return self._out(self._app._update_status(self._info(kind), ref, status))
+        return self._out(self._registry.update_status(self._info(kind), ref, status))
 
     def patch_status(self, kind: str, ref: str, patch, type: str = "merge") -> Resource:
-        return self._out(self._app._patch(self._info(kind), ref, patch, type, status=True))
+        return self._out(self._registry.patch(self._info(kind), ref, patch, type, status=True))
 
     def delete(self, kind: str, ref: str, force: bool = False) -> Resource | None:
         """Delete; returns None when gone, or the object when finalizers are pending (a 202)."""
-        obj, gone = self._app._delete(self._info(kind), ref, force=force)
+        obj, gone = self._registry.delete(self._info(kind), ref, force=force)
         return None if gone else self._out(obj)
 
     def _history(self, kind, ref):
@@ -9459,24 +9532,24 @@ class LocalClient:
     def versions(self, kind: str, ref: str) -> list[dict]:
         """The spec snapshots of an object (``history=`` kinds), oldest first."""
         info, uid = self._history(kind, ref)
-        return deepcopy_json(self._app.store.versions(info.kind, uid))
+        return deepcopy_json(self._registry.store.versions(info.kind, uid))
 
     def get_version(self, kind: str, ref: str, version_id: str) -> dict:
         info, uid = self._history(kind, ref)
-        snap = self._app.store.get_version(info.kind, uid, str(version_id))
+        snap = self._registry.store.get_version(info.kind, uid, str(version_id))
         if snap is None:
             raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
         return deepcopy_json(snap)
 
     def delete_version(self, kind: str, ref: str, version_id: str) -> None:
         info, uid = self._history(kind, ref)
-        if not self._app.store.delete_version(info.kind, uid, str(version_id)):
+        if not self._registry.store.delete_version(info.kind, uid, str(version_id)):
             raise NotFoundError(f"{info.kind} {ref!r} has no version {version_id!r}")
 
     def restore_version(self, kind: str, ref: str, version_id: str) -> Resource:
         """Write that version's spec back as a new spec write."""
         info, _ = self._history(kind, ref)
-        return self._out(self._app._restore(info, ref, str(version_id)))
+        return self._out(self._registry.restore(info, ref, str(version_id)))
 
 
 class ConnectionFailedError(FabricaError):
@@ -9724,6 +9797,338 @@ class Client:
 
 
 ###############################################################################
+# Fabrica ######################################################################
+###############################################################################
+#
+# The facade: register() wires a kind into the registry, the REST routes,
+# the bus and (with a reconcile function) a controller; start() and stop()
+# run them. The controllers and the garbage collector's sweeps run while
+# the store's LeaderElector says this process leads.
+
+
+class Fabrica:
+    """One application: kinds, a store, a bus, controllers, a REST API and clients.
+
+    ``Fabrica(data_dir="./data")`` keeps resources as JSON files (the default);
+    ``durable=False`` skips fsync; ``store=`` takes any Store. The store is
+    opened by start() (or serve()), not here, so serve's flags can override it.
+    ``max_body`` (1 MiB) caps a request body and also every object a write
+    stores, measured as compact JSON, whatever produced it (SPEC §6.4).
+    ``ring_size`` and ``ring_bytes``, when given, bound the in-memory change
+    feed of a MemoryStore or FileStore (otherwise its own bounds: 10,000
+    changes, 64 MiB), which serves ``GET /events`` resume. Every write goes through ``registry``, the
+    Registry; the controllers run while the store's LeaderElector
+    (``elector``, made by start()) says this process leads.
+    """
+
+    def __init__(self, data_dir: str = "./data", *, durable: bool = True, store: Store | None = None,
+                 database_url: str | None = None, token: str | None = None, event_prefix: str = "io.fabrica",
+                 event_source: str = "", ring_size: int | None = None, ring_bytes: int | None = None,
+                 max_body: int = MAX_BODY, service: str = "fabrica", open: bool = False, clock=time.monotonic,
+                 cors: str | None = None):
+        self.clock = clock
+        self.data_dir = data_dir
+        self.durable = durable
+        self.database_url = database_url
+        self.token = token or None
+        self.cors = cors or None
+        self.event_prefix = event_prefix
+        self.event_source = event_source
+        self.service = service
+        self.open = open
+        self.registry = Registry(max_body=max_body, open=open, clock=clock)
+        self.registry.store = store
+        self.kinds = self.registry.kinds            # kind -> KindInfo (the registry's own dict)
+        self.ring_size, self.ring_bytes = ring_size, ring_bytes
+        self.bus = Bus()
+        self.identity = f"{socket.gethostname()}-{os.getpid()}"    # this process, to leader election
+        self.elector: LeaderElector | None = None   # the store's, made by start()
+        self._started = False
+        self._stopping = False
+        self._leading = threading.Lock()            # leadership transitions one at a time; stop() takes it too
+        self._app_name = "app"                      # what serve()'s ready line calls this app
+        self._controllers: dict[str, Controller] = {}   # changed in place: the REST API reads it for /metrics
+        self.rest = RestAPI(self, self.registry, self.bus, self._controllers)
+        self.wsgi = self.rest.wsgi
+        self.client = LocalClient(self.registry)
+        if open:
+            self.rest.mount(None)
+
+    @property
+    def store(self) -> Store | None:
+        """The Store (the registry's); None until start() makes the default one."""
+        return self.registry.store
+
+    @store.setter
+    def store(self, store: Store | None) -> None:
+        self.registry.store = store
+
+    @property
+    def max_body(self) -> int:
+        """The bytes a request body, and every object a write stores, may have (the registry's limit)."""
+        return self.registry.max_body
+
+    @max_body.setter
+    def max_body(self, value: int) -> None:
+        self.registry.max_body = value
+
+    @property
+    def gc(self) -> GarbageCollector | None:
+        """The registry's GarbageCollector, made by start()."""
+        return self.registry.gc
+
+    # -- wiring --------------------------------------------------------------
+    def register(self, kind: str, reconcile=None, **options):
+        """Declare a kind: store, REST routes, events and, with ``reconcile``, a controller.
+
+        Works as a plain call and as a decorator (``@app.register("Rack")``).
+        Options: plural, prefix, spec, status, validate, owns, watches,
+        finalize, workers, resync, timeout, history. Raises
+        ConfigurationError when the kind exists, the app has started, or an
+        option is invalid.
+        """
+        if self._started:
+            raise ConfigurationError(f"register({kind!r}) after start(): register every kind before starting")
+        info = self._declare(kind, reconcile, options)
+
+        def decorator(fn):
+            if info.reconcile is not None:
+                raise ConfigurationError(f"{kind} already has a reconcile function")
+            info.reconcile = fn
+            return fn
+        return reconcile if reconcile is not None else decorator
+
+    def _declare(self, kind, reconcile, options, *, mount=True) -> KindInfo:
+        info = self.registry.declare(kind, reconcile, **options)
+        if mount:
+            self.rest.mount(info.plural, info.history_on)
+        return info
+
+    def resolve_kind(self, name: str) -> KindInfo:
+        """A kind by name or plural, in any case (``rack``, ``Racks``, ``RACK``)."""
+        return self.registry.resolve_kind(name)
+
+    # -- life cycle ------------------------------------------------------------
+    def configure_store(self, *, data_dir: str | None = None, durable: bool | None = None,
+                        database_url: str | None = None) -> None:
+        """Override the store settings before start() (what ``serve``'s flags do)."""
+        if self._started:
+            raise ConfigurationError("configure_store() after start()")
+        if data_dir is not None:
+            self.data_dir, self.store, self.database_url = data_dir, None, None
+        if database_url is not None:
+            self.database_url, self.store = database_url, None
+        if durable is not None:
+            self.durable = durable
+            if self.store is not None:
+                self.store.durable = durable
+
+    def _make_store(self) -> Store:
+        if self.database_url:
+            if parse_database_url(self.database_url)[0] != "sqlite":
+                raise ConfigurationError(
+                    f"database_url {self.database_url!r}: the PostgreSQL store is not available in "
+                    f"fabrica {__version__}; use sqlite:///path/app.db or data_dir= (the JSON file store)")
+            return SQLiteStore.from_url(self.database_url, durable=self.durable)
+        return FileStore(self.data_dir, durable=self.durable)
+
+    def start(self) -> Fabrica:
+        """Open the store (lock, recovery, load), start the bus, the registry and leader election; no HTTP.
+
+        The controllers (and the garbage collector's start-up sweeps) start
+        when the store's elector says this process leads: at once for a store
+        one process opens.
+        """
+        if self._started:
+            return self
+        self.registry.check_wiring()
+        if self.store is None:
+            self.store = self._make_store()
+        if isinstance(self.store, IndexedStore):     # a database store keeps its feed as it is configured to
+            if self.ring_size is not None:
+                self.store.feed_size = self.ring_size
+            if self.ring_bytes is not None:
+                self.store.feed_bytes = self.ring_bytes
+        self.store.open({k.kind: k.plural for k in self.kinds.values()}, discover=self.open)
+        strangers = [kind for kind in self.store.discovered if kind not in self.kinds]
+        for kind in strangers:
+            self._declare(kind, None, {"plural": self.store.discovered[kind]}, mount=not self.open)
+        if strangers:
+            logger.warning("the store holds kinds this app does not register: %s; they are served without a schema "
+                           "or a controller (serve the app that registers them to validate and reconcile them)",
+                           ", ".join(sorted(strangers)))
+        self.bus.attach(self.store, prefix=self.event_prefix, source=self.event_source)
+        self._started = True
+        self.registry.start()
+        self.elector = self.store.leader_elector(self.identity)
+        self.elector.start(self._started_leading, self._stopped_leading)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop controllers (running reconciles get ctx.stopping), give leadership up, stop the garbage
+        collector and the bus, then close the store."""
+        if not self._started:
+            return
+        deadline = time.monotonic() + timeout
+        with self._leading:
+            self._stopping = True       # no leadership gained from now on starts a controller
+            self._stop_controllers(timeout)
+        if self.elector is not None:
+            self.elector.stop()
+        self.registry.stop(max(0.0, deadline - time.monotonic()))
+        self.bus.stop(max(0.1, deadline - time.monotonic()))
+        self.store.close()
+        self._started = self._stopping = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _started_leading(self) -> None:
+        """OnStartedLeading: the garbage collector's sweeps, then the controllers (their start-up list)."""
+        with self._leading:
+            if self._stopping:
+                return
+            self.registry.sweep_finalizers()
+            self.registry.sweep_orphans()
+            self._start_controllers()
+
+    def _stopped_leading(self) -> None:
+        """OnStoppedLeading: another process may lead now, so the controllers stop before anything else."""
+        with self._leading:
+            self._stop_controllers(10.0)
+
+    def _start_controllers(self):
+        for info in self.kinds.values():
+            if info.has_controller:
+                controller = Controller(self.registry, info, bus=self.bus, client=self.client, clock=self.clock,
+                                        app=self)
+                self._controllers[info.kind] = controller
+                controller.start()
+
+    def _stop_controllers(self, timeout):
+        deadline = time.monotonic() + timeout
+        controllers = list(self._controllers.values())
+        self._controllers.clear()
+        for controller in controllers:
+            controller._stop.set()
+            controller.queue.shutdown()
+        for controller in controllers:
+            controller.stop(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def controllers(self) -> dict[str, Controller]:
+        return dict(self._controllers)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every queue is empty, no reconcile runs and nothing is due within ``timeout``.
+
+        Returns False if that did not happen within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        wake = threading.Event()
+        while True:
+            left = deadline - time.monotonic()
+            if all(c.idle(max(0.0, left)) for c in list(self._controllers.values())) and \
+                    (self.gc is None or self.gc.idle(max(0.0, left))):
+                quiet += 1          # twice in a row: an event in flight between checks would show
+                if quiet >= 2 or left <= 0:
+                    return True
+            else:
+                quiet = 0
+            if left <= 0:
+                return False
+            wake.wait(min(0.005 * (1 + quiet), max(0.0, left)))
+
+    def subscribe(self, pattern: str, handler, *, queue_size: int = 10000, queue_bytes: int = QUEUE_BYTES):
+        """Call ``handler(event)`` in its own thread for every event whose type matches ``pattern``.
+
+        Events wait in a queue of at most ``queue_size`` events and ``queue_bytes`` bytes;
+        past either, events are dropped and the subscription counts a gap.
+        """
+        return self.bus.subscribe(pattern, handler, queue_size=queue_size, queue_bytes=queue_bytes)
+
+    def health(self) -> dict:
+        """What GET /health answers: status, store problems, kinds, workers and who leads."""
+        return self.rest.health_document()
+
+    def metrics_text(self) -> str:
+        """Everything /metrics shows, in the Prometheus text exposition format."""
+        return self.rest.metrics_text()
+
+    def discovery(self) -> dict:
+        """What GET /apis answers."""
+        return self.registry.discovery()
+
+
+    # -- serving -----------------------------------------------------------------
+    def serve(self, host: str = "127.0.0.1", port: int = 8080, *, server: str | None = None,
+              token: str | None = None, max_threads: int = 256, head_timeout: float = 10.0) -> None:
+        """Start everything and serve HTTP until SIGINT/SIGTERM, then drain and stop (exit cleanly).
+
+        The arguments are the app's defaults: the ``FABRICA_*`` variables that
+        ``python fabrica.py serve`` reads override them (12-factor), so
+        ``FABRICA_PORT=8081 python app.py`` moves the server without an edit;
+        ``FABRICA_DATA_DIR``/``FABRICA_DATABASE_URL`` override the store and
+        ``FABRICA_NO_FSYNC``, ``FABRICA_WORKERS``, ``FABRICA_CORS`` likewise.
+        ``server`` names a WSGI server: None/"fabrica" for the built-in threaded
+        one, "granian", or a Bottle adapter ("waitress", "cheroot", "gunicorn")
+        when installed. ``max_threads`` bounds the connections (or the app
+        threads) and ``head_timeout`` the seconds a client has to send a request
+        head, on the servers that have such a setting (README: Serving).
+
+        This is a program's main loop: it sets up logging (``FABRICA_LOG_LEVEL``,
+        default info) unless the program already did, logs one ready line, and
+        ends the program with a one-line message (SystemExit, no traceback)
+        when the store is locked or the port is taken.
+        """
+        env = _env_settings()
+        logging.basicConfig(level=getattr(logging, str(env.get("log_level", "info")).upper(), logging.INFO),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        if env.get("data_dir") or env.get("database_url"):
+            self.configure_store(data_dir=env.get("data_dir"), database_url=env.get("database_url"))
+        if env.get("no_fsync"):
+            self.configure_store(durable=False)
+        if env.get("workers"):
+            for info in self.kinds.values():
+                info.workers = env["workers"]
+        self.cors = env.get("cors") or self.cors
+        main = sys.modules.get("__main__")
+        name = os.path.basename(getattr(main, "__file__", None) or "") or "app"
+        try:
+            self._serve(env.get("host", host), env.get("port", port), server=env.get("wsgi_server", server),
+                        token=env.get("token", token), max_threads=env.get("max_threads", max_threads),
+                        head_timeout=env.get("head_timeout", head_timeout), name=name)
+        except (ConfigurationError, OSError) as exc:
+            raise SystemExit(f"fabrica: {exc.message if isinstance(exc, FabricaError) else exc.strerror or exc}"
+                             ) from None
+
+    def _serve(self, host: str, port: int, *, server: str | None, token: str | None, max_threads: int,
+               head_timeout: float, name: str) -> None:
+        """serve() with the settings decided (the CLI's flags, or serve()'s arguments and environment)."""
+        if token:
+            self.token = token
+        self.rest.host_check = is_loopback(_host_name(host) if host.startswith("[") else host)
+        self._app_name = name
+        self.start()
+        try:
+            serve_wsgi(self.wsgi, host, port, server=server, max_threads=max_threads, head_timeout=head_timeout,
+                       max_body=self.max_body, ready=self._ready_line)
+        finally:
+            self.stop()
+
+    def _ready_line(self, url: str) -> str:
+        """The one line serve logs when it answers: version, app, URL, store, kinds."""
+        store = self.database_url or getattr(self.store, "data_dir", None) or type(self.store).__name__
+        kinds = ", ".join(self.kinds) or "none yet"
+        return (f"fabrica {__version__} serving {self._app_name}: listening on {url} "
+                f"(store: {store}; kinds: {kinds})")
+
+
+###############################################################################
 # CLI ##########################################################################
 ###############################################################################
 #
@@ -9758,35 +10163,6 @@ def load_app(spec: str) -> Fabrica:
     if not isinstance(app, Fabrica):
         raise ConfigurationError(f"{spec!r} holds no Fabrica instance" + (f" named {attr!r}" if attr else ""))
     return app
-
-
-def _env(name: str, default=None):
-    return os.environ.get("FABRICA_" + name, default)
-
-
-# serve's settings that FABRICA_* variables give: name -> (variable, type); `serve --help` lists them
-_SERVE_ENV = {"data_dir": ("DATA_DIR", str), "database_url": ("DATABASE_URL", str), "host": ("HOST", str),
-              "port": ("PORT", int), "token": ("TOKEN", str), "workers": ("WORKERS", int),
-              "no_fsync": ("NO_FSYNC", bool), "wsgi_server": ("WSGI_SERVER", str),
-              "max_threads": ("MAX_THREADS", int), "head_timeout": ("HEAD_TIMEOUT", float),
-              "cors": ("CORS", str), "log_level": ("LOG_LEVEL", str)}
-
-
-def _env_settings() -> dict:
-    """The serve settings the environment sets (only those), typed; ConfigurationError names a bad one."""
-    found = {}
-    for key, (name, kind) in _SERVE_ENV.items():
-        value = _env(name)
-        if value in (None, ""):
-            continue
-        if kind is bool:
-            found[key] = value.lower() not in ("0", "false", "no", "off")
-            continue
-        try:
-            found[key] = kind(value)
-        except ValueError:
-            raise ConfigurationError(f"FABRICA_{name}={value!r} is not a valid {kind.__name__}") from None
-    return found
 
 
 def _serve_parser(sub):
