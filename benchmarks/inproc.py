@@ -146,23 +146,27 @@ class GroupCommit:
                     self.cond.notify_all()
 
 
-def bare_writes(args) -> dict:
-    directory = os.path.join(args.dir, "items")
-    os.makedirs(directory, exist_ok=True)
-    payload = fabrica._file_bytes(seed.make_object("Item", "item", 7))
-    fn = {"per_write": per_write, "locked": Locked(), "group": GroupCommit()}[args.variant]
+def timed_writes(args, make_writer, lead: float = 0.02) -> dict:
+    """``args.conc`` threads write from a common start for ``args.duration`` s (or ``args.max_writes`` each).
+
+    ``make_writer(t)`` runs in thread ``t`` before the start and returns ``(write, close)``: ``write(i)`` does the
+    thread's i-th write; ``close()`` (or None) runs after its last. Returns writes/s, writes and seconds.
+    """
     counts = [0] * args.conc
-    start_at = time.perf_counter() + 0.02
+    start_at = time.perf_counter() + lead
     stop_at = start_at + args.duration
 
     def worker(t):
+        write, close = make_writer(t)
         i = 0
         while time.perf_counter() < start_at:
             time.sleep(0.001)
         while time.perf_counter() < stop_at and i < args.max_writes:
-            fn(directory, f"item-{t:02x}{i:06x}.json", payload)
+            write(i)
             i += 1
         counts[t] = i
+        if close is not None:
+            close()
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(args.conc)]
     for t in threads:
         t.start()
@@ -172,32 +176,23 @@ def bare_writes(args) -> dict:
     return {"writes_per_s": sum(counts) / elapsed, "writes": sum(counts), "seconds": elapsed}
 
 
+def bare_writes(args) -> dict:
+    directory = os.path.join(args.dir, "items")
+    os.makedirs(directory, exist_ok=True)
+    payload = fabrica._file_bytes(seed.make_object("Item", "item", 7))
+    fn = {"per_write": per_write, "locked": Locked(), "group": GroupCommit()}[args.variant]
+    return timed_writes(args, lambda t: (lambda i: fn(directory, f"item-{t:02x}{i:06x}.json", payload), None))
+
+
 def store_writes(args) -> dict:
     app = fabrica.Fabrica(data_dir=args.dir, database_url=args.database_url)
     app.register("Item")
     app.start()
     try:
-        counts = [0] * args.conc
-        start_at = time.perf_counter() + 0.02
-        stop_at = start_at + args.duration
-
-        def worker(t):
-            i = 0
-            while time.perf_counter() < start_at:
-                time.sleep(0.001)
-            while time.perf_counter() < stop_at and i < args.max_writes:
-                app.client.create("Item", spec={"color": "red", "size": i})
-                i += 1
-            counts[t] = i
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(args.conc)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start_at
+        return timed_writes(args, lambda t: (
+            lambda i: app.client.create("Item", spec={"color": "red", "size": i}), None))
     finally:
         app.stop()
-    return {"writes_per_s": sum(counts) / elapsed, "writes": sum(counts), "seconds": elapsed}
 
 
 def sqlite_bare_writes(args) -> dict:
@@ -210,31 +205,18 @@ def sqlite_bare_writes(args) -> dict:
     setup.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, uid TEXT UNIQUE, doc TEXT)")
     setup.close()
     doc = json.dumps(seed.make_object("Item", "item", 7), separators=(",", ":"))
-    counts = [0] * args.conc
-    start_at = time.perf_counter() + 0.05
-    stop_at = start_at + args.duration
 
-    def worker(t):
+    def writer(t):
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA busy_timeout = 30000")
-        i = 0
-        while time.perf_counter() < start_at:
-            time.sleep(0.001)
-        while time.perf_counter() < stop_at and i < args.max_writes:
+
+        def write(i):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO items (uid, doc) VALUES (?, ?)", (f"item-{t:02x}{i:06x}", doc))
             conn.execute("COMMIT")
-            i += 1
-        counts[t] = i
-        conn.close()
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(args.conc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start_at
-    return {"writes_per_s": sum(counts) / elapsed, "writes": sum(counts), "seconds": elapsed}
+        return write, conn.close
+    return timed_writes(args, writer, lead=0.05)
 
 
 # -- controller --------------------------------------------------------------------
